@@ -877,3 +877,38 @@ def grid_table(catalog, config=PAPER, out=None):
     return grid_catalog(catalog["x"], catalog["y"], catalog["e1"], catalog["e2"], catalog["sigma"],
                         config.npix, config.pixel_arcsec, config.fwhm_arcsec,
                         config.kernel_cut_sigma, config.empty_pixel_error, out=out)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+def _cmd_config(args):
+    """Print the paper's numbers (the Config defaults) as JSON."""
+    import json
+    cfg = PAPER
+    print(json.dumps({**dataclasses.asdict(cfg), "pixel_arcsec": cfg.pixel_arcsec}, indent=2))
+    return 0
+
+
+def build_parser():
+    """The ``python -m wlcnn`` / ``wlcnn`` argument parser."""
+    parser = argparse.ArgumentParser(prog="wlcnn", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"wlcnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("config", help="print the paper's numbers used as defaults")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"wlcnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
