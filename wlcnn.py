@@ -565,12 +565,19 @@ def magnitude_pdf(mag, config=PAPER):
     return np.where((mag >= config.mag_min) & (mag <= config.mag_max), p, 0.0)
 
 
-def draw_magnitudes(n, config, rng):
-    """``n`` V-band magnitudes from :func:`magnitude_pdf` (inverse CDF)."""
-    grid = np.linspace(config.mag_min, config.mag_max, 4097)
+@functools.lru_cache(maxsize=8)
+def _magnitude_cdf(config):
+    grid = np.linspace(config.mag_min, config.mag_max, 1025)
     cdf = np.concatenate([[0.0], np.cumsum(0.5 * np.diff(grid) * (
         magnitude_pdf(grid[1:], config) + magnitude_pdf(grid[:-1], config)))])
-    return np.interp(rng.uniform(0.0, cdf[-1], n), cdf, grid)
+    return grid, cdf / cdf[-1]
+
+
+def draw_magnitudes(n, config, rng):
+    """``n`` V-band magnitudes from :func:`magnitude_pdf` (inverse CDF on a
+    1,025-point grid: 0.006-mag steps, far below any photometric error)."""
+    grid, cdf = _magnitude_cdf(config)
+    return np.interp(rng.uniform(0.0, 1.0, n), cdf, grid)
 
 
 def measurement_error(mag, config=PAPER):
@@ -681,6 +688,369 @@ def simulate_catalog(kappa, gamma1, gamma2, config=PAPER, rng=None, masks=None):
     cat["x"].unit = cat["y"].unit = u.arcsec
     cat["mag"].unit = u.mag
     return cat
+
+
+# ---------------------------------------------------------------------------
+# §2.3.1 Training data: dataset files (shards + manifest)
+# ---------------------------------------------------------------------------
+#: Splits of a dataset, in the order their seeds and shards are numbered.
+SPLITS = ("train", "val", "test")
+#: Config fields that define a dataset's content; a reader with other values
+#: would misread it (the network's fields do not matter to the data).
+DATA_FIELDS = ("H0", "Om0", "z_lens", "z_source", "field_arcmin", "npix", "fwhm_arcsec",
+               "kernel_cut_sigma", "empty_pixel_error", "source_density_arcmin2", "sigma_e",
+               "mag_min", "mag_peak", "mag_max", "count_slope", "completeness_width_mag",
+               "sigma_meas_floor", "sigma_meas_at_cut", "stars_per_400arcmin2",
+               "star_radius_arcmin", "star_near_peak_arcmin")
+DATASET_FORMAT = "wlcnn-dataset"
+DATASET_VERSION = 1
+CATALOG_COLUMNS = ("x", "y", "mag", "sigma", "e1", "e2")
+
+
+def _data_config(config):
+    """The data-defining part of a Config, as JSON would write it."""
+    import json
+    return json.loads(json.dumps({k: getattr(config, k) for k in DATA_FIELDS}))
+
+
+def _check_split(split):
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def cluster_rng(seed, split, index):
+    """The random generator of cluster ``index`` of ``split``.
+
+    Derived from (seed, split, index) alone, so a cluster is the same whichever
+    shard, job or worker makes it (numpy SeedSequence spawn keys).
+    """
+    key = (SPLITS.index(_check_split(split)), int(index))
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
+
+
+def mosaic_truth(kappa, config=PAPER):
+    """Truth κ at the network's output resolution, on the mosaic grid.
+
+    Parameters
+    ----------
+    kappa : array_like, shape (..., npix, npix)
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., mosaic_npix, mosaic_npix)
+        Mosaic pixel J is the mean of input pixels [3J + 1, 3J + 4) on each
+        axis: the footprint of an output pixel through Table 1's 3×3 valid
+        Conv2D-1 and 3×3 AvgPool (DESIGN.md "Grids").
+    """
+    kappa = np.asarray(kappa)
+    p, m = config.pool, config.mosaic_npix
+    lo = (config.first_kernel - 1) // 2
+    block = kappa[..., lo:lo + p * m, lo:lo + p * m]
+    return block.reshape(block.shape[:-2] + (m, p, m, p)).mean(axis=(-3, -1))
+
+
+def make_cluster(field, config, rng, masks=False):
+    """One cluster record: truth maps, star masks and the fixed catalog.
+
+    Parameters
+    ----------
+    field : dict
+        ``kappa``, ``gamma1``, ``gamma2`` arrays (npix, npix) and optional
+        ``meta`` (JSON-serialisable dict).
+    config : Config
+    rng : numpy.random.Generator
+        Draws the masks and the catalog (after whatever drew the field).
+    masks : bool
+        Draw bright-star masks (§3.5) around the truth's peak.
+    """
+    kappa = _check_map("kappa", field["kappa"])
+    mosaic = mosaic_truth(kappa, config)
+    j_peak = np.unravel_index(np.argmax(mosaic), mosaic.shape)
+    pix = config.pixel_arcsec * config.pool
+    lo = (config.first_kernel - 1) // 2 * config.pixel_arcsec
+    peak_xy = (lo + (j_peak[1] + 0.5) * pix, lo + (j_peak[0] + 0.5) * pix)
+    mask_table = draw_star_masks(config, rng, peak_xy) if masks else Table(
+        {"x": np.zeros(0), "y": np.zeros(0), "radius": np.zeros(0)})
+    catalog = simulate_catalog(kappa, field["gamma1"], field["gamma2"], config, rng,
+                               mask_table if masks else None)
+    return {"kappa": kappa, "gamma1": np.asarray(field["gamma1"]), "gamma2": np.asarray(field["gamma2"]),
+            "catalog": catalog, "masks": mask_table, "meta": dict(field.get("meta", {}))}
+
+
+def _pack_shard(clusters):
+    """Arrays of a shard: maps stacked (float32), catalogs and masks ragged."""
+    import json
+    out = {k: np.stack([c[k] for c in clusters]).astype(np.float32) for k in ("kappa", "gamma1", "gamma2")}
+    for prefix, key, cols in (("cat", "catalog", CATALOG_COLUMNS), ("mask", "masks", ("x", "y", "radius"))):
+        lengths = [len(c[key]) for c in clusters]
+        out[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        for col in cols:
+            out[f"{prefix}_{col}"] = np.concatenate(
+                [np.asarray(c[key][col], dtype=np.float64) for c in clusters]).astype(
+                np.float32 if prefix == "cat" and col not in ("x", "y") else np.float64)
+    out["meta"] = np.array([json.dumps(c["meta"], sort_keys=True) for c in clusters])
+    return out
+
+
+def _atomic_write(path, write):
+    """Call ``write(tmp_path)`` then rename: a file is complete or absent."""
+    import os
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _shard_plan(counts, shard_size):
+    """[(split, shard_index, first, n)] over all splits, in a fixed order."""
+    plan = []
+    for split in SPLITS:
+        n = int(counts.get(split, 0))
+        for k, first in enumerate(range(0, n, shard_size)):
+            plan.append((split, k, first, min(shard_size, n - first)))
+    return plan
+
+
+def _shard_name(split, k):
+    return f"{split}/shard-{k:05d}.npz"
+
+
+def _write_one_shard(task):
+    """Make and write one shard (a worker's unit of work); returns its sidecar."""
+    import json
+    import pathlib
+    out_dir, split, k, first, n, config, seed, masks, field_fn = task
+    path = pathlib.Path(out_dir) / _shard_name(split, k)
+    clusters = []
+    for i in range(first, first + n):
+        rng = cluster_rng(seed, split, i)
+        clusters.append(make_cluster(field_fn(config, rng), config, rng, masks))
+    arrays = _pack_shard(clusters)
+    arrays["index"] = np.arange(first, first + n, dtype=np.int64)
+    # np.savez_compressed stamps zip entries with a fixed date: same seed, same bytes.
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    _atomic_write(path, write)
+    side = {"file": _shard_name(split, k), "split": split, "first": first, "n": n, "sha256": _sha256(path)}
+    _atomic_write(f"{path}.json", lambda tmp: pathlib.Path(tmp).write_text(json.dumps(side)))
+    return side
+
+
+def _shard_done(out_dir, split, k):
+    import json
+    import pathlib
+    side = pathlib.Path(out_dir) / (_shard_name(split, k) + ".json")
+    shard = pathlib.Path(out_dir) / _shard_name(split, k)
+    if not (side.exists() and shard.exists()):
+        return None
+    info = json.loads(side.read_text())
+    return info if info.get("sha256") == _sha256(shard) else None
+
+
+class _Progress:
+    """A one-line progress bar on stderr (items done, rate, time left)."""
+
+    def __init__(self, total, label, stream=None):
+        import time
+        self.total, self.label, self.done, self.t0 = total, label, 0, time.time()
+        self.stream = sys.stderr if stream is None else stream
+
+    def update(self, k=1):
+        import time
+        self.done += k
+        elapsed = time.time() - self.t0
+        left = elapsed / max(self.done, 1) * (self.total - self.done)
+        bar = "#" * int(30 * self.done / max(self.total, 1))
+        self.stream.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} "
+                          f"{elapsed:6.0f}s elapsed, ~{left:5.0f}s left")
+        if self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=False,
+                  shard_size=25, workers=1, shard=None, generator="simulate", progress=True):
+    """Simulate clusters and write them as a sharded dataset with a manifest.
+
+    Parameters
+    ----------
+    out_dir : path
+        Dataset directory: ``{split}/shard-NNNNN.npz`` (+ ``.json`` sidecars)
+        and ``manifest.json``.
+    counts : dict
+        Clusters per split, e.g. ``{"train": 5000, "val": 1800, "test": 200}``
+        (the paper's split, §2.3.1).
+    config : Config
+    seed : int
+        Everything random derives from it through :func:`cluster_rng`.
+    field_fn : callable, optional
+        ``field_fn(config, rng) -> {"kappa", "gamma1", "gamma2", "meta"}``;
+        default :func:`simulate_cluster_field`.
+    masks : bool
+        Bright-star masks (§3.5, the paper's BS case).
+    shard_size : int
+        Clusters per shard file.
+    workers : int
+        Processes making shards in parallel.
+    shard : (int, int), optional
+        ``(i, n)``: make only the shards whose position in the plan is i mod n
+        (one job of a batch-scheduler array).  The manifest is written by
+        whichever run finds every shard finished.
+    generator : str
+        Recorded in the manifest (``simulate`` or ``ingest``).
+
+    Returns
+    -------
+    dict or None
+        The manifest if the dataset is complete, else None.
+
+    Notes
+    -----
+    Each shard is written to a temporary file and renamed, then its sidecar
+    (with its SHA-256) likewise: a rerun skips every shard whose sidecar
+    matches and redoes the rest, so an interrupted run resumes without losing
+    or half-writing anything.
+    """
+    import json
+    import pathlib
+    field_fn = globals().get("simulate_cluster_field") if field_fn is None else field_fn
+    if field_fn is None:
+        raise ValueError("no field generator: pass field_fn")
+    for split, n in counts.items():
+        _check_split(split)
+        if int(n) < 0:
+            raise ValueError(f"negative count for split {split!r}")
+    if shard_size < 1 or workers < 1:
+        raise ValueError("shard_size and workers must be positive")
+    out = pathlib.Path(out_dir)
+    plan = _shard_plan(counts, shard_size)
+    if not plan:
+        raise ValueError("no clusters requested: every split count is zero")
+    manifest_path = out / "manifest.json"
+    header = {"format": DATASET_FORMAT, "version": DATASET_VERSION, "generator": generator,
+              "seed": int(seed), "masks": bool(masks), "shard_size": int(shard_size),
+              "counts": {s: int(counts.get(s, 0)) for s in SPLITS}, "config": _data_config(config)}
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if {k: old.get(k) for k in header} != header:
+            raise ValueError(f"{out} holds a dataset made with other settings; use another --out")
+    for split in SPLITS:
+        (out / split).mkdir(parents=True, exist_ok=True)
+    mine = [t for j, t in enumerate(plan) if shard is None or j % shard[1] == shard[0]]
+    todo = [t for t in mine if _shard_done(out, t[0], t[1]) is None]
+    tasks = [(str(out), s, k, first, n, config, seed, masks, field_fn) for s, k, first, n in todo]
+    bar = _Progress(len(tasks), "simulate shards") if progress and tasks else None
+    if workers == 1 or len(tasks) <= 1:
+        for t in tasks:
+            _write_one_shard(t)
+            bar and bar.update()
+    else:
+        import concurrent.futures
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_write_one_shard, tasks):
+                bar and bar.update()
+    sides = [_shard_done(out, s, k) for s, k, _, _ in plan]
+    if any(side is None for side in sides):
+        return None
+    import astropy
+    import scipy
+    manifest = dict(header, shards={s: [d for d in sides if d["split"] == s] for s in SPLITS},
+                    packages={"wlcnn": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
+                              "astropy": astropy.__version__})
+    _atomic_write(manifest_path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    return manifest
+
+
+class ClusterDataset:
+    """Read access to a dataset written by :func:`write_dataset`.
+
+    Parameters
+    ----------
+    path : path
+        The dataset directory.
+    config : Config, optional
+        If given, the dataset must have been made with the same data fields
+        (grid, redshifts, noise model), else ValueError.
+    verify : bool
+        Check each shard's SHA-256 when it is loaded (a corrupt or truncated
+        shard raises ValueError rather than being read).
+    """
+
+    def __init__(self, path, config=None, verify=True):
+        import json
+        import pathlib
+        self.path = pathlib.Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.exists():
+            raise ValueError(f"{self.path} is not a complete wlcnn dataset (no manifest.json)")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{mpath} is corrupt: {exc}") from None
+        if self.manifest.get("format") != DATASET_FORMAT or self.manifest.get("version") != DATASET_VERSION:
+            raise ValueError(f"{self.path}: not a wlcnn dataset of format version {DATASET_VERSION}")
+        self.config = dataclasses.replace(PAPER, **{
+            k: tuple(v) if isinstance(v, list) else v for k, v in self.manifest["config"].items()})
+        if config is not None and _data_config(config) != self.manifest["config"]:
+            diff = [k for k in DATA_FIELDS if _data_config(config)[k] != self.manifest["config"][k]]
+            raise ValueError(f"{self.path} was made with another config (differs in {', '.join(diff)})")
+        self.verify = verify
+
+    def count(self, split):
+        """Number of clusters in ``split``."""
+        return int(self.manifest["counts"][_check_split(split)])
+
+    def shards(self, split):
+        """The shard entries (file, first, n, sha256) of ``split``."""
+        return self.manifest["shards"][_check_split(split)]
+
+    def load_shard(self, split, k):
+        """All arrays of shard ``k`` of ``split`` (dict of numpy arrays)."""
+        import zipfile
+        entry = self.shards(split)[k]
+        path = self.path / entry["file"]
+        if not path.exists():
+            raise ValueError(f"missing shard {path}")
+        if self.verify and _sha256(path) != entry["sha256"]:
+            raise ValueError(f"corrupt shard {path}: checksum differs from the manifest")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise ValueError(f"corrupt shard {path}: {exc}") from None
+
+    def clusters(self, split, shard_ids=None):
+        """Iterate over the clusters of ``split`` (one shard in memory at a time)."""
+        ids = range(len(self.shards(split))) if shard_ids is None else shard_ids
+        for k in ids:
+            yield from unpack_shard(self.load_shard(split, k))
+
+
+def unpack_shard(arrays):
+    """The cluster records (dicts as :func:`make_cluster`) of a loaded shard."""
+    import json
+    co, mo = arrays["cat_offsets"], arrays["mask_offsets"]
+    for i in range(len(arrays["kappa"])):
+        cat = Table({c: arrays[f"cat_{c}"][co[i]:co[i + 1]].astype(np.float64) for c in CATALOG_COLUMNS})
+        masks = Table({c: arrays[f"mask_{c}"][mo[i]:mo[i + 1]] for c in ("x", "y", "radius")})
+        yield {"index": int(arrays["index"][i]), "kappa": arrays["kappa"][i], "gamma1": arrays["gamma1"][i],
+               "gamma2": arrays["gamma2"][i], "catalog": cat, "masks": masks,
+               "meta": json.loads(str(arrays["meta"][i]))}
 
 
 # ---------------------------------------------------------------------------
@@ -877,6 +1247,220 @@ def grid_table(catalog, config=PAPER, out=None):
     return grid_catalog(catalog["x"], catalog["y"], catalog["e1"], catalog["e2"], catalog["sigma"],
                         config.npix, config.pixel_arcsec, config.fwhm_arcsec,
                         config.kernel_cut_sigma, config.empty_pixel_error, out=out)
+
+
+# ---------------------------------------------------------------------------
+# §2.3.2 Augmentation: subfields, orientations, and the input pipeline
+# ---------------------------------------------------------------------------
+#: The paper's six orientations (§2.3.2): four rotations and two mirrors.
+ORIENTATIONS = ("rot0", "rot90", "rot180", "rot270", "flip_x", "flip_y")
+
+
+def orient_map(a, orientation):
+    """Rotate or mirror the last two axes [y, x] of a scalar map.
+
+    ``rotK`` is ``np.rot90(a, K/90)``; ``flip_x`` mirrors x (columns),
+    ``flip_y`` mirrors y (rows).  Returns a view where NumPy can.
+    """
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"unknown orientation {orientation!r}; expected one of {ORIENTATIONS}")
+    if orientation == "flip_x":
+        return a[..., :, ::-1]
+    if orientation == "flip_y":
+        return a[..., ::-1, :]
+    return np.rot90(a, ORIENTATIONS.index(orientation), axes=(-2, -1))
+
+
+def spin2_sign(orientation):
+    """(s1, s2) with (g1, g2) → (s1 g1, s2 g2) under ``orientation``.
+
+    Notes
+    -----
+    A spin-2 field rotated by φ is multiplied by e^{2iφ}: 90° and 270° flip
+    both components, 180° keeps them; a mirror flips g2 (DESIGN.md
+    "Lensing").
+    """
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"unknown orientation {orientation!r}; expected one of {ORIENTATIONS}")
+    return {"rot0": (1, 1), "rot90": (-1, -1), "rot180": (1, 1), "rot270": (-1, -1),
+            "flip_x": (1, -1), "flip_y": (1, -1)}[orientation]
+
+
+def orient_shear(g1, g2, orientation):
+    """Rotate or mirror a shear field: positions as :func:`orient_map`,
+    components by the spin-2 rule of :func:`spin2_sign`."""
+    s1, s2 = spin2_sign(orientation)
+    return s1 * orient_map(g1, orientation), s2 * orient_map(g2, orientation)
+
+
+def subfield(grid, mosaic, m_y, m_x, orientation="rot0", config=PAPER, channels=3):
+    """One network sample: a 386² input crop and its 128² target (§2.3.2).
+
+    Parameters
+    ----------
+    grid : array_like, shape (4, npix, npix)
+        Gridded catalog (ε̄1, ε̄2, Δε, n) from :func:`grid_catalog`.
+    mosaic : array_like, shape (mosaic_npix, mosaic_npix)
+        Truth on the mosaic grid (:func:`mosaic_truth`); None for no target.
+    m_y, m_x : int
+        Offset index, 0 ≤ m < n_offsets: the crop starts at input pixel
+        o = 3m and its output pixel k lands on mosaic pixel m + k.
+    orientation : str
+        One of :data:`ORIENTATIONS`, applied to input and target alike.
+    channels : int
+        3 (ε̄1, ε̄2, Δε) or 4 (+ n / nominal density: the 4Channel variant).
+
+    Returns
+    -------
+    x : numpy.ndarray, float32, shape (386, 386, channels)
+    y : numpy.ndarray, float32, shape (128, 128, 1), or None
+    """
+    if channels not in (3, 4):
+        raise ValueError(f"channels must be 3 or 4, got {channels}")
+    if not (0 <= m_y < config.n_offsets and 0 <= m_x < config.n_offsets):
+        raise ValueError(f"offset index ({m_y}, {m_x}) outside 0..{config.n_offsets - 1}")
+    s, step = config.subfield_npix, config.offset_step
+    oy, ox = step * m_y, step * m_x
+    crop = np.asarray(grid)[:channels, oy:oy + s, ox:ox + s]
+    e1, e2 = orient_shear(crop[0], crop[1], orientation)
+    rest = orient_map(crop[2:], orientation)
+    if channels == 4:
+        rest = rest * np.array([1.0, 1.0 / config.source_density_arcmin2])[:, None, None]
+    x = np.stack([e1, e2, *rest], axis=-1).astype(np.float32)
+    if mosaic is None:
+        return x, None
+    o = config.output_npix
+    y = orient_map(np.asarray(mosaic)[m_y:m_y + o, m_x:m_x + o], orientation)
+    return x, np.ascontiguousarray(y, dtype=np.float32)[..., None]
+
+
+def cluster_grid(cluster, config=PAPER, rng=None, fresh=False):
+    """Gridded input of a cluster: its stored catalog, or a fresh draw.
+
+    With ``fresh=True`` a new catalog (positions, magnitudes, shape and
+    measurement noise) is drawn from the stored κ, γ with the stored masks —
+    augmentation beyond the paper, which used one catalog per cluster.
+    """
+    if fresh:
+        masks = cluster["masks"] if len(cluster["masks"]) else None
+        cat = simulate_catalog(cluster["kappa"].astype(np.float64), cluster["gamma1"].astype(np.float64),
+                               cluster["gamma2"].astype(np.float64), config, rng, masks)
+    else:
+        cat = cluster["catalog"]
+    return grid_table(cat, config)
+
+
+def _sample_stream(dataset, split, shard_id, seed, channels, fresh, samples_per_visit):
+    """Samples of one shard: every cluster visited once, in random order,
+    ``samples_per_visit`` random (offset, orientation) subfields each."""
+    config = dataset.config
+    # Two streams, so that fresh catalogs leave the clusters, offsets and
+    # orientations drawn unchanged.
+    rng, cat_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(
+        int(seed) & 0x7FFFFFFFFFFFFFFF, spawn_key=(int(shard_id),)).spawn(2))
+    clusters = list(dataset.clusters(split, [int(shard_id)]))
+    for i in rng.permutation(len(clusters)):
+        c = clusters[i]
+        grid = cluster_grid(c, config, cat_rng, fresh)
+        mosaic = mosaic_truth(c["kappa"], config)
+        for _ in range(samples_per_visit):
+            m_y, m_x = rng.integers(0, config.n_offsets, 2)
+            t = ORIENTATIONS[rng.integers(len(ORIENTATIONS))]
+            yield subfield(grid, mosaic, m_y, m_x, t, config, channels)
+
+
+def fixed_subfields(data_dir, split="val", n=64, seed=0, channels=3, config=None):
+    """A fixed set of subfields (the validation set of §2.3.2).
+
+    Draws ``n`` (cluster, offset, orientation) triples with ``seed`` from the
+    stored catalogs of ``split``; the same arguments give the same arrays.
+
+    Returns
+    -------
+    x : numpy.ndarray, float32, shape (n, 386, 386, channels)
+    y : numpy.ndarray, float32, shape (n, 128, 128, 1)
+    """
+    ds = data_dir if isinstance(data_dir, ClusterDataset) else ClusterDataset(data_dir, config)
+    total = ds.count(split)
+    if total == 0 or n < 1:
+        raise ValueError(f"no {split} clusters (or n < 1) for a validation set in {ds.path}")
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(SPLITS.index(split), 7)))
+    which = np.sort(rng.integers(0, total, n))
+    xs, ys = [], []
+    for c in ds.clusters(split):
+        for _ in range(int(np.sum(which == c["index"]))):
+            grid = cluster_grid(c, ds.config)
+            m_y, m_x = rng.integers(0, ds.config.n_offsets, 2)
+            t = ORIENTATIONS[rng.integers(len(ORIENTATIONS))]
+            x, y = subfield(grid, mosaic_truth(c["kappa"], ds.config), m_y, m_x, t, ds.config, channels)
+            xs.append(x)
+            ys.append(y)
+    return np.stack(xs), np.stack(ys)
+
+
+def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False, n_val=64,
+                  split="train", val_split="val", samples_per_visit=4, shuffle_buffer=64,
+                  parallel=2, config=None):
+    """The tf.data input pipeline of training (§2.3.2).
+
+    Parameters
+    ----------
+    data_dir : path or ClusterDataset
+    batch_size : int
+    seed : int
+        Fixes the shard order, clusters, offsets, orientations and fresh
+        catalogs of the stream.
+    channels : int
+        3, or 4 for the 4Channel variant.
+    fresh_catalogs : bool
+        Draw a new source catalog at every cluster visit (see :func:`cluster_grid`).
+    n_val : int
+        Size of the fixed validation set from ``val_split``.
+    samples_per_visit : int
+        Subfields cut from one gridding of a cluster.
+    shuffle_buffer : int
+        Samples mixed across clusters and shards (1.8 MB each).
+    parallel : int
+        Shards read and gridded at once (the Cython gridder runs without the
+        GIL, so these overlap on several cores).
+
+    Returns
+    -------
+    train : tf.data.Dataset
+        Infinite stream of batches (x (B, 386, 386, C), y (B, 128, 128, 1)),
+        float32.  Memory holds ``parallel`` shards and the shuffle buffer, never
+        the whole dataset.
+    val : (numpy.ndarray, numpy.ndarray)
+        :func:`fixed_subfields` of ``val_split``.
+    """
+    import tensorflow as tf
+    ds = data_dir if isinstance(data_dir, ClusterDataset) else ClusterDataset(data_dir, config)
+    _check_split(split)
+    n_shards = len(ds.shards(split))
+    if ds.count(split) == 0 or n_shards == 0:
+        raise ValueError(f"no {split} clusters in {ds.path}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be positive")
+    val = fixed_subfields(ds, val_split, n_val, seed, channels)
+    cfg = ds.config
+    sig = (tf.TensorSpec((cfg.subfield_npix, cfg.subfield_npix, channels), tf.float32),
+           tf.TensorSpec((cfg.output_npix, cfg.output_npix, 1), tf.float32))
+
+    def generate(shard_id, stream_seed):
+        yield from _sample_stream(ds, split, int(shard_id), int(stream_seed), channels,
+                                  fresh_catalogs, samples_per_visit)
+
+    def shard_samples(shard_id, stream_seed):
+        return tf.data.Dataset.from_generator(generate, output_signature=sig, args=(shard_id, stream_seed))
+
+    shard_ids = tf.data.Dataset.range(n_shards).shuffle(n_shards, seed=seed, reshuffle_each_iteration=True)
+    stream = tf.data.Dataset.zip(shard_ids.repeat(), tf.data.Dataset.random(seed=seed))
+    train = (stream.interleave(lambda i, s: shard_samples(i, s), cycle_length=parallel,
+                               num_parallel_calls=parallel, deterministic=True)
+             .shuffle(shuffle_buffer, seed=seed)
+             .batch(batch_size, drop_remainder=True)
+             .prefetch(2))
+    return train, val
 
 
 # ---------------------------------------------------------------------------

@@ -106,3 +106,106 @@ def test_simulate_catalog_rejects_bad_maps_and_missing_rng():
         wlcnn.simulate_catalog(ZERO, ZERO, ZERO, CFG, rng=None)
     with pytest.raises(TypeError, match="Generator"):
         wlcnn.simulate_catalog(ZERO, ZERO, ZERO, CFG, rng=42)
+
+
+# -- dataset files ---------------------------------------------------------------
+from conftest import blob_field  # noqa: E402
+
+
+def _files(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_dataset_round_trip_keeps_maps_catalogs_and_manifest(tiny_dataset):
+    ds = wlcnn.ClusterDataset(tiny_dataset, config=CFG)
+    m = ds.manifest
+    assert m["counts"] == {"train": 6, "val": 3, "test": 2} and m["seed"] == 1 and m["masks"]
+    assert {"numpy", "scipy", "astropy", "wlcnn"} <= set(m["packages"])
+    assert all(len(e["sha256"]) == 64 for e in m["shards"]["train"])
+    clusters = list(ds.clusters("val"))
+    assert [c["index"] for c in clusters] == [0, 1, 2]
+    # the record is what make_cluster gives for the cluster's own seed
+    rng = wlcnn.cluster_rng(1, "val", 1)
+    want = wlcnn.make_cluster(blob_field(CFG, rng), CFG, rng, masks=True)
+    got = clusters[1]
+    np.testing.assert_array_equal(got["kappa"], want["kappa"].astype(np.float32))
+    np.testing.assert_array_equal(got["catalog"]["x"], want["catalog"]["x"])
+    np.testing.assert_array_equal(got["catalog"]["e1"], np.float32(want["catalog"]["e1"]))
+    assert len(got["masks"]) == len(want["masks"]) > 0
+    assert got["meta"] == want["meta"]
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path, tiny_dataset):
+    wlcnn.write_dataset(tmp_path, {"train": 6, "val": 3, "test": 2}, seed=1, field_fn=blob_field,
+                        shard_size=2, masks=True, progress=False)
+    assert _files(tmp_path) == _files(tiny_dataset)
+
+
+def test_shards_made_by_separate_jobs_form_one_dataset(tmp_path, tiny_dataset):
+    kw = dict(counts={"train": 6, "val": 3, "test": 2}, seed=1, field_fn=blob_field, shard_size=2,
+              masks=True, progress=False)
+    assert wlcnn.write_dataset(tmp_path, shard=(1, 3), **kw) is None   # incomplete: no manifest yet
+    assert not (tmp_path / "manifest.json").exists()
+    assert wlcnn.write_dataset(tmp_path, shard=(0, 3), **kw) is None
+    assert wlcnn.write_dataset(tmp_path, shard=(2, 3), workers=2, **kw) is not None
+    assert _files(tmp_path) == _files(tiny_dataset)
+
+
+def test_interrupted_run_resumes_without_redoing_finished_shards(tmp_path, tiny_dataset):
+    calls = []
+
+    def flaky(config, rng):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # killed while making the third shard
+        return blob_field(config, rng)
+
+    kw = dict(counts={"train": 6, "val": 3, "test": 2}, seed=1, shard_size=2, masks=True, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        wlcnn.write_dataset(tmp_path, field_fn=flaky, **kw)
+    assert not list(tmp_path.rglob("*.tmp-*"))  # nothing half-written left behind
+    assert sorted(p.name for p in (tmp_path / "train").glob("*.npz")) == ["shard-00000.npz", "shard-00001.npz"]
+    calls.clear()
+    wlcnn.write_dataset(tmp_path, field_fn=blob_field_counting(calls), **kw)
+    assert len(calls) == 11 - 4  # the two finished shards (4 clusters) are not redone
+    assert _files(tmp_path) == _files(tiny_dataset)
+
+
+def blob_field_counting(calls):
+    def f(config, rng):
+        calls.append(1)
+        return blob_field(config, rng)
+    return f
+
+
+def test_corrupt_or_missing_shard_is_a_clear_error(tmp_path, tiny_dataset):
+    import shutil
+    shutil.copytree(tiny_dataset, tmp_path / "d")
+    shard = tmp_path / "d" / "train" / "shard-00001.npz"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    ds = wlcnn.ClusterDataset(tmp_path / "d")
+    ds.load_shard("train", 0)
+    with pytest.raises(ValueError, match="corrupt"):
+        ds.load_shard("train", 1)
+    with pytest.raises(ValueError, match="corrupt"):  # without the checksum the zip itself fails
+        wlcnn.ClusterDataset(tmp_path / "d", verify=False).load_shard("train", 1)
+    shard.unlink()
+    with pytest.raises(ValueError, match="missing"):
+        ds.load_shard("train", 1)
+
+
+def test_dataset_of_another_config_or_split_is_refused(tmp_path, tiny_dataset):
+    import dataclasses
+    with pytest.raises(ValueError, match="sigma_e"):
+        wlcnn.ClusterDataset(tiny_dataset, config=dataclasses.replace(CFG, sigma_e=0.3))
+    ds = wlcnn.ClusterDataset(tiny_dataset)
+    with pytest.raises(ValueError, match="unknown split"):
+        ds.count("training")
+    with pytest.raises(ValueError, match="other settings"):
+        wlcnn.write_dataset(tiny_dataset, {"train": 7}, seed=1, field_fn=blob_field, progress=False)
+    with pytest.raises(ValueError, match="manifest"):
+        wlcnn.ClusterDataset(tmp_path)
+    with pytest.raises(ValueError, match="unknown split"):
+        wlcnn.write_dataset(tmp_path, {"training": 2}, field_fn=blob_field, progress=False)
+    with pytest.raises(ValueError, match="zero"):
+        wlcnn.write_dataset(tmp_path, {"train": 0}, field_fn=blob_field, progress=False)

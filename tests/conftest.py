@@ -1,0 +1,24 @@
+"""Shared fixtures: a tiny dataset of cheap Gaussian-blob clusters."""
+import numpy as np
+import pytest
+
+import wlcnn
+
+
+def blob_field(config, rng):
+    """A cheap stand-in for a cluster field: a Gaussian κ blob and its shear."""
+    n = config.npix
+    yy, xx = np.mgrid[0:n, 0:n]
+    cy, cx = rng.uniform(0.4 * n, 0.6 * n, 2)
+    kappa = 0.4 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (0.03 * n) ** 2))
+    g1, g2 = wlcnn.shear_from_kappa(kappa)
+    return {"kappa": kappa, "gamma1": g1, "gamma2": g2, "meta": {"cx": float(cx), "cy": float(cy)}}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """6 train / 3 val / 2 test clusters in shards of 2, with star masks."""
+    path = tmp_path_factory.mktemp("tiny")
+    wlcnn.write_dataset(path, {"train": 6, "val": 3, "test": 2}, seed=1, field_fn=blob_field,
+                        shard_size=2, masks=True, progress=False)
+    return path
