@@ -5,7 +5,7 @@ import pytest
 import wlcnn
 
 
-def blob_field(config, rng):
+def blob_field(config, rng, *_):
     """A cheap stand-in for a cluster field: a Gaussian κ blob and its shear."""
     n = config.npix
     yy, xx = np.mgrid[0:n, 0:n]

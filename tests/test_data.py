@@ -154,7 +154,7 @@ def test_shards_made_by_separate_jobs_form_one_dataset(tmp_path, tiny_dataset):
 def test_interrupted_run_resumes_without_redoing_finished_shards(tmp_path, tiny_dataset):
     calls = []
 
-    def flaky(config, rng):
+    def flaky(config, rng, *_):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt  # killed while making the third shard
@@ -172,7 +172,7 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(tmp_path, tiny_
 
 
 def blob_field_counting(calls):
-    def f(config, rng):
+    def f(config, rng, *_):
         calls.append(1)
         return blob_field(config, rng)
     return f
