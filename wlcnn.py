@@ -24,7 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
+import tempfile
+import zipfile
 import sys
 import threading
 from dataclasses import dataclass
@@ -38,6 +41,12 @@ from astropy import units as u
 from astropy.cosmology import FlatLambdaCDM
 from astropy.io import fits
 from astropy.table import Table
+
+# TensorFlow's C++ start-up notes (CUDA absent, oneDNN on) drown the output of
+# a CPU run; a value the user has set is kept.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 try:  # the compiled gridder; the NumPy reference below is the fallback
     import _grid
@@ -92,6 +101,19 @@ class Config:
     pool: int = 3                       # Table 1 AvgPool
     output_npix: int = 128              # Table 1 output
     mosaic_npix: int = 166              # full-field output grid (DESIGN "Grids")
+    # -- network (§2.3.2, Table 1, Appendix A) --------------------------------
+    filter_size: int = 49               # TransConv2D-# / Conv2D-# filters, §2.3.2
+    n_filters: int = 8                  # channels of every block, Table 1
+    n_filters_final: int = 16           # TransConv2D-5, Table 1
+    loss_border_pix: int = 14           # outer output pixels not scored, §2.3.2
+    focal_floor: float = 0.01           # guard of eq. 12's denominator (DESIGN "Lessons")
+    # -- training (§2.3.2) -----------------------------------------------------
+    learning_rate: float = 1e-5         # Adam, §2.3.2
+    batch_size: int = 50                # §2.3.2
+    steps_per_epoch: int = 20           # §2.3.2
+    epochs: int = 200                   # §2.3.2
+    n_runs: int = 10                    # independent runs, §2.3.2
+    clipnorm: float = 1.0               # gradient-norm clipping (DESIGN "Lessons")
 
     @property
     def pixel_arcsec(self) -> float:
@@ -108,6 +130,11 @@ PAPER = Config()
 
 #: FWHM of a Gaussian in units of its standard deviation, 2 sqrt(2 ln 2).
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+
+
+def config_from_dict(d):
+    """A Config from a dict of its fields (as JSON stores it: lists back to tuples)."""
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def cosmology(config: Config = PAPER) -> FlatLambdaCDM:
@@ -1525,8 +1552,7 @@ class ClusterDataset:
             raise ValueError(f"{mpath} is corrupt: {exc}") from None
         if self.manifest.get("format") != DATASET_FORMAT or self.manifest.get("version") != DATASET_VERSION:
             raise ValueError(f"{self.path}: not a wlcnn dataset of format version {DATASET_VERSION}")
-        self.config = dataclasses.replace(PAPER, **{
-            k: tuple(v) if isinstance(v, list) else v for k, v in self.manifest["config"].items()})
+        self.config = dataclasses.replace(PAPER, **dataclasses.asdict(config_from_dict(self.manifest["config"])))
         if config is not None and _data_config(config) != self.manifest["config"]:
             diff = [k for k in DATA_FIELDS if _data_config(config)[k] != self.manifest["config"][k]]
             raise ValueError(f"{self.path} was made with another config (differs in {', '.join(diff)})")
@@ -1982,6 +2008,566 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
              .batch(batch_size, drop_remainder=True)
              .prefetch(2))
     return train, val
+
+
+# ---------------------------------------------------------------------------
+# §2.3.2 The network: convolutions by FFT
+# ---------------------------------------------------------------------------
+# On a CPU, Keras's own 49x49 Conv2D/Conv2DTranspose spend ~5 s a sample in
+# their backward pass; by FFT the cost no longer grows with the filter area.
+# The gradients below reuse the forward spectra instead of differentiating
+# through rfft2d/irfft2d (TF's RFFT gradient rebuilds a DFT matrix each call).
+# Measured on the 2-core CPU (TF 2.21; bench_grad.py, fastest of 8 steps
+# alternating the two versions; the machine was shared, so medians vary
+# more), forward + backward, 49x49 filter, 8 -> 8 channels, batch 4:
+#   Conv2D on 176^2:           built-in gradient 0.042 s, custom 0.029 s
+#   Conv2DTranspose on 128^2:  built-in gradient 0.059 s, custom 0.044 s
+#   Table 1 training step:     built-in gradient 0.43 s,  custom 0.33 s
+# so the custom gradient is kept.
+
+
+def _rfft(t, size):
+    """2-D real FFT of the two innermost axes, zero-padded to ``size``."""
+    pad = [[0, 0]] * (t.shape.rank - 2) + [[0, size[0] - t.shape[-2]],
+                                           [0, size[1] - t.shape[-1]]]
+    return tf.signal.rfft2d(tf.pad(t, pad), fft_length=size)
+
+
+def _irfft(t, size):
+    return tf.signal.irfft2d(t, fft_length=size)
+
+
+@tf.custom_gradient
+def _correlate_valid(x, k):
+    """Valid 2-D cross-correlation summed over input channels (Keras Conv2D).
+
+    Parameters
+    ----------
+    x : tf.Tensor, shape (B, C, H, W)
+    k : tf.Tensor, shape (C, O, h, w)
+
+    Returns
+    -------
+    tf.Tensor, shape (B, O, H - h + 1, W - w + 1)
+
+    Notes
+    -----
+    A circular correlation of size (H, W) equals the linear one on the valid
+    corner: the largest input index reached there is (H - h) + (h - 1) = H - 1.
+    The custom gradient reuses the forward spectra X, K: with DY the spectrum
+    of the zero-padded output gradient, dx = irfft(DY K) (a convolution) and
+    dk = irfft(X conj(DY)) cropped to (h, w).
+    """
+    (H, W), (h, w) = x.shape[-2:], k.shape[-2:]
+    X, K = _rfft(x, (H, W)), _rfft(k, (H, W))
+    y = _irfft(tf.einsum("bcuv,couv->bouv", X, tf.math.conj(K)), (H, W))
+
+    def grad(dy):
+        # dy is zero-padded to (H, W): the wrapped-around lags of the
+        # circular convolution then only meet the kernel's zero padding.
+        DY = _rfft(dy, (H, W))
+        dx = _irfft(tf.einsum("bouv,couv->bcuv", DY, K), (H, W))
+        dk = _irfft(tf.einsum("bcuv,bouv->couv", X, tf.math.conj(DY)), (H, W))
+        return dx, dk[..., :h, :w]
+
+    return y[..., : H - h + 1, : W - w + 1], grad
+
+
+@tf.custom_gradient
+def _convolve_full(x, k):
+    """Full 2-D linear convolution summed over input channels (Keras valid
+    Conv2DTranspose with stride 1).
+
+    Parameters
+    ----------
+    x : tf.Tensor, shape (B, C, H, W)
+    k : tf.Tensor, shape (C, O, h, w)
+
+    Returns
+    -------
+    tf.Tensor, shape (B, O, H + h - 1, W + w - 1)
+
+    Notes
+    -----
+    The transform size is the output size, so nothing wraps around. The
+    custom gradient reuses the forward spectra X, K: dx = irfft(DY conj(K))
+    and dk = irfft(conj(X) DY) (correlations), cropped to (H, W) and (h, w).
+    """
+    (H, W), (h, w) = x.shape[-2:], k.shape[-2:]
+    size = (H + h - 1, W + w - 1)
+    X, K = _rfft(x, size), _rfft(k, size)
+    y = _irfft(tf.einsum("bcuv,couv->bouv", X, K), size)
+
+    def grad(dy):
+        DY = _rfft(dy, size)
+        dx = _irfft(tf.einsum("bouv,couv->bcuv", DY, tf.math.conj(K)), size)
+        dk = _irfft(tf.einsum("bcuv,bouv->couv", tf.math.conj(X), DY), size)
+        return dx[..., :H, :W], dk[..., :h, :w]
+
+    return y, grad
+
+
+class _FFTConvBase(keras.layers.Layer):
+    """Shared parts of the two FFT layers (valid padding, stride 1,
+    channels last). Subclasses set ``_transpose``."""
+
+    _transpose = False
+
+    def __init__(self, filters, kernel_size, activation=None, use_bias=True,
+                 kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        ks = kernel_size
+        self.kernel_size = (ks, ks) if isinstance(ks, int) else tuple(ks)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape):
+        if None in input_shape[1:]:
+            raise ValueError(f"{self.name}: FFT layers need static spatial "
+                             f"size and channels, got {input_shape}")
+        c_in = input_shape[-1]
+        # Keras's layouts, so that weights move between the two versions:
+        # Conv2D (h, w, in, out), Conv2DTranspose (h, w, out, in).
+        io = (self.filters, c_in) if self._transpose else (c_in, self.filters)
+        self.kernel = self.add_weight(name="kernel",
+                                      shape=self.kernel_size + io,
+                                      initializer=self.kernel_initializer)
+        self.bias = (self.add_weight(name="bias", shape=(self.filters,),
+                                     initializer=self.bias_initializer)
+                     if self.use_bias else None)
+
+    def compute_output_shape(self, input_shape):
+        sign = 1 if self._transpose else -1
+        b, h, w, _ = input_shape
+        return (b, h + sign * (self.kernel_size[0] - 1),
+                w + sign * (self.kernel_size[1] - 1), self.filters)
+
+    def call(self, inputs):
+        x = tf.transpose(inputs, (0, 3, 1, 2))  # rfft2d works on NCHW
+        if self._transpose:
+            k = tf.transpose(self.kernel, (3, 2, 0, 1))   # -> (in, out, h, w)
+            y = _convolve_full(x, k)
+        else:
+            k = tf.transpose(self.kernel, (2, 3, 0, 1))   # -> (in, out, h, w)
+            y = _correlate_valid(x, k)
+        y = tf.transpose(y, (0, 2, 3, 1))
+        if self.use_bias:
+            y = y + self.bias
+        return self.activation(y)
+
+    def get_config(self):
+        return {**super().get_config(),
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "activation": keras.activations.serialize(self.activation),
+                "use_bias": self.use_bias,
+                "kernel_initializer":
+                    keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer":
+                    keras.initializers.serialize(self.bias_initializer)}
+
+
+@keras.saving.register_keras_serializable(package="wlcnn")
+class FFTConv2D(_FFTConvBase):
+    """Drop-in for ``keras.layers.Conv2D(padding="valid", strides=1)``,
+    computed with ``tf.signal.rfft2d``.
+
+    Parameters
+    ----------
+    filters : int
+        Output channels.
+    kernel_size : int or (int, int)
+        Filter size (h, w) in pixels.
+    activation : str or callable, optional
+    use_bias : bool
+
+    Notes
+    -----
+    Input (B, H, W, C) -> output (B, H - h + 1, W - w + 1, filters). The
+    weights ``kernel`` (h, w, C, filters) and ``bias`` (filters,) are those of
+    Keras's Conv2D. The cost (C + filters transforms of size H x W and
+    C * filters spectral products) does not depend on the filter size.
+    Conv2D-2..5 and the Output layer of Table 1.
+    """
+
+
+@keras.saving.register_keras_serializable(package="wlcnn")
+class FFTConv2DTranspose(_FFTConvBase):
+    """Drop-in for ``keras.layers.Conv2DTranspose(padding="valid",
+    strides=1)``, computed with ``tf.signal.rfft2d``.
+
+    Parameters
+    ----------
+    filters : int
+        Output channels.
+    kernel_size : int or (int, int)
+        Filter size (h, w) in pixels.
+    activation : str or callable, optional
+    use_bias : bool
+
+    Notes
+    -----
+    Input (B, H, W, C) -> output (B, H + h - 1, W + w - 1, filters): the full
+    linear convolution. The weights ``kernel`` (h, w, filters, C) and ``bias``
+    (filters,) are those of Keras's Conv2DTranspose. TransConv2D-1..5 of
+    Table 1.
+    """
+
+    _transpose = True
+
+
+# ---------------------------------------------------------------------------
+# §2.3.2 and Appendix A: the model of Table 1
+# ---------------------------------------------------------------------------
+FORMAT_VERSION = 1  # of the description stored in every saved model
+
+# Appendix A. ``filter_size`` None: Config.filter_size (§2.3.2). Input
+# channels: (eps1, eps2, delta eps) of §2.3.2, plus the smoothed source
+# density for 4Channel.
+VARIANTS = {
+    "FocalLoss": dict(channels=3, filter_size=None, skip=True, focal=True),
+    "Fiducial":  dict(channels=3, filter_size=None, skip=True, focal=False),
+    "4Channel":  dict(channels=4, filter_size=None, skip=True, focal=False),
+    "19Filter":  dict(channels=3, filter_size=19, skip=True, focal=False),
+    "29Filter":  dict(channels=3, filter_size=29, skip=True, focal=False),
+    "NoSkip":    dict(channels=3, filter_size=None, skip=False, focal=False),
+}
+
+# Table 1, column "Multiplied to". Multiply-4 takes Multiply-1, not
+# Multiply-3 as the pattern of the rows above it would suggest; we follow
+# the table. The skip tensor is the raw Multiply-# output, not its batch-
+# normalised copy: the table names Multiply-# layers and lists no BN layer,
+# so BN (§2.3.2: "batch normalization to the output of each Multiply-#")
+# sits on the main path only, as in the Keras code the table reads like.
+MULTIPLIED_TO = {1: "avgpool", 2: "multiply_1", 3: "multiply_2",
+                 4: "multiply_1"}
+
+
+def resolve_conv(conv="auto"):
+    """Which convolution implementation ``build_model`` uses.
+
+    Parameters
+    ----------
+    conv : {"auto", "fft", "direct"}
+
+    Returns
+    -------
+    str
+        "fft" or "direct".
+
+    Notes
+    -----
+    "auto" is "fft" on every device. On this project's 2-core CPU a Table 1
+    training step at batch 2 took 164 s direct and 0.50 s by FFT
+    (bench_train.py; the direct backward pass of a 49x49 layer is ~200x its
+    forward pass). On a GPU it was not measured here; the FFT cost does not
+    grow with the filter area while cuDNN's does, so FFT is the default
+    there too; pass "direct" to use Keras's own layers.
+    """
+    if conv not in ("auto", "fft", "direct"):
+        raise ValueError(
+            f"conv must be 'auto', 'fft' or 'direct', got {conv!r}")
+    return "fft" if conv == "auto" else conv
+
+
+@keras.saving.register_keras_serializable(package="wlcnn")
+class ModelInfo(keras.layers.Layer):
+    """Weightless pass-through layer whose config is the model's description
+    (variant, input channels, filter size, grids, format version), so that
+    it travels inside every ``.keras`` file.
+
+    Parameters
+    ----------
+    info : dict
+        JSON-serialisable description, see ``build_model``.
+    """
+
+    def __init__(self, info, **kwargs):
+        super().__init__(**kwargs)
+        self.info = dict(info)
+
+    def call(self, inputs):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "info": self.info}
+
+
+INFO_LAYER = "wlcnn_info"
+
+
+def build_model(config=PAPER, variant="FocalLoss", conv="auto"):
+    """The CNN of Table 1 (channels last), or one of its Appendix A variants.
+
+    Parameters
+    ----------
+    config : Config
+        Grids, filter counts and filter size (``filter_size`` is overridden
+        by the 19Filter/29Filter variants).
+    variant : str
+        A key of ``VARIANTS``: "FocalLoss" (the paper's model), "Fiducial",
+        "4Channel", "19Filter", "29Filter" or "NoSkip".
+    conv : {"auto", "fft", "direct"}
+        FFT layers or Keras's Conv2D/Conv2DTranspose (same weights), see
+        ``resolve_conv``.
+
+    Returns
+    -------
+    keras.Model
+        Uncompiled; input (B, subfield_npix, subfield_npix, channels) of
+        gridded (eps1, eps2, delta eps[, n]), output (B, output_npix,
+        output_npix, 1) of kappa. ``model_info(model)`` gives its description.
+
+    Notes
+    -----
+    Table 1: Conv2D-1 (3x3) -> AvgPool (3x3) -> four blocks of
+    TransConv2D-# -> Conv2D-# -> Multiply-# -> BatchNorm -> TransConv2D-5 ->
+    Output. tanh on every Conv2D-# and TransConv2D-# (§2.3.2). The Output
+    layer is linear: the table names it apart from the Conv2D-# layers, and
+    kappa exceeds 1 in cluster cores, beyond tanh's range. NoSkip drops the
+    Multiply layers and keeps the batch normalisation.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"unknown variant {variant!r}; one of {list(VARIANTS)}")
+    spec = VARIANTS[variant]
+    f = spec["filter_size"] or config.filter_size
+    n_conv1 = config.subfield_npix - config.first_kernel + 1
+    if n_conv1 % config.pool or n_conv1 // config.pool != config.output_npix:
+        raise ValueError(
+            f"subfield_npix={config.subfield_npix}, first_kernel="
+            f"{config.first_kernel} and pool={config.pool} give no "
+            f"{config.output_npix}^2 output grid")
+    conv = resolve_conv(conv)
+    Conv, TransConv = ((FFTConv2D, FFTConv2DTranspose) if conv == "fft" else
+                       (keras.layers.Conv2D, keras.layers.Conv2DTranspose))
+    info = dict(format_version=FORMAT_VERSION, variant=variant,
+                channels=spec["channels"], filter_size=f, skip=spec["skip"],
+                loss="focal" if spec["focal"] else "mse", conv=conv,
+                config=dataclasses.asdict(config))
+
+    L = keras.layers
+    inputs = keras.Input((config.subfield_npix, config.subfield_npix,
+                          spec["channels"]), name="input")
+    x = ModelInfo(info, name=INFO_LAYER)(inputs)
+    # A 3x3 filter is cheap directly, and by FFT would need 386^2 transforms.
+    x = L.Conv2D(config.n_filters, config.first_kernel, activation="tanh",
+                 name="conv2d_1")(x)
+    x = L.AveragePooling2D(config.pool, name="avgpool")(x)
+    skips = {"avgpool": x}
+    for i in range(1, len(MULTIPLIED_TO) + 1):
+        x = TransConv(config.n_filters, f, activation="tanh",
+                      name=f"transconv2d_{i}")(x)
+        x = Conv(config.n_filters, f, activation="tanh",
+                 name=f"conv2d_{i + 1}")(x)
+        if spec["skip"]:
+            x = L.Multiply(name=f"multiply_{i}")([x, skips[MULTIPLIED_TO[i]]])
+            skips[f"multiply_{i}"] = x
+        x = L.BatchNormalization(name=f"batchnorm_{i}")(x)
+    x = TransConv(config.n_filters_final, f, activation="tanh",
+                  name=f"transconv2d_{len(MULTIPLIED_TO) + 1}")(x)
+    outputs = Conv(1, f, activation=None, name="output")(x)
+    return keras.Model(inputs, outputs, name=f"wlcnn_{variant}")
+
+
+def model_info(model):
+    """The description stored in a model by ``build_model``.
+
+    Parameters
+    ----------
+    model : keras.Model
+
+    Returns
+    -------
+    dict
+        Keys format_version, variant, channels, filter_size, skip, loss
+        ("focal" or "mse"), conv ("fft" or "direct") and config (the
+        ``Config`` fields as a dict).
+
+    Raises
+    ------
+    ValueError
+        If the model carries no description or one of another format.
+    """
+    try:
+        info = model.get_layer(INFO_LAYER).info
+    except ValueError:
+        raise ValueError(f"model {model.name!r} carries no wlcnn description "
+                         f"(no {INFO_LAYER!r} layer)") from None
+    _check_version(info.get("format_version"), model.name)
+    return dict(info)
+
+
+def _check_version(version, where):
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{where}: wlcnn model format {version}, this code "
+                         f"reads format {FORMAT_VERSION}")
+
+
+# ---------------------------------------------------------------------------
+# §2.3.2 Losses: eq. 11-12 and A1
+# ---------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="wlcnn")
+class KappaLoss(keras.losses.Loss):
+    """Focal-weighted (eq. 11-12) or plain (eq. A1) squared error of kappa,
+    without the outer ``border_pix`` pixels of each side (§2.3.2).
+
+    Parameters
+    ----------
+    border_pix : int
+        Output pixels left out on each side.
+    focal : bool
+        True: eq. 11 with the weights of eq. 12 (FocalLoss); False: eq. A1.
+    focal_floor : float
+        Smallest denominator of eq. 12 (dimensionless kappa).
+
+    Notes
+    -----
+    ``call(y_true, y_pred)`` takes (B, N, N) or (B, N, N, 1) kappa maps and
+    returns one value per sample: the *mean* over the N - 2 border_pix squared
+    pixels rather than eq. 11's sum, so the value does not depend on the grid
+    size; Adam is invariant to the constant factor (up to its epsilon and the
+    gradient-norm clipping of Config.clipnorm, which were set for the mean).
+    """
+
+    def __init__(self, border_pix=PAPER.loss_border_pix, focal=True,
+                 focal_floor=PAPER.focal_floor, name=None, **kwargs):
+        super().__init__(name=name or ("focal_loss" if focal else "mse_loss"),
+                         **kwargs)
+        self.border_pix = int(border_pix)
+        self.focal = bool(focal)
+        self.focal_floor = float(focal_floor)
+
+    def call(self, y_true, y_pred):
+        t, p = _inner(y_true, self.border_pix), _inner(y_pred, self.border_pix)
+        err = tf.square(p - tf.cast(t, p.dtype))
+        if self.focal:
+            # eq. 12: w = 1 + |kappa| / max(kappa) over the sample's scored
+            # window. A 128^2 window that misses the cluster has max(kappa)
+            # near zero or negative, and the literal weights blow up (a
+            # sketch run diverged, DESIGN.md "Lessons"): the denominator is
+            # max(max|kappa|, focal_floor), so 1 <= w <= 2.
+            a = tf.abs(tf.cast(t, p.dtype))
+            peak = tf.reduce_max(a, axis=(1, 2), keepdims=True)
+            err = (1.0 + a / tf.maximum(peak, self.focal_floor)) * err
+        return tf.reduce_mean(err, axis=(1, 2))
+
+    def get_config(self):
+        return {**super().get_config(), "border_pix": self.border_pix,
+                "focal": self.focal, "focal_floor": self.focal_floor}
+
+
+def _inner(maps, border):
+    """(B, N, N[, 1]) -> (B, N - 2 border, N - 2 border)."""
+    maps = tf.convert_to_tensor(maps)
+    if maps.shape.rank == 4:
+        maps = maps[..., 0]
+    n, m = maps.shape[1], maps.shape[2]
+    return maps[:, border:n - border, border:m - border]
+
+
+def make_loss(config=PAPER, variant="FocalLoss"):
+    """The loss of ``variant``: eq. 11-12 for FocalLoss, eq. A1 otherwise
+    (Appendix A), both over the pixels inside ``config.loss_border_pix``."""
+    return KappaLoss(config.loss_border_pix, VARIANTS[variant]["focal"],
+                     config.focal_floor)
+
+
+def compile_model(model, config=PAPER, variant=None):
+    """Compile with Adam (§2.3.2) and the variant's loss.
+
+    Parameters
+    ----------
+    model : keras.Model
+        From ``build_model``.
+    config : Config
+        ``learning_rate`` and ``clipnorm`` (gradient-norm clipping, needed
+        by eq. 12 in practice, DESIGN.md "Lessons"), ``loss_border_pix`` and
+        ``focal_floor``.
+    variant : str, optional
+        Default: the one stored in the model.
+
+    Returns
+    -------
+    keras.Model
+        The same model, compiled.
+    """
+    variant = variant or model_info(model)["variant"]
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate,
+                                                  clipnorm=config.clipnorm),
+                  loss=make_loss(config, variant))
+    return model
+
+
+# ---------------------------------------------------------------------------
+# §2.3.2 Saving and loading models
+# ---------------------------------------------------------------------------
+def save_model(model, path):
+    """Write ``model`` to a ``.keras`` file atomically (a temporary file in
+    the same folder, then ``os.replace``), so that a crash mid-write never
+    leaves a truncated model under ``path``.
+
+    Parameters
+    ----------
+    model : keras.Model
+        Must carry a description (``build_model``).
+    path : str or os.PathLike
+        Ends in ``.keras``.
+    """
+    path = os.fspath(path)
+    if not path.endswith(".keras"):
+        raise ValueError(f"{path}: model files end in .keras")
+    model_info(model)
+    fd, tmp = tempfile.mkstemp(suffix=".keras",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        model.save(tmp, overwrite=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_model(path, compile=True):
+    """Read a model written by ``save_model``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    compile : bool
+        Restore the optimizer and loss too.
+
+    Returns
+    -------
+    keras.Model
+        ``model_info(model)`` tells its variant, channels and filter size.
+
+    Raises
+    ------
+    ValueError
+        If the file holds no wlcnn description or one of another format
+        version; checked before Keras rebuilds any layer.
+    """
+    path = os.fspath(path)
+    with zipfile.ZipFile(path) as zf:
+        config = json.loads(zf.read("config.json"))
+    layers = config.get("config", {}).get("layers", [])
+    info = next((layer["config"].get("info") for layer in layers
+                 if layer.get("config", {}).get("name") == INFO_LAYER), None)
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: not a wlcnn model (no {INFO_LAYER!r} "
+                         "description)")
+    _check_version(info.get("format_version"), path)
+    return keras.saving.load_model(path, compile=compile)
 
 
 # ---------------------------------------------------------------------------
