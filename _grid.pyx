@@ -12,7 +12,7 @@ from libc.string cimport memset
 
 
 cdef inline Py_ssize_t _row(double y, Py_ssize_t ny) noexcept nogil:
-    """Nearest row of a position, clamped to the grid."""
+    """Nearest row (or column) of a position, clamped to the grid."""
     if y < 0.0:
         return 0
     if y > ny - 1:
@@ -50,24 +50,29 @@ def grid(const double[::1] xp, const double[::1] yp,
     cdef double inv2s2 = 0.5 / (sigma_pix * sigma_pix)
     cdef double c = exp(-2.0 * inv2s2)
     cdef double *a
+    cdef double *o1
+    cdef double *o2
+    cdef double *o3
+    cdef double *o4
     cdef double *gx = <double *> malloc(2 * ntap * sizeof(double))
     cdef double *gx2 = gx + ntap
-    cdef Py_ssize_t *start = <Py_ssize_t *> malloc((ny + 1 + n) * sizeof(Py_ssize_t))
-    cdef Py_ssize_t *order = start + ny + 1
+    cdef Py_ssize_t *start = <Py_ssize_t *> malloc((ny * nx + 1 + n) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *order = start + ny * nx + 1
     if gx == NULL or start == NULL:
         free(gx)
         free(start)
         raise MemoryError()
     with nogil:
         memset(&acc[0, 0, 0], 0, ny * nx * 5 * sizeof(double))
-        # A counting sort of the sources on their nearest row.
-        memset(start, 0, (ny + 1) * sizeof(Py_ssize_t))
+        # A counting sort of the sources on their nearest pixel: neighbouring
+        # sources then write neighbouring sums, which stay in the fastest cache.
+        memset(start, 0, (ny * nx + 1) * sizeof(Py_ssize_t))
         for s in range(n):
-            start[_row(yp[s], ny) + 1] += 1
-        for row in range(ny):
+            start[_row(yp[s], ny) * nx + _row(xp[s], nx) + 1] += 1
+        for row in range(ny * nx):
             start[row + 1] += start[row]
         for s in range(n):
-            row = _row(yp[s], ny)
+            row = _row(yp[s], ny) * nx + _row(xp[s], nx)
             order[start[row]] = s
             start[row] += 1
 
@@ -137,18 +142,22 @@ def grid(const double[::1] xp, const double[::1] yp,
                     a[4] += gj * wy
                     a += 5
 
-        for i in range(ny):
-            for j in range(nx):
-                a = &acc[i, j, 0]
-                if a[0] > 0.0:
-                    inv = 1.0 / a[0]
-                    out[0, i, j] = a[1] * inv
-                    out[1, i, j] = a[2] * inv
-                    out[2, i, j] = sqrt(a[3]) * inv
-                else:
-                    out[0, i, j] = 0.0
-                    out[1, i, j] = 0.0
-                    out[2, i, j] = empty_error
-                out[3, i, j] = a[4] * density_norm
+        o1 = &out[0, 0, 0]
+        o2 = &out[1, 0, 0]
+        o3 = &out[2, 0, 0]
+        o4 = &out[3, 0, 0]
+        a = &acc[0, 0, 0]
+        for k in range(ny * nx):
+            if a[0] > 0.0:
+                inv = 1.0 / a[0]
+                o1[k] = a[1] * inv
+                o2[k] = a[2] * inv
+                o3[k] = sqrt(a[3]) * inv
+            else:
+                o1[k] = 0.0
+                o2[k] = 0.0
+                o3[k] = empty_error
+            o4[k] = a[4] * density_norm
+            a += 5
     free(gx)
     free(start)

@@ -42,11 +42,8 @@ from astropy.cosmology import FlatLambdaCDM
 from astropy.io import fits
 from astropy.table import Table
 
-# TensorFlow's C++ start-up notes (CUDA absent, oneDNN on) drown the output of
-# a CPU run; a value the user has set is kept.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import tensorflow as tf
 
 try:  # the compiled gridder; the NumPy reference below is the fallback
     import _grid
