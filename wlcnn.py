@@ -22,15 +22,22 @@ along x, ``g2 > 0`` along the line x = y.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import functools
+import hashlib
 import json
 import os
-import tempfile
-import zipfile
+import platform
+import shutil
 import sys
+import tempfile
 import threading
+import time
+import warnings
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.fft
@@ -3053,7 +3060,7 @@ def fixed_subfields(data_dir, split="val", n=64, seed=0, channels=3, config=None
 
 def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False, n_val=64,
                   split="train", val_split="val", samples_per_visit=4, shuffle_buffer=64,
-                  parallel=2, config=None):
+                  parallel=2, config=None, val_seed=0):
     """The tf.data input pipeline of training (§2.3.2).
 
     Parameters
@@ -3069,6 +3076,9 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
         Draw a new source catalog at every cluster visit (see :func:`cluster_grid`).
     n_val : int
         Size of the fixed validation set from ``val_split``.
+    val_seed : int
+        Seed of that set, apart from ``seed``: every run and every resumption
+        validates on the same subfields.
     samples_per_visit : int
         Subfields cut from one gridding of a cluster.
     shuffle_buffer : int
@@ -3094,7 +3104,7 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
         raise ValueError(f"no {split} clusters in {ds.path}")
     if batch_size < 1:
         raise ValueError("batch_size must be positive")
-    val = fixed_subfields(ds, val_split, n_val, seed, channels)
+    val = fixed_subfields(ds, val_split, n_val, val_seed, channels)
     cfg = ds.config
     sig = (tf.TensorSpec((cfg.subfield_npix, cfg.subfield_npix, channels), tf.float32),
            tf.TensorSpec((cfg.output_npix, cfg.output_npix, 1), tf.float32))
@@ -3677,6 +3687,748 @@ def load_model(path, compile=True):
 
 
 # ---------------------------------------------------------------------------
+# §2.3.2 Training: presets
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainPreset:
+    """A training schedule.
+
+    Parameters
+    ----------
+    name : str
+    learning_rate : float
+        Adam's step size.
+    batch_size : int
+        Subfields a step (the global batch when several GPUs share it).
+    steps_per_epoch : int
+        Steps between two validations (and checkpoints).
+    epochs : int
+    n_runs : int
+        Independent runs; their mean and standard deviation are the estimate
+        and its error (§2.3.2, §3).
+    clipnorm : float or None
+        Norm above which Adam clips each gradient tensor (Keras ``clipnorm``).
+    n_val : int
+        Subfields of the fixed validation set, evaluated after every epoch.
+    time_limit_s : float or None
+        Wall-clock budget of a run (summed over resumptions): training stops
+        after the epoch that would leave less than one more epoch's time.
+    """
+
+    name: str
+    learning_rate: float
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    n_runs: int
+    clipnorm: float | None
+    n_val: int
+    time_limit_s: float | None = None
+
+    def apply(self, config):
+        """``config`` with this schedule's training fields (so a saved
+        model's description records the schedule it was trained with)."""
+        return dataclasses.replace(
+            config, learning_rate=self.learning_rate,
+            batch_size=self.batch_size, steps_per_epoch=self.steps_per_epoch,
+            epochs=self.epochs, clipnorm=self.clipnorm)
+
+
+PRESETS = {
+    # §2.3.2 as published, from Config: Adam at 1e-5, batches of 50, 20 steps
+    # an epoch, 200 epochs (200,000 samples), 10 runs, best validation
+    # weights kept. Not in the paper: the gradient clipping of Config
+    # (DESIGN "Lessons": eq. 12 without it diverged; at this learning rate it
+    # rarely engages) and the validation size, which the paper does not give:
+    # 400 subfields of the 1,800 validation clusters (1.8 MB each as float32,
+    # 0.7 GB in all; a standard error of the mean loss of 5 % of its spread).
+    "paper": TrainPreset(
+        "paper", PAPER.learning_rate, PAPER.batch_size, PAPER.steps_per_epoch,
+        PAPER.epochs, PAPER.n_runs, PAPER.clipnorm, n_val=400),
+    # A 2-core CPU, training <= 30 min. A Table 1 step by FFT costs 0.07 s a
+    # sample on the idle machine (DESIGN "Lessons"; 0.12 s measured with
+    # train() while another job shared the CPU) and a prediction 0.04 s.
+    # DESIGN "Lessons": Adam at 3e-4 (30x the paper's rate: a tenth of its
+    # samples must get somewhere), batches of 8, ~21,000 samples in 25 min
+    # beat a validation-tuned KS93, and clipping at 1.0 kept eq. 12 stable at
+    # that rate. So: 100 steps (800 samples, ~1 min) an epoch, 25 epochs =
+    # 20,000 samples, 23 min at 0.07 s; 64 validation subfields an epoch add
+    # ~3 s (4 %). The time limit stops a slower or busier machine at 30 min
+    # with the best epoch so far (~18 epochs at 0.12 s). One run: the quick
+    # chain has time for one; pass runs=K for an error estimate.
+    "quick": TrainPreset(
+        "quick", learning_rate=3e-4, batch_size=8, steps_per_epoch=100,
+        epochs=25, n_runs=1, clipnorm=1.0, n_val=64, time_limit_s=30 * 60),
+}
+
+
+def get_preset(preset):
+    """A ``TrainPreset`` from itself or its name in ``PRESETS``."""
+    if isinstance(preset, TrainPreset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; one of {list(PRESETS)}")
+    return PRESETS[preset]
+
+
+# ---------------------------------------------------------------------------
+# Checks of the data
+# ---------------------------------------------------------------------------
+def check_data(train_ds, val, config, channels, batch_size, steps_needed):
+    """Raise ValueError unless the data fit the model and are finite.
+
+    Parameters
+    ----------
+    train_ds : tf.data.Dataset
+        Batches (x (B, S, S, C), y (B, O, O, 1)), float32.
+    val : (ndarray, ndarray)
+        Validation inputs (N, S, S, C) and targets (N, O, O, 1).
+    config : Config
+        S = ``subfield_npix``, O = ``output_npix``.
+    channels : int
+        C of the model.
+    batch_size : int
+        B expected (a dataset built for another preset is refused).
+    steps_needed : int
+        Batches one run draws; a finite dataset must hold as many.
+
+    Notes
+    -----
+    Only the first training batch is looked at (the stream may be endless);
+    ``keras.callbacks.TerminateOnNaN`` guards the rest during training.
+    """
+    S, O = config.subfield_npix, config.output_npix
+
+    def check(x, y, what):
+        x, y = np.asarray(x), np.asarray(y)
+        for arr, name, shape in [(x, "inputs", (S, S, channels)),
+                                 (y, "targets", (O, O, 1))]:
+            if arr.ndim != 4 or arr.shape[1:] != shape:
+                # name the mismatch a user can act on: channels or grid
+                kind = ("channels" if arr.ndim == 4 and arr.shape[1:3]
+                        == shape[:2] else "grid")
+                raise ValueError(
+                    f"{what} {name} have shape {arr.shape}; the model takes "
+                    f"(N, {', '.join(map(str, shape))}) ({kind} differ: "
+                    f"was the dataset made for another variant or Config?)")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"{what} {name} contain NaN or infinite "
+                                 "values")
+        if len(x) != len(y):
+            raise ValueError(f"{what}: {len(x)} inputs but {len(y)} targets")
+        return len(x)
+
+    if len(val) != 2:
+        raise ValueError("val must be a pair (x_val, y_val)")
+    if check(*val, "validation") == 0:
+        raise ValueError("the validation set is empty")
+    n = int(train_ds.cardinality())
+    if 0 <= n < steps_needed:  # negative: infinite or unknown
+        raise ValueError(f"the training dataset holds {n} batches, a run "
+                         f"needs {steps_needed}: repeat it")
+    first = next(iter(train_ds.take(1)), None)
+    if first is None:
+        raise ValueError("the training dataset yields no batches")
+    if not isinstance(first, tuple) or len(first) != 2:
+        raise ValueError("training batches must be pairs (x, y)")
+    if check(*first, "training") != batch_size:
+        raise ValueError(f"training batches hold {len(first[0])} subfields, "
+                         f"the preset asks for {batch_size}")
+
+
+def _fingerprint(val):
+    """SHA-256 of the validation set: a resumed run must validate on the
+    same subfields, or its best-model choice would mix two yardsticks."""
+    h = hashlib.sha256()
+    for a in val:
+        a = np.ascontiguousarray(a, np.float32)
+        h.update(repr(a.shape).encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Files of a run
+# ---------------------------------------------------------------------------
+def run_path(out_dir, run_index):
+    """``out_dir/run_XX``."""
+    return Path(out_dir) / f"run_{run_index:02d}"
+
+
+def _readable(path):
+    """Give ``path`` the mode of a newly created file (``mkstemp`` makes
+    them private, 0600, and ``os.replace`` keeps that)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _atomic_write_text(path, text):
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        _readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _read_json(path):
+    return json.loads(Path(path).read_text()) if Path(path).exists() else None
+
+
+def read_history(path):
+    """Rows of a ``history.csv`` as dicts of floats (``epoch`` an int); []
+    if there is none."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):  # Keras writes "NA" for a gap
+            return float("nan")
+    return [{k: int(v) if k == "epoch" else num(v) for k, v in r.items()}
+            for r in rows]
+
+
+def _trim_history(path, first_epoch):
+    """Drop the rows of epochs >= ``first_epoch`` (logged after the last
+    backup, then lost with the interruption, and about to be redone)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if first_epoch == 0:  # even the header may be cut short: start afresh
+        path.unlink()
+        return
+    with open(path, newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit()
+                        and int(ln.split(",", 1)[0]) < first_epoch]
+    if len(keep) != len(lines):
+        _atomic_write_text(path, "".join(keep))
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _settings(config, preset, variant, run_index, seed, conv, mixed):
+    """What a run's results depend on; a re-invocation must match it.
+    ``n_runs`` is left out so that more runs can be added later."""
+    p = dataclasses.asdict(preset)
+    p.pop("n_runs")
+    return _jsonable(dict(preset=p, variant=variant, run_index=run_index,
+                          seed=seed, conv=resolve_conv(conv),
+                          mixed_precision=bool(mixed),
+                          config=dataclasses.asdict(config)))
+
+
+def _check_settings(run_dir, settings):
+    """The run's ``run.json`` if any, after checking it was started with
+    ``settings``."""
+    info = _read_json(Path(run_dir) / "run.json")
+    if info is not None and {k: info.get(k) for k in settings} != settings:
+        diff = sorted(k for k in settings if info.get(k) != settings[k])
+        raise ValueError(f"{run_dir} was started with other settings "
+                         f"({', '.join(diff)}); use another output directory")
+    return info
+
+
+def _median_finite(values):
+    v = [x for x in values if np.isfinite(x)]  # NaN: a one-step epoch
+    return float(np.median(v)) if v else None
+
+
+def _versions():
+    mods = ["numpy", "tensorflow", "keras"]
+    return dict(python=platform.python_version(),
+                wlcnn=getattr(sys.modules.get("wlcnn"), "__version__", None),
+                **{m: __import__(m).__version__ for m in mods})
+
+
+# ---------------------------------------------------------------------------
+# Callbacks
+# ---------------------------------------------------------------------------
+class _EpochTimer(keras.callbacks.Callback):
+    """Adds ``epoch_s`` (wall seconds, validation included) and
+    ``samples_per_s`` (training steps only) to the epoch logs, for the CSV
+    log, and stops training when the run's time budget would be exceeded.
+    Placed first, so that the callbacks after it log these keys."""
+
+    def __init__(self, batch_size, time_limit_s=None, prior_s=0.0):
+        super().__init__()
+        self.batch_size = batch_size
+        self.limit, self.spent = time_limit_s, prior_s
+        self.time_limited = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0, self.t_first, self.steps = time.perf_counter(), None, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        # timed from the end of the first step: the first step of a fit
+        # traces the training function (seconds), which is no throughput
+        t = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = t
+        else:
+            self.t_last, self.steps = t, self.steps + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["epoch_s"] = time.perf_counter() - self.t0
+        logs["samples_per_s"] = (self.steps * self.batch_size /
+                                 (self.t_last - self.t_first)
+                                 if self.steps else float("nan"))
+        self.spent += logs["epoch_s"]
+        # stop unless another epoch as long as this one fits the budget
+        if (self.limit is not None
+                and self.spent + logs["epoch_s"] > self.limit):
+            self.model.stop_training = self.time_limited = True
+
+
+class _History(keras.callbacks.CSVLogger):
+    """``CSVLogger(append=True)`` that, before appending, drops the rows of
+    epochs about to be redone.
+
+    The file is opened at the first epoch rather than at ``on_train_begin``:
+    by then ``BackupAndRestore`` has restored the model, and the first epoch
+    number is the one it restored. Rows past it were logged after the last
+    backup (or by an epoch interrupted after logging) and are redone now, so
+    the log keeps each epoch exactly once.
+    """
+
+    def __init__(self, filename):
+        super().__init__(filename, append=True)
+
+    def on_train_begin(self, logs=None):
+        self._opened = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._opened:
+            _trim_history(self.filename, epoch)
+            super().on_train_begin()
+            self._opened = True
+
+    def on_train_end(self, logs=None):
+        if self._opened:
+            super().on_train_end(logs)
+
+
+class _BestModel(keras.callbacks.Callback):
+    """``ModelCheckpoint(save_best_only=True, monitor="val_loss")`` that
+    survives interruptions: written atomically, committed with the epoch,
+    and continuing across a resume from the best ``val_loss`` logged.
+
+    ``ModelCheckpoint`` writes in place (an interruption mid-write leaves a
+    broken file), forgets its best value on resume, and would save Adam's
+    moments (3x the size) and a mixed-precision model's float16 layers.
+    Here an improved epoch is written (``save_model``: temporary file,
+    then ``os.replace``) from a float32 twin without optimizer state to
+    ``best.pending-EEEE.keras``; ``commit`` (called after the epoch's backup)
+    renames it to ``best.keras``. At the next start a pending file of a
+    backed-up epoch is committed, one of an epoch to be redone deleted, so
+    ``best.keras`` always belongs to an epoch of ``history.csv``.
+    """
+
+    def __init__(self, run_dir, twin):
+        super().__init__()
+        self.dir, self.twin = Path(run_dir), twin
+        self.best = None
+
+    def settle(self, first_epoch):
+        """Commit or drop pending files, knowing that the epochs before
+        ``first_epoch`` are backed up; take the best ``val_loss`` so far."""
+        for p in sorted(self.dir.glob("best.pending-*.keras")):
+            if int(p.name[len("best.pending-"):-len(".keras")]) < first_epoch:
+                os.replace(p, self.dir / "best.keras")
+            else:
+                p.unlink()
+        self.best = min((r["val_loss"] for r in
+                         read_history(self.dir / "history.csv")
+                         if r["epoch"] < first_epoch
+                         and np.isfinite(r["val_loss"])), default=np.inf)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.best is None:  # the first epoch of this fit
+            self.settle(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        v = logs.get("val_loss")
+        if v is not None and np.isfinite(v) and v < self.best:
+            self.best = float(v)
+            self.twin.set_weights(self.model.get_weights())
+            pending = self.dir / f"best.pending-{epoch:04d}.keras"
+            save_model(self.twin, pending)
+            _readable(pending)
+
+    def commit(self):
+        """A callback that commits the pending file at the end of an epoch
+        (place it after ``BackupAndRestore``)."""
+        def on_epoch_end(epoch, logs=None):
+            pending = self.dir / f"best.pending-{epoch:04d}.keras"
+            if pending.exists():
+                os.replace(pending, self.dir / "best.keras")
+        return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
+
+
+# ---------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------
+def _build(config, variant, conv, mixed):
+    """The model to train; with ``mixed``, in mixed_float16 except the FFT
+    layers (``tf.signal.rfft2d`` has no float16 kernel) and the output layer
+    (kappa and the loss stay float32)."""
+    model = build_model(config, variant, conv)
+    if not mixed:
+        return model
+    fft = (FFTConv2D, FFTConv2DTranspose)
+
+    def clone(layer):
+        cfg = layer.get_config()
+        if isinstance(layer, fft) or layer.name == "output":
+            cfg["dtype"] = "float32"
+        return layer.__class__.from_config(cfg)
+    return keras.models.clone_model(model, clone_function=clone)
+
+
+def default_strategy():
+    """``MirroredStrategy`` over all GPUs when there are several, else the
+    default (one device)."""
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def train(train_ds, val, out_dir, config=PAPER, preset="paper",
+          variant="FocalLoss", run_index=0, seed=0, conv="auto",
+          mixed_precision=False, strategy=None, verbose=1, callbacks=()):
+    """Train one run (§2.3.2), resuming it if it was interrupted.
+
+    Parameters
+    ----------
+    train_ds : tf.data.Dataset
+        Endless stream of batches (x (B, S, S, C), y (B, O, O, 1)), float32:
+        gridded (eps1, eps2, delta eps[, n]) subfields and their kappa at
+        output resolution; S = ``config.subfield_npix``, O =
+        ``config.output_npix``, B = the preset's ``batch_size``.
+    val : (ndarray, ndarray)
+        Fixed validation set, x (N, S, S, C) and y (N, O, O, 1). It must be
+        the same on every re-invocation of the run.
+    out_dir : str or os.PathLike
+        The run is written to ``out_dir/run_XX`` (XX = ``run_index``).
+    config : Config
+        Grid and network fields; the preset's training fields replace its
+        own.
+    preset : TrainPreset or str
+    variant : str
+        A key of ``VARIANTS``.
+    run_index : int
+    seed : int
+        Weights are initialised with seed + run_index
+        (``keras.utils.set_random_seed``): runs differ, reproducibly.
+    conv : {"auto", "fft", "direct"}
+    mixed_precision : bool
+        Train in mixed_float16 (loss scaling by Keras); the FFT and output
+        layers stay float32. Pays off on GPUs with conv="direct".
+    strategy : tf.distribute.Strategy, optional
+        Default: ``default_strategy()``.
+    verbose : int
+        Keras's progress bar: 0 silent, 1 a bar, 2 a line an epoch.
+    callbacks : sequence of keras.callbacks.Callback
+        Extra callbacks, called before the backup of each epoch.
+
+    Returns
+    -------
+    dict
+        The content of ``run.json``: settings, ``epochs_done``,
+        ``best_epoch`` (0-based), ``best_val_loss`` (of ``best.keras``
+        re-read and re-evaluated), ``samples_per_s`` (median over epochs),
+        ``wall_s`` (summed over resumptions), ``stopped`` ("epochs" or
+        "time_limit"), versions. A complete run is returned as it is.
+
+    Raises
+    ------
+    ValueError
+        Data that do not fit the model or are not finite, an empty or short
+        dataset, or a run directory started with other settings.
+    FloatingPointError
+        The training loss became NaN or infinite; the run stays resumable
+        from its last finished epoch.
+
+    Notes
+    -----
+    Resume. ``keras.callbacks.BackupAndRestore`` (``run_XX/backup``) saves
+    weights, optimizer state and the number of finished epochs at the end of
+    every epoch, and at the start of ``fit`` restores them and makes ``fit``
+    start at the next epoch. An epoch counts as finished once backed up:
+    before the backup the epoch is logged (``history.csv``) and, if its
+    validation loss is the lowest, saved as a pending best model; after it,
+    the pending model is committed to ``best.keras``. On resume, log rows
+    and pending models of epochs after the backup are dropped (their epochs
+    are redone), so that the log holds each epoch once and ``best.keras``
+    the best epoch of the log. Finished runs are recognised by ``run.json``
+    and returned without training. The data stream restarts where the caller
+    built it (``train_runs`` seeds it by the epochs already done), so a
+    resumed run is not bit-identical to an uninterrupted one.
+    """
+    preset = get_preset(preset)
+    config = preset.apply(config)
+    channels = VARIANTS[variant]["channels"] if variant in VARIANTS else None
+    if channels is None:
+        raise ValueError(f"unknown variant {variant!r}; one of "
+                         f"{list(VARIANTS)}")
+    run_dir = run_path(out_dir, run_index)
+    settings = _settings(config, preset, variant, run_index, seed, conv,
+                         mixed_precision)
+    info = _check_settings(run_dir, settings)
+    if info is not None and info.get("status") == "complete":
+        return info
+    check_data(train_ds, val, config, channels, preset.batch_size,
+               preset.steps_per_epoch * preset.epochs)
+    val_sha = _fingerprint(val)
+    if info is not None and info.get("val_sha256") != val_sha:
+        raise ValueError(f"{run_dir} was validated on another validation "
+                         "set; use another output directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(run_dir / "run.json", json.dumps(
+        dict(settings, status="running", val_sha256=val_sha), indent=1))
+
+    keras.utils.set_random_seed(seed + run_index)
+    strategy = strategy or default_strategy()
+    policy = keras.mixed_precision.global_policy()
+    try:
+        if mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        with strategy.scope():
+            model = compile_model(
+                _build(config, variant, conv, mixed_precision), config,
+                variant)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    twin = build_model(config, variant, conv)  # float32, what is saved
+
+    history, best = run_dir / "history.csv", run_dir / "best.keras"
+    prior = read_history(history)
+    checkpoint = _BestModel(run_dir, twin)
+    timer = _EpochTimer(preset.batch_size, preset.time_limit_s,
+                        sum(r["epoch_s"] for r in prior))
+    cbs = [timer,
+           # raise at the bad batch: no NaN epoch reaches the backup
+           keras.callbacks.TerminateOnNaN(raise_error=True),
+           _History(history), checkpoint, *callbacks,
+           # An epoch is done once backed up: the log and the best model
+           # are written before, the best model committed after. Two
+           # generations, as Keras writes in place: a broken latest file
+           # falls back to the previous epoch's.
+           keras.callbacks.BackupAndRestore(run_dir / "backup",
+                                            double_checkpoint=True,
+                                            delete_checkpoint=False),
+           checkpoint.commit()]
+    if verbose and (run_dir / "backup").exists():
+        print(f"{run_dir.name}: resuming from its last finished epoch")
+    t0 = time.perf_counter()
+    try:
+        model.fit(train_ds, epochs=preset.epochs,
+                  steps_per_epoch=preset.steps_per_epoch,
+                  validation_data=tuple(val),
+                  validation_batch_size=preset.batch_size, shuffle=False,
+                  callbacks=cbs, verbose=verbose)
+    except RuntimeError as err:
+        if "NaN or Inf loss" not in str(err):
+            raise
+        raise FloatingPointError(
+            f"{run_dir.name}: the training loss became NaN or infinite "
+            f"({err}); its last finished epoch stays in {run_dir / 'backup'}"
+            ": lower the learning rate or check the data") from err
+
+    rows = read_history(history)
+    checkpoint.settle(len(rows))  # a fit that ran no epoch left it pending
+    if len(rows) < preset.epochs and not timer.time_limited:
+        raise ValueError(f"{run_dir.name}: the training dataset ran out "
+                         f"after {len(rows)} epochs; it must be endless")
+    if not best.exists():
+        raise ValueError(f"{run_dir.name}: no finite validation loss, no "
+                         "model saved")
+    # The number reported is that of the file, re-read: it also proves
+    # that best.keras loads.
+    x_val, y_val = val
+    pred = load_model(best, compile=False).predict(
+        x_val, batch_size=preset.batch_size, verbose=0)
+    best_val = float(make_loss(config, variant)(y_val, pred))
+    vl = [r["val_loss"] for r in rows]
+    info = dict(settings, status="complete", val_sha256=val_sha,
+                epochs_done=len(rows), epochs_planned=preset.epochs,
+                stopped="time_limit" if timer.time_limited else "epochs",
+                best_epoch=int(np.nanargmin(vl)), best_val_loss=best_val,
+                samples_per_s=_median_finite([r["samples_per_s"]
+                                              for r in rows]),
+                wall_s=float(sum(r["epoch_s"] for r in rows)),
+                wall_s_this_call=time.perf_counter() - t0,
+                replicas=strategy.num_replicas_in_sync,
+                devices=[d.name for d in
+                         tf.config.list_logical_devices("GPU")] or ["CPU"],
+                versions=_versions())
+    _atomic_write_text(run_dir / "run.json", json.dumps(info, indent=1))
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    return info
+
+
+# ---------------------------------------------------------------------------
+# Several runs, from a dataset directory, and loading them back
+# ---------------------------------------------------------------------------
+def data_seed(seed, run_index, epochs_done):
+    """Seed of a run's data stream: differs between runs and between
+    resumptions (a resumed run draws new subfields rather than replaying
+    those of its first epochs)."""
+    return int(np.random.SeedSequence(
+        [seed, run_index, epochs_done]).generate_state(1)[0])
+
+
+def train_runs(data_fn, out_dir, config=PAPER, preset="paper",
+               variant="FocalLoss", seed=0, runs=None, **kwargs):
+    """Train runs 0..K-1 (§2.3.2: "10 independent runs"), skipping complete
+    ones and resuming an interrupted one.
+
+    Parameters
+    ----------
+    data_fn : callable
+        ``data_fn(seed) -> (train_ds, (x_val, y_val))`` as ``train`` takes
+        them; the validation set must not depend on ``seed``.
+    out_dir : str or os.PathLike
+    config, preset, variant, seed
+        As for ``train``.
+    runs : int, optional
+        K; default the preset's ``n_runs``.
+    **kwargs
+        Passed to ``train`` (conv, mixed_precision, strategy, verbose, ...).
+
+    Returns
+    -------
+    list of dict
+        The ``run.json`` of each run.
+    """
+    preset = get_preset(preset)
+    runs = preset.n_runs if runs is None else int(runs)
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    results = []
+    for i in range(runs):
+        settings = _settings(preset.apply(config), preset, variant, i, seed,
+                             kwargs.get("conv", "auto"),
+                             kwargs.get("mixed_precision", False))
+        info = _check_settings(run_path(out_dir, i), settings)
+        if info is not None and info.get("status") == "complete":
+            if kwargs.get("verbose", 1):
+                print(f"run_{i:02d}: complete, skipped")
+            results.append(info)
+            continue
+        done = len(read_history(run_path(out_dir, i) / "history.csv"))
+        # tf.data's random ops draw on the global seed when they are built
+        keras.utils.set_random_seed(seed + i)
+        train_ds, val = data_fn(data_seed(seed, i, done))
+        results.append(train(train_ds, val, out_dir, config, preset, variant,
+                             i, seed, **kwargs))
+    return results
+
+
+def train_from_directory(data_dir, out_dir, preset="quick",
+                         variant="FocalLoss", runs=None, seed=0, *,
+                         config=PAPER, data_fn=None, fresh_catalogs=False, **kwargs):
+    """``python -m wlcnn train``: train K runs on a dataset directory.
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike
+        A dataset with a ``manifest.json`` (keys ``config``: the Config
+        fields it was made with, and ``channels`` if it limits them).
+    out_dir, preset, variant, runs, seed
+        As for ``train_runs``.
+    config : Config
+        Base configuration; the manifest's fields replace its own.
+    data_fn : callable, optional
+        ``data_fn(data_dir, config, batch_size, seed, channels=, n_val=)
+        -> (train_ds, (x_val, y_val))``; default :func:`training_data`.
+    fresh_catalogs : bool
+        With the default data: draw a new source catalog at every cluster
+        visit (see :func:`cluster_grid`).
+
+    Returns
+    -------
+    list of dict
+        The ``run.json`` of each run.
+    """
+    preset = get_preset(preset)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of "
+                         f"{list(VARIANTS)}")
+    manifest = _read_json(Path(data_dir) / "manifest.json")
+    if manifest is None:
+        raise ValueError(f"{data_dir}: no manifest.json, not a dataset")
+    fields = {k: tuple(v) if isinstance(v, list) else v  # JSON made them lists
+              for k, v in manifest.get("config", {}).items()}
+    try:
+        config = dataclasses.replace(config, **fields)
+    except TypeError as err:
+        raise ValueError(f"{data_dir}: manifest config does not fit this "
+                         f"Config ({err})") from None
+    channels = VARIANTS[variant]["channels"]
+    if manifest.get("channels", channels) < channels:
+        raise ValueError(f"{data_dir} holds {manifest['channels']} input "
+                         f"channels; variant {variant} needs {channels}")
+    if data_fn is None:
+        def data_fn(data_dir, config, batch_size, seed, channels, n_val):
+            return training_data(data_dir, batch_size, seed, channels=channels, n_val=n_val,
+                                 fresh_catalogs=fresh_catalogs, config=config)
+
+    def make(s):
+        return data_fn(data_dir, config, preset.batch_size, s,
+                       channels=channels, n_val=preset.n_val)
+    return train_runs(make, out_dir, config, preset, variant, seed, runs,
+                      **kwargs)
+
+
+def load_runs(path):
+    """The trained models of a run directory, for prediction.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.keras`` file; a directory holding ``.keras`` files (e.g. a
+        shipped model); or a ``train`` output directory, whose complete runs
+        ``run_XX/best.keras`` are loaded.
+
+    Returns
+    -------
+    list of keras.Model
+        In file-name order; ``model_info`` gives each one's description.
+
+    Raises
+    ------
+    ValueError
+        No model found, or a file that is not a wlcnn model of this format
+        version (from ``load_model``).
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.keras"))
+    if not files:
+        runs = sorted(path.glob("run_*"))
+        files = [d / "best.keras" for d in runs if (_read_json(
+            d / "run.json") or {}).get("status") == "complete"]
+        if len(files) < len(runs):
+            warnings.warn(f"{path}: {len(runs) - len(files)} unfinished "
+                          "run(s) left out")
+    if not files:
+        raise ValueError(f"{path}: no .keras model and no complete run")
+    return [load_model(f, compile=False) for f in files]
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 def _cmd_config(args):
@@ -3719,6 +4471,16 @@ def _cmd_ingest(args):
     return 0
 
 
+def _cmd_train(args):
+    """Train K runs of the CNN on a dataset (§2.3.2)."""
+    infos = train_from_directory(args.data, args.out, args.preset, args.variant, args.runs, args.seed,
+                                 fresh_catalogs=args.fresh_catalogs, conv=args.conv,
+                                 mixed_precision=args.mixed_precision)
+    for i, info in enumerate(infos):
+        print(f"run_{i:02d}: best val_loss {info.get('best_val_loss')}, {info.get('epochs_done')} epochs")
+    return 0
+
+
 def build_parser():
     """The ``python -m wlcnn`` / ``wlcnn`` argument parser."""
     parser = argparse.ArgumentParser(prog="wlcnn", description=__doc__.splitlines()[0])
@@ -3754,6 +4516,20 @@ def build_parser():
     p.add_argument("--threshold-sigma", type=float, default=4.0, help="detection threshold")
     p.add_argument("--min-separation-arcmin", type=float, default=4.0)
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("train", help="train the CNN on a dataset (§2.3.2); resumes where it stopped")
+    p.add_argument("--data", required=True, help="dataset directory (simulate / ingest)")
+    p.add_argument("--out", required=True, help="run directory: run_XX/best.keras, history.csv, run.json")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                   help="quick: this 2-core CPU in 30 min; paper: §2.3.2 as published")
+    p.add_argument("--variant", default="FocalLoss", choices=list(VARIANTS), help="Appendix A variant")
+    p.add_argument("--runs", type=int, default=None, help="independent runs (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh-catalogs", action="store_true",
+                   help="a new source catalog at every cluster visit (beyond the paper)")
+    p.add_argument("--conv", default="auto", choices=["auto", "fft", "direct"])
+    p.add_argument("--mixed-precision", action="store_true")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 
