@@ -22,11 +22,13 @@ along x, ``g2 > 0`` along the line x = y.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -39,6 +41,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import astropy
 import numpy as np
 import scipy.fft
 import scipy.ndimage
@@ -2357,7 +2360,6 @@ CATALOG_COLUMNS = ("x", "y", "mag", "sigma", "e1", "e2")
 
 def _data_config(config):
     """The data-defining part of a Config, as JSON would write it."""
-    import json
     return json.loads(json.dumps({k: getattr(config, k) for k in DATA_FIELDS}))
 
 
@@ -2428,7 +2430,6 @@ def make_cluster(field, config, rng, masks=False):
 
 def _pack_shard(clusters):
     """Arrays of a shard: maps stacked (float32), catalogs and masks ragged."""
-    import json
     out = {k: np.stack([c[k] for c in clusters]).astype(np.float32) for k in ("kappa", "gamma1", "gamma2")}
     for prefix, key, cols in (("cat", "catalog", CATALOG_COLUMNS), ("mask", "masks", ("x", "y", "radius"))):
         lengths = [len(c[key]) for c in clusters]
@@ -2443,7 +2444,6 @@ def _pack_shard(clusters):
 
 def _atomic_write(path, write):
     """Call ``write(tmp_path)`` then rename: a file is complete or absent."""
-    import os
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
@@ -2454,7 +2454,6 @@ def _atomic_write(path, write):
 
 
 def _sha256(path):
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -2478,10 +2477,8 @@ def _shard_name(split, k):
 
 def _write_one_shard(task):
     """Make and write one shard (a worker's unit of work); returns its sidecar."""
-    import json
-    import pathlib
     out_dir, split, k, first, n, config, seed, masks, field_fn = task
-    path = pathlib.Path(out_dir) / _shard_name(split, k)
+    path = Path(out_dir) / _shard_name(split, k)
     clusters = []
     for i in range(first, first + n):
         rng = cluster_rng(seed, split, i)
@@ -2495,15 +2492,13 @@ def _write_one_shard(task):
 
     _atomic_write(path, write)
     side = {"file": _shard_name(split, k), "split": split, "first": first, "n": n, "sha256": _sha256(path)}
-    _atomic_write(f"{path}.json", lambda tmp: pathlib.Path(tmp).write_text(json.dumps(side)))
+    _atomic_write(f"{path}.json", lambda tmp: Path(tmp).write_text(json.dumps(side)))
     return side
 
 
 def _shard_done(out_dir, split, k):
-    import json
-    import pathlib
-    side = pathlib.Path(out_dir) / (_shard_name(split, k) + ".json")
-    shard = pathlib.Path(out_dir) / _shard_name(split, k)
+    side = Path(out_dir) / (_shard_name(split, k) + ".json")
+    shard = Path(out_dir) / _shard_name(split, k)
     if not (side.exists() and shard.exists()):
         return None
     info = json.loads(side.read_text())
@@ -2514,12 +2509,10 @@ class _Progress:
     """A one-line progress bar on stderr (items done, rate, time left)."""
 
     def __init__(self, total, label, stream=None):
-        import time
         self.total, self.label, self.done, self.t0 = total, label, 0, time.time()
         self.stream = sys.stderr if stream is None else stream
 
     def update(self, k=1):
-        import time
         self.done += k
         elapsed = time.time() - self.t0
         left = elapsed / max(self.done, 1) * (self.total - self.done)
@@ -2589,8 +2582,6 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
     matches and redoes the rest, so an interrupted run resumes without losing
     or half-writing anything.
     """
-    import json
-    import pathlib
     field_fn = _simulated_field if field_fn is None else field_fn
     for split, n in counts.items():
         _check_split(split)
@@ -2598,7 +2589,7 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
             raise ValueError(f"negative count for split {split!r}")
     if shard_size < 1 or workers < 1:
         raise ValueError("shard_size and workers must be positive")
-    out = pathlib.Path(out_dir)
+    out = Path(out_dir)
     plan = _shard_plan(counts, shard_size)
     if not plan:
         raise ValueError("no clusters requested: every split count is zero")
@@ -2621,19 +2612,18 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
             _write_one_shard(t)
             bar and bar.update()
     else:
-        import concurrent.futures
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        # "spawn": forking a process that has imported TensorFlow can deadlock.
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             for _ in pool.map(_write_one_shard, tasks):
                 bar and bar.update()
     sides = [_shard_done(out, s, k) for s, k, _, _ in plan]
     if any(side is None for side in sides):
         return None
-    import astropy
-    import scipy
     manifest = dict(header, shards={s: [d for d in sides if d["split"] == s] for s in SPLITS},
                     packages={"wlcnn": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
                               "astropy": astropy.__version__})
-    _atomic_write(manifest_path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    _atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     return manifest
 
 
@@ -2653,9 +2643,7 @@ class ClusterDataset:
     """
 
     def __init__(self, path, config=None, verify=True):
-        import json
-        import pathlib
-        self.path = pathlib.Path(path)
+        self.path = Path(path)
         mpath = self.path / "manifest.json"
         if not mpath.exists():
             raise ValueError(f"{self.path} is not a complete wlcnn dataset (no manifest.json)")
@@ -2681,7 +2669,6 @@ class ClusterDataset:
 
     def load_shard(self, split, k):
         """All arrays of shard ``k`` of ``split`` (dict of numpy arrays)."""
-        import zipfile
         entry = self.shards(split)[k]
         path = self.path / entry["file"]
         if not path.exists():
@@ -2703,7 +2690,6 @@ class ClusterDataset:
 
 def unpack_shard(arrays):
     """The cluster records (dicts as :func:`make_cluster`) of a loaded shard."""
-    import json
     co, mo = arrays["cat_offsets"], arrays["mask_offsets"]
     for i in range(len(arrays["kappa"])):
         cat = Table({c: arrays[f"cat_{c}"][co[i]:co[i + 1]].astype(np.float64) for c in CATALOG_COLUMNS})
@@ -3096,7 +3082,6 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
     val : (numpy.ndarray, numpy.ndarray)
         :func:`fixed_subfields` of ``val_split``.
     """
-    import tensorflow as tf
     ds = data_dir if isinstance(data_dir, ClusterDataset) else ClusterDataset(data_dir, config)
     _check_split(split)
     n_shards = len(ds.shards(split))
@@ -4433,7 +4418,6 @@ def load_runs(path):
 # ---------------------------------------------------------------------------
 def _cmd_config(args):
     """Print the paper's numbers (the Config defaults) as JSON."""
-    import json
     cfg = PAPER
     print(json.dumps({**dataclasses.asdict(cfg), "pixel_arcsec": cfg.pixel_arcsec}, indent=2))
     return 0
