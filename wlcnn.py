@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -40,6 +41,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import astropy
 import numpy as np
@@ -4414,6 +4416,1743 @@ def load_runs(path):
 
 
 # ---------------------------------------------------------------------------
+# §3 Mosaics: every subfield's prediction on the full-field output grid
+# ---------------------------------------------------------------------------
+#: The orientation that undoes each of :data:`ORIENTATIONS`: a rotation is
+#: undone by the opposite rotation (90° ↔ 270°), a mirror by itself.
+INVERSE_ORIENTATION = {"rot0": "rot0", "rot90": "rot270", "rot180": "rot180", "rot270": "rot90",
+                       "flip_x": "flip_x", "flip_y": "flip_y"}
+
+#: Subfields predicted at once unless told otherwise.  On the 2-core CPU the
+#: Table 1 model took 0.082 s a subfield one at a time, 0.027 at 8, 0.024 at 16
+#: and 0.022 at 32 (examples/bench_inference.py); 16 wastes less on the
+#: zero-padded last batch of a 100-subfield mosaic.
+MOSAIC_BATCH = 16
+
+
+def mosaic_offsets(config=PAPER, stride=None):
+    """Offset indices m (one axis) of the subfields a mosaic averages.
+
+    Parameters
+    ----------
+    config : Config
+    stride : int, optional
+        Step between subfield origins in input pixels, a multiple of
+        ``config.offset_step`` (3).  Default: ``offset_step``, the paper's set
+        (§2.3.2: all 38 per axis, 1,444 in all); 12 gives 10 per axis (100).
+
+    Returns
+    -------
+    numpy.ndarray of int
+        m = 0, s, 2s, ... < n_offsets with s = stride / offset_step; the
+        subfield starts at input pixel o = offset_step · m.
+    """
+    step = config.offset_step
+    stride = step if stride is None else int(stride)
+    if stride < step or stride % step:
+        raise ValueError(f"stride must be a positive multiple of {step} input pixels, got {stride}")
+    return np.arange(0, config.n_offsets, stride // step)
+
+
+def mosaic_orientations(orientations=6):
+    """The orientations a mosaic averages.
+
+    Parameters
+    ----------
+    orientations : int, str or sequence of str
+        1: ``("rot0",)``, the catalog as observed; 6: all of
+        :data:`ORIENTATIONS` (the paper, §2.3.2); or names from it.
+
+    Returns
+    -------
+    tuple of str
+    """
+    if isinstance(orientations, (int, np.integer)) and not isinstance(orientations, bool):
+        if orientations == 1:
+            return ("rot0",)
+        if orientations == len(ORIENTATIONS):
+            return ORIENTATIONS
+        raise ValueError(f"orientations must be 1 or {len(ORIENTATIONS)} (or names), got {orientations}")
+    names = (orientations,) if isinstance(orientations, str) else tuple(orientations)
+    bad = [t for t in names if t not in ORIENTATIONS]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(f"orientations must be distinct names from {ORIENTATIONS}, got {names}")
+    return names
+
+
+def _check_border(border_pix, config):
+    border = config.loss_border_pix if border_pix is None else int(border_pix)
+    if not 0 <= border < config.output_npix // 2:
+        raise ValueError(f"border_pix must be in [0, {config.output_npix // 2}), got {border}")
+    return border
+
+
+def mosaic_coverage(config=PAPER, stride=None, border_pix=None):
+    """How many subfields of one orientation predict each mosaic pixel.
+
+    Parameters
+    ----------
+    config : Config
+    stride : int, optional
+        As :func:`mosaic_offsets`.
+    border_pix : int, optional
+        Output pixels left out on each side of every prediction; default
+        ``config.loss_border_pix`` (see :func:`predict_mosaic`).
+
+    Returns
+    -------
+    numpy.ndarray of int, shape (mosaic_npix, mosaic_npix)
+        Zero where no subfield reaches.  With the paper's offsets and a
+        14-pixel border the covered square is mosaic pixels [14, 151) on each
+        axis, 137 pixels = 26.3′ (the paper shows "the central 26.6′", Fig. 2).
+    """
+    border = _check_border(border_pix, config)
+    n = config.mosaic_npix
+    line = np.zeros(n, dtype=np.int64)
+    for m in mosaic_offsets(config, stride):
+        line[m + border:m + config.output_npix - border] += 1
+    return np.outer(line, line)
+
+
+def _predictor(predict_fn, batch_size):
+    """A callable (B, n, n, C) -> (B, N, N[, 1]) from a Keras model or a callable.
+
+    A Keras model is run with ``predict_on_batch`` (its compiled predict
+    function) on batches zero-padded to ``batch_size``, so that the last,
+    shorter batch does not trace the graph a second time.
+    """
+    if isinstance(predict_fn, keras.Model):
+        model = predict_fn
+
+        def run(x):
+            b = len(x)
+            if b < batch_size:
+                x = np.concatenate([x, np.zeros((batch_size - b,) + x.shape[1:], x.dtype)])
+            return np.asarray(model.predict_on_batch(x))[:b]
+        return run
+    if not callable(predict_fn):
+        raise TypeError("predict_fn must be a keras.Model or a callable on batches of subfields")
+    return predict_fn
+
+
+def _model_channels(predict_fn, channels):
+    if channels is not None:
+        return int(channels)
+    if isinstance(predict_fn, keras.Model):
+        return int(predict_fn.input_shape[-1])
+    return 3
+
+
+def predict_mosaic(predict_fn, grid, config=PAPER, stride=None, orientations=6, channels=None,
+                   batch_size=MOSAIC_BATCH, border_pix=None):
+    """Average the predictions of every (offset, orientation) subfield on the mosaic grid.
+
+    Parameters
+    ----------
+    predict_fn : keras.Model or callable
+        Maps a batch of subfields, float32 (B, 386, 386, C), to κ (B, 128, 128,
+        1) or (B, 128, 128).
+    grid : array_like, shape (≥C, npix, npix)
+        Gridded catalog (ε̄1, ε̄2, Δε, n) from :func:`grid_catalog`.
+    config : Config
+    stride : int, optional
+        Offset step in input pixels, a multiple of 3 (:func:`mosaic_offsets`).
+        Default 3: the paper's 1,444 offsets; 12 gives 100.
+    orientations : int, str or sequence of str
+        1 (as observed), 6 (the paper's set) or names (:func:`mosaic_orientations`).
+    channels : int, optional
+        Input channels, 3 or 4 (4Channel).  Default: the model's, else 3.
+    batch_size : int
+        Subfields per call of ``predict_fn``.
+    border_pix : int, optional
+        Output pixels left out on each side of every prediction.  Default
+        ``config.loss_border_pix`` (14): training never scored them, "the
+        convergence estimates near the field boundary can easily be
+        influenced by the nonvanishing filter size" (§2.3.2).  0 averages
+        every pixel.
+
+    Returns
+    -------
+    mean : numpy.ndarray, float64, shape (mosaic_npix, mosaic_npix)
+        Mean κ over the contributions to each mosaic pixel; NaN where none.
+    count : numpy.ndarray, int, shape (mosaic_npix, mosaic_npix)
+        Number of contributions (:func:`mosaic_coverage` × orientations).
+
+    Notes
+    -----
+    §3: "one mosaic convergence image for each cluster by taking average of
+    the multiple mass maps".  Output pixel k of the subfield at offset index m
+    lands on mosaic pixel m + k (DESIGN.md "Grids"), after the orientation the
+    input was given is undone (:data:`INVERSE_ORIENTATION`).  The paper's
+    mosaic is 1,444 × 6 = 8,664 predictions; the mean has no less noise than
+    one prediction would, since all come from one catalog (§3, footnote 2).
+    """
+    means, count = _mosaics([predict_fn], grid, config, stride, orientations, channels, batch_size, border_pix)
+    return means[0], count
+
+
+def _mosaics(predict_fns, grid, config, stride, orientations, channels, batch_size, border_pix):
+    """Mosaics of several predictors from one pass over the subfields (each crop is cut once)."""
+    offsets = mosaic_offsets(config, stride)
+    orients = mosaic_orientations(orientations)
+    border = _check_border(border_pix, config)
+    channels = _model_channels(predict_fns[0], channels)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    grid = np.asarray(grid)
+    if grid.ndim != 3 or grid.shape[0] < channels or grid.shape[1:] != (config.npix, config.npix):
+        raise ValueError(f"grid must have shape (>={channels}, {config.npix}, {config.npix}), "
+                         f"got {grid.shape}")
+    runs = [_predictor(fn, batch_size) for fn in predict_fns]
+    o, n = config.output_npix, config.mosaic_npix
+    keep = slice(border, o - border)
+    total = np.zeros((len(runs), n, n))
+    count = np.zeros((n, n), dtype=np.int64)
+    tasks = [(my, mx, t) for t in orients for my in offsets for mx in offsets]
+    for start in range(0, len(tasks), batch_size):
+        chunk = tasks[start:start + batch_size]
+        x = np.stack([subfield(grid, None, my, mx, t, config, channels)[0] for my, mx, t in chunk])
+        for r, run in enumerate(runs):
+            y = np.asarray(run(x), dtype=np.float64)
+            if y.shape[:3] != (len(chunk), o, o) or y.ndim not in (3, 4):
+                raise ValueError(f"predict_fn returned shape {y.shape} for {len(chunk)} subfields; "
+                                 f"expected ({len(chunk)}, {o}, {o}, 1)")
+            for (my, mx, t), pred in zip(chunk, y.reshape(len(chunk), o, o)):
+                window = (slice(my + border, my + o - border), slice(mx + border, mx + o - border))
+                total[r][window] += orient_map(pred, INVERSE_ORIENTATION[t])[keep, keep]
+        for my, mx, _ in chunk:
+            count[my + border:my + o - border, mx + border:mx + o - border] += 1
+    has = count > 0
+    means = np.full(total.shape, np.nan)
+    means[:, has] = total[:, has] / count[has]
+    return means, count
+
+
+class MosaicRuns(NamedTuple):
+    """Mosaics of K independent training runs (:func:`predict_mosaic_runs`)."""
+    mean: np.ndarray   #: (mosaic_npix, mosaic_npix), mean over runs: the estimate
+    std: np.ndarray    #: (mosaic_npix, mosaic_npix), sample std over runs (ddof=1): its error
+    count: np.ndarray  #: (mosaic_npix, mosaic_npix), contributions per run
+    runs: np.ndarray   #: (K, mosaic_npix, mosaic_npix), each run's mosaic
+
+
+def predict_mosaic_runs(models, grid, config=PAPER, **kwargs):
+    """Mosaics of K runs, their mean and standard deviation (§2.3.2).
+
+    Parameters
+    ----------
+    models : sequence of keras.Model or callable
+        The K independently trained runs (the paper: 10).
+    grid : array_like, shape (≥C, npix, npix)
+    config : Config
+    **kwargs
+        stride, orientations, channels, batch_size, border_pix, as
+        :func:`predict_mosaic`.  Each subfield is cut once and given to every
+        run.
+
+    Returns
+    -------
+    MosaicRuns
+        ``std`` is the sample standard deviation (ddof = 1); with one run it
+        is 0 wherever the mosaic is covered (one run shows no spread).
+
+    Notes
+    -----
+    §2.3.2: "the standard deviations from the 10 runs are used as error
+    estimates"; Fig. 11 shows such a mean and standard deviation.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("no models")
+    kw = dict(stride=None, orientations=6, channels=None, batch_size=MOSAIC_BATCH, border_pix=None)
+    unknown = set(kwargs) - set(kw)
+    if unknown:
+        raise TypeError(f"unknown arguments {sorted(unknown)}")
+    kw.update(kwargs)
+    runs, count = _mosaics(models, grid, config, **kw)
+    std = runs.std(axis=0, ddof=1) if len(runs) > 1 else np.where(np.isnan(runs[0]), np.nan, 0.0)
+    return MosaicRuns(runs.mean(axis=0), std, count, runs)
+
+
+# ---------------------------------------------------------------------------
+# §3 Baselines on the same gridded catalogs: KS93, Wiener, Seitz & Schneider
+# ---------------------------------------------------------------------------
+#: FWHMs (arcmin) offered to the validation choice of the KS93 smoothing.
+KS93_FWHM_GRID = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+
+
+def smooth_map(kappa, fwhm_arcmin, config=PAPER):
+    """Gaussian smoothing of an input-resolution map.
+
+    Parameters
+    ----------
+    kappa : array_like, shape (npix, npix)
+    fwhm_arcmin : float
+        FWHM of the Gaussian in arcmin; 0 returns the map unchanged.
+    config : Config
+        ``pixel_arcsec`` converts the FWHM to pixels.
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (npix, npix)
+
+    Notes
+    -----
+    Mirror boundary (``mode="reflect"``): near the field edge the kernel
+    averages the map with its own reflection instead of with zeros, so the
+    edge is not diluted towards κ = 0.
+    """
+    if fwhm_arcmin < 0:
+        raise ValueError(f"fwhm_arcmin must be >= 0, got {fwhm_arcmin}")
+    kappa = np.asarray(kappa, dtype=np.float64)
+    if fwhm_arcmin == 0:
+        return kappa
+    sigma_pix = fwhm_arcmin * 60.0 / config.pixel_arcsec / FWHM_PER_SIGMA
+    return scipy.ndimage.gaussian_filter(kappa, sigma_pix, mode="reflect")
+
+
+def ks93_mosaic(grid, config=PAPER, fwhm_arcmin=0.0):
+    """KS93 of the gridded catalog, smoothed and block-averaged onto the mosaic grid.
+
+    Parameters
+    ----------
+    grid : array_like, shape (≥2, npix, npix)
+        Gridded catalog; channels 0 and 1 are ε̄1, ε̄2 (the reduced-shear
+        estimate the network sees).
+    config : Config
+    fwhm_arcmin : float
+        Gaussian smoothing FWHM (0: none).  The paper does not give its KS93
+        smoothing; choose it on the validation set with
+        :func:`choose_ks93_smoothing`.
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (mosaic_npix, mosaic_npix)
+
+    Notes
+    -----
+    Eq. 10 with zero padding (:func:`ks93`), then :func:`smooth_map`, then
+    the 3 × 3 block mean of :func:`mosaic_truth`, so that KS93, the truth and
+    the CNN share the mosaic's pixels (DESIGN.md "Evaluation").  The k = 0
+    mode is zero (mass-sheet degeneracy).
+    """
+    grid = np.asarray(grid)
+    return mosaic_truth(smooth_map(ks93(grid[0], grid[1]), fwhm_arcmin, config), config)
+
+
+def _wavenumber(shape):
+    """|k| in cycles per input pixel on the rfft2 grid of ``shape``."""
+    k2 = scipy.fft.fftfreq(shape[0])[:, None]
+    k1 = scipy.fft.rfftfreq(shape[1])[None, :]
+    return np.sqrt(k1**2 + k2**2)
+
+
+def _emode_spectrum(g1, g2, shape):
+    """Fourier transform of the KS93 E mode of (g1, g2) zero-padded to ``shape`` (eq. 10)."""
+    c, s = _ks_kernel(shape)
+    return c * scipy.fft.rfft2(g1, s=shape) + s * scipy.fft.rfft2(g2, s=shape)
+
+
+@dataclass
+class WienerFilter:
+    """Isotropic Wiener filter W(k) = S(k) / (S(k) + N(k)) of the KS93 E mode.
+
+    Attributes
+    ----------
+    k : numpy.ndarray, shape (n_bins,)
+        Bin centres of |k| in cycles per input pixel.
+    signal_power, noise_power : numpy.ndarray, shape (n_bins,)
+        Mean |FFT|² of the truth κ and of the E mode of pure noise in each
+        annulus, on the padded FFT grid of ``shape`` (same normalisation).
+    shape : tuple of int
+        The padded FFT grid (that of :func:`ks93` with ``pad=True``).
+    n_clusters : int
+        Training clusters averaged.
+    """
+    k: np.ndarray
+    signal_power: np.ndarray
+    noise_power: np.ndarray
+    shape: tuple
+    n_clusters: int
+
+    def transfer(self, k):
+        """W at wavenumbers ``k`` (cycles per pixel), interpolated in log k.
+
+        W = 0 at k = 0: KS93 cannot recover the mean (mass sheet)."""
+        k = np.asarray(k, dtype=np.float64)
+        good = (self.signal_power + self.noise_power) > 0
+        w = np.where(good, self.signal_power / np.where(good, self.signal_power + self.noise_power, 1.0), 0.0)
+        # np.interp holds the end values beyond the first and last bins
+        out = np.interp(np.log(np.where(k > 0, k, 1.0)), np.log(self.k), w)
+        return np.where(k > 0, out, 0.0)
+
+
+def _radial_mean(power, kmod, edges):
+    """Mean of ``power`` in annuli of |k| ``edges`` (rfft half-plane: every mode and its
+    conjugate carry the same power, so the half-plane average equals the full one)."""
+    idx = np.digitize(kmod.ravel(), edges) - 1
+    ok = (idx >= 0) & (idx < len(edges) - 1)
+    sums = np.bincount(idx[ok], power.ravel()[ok], minlength=len(edges) - 1)
+    counts = np.bincount(idx[ok], minlength=len(edges) - 1)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan), counts
+
+
+def fit_wiener(train_clusters, config=PAPER, grid_fn=None, n_bins=40, limit=200, seed=0, progress=False):
+    """Signal and noise power of the Wiener filter, from training clusters.
+
+    Parameters
+    ----------
+    train_clusters : iterable of dict
+        Cluster records (``ClusterDataset.clusters("train")``): ``kappa`` and
+        ``catalog``.
+    config : Config
+    grid_fn : callable, optional
+        ``grid_fn(catalog) -> grid (4, npix, npix)``; default :func:`grid_table`.
+    n_bins : int
+        Logarithmic |k| bins from the fundamental mode of the padded grid to
+        the corner of the Fourier plane.
+    limit : int or None
+        Clusters used (None: all); each costs a gridding and three padded
+        FFTs, about 0.1 s.
+    seed : int
+        Seed of the random rotations of the noise realisations.
+    progress : bool
+        Show a progress bar (needs ``limit``).
+
+    Returns
+    -------
+    WienerFilter
+
+    Notes
+    -----
+    Beyond the paper.  Signal: the power of the truth κ minus its field mean
+    (the sheet KS93 cannot see), zero-padded like :func:`ks93`.  Noise: the
+    power of the KS93 E mode of the same catalog with every ellipticity
+    rotated by a uniform random angle, which destroys the lensing signal and
+    keeps the noise of each source, its weight and the 7″ gridding (standard
+    in weak lensing, e.g. Van Waerbeke 2000).  Both are averaged in annuli of
+    |k|, so W is isotropic, as the statistics of random cluster fields are.
+    """
+    grid_fn = (lambda cat: grid_table(cat, config)) if grid_fn is None else grid_fn
+    rng = np.random.default_rng(seed)
+    shape = _padded_shape((config.npix, config.npix), True)
+    kmod = _wavenumber(shape)
+    # the last edge a hair beyond the corner mode, so that it falls inside the last bin
+    edges = np.geomspace(1.0 / max(shape), kmod.max() * (1 + 1e-9), n_bins + 1)
+    s_sum = np.zeros(n_bins)
+    n_sum = np.zeros(n_bins)
+    bar = _Progress(limit, "wiener spectra") if progress and limit else None
+    n = 0
+    for cluster in train_clusters:
+        if limit is not None and n >= limit:
+            break
+        kappa = np.asarray(cluster["kappa"], dtype=np.float64)
+        s_k, counts = _radial_mean(np.abs(scipy.fft.rfft2(kappa - kappa.mean(), s=shape)) ** 2, kmod, edges)
+        cat = cluster["catalog"].copy()
+        phase = np.exp(1j * rng.uniform(0, 2 * np.pi, len(cat)))
+        e = (np.asarray(cat["e1"]) + 1j * np.asarray(cat["e2"])) * phase
+        cat["e1"], cat["e2"] = e.real, e.imag
+        g = grid_fn(cat)
+        n_k, _ = _radial_mean(np.abs(_emode_spectrum(g[0], g[1], shape)) ** 2, kmod, edges)
+        s_sum += np.nan_to_num(s_k)
+        n_sum += np.nan_to_num(n_k)
+        n += 1
+        if bar:
+            bar.update()
+    if n == 0:
+        raise ValueError("no training clusters for the Wiener filter")
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    filled = counts > 0  # the lowest annuli of a log grid can hold no mode
+    return WienerFilter(centres[filled], s_sum[filled] / n, n_sum[filled] / n, shape, n)
+
+
+def wiener_mosaic(grid, wiener, config=PAPER):
+    """Wiener-filtered KS93 of the gridded catalog, on the mosaic grid.
+
+    Parameters
+    ----------
+    grid : array_like, shape (≥2, npix, npix)
+    wiener : WienerFilter
+        From :func:`fit_wiener` (same config).
+    config : Config
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (mosaic_npix, mosaic_npix)
+
+    Notes
+    -----
+    κ̂_WF(k) = W(|k|) D̂*(k) ε̂(k): the KS93 E mode (eq. 10) multiplied by
+    W = S / (S + N) in Fourier space on the same padded grid, then the block
+    mean of :func:`mosaic_truth`.  The minimum-variance linear estimate for
+    a Gaussian field; it damps the scales where noise dominates rather than
+    smoothing every scale alike.
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    shape = tuple(wiener.shape)
+    f = _emode_spectrum(grid[0], grid[1], shape) * wiener.transfer(_wavenumber(shape))
+    n = config.npix
+    return mosaic_truth(scipy.fft.irfft2(f, s=shape)[:n, :n], config)
+
+
+#: Convergence criterion and cap of the reduced-shear iteration.
+SS95_TOL = 1e-4       # max |Δκ| between iterations (0.1 % of a typical cluster κ)
+SS95_MAX_ITER = 30
+SS95_MIN_FACTOR = 0.1  # floor of (1 − κ): caps the correction at 10× where κ → 1
+
+
+def ks93_reduced_iterative(grid, config=PAPER, fwhm_arcmin=0.0, tol=SS95_TOL, max_iter=SS95_MAX_ITER,
+                           min_factor=SS95_MIN_FACTOR, return_info=False):
+    """Nonlinear KS inversion of the reduced shear (Seitz & Schneider 1995).
+
+    Parameters
+    ----------
+    grid : array_like, shape (≥2, npix, npix)
+        Gridded catalog; ε̄1, ε̄2 estimate the reduced shear g (eq. 2, 7).
+    config : Config
+    fwhm_arcmin : float
+        Gaussian smoothing applied to κ at every step (0: none); the KS93
+        choice of :func:`choose_ks93_smoothing` is the natural value.
+    tol : float
+        Stop when max |κ_{n+1} − κ_n| over the input pixels is below ``tol``.
+    max_iter : int
+        Cap on the iterations; the last iterate is returned if it is reached.
+    min_factor : float
+        Floor of the factor (1 − κ), where noise or a strong-lensing core
+        drives κ towards or beyond 1.
+    return_info : bool
+        Also return ``{"n_iter": int, "converged": bool, "last_change": float}``.
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (mosaic_npix, mosaic_npix)
+        (and the info dict if ``return_info``)
+
+    Notes
+    -----
+    Eq. 2 gives γ = g (1 − κ).  Starting from κ_0 = KS93(g) (the weak limit
+    γ ≈ g), iterate κ_{n+1} = S[KS93(g (1 − κ_n))] with S the smoothing.
+    The map contracts with a factor of order κ, so a few steps suffice for
+    cluster fields.  KS93 sets the mean of the padded field to zero, so the
+    iteration runs on the zero-mean mass sheet; another sheet λ would give a
+    different fixed point (the mass-sheet degeneracy, Seitz & Schneider 1995).
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    g1, g2 = grid[0], grid[1]
+    kappa = smooth_map(ks93(g1, g2), fwhm_arcmin, config)
+    change, n_iter = np.inf, 0
+    while n_iter < max_iter and change >= tol:
+        factor = np.maximum(1.0 - kappa, min_factor)
+        new = smooth_map(ks93(g1 * factor, g2 * factor), fwhm_arcmin, config)
+        change = float(np.max(np.abs(new - kappa)))
+        kappa, n_iter = new, n_iter + 1
+    out = mosaic_truth(kappa, config)
+    if return_info:
+        return out, {"n_iter": n_iter, "converged": change < tol, "last_change": change}
+    return out
+
+
+# ---------------------------------------------------------------------------
+# §3.2-3.4 The paper's metrics: R, D (eq. 13-16), M_cl and Δ_peak
+# ---------------------------------------------------------------------------
+METRIC_BINS = 50            # histogram bins of the weights, eq. 16 (§3.2)
+CLIP_SIGMA = 3.0            # clipping of eq. 14 (§3.2)
+CLIP_MAX_ITER = 100         # cap on the clipping iterations
+MASS_RADIUS_PIX = 10        # aperture of M_cl: 10 mosaic pixels = 1.92′ (§3.3)
+CENTROID_WINDOW_PIX = 21    # top-hat window of the centroid, 21 × 21 pixels (§3.4)
+PERCENTILES = (16.0, 84.0)  # the "1σ" range of the medians (§3.3, §3.4)
+
+
+class WeightedStat(NamedTuple):
+    """A weighted mean and weighted standard deviation (R, D of Table 2)."""
+    value: float
+    err: float
+    n_pixels: int  #: pixels in the final sum
+    n_iter: int    #: clipping iterations (0 where there is no clipping)
+
+
+class PercentileStat(NamedTuple):
+    """A median with its 16th/84th percentiles, as value −minus +plus (Table 2)."""
+    value: float
+    minus: float          #: median − 16th percentile
+    plus: float           #: 84th percentile − median
+    values: np.ndarray    #: the per-cluster values summarised
+
+
+def _stack_maps(maps, name):
+    a = np.asarray(maps, dtype=np.float64)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.shape[0] == 0:
+        raise ValueError(f"{name} must be a map (ny, nx) or a list of maps (n, ny, nx), got shape {a.shape}")
+    return a
+
+
+def _pairs(truth_maps, pred_maps):
+    t = _stack_maps(truth_maps, "truth_maps")
+    p = _stack_maps(pred_maps, "pred_maps")
+    if t.shape != p.shape:
+        raise ValueError(f"truth and prediction maps differ in shape: {t.shape} vs {p.shape}")
+    return t, p
+
+
+def _histogram_weights(values, bins=METRIC_BINS):
+    """ω = 1 / f(value): f the ``bins``-bin histogram density of ``values`` (eq. 16)."""
+    density, edges = np.histogram(values, bins=bins, density=True)
+    idx = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
+    return 1.0 / density[idx]  # every occupied bin has density > 0
+
+
+def _weighted_mean_std(x, w):
+    mean = np.sum(w * x) / np.sum(w)
+    return mean, np.sqrt(np.sum(w * (x - mean) ** 2) / np.sum(w))
+
+
+def metric_R(truth_maps, pred_maps, bins=METRIC_BINS, clip_sigma=CLIP_SIGMA, max_iter=CLIP_MAX_ITER):
+    """The weighted, clipped mean ratio R of predicted to true κ (eq. 14, 16).
+
+    Parameters
+    ----------
+    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
+        Truth and prediction on the same mosaic pixels; NaN marks pixels not
+        evaluated (they are left out of both).
+    bins : int
+        Histogram bins of the weights (50, §3.2).
+    clip_sigma : float
+        Clipping threshold in weighted standard deviations (3, §3.2).
+    max_iter : int
+        Cap on the clipping iterations.
+
+    Returns
+    -------
+    WeightedStat
+        R and its weighted standard deviation (Table 2: "0.407 ± 0.288").
+
+    Notes
+    -----
+    ω_p = 1 / f(κ_truth) with f the 50-bin histogram density of κ_truth over
+    every evaluated pixel of every map, pooled (eq. 16), so that each range
+    of κ_truth counts alike rather than the many pixels near zero.  R is the
+    ω-weighted mean of κ_pred/κ_truth (eq. 14), iterated: the pixels within
+    ``clip_sigma`` weighted standard deviations of the previous step's
+    weighted mean are kept, until the kept set no longer changes (§3.2).
+    Pixels with κ_truth = 0 exactly have no ratio and are left out.  1 is
+    perfect.
+    """
+    t, p = _pairs(truth_maps, pred_maps)
+    ok = np.isfinite(t) & np.isfinite(p)
+    t, p = t[ok], p[ok]
+    if t.size == 0:
+        raise ValueError("no pixel is evaluated in both maps")
+    w = _histogram_weights(t, bins)
+    nz = t != 0
+    r, w = p[nz] / t[nz], w[nz]
+    keep = np.ones(r.size, dtype=bool)
+    n_iter = 0
+    mean, std = _weighted_mean_std(r, w)
+    while n_iter < max_iter:
+        # a spread at round-off level has nothing left to clip (and would clip all)
+        if std <= 8 * np.finfo(float).eps * max(1.0, abs(mean)):
+            break
+        new = np.abs(r - mean) <= clip_sigma * std
+        n_iter += 1
+        if np.array_equal(new, keep):
+            break
+        keep = new
+        mean, std = _weighted_mean_std(r[keep], w[keep])
+    return WeightedStat(float(mean), float(std), int(keep.sum()), n_iter)
+
+
+def normalized_kappa(kappa):
+    """κ̃ = (κ − ⟨κ⟩) / Δκ over the finite pixels of one map (eq. 13).
+
+    Parameters
+    ----------
+    kappa : array_like, shape (ny, nx)
+        NaN marks pixels not evaluated (they stay NaN).
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (ny, nx)
+        ⟨κ⟩ and Δκ are the mean and standard deviation (ddof = 0) within the
+        field.  A constant map has no scale: its κ̃ is 0.
+    """
+    kappa = np.asarray(kappa, dtype=np.float64)
+    mean, std = np.nanmean(kappa), np.nanstd(kappa)
+    return (kappa - mean) / std if std > 0 else np.where(np.isnan(kappa), np.nan, 0.0)
+
+
+def metric_D(truth_maps, pred_maps, bins=METRIC_BINS):
+    """The weighted mean absolute difference D of normalised κ (eq. 13, 15, 16).
+
+    Parameters
+    ----------
+    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
+        As :func:`metric_R`.
+    bins : int
+        Histogram bins of the weights (50, §3.2).
+
+    Returns
+    -------
+    WeightedStat
+        D and its weighted standard deviation (Table 2: "4.36 ± 3.77").
+
+    Notes
+    -----
+    Each map is normalised by :func:`normalized_kappa` over the pixels
+    evaluated in both of its pair (eq. 13); ω̃_p = 1 / f(κ̃_truth) with f
+    the 50-bin histogram density of κ̃_truth pooled over all maps (eq. 16);
+    D = Σ ω̃ |κ̃_pred − κ̃_truth| / Σ ω̃ (eq. 15), without clipping (§3.2
+    clips eq. 14 only).  κ̃ is invariant under κ → aκ + b (a > 0), so D
+    ignores the amplitude and the mass sheet: 0 is perfect.
+    """
+    t, p = _pairs(truth_maps, pred_maps)
+    tt, pp = [], []
+    for ti, pi in zip(t, p):
+        ok = np.isfinite(ti) & np.isfinite(pi)
+        if ok.any():
+            tt.append(normalized_kappa(ti[ok]))
+            pp.append(normalized_kappa(pi[ok]))
+    if not tt:
+        raise ValueError("no pixel is evaluated in both maps")
+    tt, pp = np.concatenate(tt), np.concatenate(pp)
+    w = _histogram_weights(tt, bins)
+    mean, std = _weighted_mean_std(np.abs(pp - tt), w)
+    return WeightedStat(float(mean), float(std), int(tt.size), 0)
+
+
+def peak_pixel(kappa):
+    """(row, col) of the highest finite pixel of a map."""
+    kappa = np.asarray(kappa, dtype=np.float64)
+    if not np.isfinite(kappa).any():
+        raise ValueError("the map has no finite pixel")
+    return np.unravel_index(np.nanargmax(kappa), kappa.shape)
+
+
+def aperture_mass(kappa, centre, radius_pix=MASS_RADIUS_PIX):
+    """Sum of κ over the pixels within ``radius_pix`` of ``centre`` (M_cl, §3.3).
+
+    Parameters
+    ----------
+    kappa : array_like, shape (ny, nx)
+        Mosaic map; NaN pixels (not evaluated) add nothing.
+    centre : (float, float)
+        (row, col) of the aperture centre, in pixels.
+    radius_pix : float
+        Aperture radius in mosaic pixels (10 = 1.92′, §3.3).
+
+    Returns
+    -------
+    float
+        Σ κ over pixels whose centre is at distance ≤ ``radius_pix``
+        (dimensionless; × Σ_c × pixel area gives a projected mass).
+    """
+    kappa = np.asarray(kappa, dtype=np.float64)
+    yy, xx = np.indices(kappa.shape)
+    inside = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius_pix ** 2
+    return float(np.nansum(kappa[inside]))
+
+
+def _percentile_stat(values, percentiles=PERCENTILES):
+    values = np.asarray(values, dtype=np.float64)
+    lo, med, hi = np.percentile(values, [percentiles[0], 50.0, percentiles[1]])
+    return PercentileStat(float(med), float(med - lo), float(hi - med), values)
+
+
+def cluster_masses(truth_maps, pred_maps, radius_pix=MASS_RADIUS_PIX):
+    """M_cl of truth and prediction for each cluster, both about the truth's peak (§3.3).
+
+    Parameters
+    ----------
+    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
+    radius_pix : float
+
+    Returns
+    -------
+    m_truth, m_pred : numpy.ndarray, shape (n,)
+        Aperture sums (:func:`aperture_mass`) over the pixels evaluated in
+        both maps, centred on the highest pixel of the truth.
+    """
+    t, p = _pairs(truth_maps, pred_maps)
+    m_t, m_p = np.empty(len(t)), np.empty(len(t))
+    for i, (ti, pi) in enumerate(zip(t, p)):
+        ok = np.isfinite(ti) & np.isfinite(pi)
+        ti, pi = np.where(ok, ti, np.nan), np.where(ok, pi, np.nan)
+        centre = peak_pixel(ti)
+        m_t[i], m_p[i] = aperture_mass(ti, centre, radius_pix), aperture_mass(pi, centre, radius_pix)
+    return m_t, m_p
+
+
+def mass_ratio(truth_maps, pred_maps, radius_pix=MASS_RADIUS_PIX, percentiles=PERCENTILES):
+    """Median of M_pred / M_truth with its 16th and 84th percentiles (§3.3).
+
+    Parameters
+    ----------
+    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
+    radius_pix : float
+        Aperture radius in mosaic pixels (10, §3.3).
+    percentiles : (float, float)
+
+    Returns
+    -------
+    PercentileStat
+        Table 2: "0.867 +0.327 −0.296"; ``values`` holds each cluster's ratio.
+    """
+    m_t, m_p = cluster_masses(truth_maps, pred_maps, radius_pix)
+    return _percentile_stat(m_p / m_t, percentiles)
+
+
+def peak_centroid(kappa, window_pix=CENTROID_WINDOW_PIX):
+    """Centroid of the highest peak: its pixel, then the first moment around it (§3.4).
+
+    Parameters
+    ----------
+    kappa : array_like, shape (ny, nx)
+        Mosaic map; NaN pixels weigh nothing.
+    window_pix : int
+        Side of the square top-hat window (21, odd), centred on the highest
+        pixel and clipped to the map where the peak is near an edge.
+
+    Returns
+    -------
+    (float, float)
+        (row, col) of the centroid in pixel units of the map.
+
+    Notes
+    -----
+    §3.4: the pixel with the largest κ, then the first moment of κ in the
+    21 × 21 window about it.  Where the window holds negative κ (KS93 noise),
+    its minimum is subtracted first ("rescaled ... such that the minimum
+    value within the window becomes zero"), so that every weight is ≥ 0 and
+    the centroid cannot leave the window.  A window clipped by the map edge
+    is no longer centred on the peak, which pulls the centroid inwards.  If
+    every weight is zero (a flat window) the peak pixel is returned.
+    """
+    if window_pix < 1 or window_pix % 2 == 0:
+        raise ValueError(f"window_pix must be a positive odd integer, got {window_pix}")
+    kappa = np.asarray(kappa, dtype=np.float64)
+    i, j = peak_pixel(kappa)
+    h = window_pix // 2
+    r0, r1 = max(i - h, 0), min(i + h + 1, kappa.shape[0])
+    c0, c1 = max(j - h, 0), min(j + h + 1, kappa.shape[1])
+    w = kappa[r0:r1, c0:c1]
+    lowest = np.nanmin(w)
+    if lowest < 0:
+        w = w - lowest
+    w = np.nan_to_num(w, nan=0.0)
+    total = w.sum()
+    if total <= 0:
+        return float(i), float(j)
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    return float((w * yy).sum() / total), float((w * xx).sum() / total)
+
+
+def centroid_offsets(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX):
+    """Δ_peak of each cluster: distance between the predicted and true centroids (§3.4).
+
+    Parameters
+    ----------
+    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
+    window_pix : int
+
+    Returns
+    -------
+    numpy.ndarray, shape (n,)
+        Distances in mosaic pixels (0.192′ each).  Each map's centroid is
+        found over the pixels evaluated in both maps (:func:`peak_centroid`).
+    """
+    t, p = _pairs(truth_maps, pred_maps)
+    out = np.empty(len(t))
+    for i, (ti, pi) in enumerate(zip(t, p)):
+        ok = np.isfinite(ti) & np.isfinite(pi)
+        ct = peak_centroid(np.where(ok, ti, np.nan), window_pix)
+        cp = peak_centroid(np.where(ok, pi, np.nan), window_pix)
+        out[i] = np.hypot(ct[0] - cp[0], ct[1] - cp[1])
+    return out
+
+
+def centroid_offset(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX, percentiles=PERCENTILES):
+    """Median Δ_peak with its 16th and 84th percentiles (§3.4, Table 2).
+
+    Returns
+    -------
+    PercentileStat
+        In mosaic pixels (Table 2: "3.10 +25.64 −2.00"); ``values`` holds
+        each cluster's Δ_peak (:func:`centroid_offsets`).
+    """
+    return _percentile_stat(centroid_offsets(truth_maps, pred_maps, window_pix), percentiles)
+
+
+def paper_metrics(truth_maps, pred_maps):
+    """The four metrics of Table 2 as a row dict (see :data:`TABLE2_COLUMNS`)."""
+    t, p = _pairs(truth_maps, pred_maps)
+    r, d = metric_R(t, p), metric_D(t, p)
+    m, dp = mass_ratio(t, p), centroid_offset(t, p)
+    return {"R": r.value, "R_err": r.err, "D": d.value, "D_err": d.err,
+            "M_ratio": m.value, "M_minus": m.minus, "M_plus": m.plus,
+            "dpeak": dp.value, "dpeak_minus": dp.minus, "dpeak_plus": dp.plus, "n_clusters": len(t)}
+
+
+# ---------------------------------------------------------------------------
+# §3 The KS93 smoothing, chosen on the validation set
+# ---------------------------------------------------------------------------
+#: How each metric is turned into a loss (0 is perfect) by the "rank_sum"
+#: criterion: R and M_cl are ratios whose ideal is 1, so their distance from
+#: 1 counts in log (×2 and ×½ are equally wrong); D and Δ_peak are 0 at best.
+SMOOTHING_LOSSES = {
+    "R": lambda row: abs(np.log(row["R"])) if row["R"] > 0 else np.inf,
+    "D": lambda row: row["D"],
+    "M_ratio": lambda row: abs(np.log(row["M_ratio"])) if row["M_ratio"] > 0 else np.inf,
+    "dpeak": lambda row: row["dpeak"],
+}
+
+
+def _rank(values):
+    """Ranks 1..n (ties share the mean rank)."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for v in np.unique(values):
+        ranks[values == v] = ranks[values == v].mean()
+    return ranks
+
+
+def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID, criterion="rank_sum",
+                          config=PAPER, mask=None, limit=None, progress=False):
+    """Choose the KS93 smoothing FWHM on the validation set by the paper's metrics.
+
+    Parameters
+    ----------
+    val_clusters : iterable of dict
+        Cluster records (``ClusterDataset.clusters("val")``).
+    grid_fn : callable, optional
+        ``grid_fn(cluster) -> grid``; default: :func:`grid_table` of the
+        stored catalog.
+    fwhm_grid : sequence of float
+        Candidate FWHMs in arcmin (0 = unsmoothed).
+    criterion : {"rank_sum", "R", "D", "M_ratio", "dpeak"}
+        "rank_sum" (default): rank the candidates on each of the four metrics
+        of Table 2 (:data:`SMOOTHING_LOSSES`) and take the smallest sum of
+        ranks; ties go to the smaller D.  A metric name: minimise that
+        metric's loss alone.
+    config : Config
+    mask : array_like of bool, shape (mosaic_npix, mosaic_npix), optional
+        Mosaic pixels evaluated; default the paper mosaic's coverage
+        (:func:`mosaic_coverage` > 0), the pixels the CNN is scored on.
+    limit : int, optional
+        Use the first ``limit`` clusters.  Memory: 8 bytes × 166² × (1 +
+        len(fwhm_grid)) a cluster (2.2 MB for the default grid).
+    progress : bool
+
+    Returns
+    -------
+    fwhm : float
+        The chosen FWHM in arcmin.
+    rows : list of dict
+        One per candidate: ``fwhm_arcmin``, the Table 2 columns, the rank of
+        each metric, ``rank_sum`` and ``chosen``.
+
+    Notes
+    -----
+    Why not pixel correlation: it rewards the removal of noise and never
+    penalises the loss of the peak, so it picks the widest kernel offered
+    (DESIGN.md "Lessons").  The paper's four metrics pull apart instead:
+    smoothing flattens the cluster (R and M_cl fall away from 1) and removes
+    noise peaks (Δ_peak and D improve, until D, whose weights stress the rare
+    high-κ̃ pixels, sees the peak flattened too).  Ranks put the four on one
+    footing without choosing relative units for a ratio, a normalised
+    difference and a distance in pixels; the smallest sum of ranks (a Borda
+    count) is the candidate best overall.  Were R and M_cl best unsmoothed
+    and D and Δ_peak best at the widest kernel, every candidate would tie and
+    D alone would decide.  On 100 simulated validation clusters R was best at
+    0.5′, M_cl unsmoothed, D at 1.0′ and Δ_peak at 0.75′; 0.5′ and 0.75′
+    tied on ranks and D chose 0.75′.
+    """
+    if criterion != "rank_sum" and criterion not in SMOOTHING_LOSSES:
+        raise ValueError(f"criterion must be 'rank_sum' or one of {list(SMOOTHING_LOSSES)}, "
+                         f"got {criterion!r}")
+    fwhm_grid = [float(f) for f in fwhm_grid]
+    if not fwhm_grid:
+        raise ValueError("empty fwhm_grid")
+    grid_fn = (lambda c: grid_table(c["catalog"], config)) if grid_fn is None else grid_fn
+    mask = (mosaic_coverage(config) > 0) if mask is None else np.asarray(mask, dtype=bool)
+    truths, maps = [], {f: [] for f in fwhm_grid}
+    bar = _Progress(limit, "ks93 smoothing") if progress and limit else None
+    for cluster in val_clusters:
+        if limit is not None and len(truths) >= limit:
+            break
+        grid = np.asarray(grid_fn(cluster))
+        kappa_e = ks93(grid[0], grid[1])  # once; only the smoothing changes
+        truths.append(np.where(mask, mosaic_truth(np.asarray(cluster["kappa"], np.float64), config), np.nan))
+        for f in fwhm_grid:
+            maps[f].append(np.where(mask, mosaic_truth(smooth_map(kappa_e, f, config), config), np.nan))
+        if bar:
+            bar.update()
+    if not truths:
+        raise ValueError("no validation clusters")
+    rows = [{"fwhm_arcmin": f, **paper_metrics(truths, maps[f])} for f in fwhm_grid]
+    losses = {name: [fn(row) for row in rows] for name, fn in SMOOTHING_LOSSES.items()}
+    for name, values in losses.items():
+        for row, rank in zip(rows, _rank(values)):
+            row[f"rank_{name}"] = float(rank)
+    for row in rows:
+        row["rank_sum"] = sum(row[f"rank_{name}"] for name in SMOOTHING_LOSSES)
+    if criterion == "rank_sum":
+        key = [(row["rank_sum"], row["D"]) for row in rows]
+    else:
+        key = [(v, 0.0) for v in losses[criterion]]
+    best = min(range(len(rows)), key=lambda i: key[i])
+    for i, row in enumerate(rows):
+        row["chosen"] = i == best
+    return fwhm_grid[best], rows
+
+
+# ---------------------------------------------------------------------------
+# §3 Evaluating methods on a test set; Table 2
+# ---------------------------------------------------------------------------
+#: Columns of table2.csv, in order (issue "Evaluation").
+TABLE2_COLUMNS = ("method", "R", "R_err", "D", "D_err", "M_ratio", "M_minus", "M_plus",
+                  "dpeak", "dpeak_minus", "dpeak_plus", "n_clusters")
+
+
+def _paper_row(r, r_err, d, d_err, m, m_plus, m_minus, dp, dp_plus, dp_minus):
+    return {"R": r, "R_err": r_err, "D": d, "D_err": d_err, "M_ratio": m, "M_minus": m_minus,
+            "M_plus": m_plus, "dpeak": dp, "dpeak_minus": dp_minus, "dpeak_plus": dp_plus, "n_clusters": 200}
+
+
+#: Table 2 of the paper (200 test clusters of MassiveNuS; ours differ in truth).
+PAPER_TABLE2 = {
+    "KS93": _paper_row(0.253, 0.131, 6.26, 4.57, 0.484, 0.218, 0.149, 22.26, 44.94, 20.55),
+    "CNN": _paper_row(0.407, 0.288, 4.36, 3.77, 0.867, 0.327, 0.296, 3.10, 25.64, 2.00),
+    "CNN-BS": _paper_row(0.276, 0.179, 3.66, 3.22, 0.554, 0.257, 0.211, 7.95, 21.94, 5.94),
+}
+#: Table 3 (Appendix A): the variants without masks.
+PAPER_TABLE3 = {
+    "KS93": PAPER_TABLE2["KS93"],
+    "Fiducial": _paper_row(0.363, 0.267, 4.59, 4.12, 0.762, 0.305, 0.266, 2.88, 21.82, 1.90),
+    "4Channel": _paper_row(0.360, 0.272, 4.62, 4.50, 0.789, 0.289, 0.263, 3.05, 19.08, 1.92),
+    "19Filter": _paper_row(0.329, 0.261, 4.09, 4.32, 0.720, 0.314, 0.238, 3.81, 6.22, 2.07),
+    "29Filter": _paper_row(0.359, 0.278, 4.32, 4.16, 0.754, 0.305, 0.245, 3.49, 38.08, 2.31),
+    "FocalLoss": PAPER_TABLE2["CNN"],
+    "NoSkip": _paper_row(-0.361, 0.221, 5.04, 3.79, -1.329, 0.457, 0.842, 3.81, 6.22, 2.07),
+}
+#: Table 4 (Appendix A): the variants with bright-star masks (§3.5).
+PAPER_TABLE4 = {
+    "Fiducial-BS": _paper_row(0.216, 0.140, 4.22, 3.50, 0.448, 0.217, 0.182, 13.56, 21.28, 11.05),
+    "4Channel-BS": _paper_row(0.180, 0.117, 4.93, 3.93, 0.400, 0.178, 0.135, 21.85, 23.34, 19.12),
+    "19Filter-BS": _paper_row(0.193, 0.142, 4.91, 3.90, 0.386, 0.191, 0.149, 31.51, 26.00, 28.56),
+    "29Filter-BS": _paper_row(0.209, 0.144, 4.29, 3.55, 0.421, 0.188, 0.193, 13.30, 31.72, 10.97),
+    "FocalLoss-BS": PAPER_TABLE2["CNN-BS"],
+}
+
+
+@dataclass
+class Evaluation:
+    """Truth and every method's mosaics for a set of clusters (:func:`evaluate_methods`).
+
+    Attributes
+    ----------
+    truth : numpy.ndarray, shape (n, mosaic_npix, mosaic_npix)
+        :func:`mosaic_truth` of each cluster; NaN outside the evaluated pixels.
+    maps : dict of str -> numpy.ndarray, shape (n, mosaic_npix, mosaic_npix)
+        Each method's mosaic (the mean over runs where it has several), NaN
+        on the same pixels as ``truth``.
+    run_std : dict of str -> numpy.ndarray, shape (n, mosaic_npix, mosaic_npix)
+        Standard deviation over runs, for methods that returned runs.
+    run_mass_std : dict of str -> numpy.ndarray, shape (n,)
+        Standard deviation over runs of M_cl (Fig. 6's error bars).
+    star_mask : numpy.ndarray of bool, shape (n, mosaic_npix, mosaic_npix)
+        Mosaic pixels whose centre lies in a bright-star mask (§3.5).
+    index : numpy.ndarray of int, shape (n,)
+        The clusters' indices in their split.
+    config : Config
+    """
+    truth: np.ndarray
+    maps: dict
+    run_std: dict
+    run_mass_std: dict
+    star_mask: np.ndarray
+    index: np.ndarray
+    config: object = PAPER
+
+    @property
+    def methods(self):
+        """Method names, in the order they were given."""
+        return list(self.maps)
+
+
+def star_mask_mosaic(masks, config=PAPER):
+    """Mosaic pixels whose centre lies inside any bright-star mask.
+
+    Parameters
+    ----------
+    masks : table-like with columns x, y, radius (arcsec, field frame)
+    config : Config
+
+    Returns
+    -------
+    numpy.ndarray of bool, shape (mosaic_npix, mosaic_npix)
+        Mosaic pixel J is centred on input pixel 3J + 2, i.e. at
+        (3J + 2.5) × 3.84″ from the field's lower-left corner.
+    """
+    n = config.mosaic_npix
+    out = np.zeros((n, n), dtype=bool)
+    if masks is None or len(masks) == 0:
+        return out
+    lo = (config.first_kernel - 1) // 2
+    centres = (lo + config.pool * np.arange(n) + config.pool / 2.0) * config.pixel_arcsec
+    for x, y, r in zip(masks["x"], masks["y"], masks["radius"]):
+        out |= (centres[:, None] - y) ** 2 + (centres[None, :] - x) ** 2 <= r**2
+    return out
+
+
+def evaluate_methods(clusters, methods, config=PAPER, grid_fn=None, total=None, progress=True):
+    """Truth and every method's mosaic for each cluster, on common pixels.
+
+    Parameters
+    ----------
+    clusters : iterable of dict
+        Cluster records (``ClusterDataset.clusters("test")``); read once,
+        one at a time.
+    methods : dict of str -> callable
+        ``fn(grid) -> map`` with ``grid`` the gridded catalog (4, npix, npix)
+        and ``map`` a mosaic (mosaic_npix, mosaic_npix), NaN where it has no
+        estimate, or (K, mosaic_npix, mosaic_npix) for K runs (see
+        :func:`cnn_method`).  The keys name the rows of Table 2 ("KS93",
+        "CNN", ...).
+    config : Config
+    grid_fn : callable, optional
+        ``grid_fn(cluster) -> grid``; default :func:`grid_table` of the
+        stored catalog, gridded once and given to every method.
+    total : int, optional
+        Number of clusters, for the progress bar (default ``len(clusters)``
+        where it has one).
+    progress : bool
+
+    Returns
+    -------
+    Evaluation
+
+    Notes
+    -----
+    "Over the same pixels" (DESIGN.md "Evaluation"): a pixel is evaluated
+    for every method if every method and the truth have a finite value
+    there; elsewhere every map is NaN.  The CNN's mosaic fixes the region
+    (:func:`mosaic_coverage`); KS93 and the other baselines are cut to it.
+    """
+    if not methods:
+        raise ValueError("no methods to evaluate")
+    grid_fn = (lambda c: grid_table(c["catalog"], config)) if grid_fn is None else grid_fn
+    if total is None and hasattr(clusters, "__len__"):
+        total = len(clusters)
+    bar = _Progress(total, "evaluate") if progress and total else None
+    n = config.mosaic_npix
+    truths, index, stars = [], [], []
+    maps = {name: [] for name in methods}
+    stds = {name: [] for name in methods}
+    mass_std = {name: [] for name in methods}
+    for cluster in clusters:
+        grid = grid_fn(cluster)
+        truth = mosaic_truth(np.asarray(cluster["kappa"], dtype=np.float64), config)
+        outs = {}
+        for name, fn in methods.items():
+            out = np.asarray(fn(grid), dtype=np.float64)
+            if out.shape[-2:] != (n, n) or out.ndim not in (2, 3):
+                raise ValueError(f"method {name!r} returned shape {out.shape}; "
+                                 f"expected ({n}, {n}) or (K, {n}, {n})")
+            outs[name] = out
+        ok = np.isfinite(truth)
+        for out in outs.values():
+            ok &= np.all(np.isfinite(out), axis=0) if out.ndim == 3 else np.isfinite(out)
+        if not ok.any():
+            raise ValueError(f"cluster {cluster.get('index')}: no pixel is evaluated by every method")
+        truth = np.where(ok, truth, np.nan)
+        centre = peak_pixel(truth)
+        for name, out in outs.items():
+            if out.ndim == 3:
+                maps[name].append(np.where(ok, out.mean(axis=0), np.nan))
+                spread = out.std(axis=0, ddof=1) if len(out) > 1 else np.zeros((n, n))
+                stds[name].append(np.where(ok, spread, np.nan))
+                masses = [aperture_mass(np.where(ok, run, np.nan), centre) for run in out]
+                mass_std[name].append(np.std(masses, ddof=1) if len(out) > 1 else 0.0)
+            else:
+                maps[name].append(np.where(ok, out, np.nan))
+                stds[name].append(None)
+                mass_std[name].append(None)
+        truths.append(truth)
+        index.append(int(cluster.get("index", len(index))))
+        masks = cluster.get("masks")
+        stars.append(star_mask_mosaic(masks, config))
+        if bar:
+            bar.update()
+    if not truths:
+        raise ValueError("no clusters to evaluate")
+    has_runs = {name: all(s is not None for s in stds[name]) for name in methods}
+    return Evaluation(
+        truth=np.stack(truths),
+        maps={name: np.stack(v) for name, v in maps.items()},
+        run_std={name: np.stack(stds[name]) for name in methods if has_runs[name]},
+        run_mass_std={name: np.asarray(mass_std[name]) for name in methods if has_runs[name]},
+        star_mask=np.stack(stars), index=np.asarray(index), config=config)
+
+
+def cnn_method(models, config=PAPER, **kwargs):
+    """A method for :func:`evaluate_methods`: the mosaics of K runs (:func:`predict_mosaic_runs`).
+
+    Parameters
+    ----------
+    models : sequence of keras.Model or callable
+    config : Config
+    **kwargs
+        stride, orientations, batch_size, border_pix (:func:`predict_mosaic`).
+    """
+    models = list(models)
+    return lambda grid: predict_mosaic_runs(models, grid, config, **kwargs).runs
+
+
+def baseline_methods(config=PAPER, ks93_fwhm_arcmin=0.0, wiener=None, ss95=True):
+    """The baselines as methods for :func:`evaluate_methods`.
+
+    Parameters
+    ----------
+    config : Config
+    ks93_fwhm_arcmin : float
+        KS93 smoothing (from :func:`choose_ks93_smoothing`); SS95 uses it too.
+    wiener : WienerFilter, optional
+        Adds "Wiener" (:func:`wiener_mosaic`).
+    ss95 : bool
+        Adds "KS93-SS95" (:func:`ks93_reduced_iterative`).
+
+    Returns
+    -------
+    dict of str -> callable
+    """
+    methods = {"KS93": lambda grid: ks93_mosaic(grid, config, ks93_fwhm_arcmin)}
+    if wiener is not None:
+        methods["Wiener"] = lambda grid: wiener_mosaic(grid, wiener, config)
+    if ss95:
+        methods["KS93-SS95"] = lambda grid: ks93_reduced_iterative(grid, config, ks93_fwhm_arcmin)
+    return methods
+
+
+def table2(results, methods=None):
+    """Table 2: the four metrics of each method over the evaluated clusters.
+
+    Parameters
+    ----------
+    results : Evaluation
+    methods : sequence of str, optional
+        Rows, in order; default every method of ``results``.
+
+    Returns
+    -------
+    list of dict
+        One per method, with exactly the keys :data:`TABLE2_COLUMNS`: R and
+        R_err (eq. 14), D and D_err (eq. 15), M_ratio with M_minus/M_plus
+        (median − 16th, 84th − median percentile, §3.3), dpeak with
+        dpeak_minus/dpeak_plus (mosaic pixels, §3.4), n_clusters.
+    """
+    methods = results.methods if methods is None else list(methods)
+    return [{"method": name, **paper_metrics(results.truth, results.maps[name])} for name in methods]
+
+
+def _fmt(v, digits=3):
+    return f"{v:.{digits}f}".replace("-", "−")
+
+
+def _markdown_cells(row):
+    return (f"{_fmt(row['R'])} ± {_fmt(row['R_err'])}", f"{_fmt(row['D'], 2)} ± {_fmt(row['D_err'], 2)}",
+            f"{_fmt(row['M_ratio'])} (+{_fmt(row['M_plus'])}/−{_fmt(row['M_minus'])})",
+            f"{_fmt(row['dpeak'], 2)} (+{_fmt(row['dpeak_plus'], 2)}/−{_fmt(row['dpeak_minus'], 2)})",
+            str(int(row["n_clusters"])))
+
+
+def table_markdown(rows, paper=PAPER_TABLE2, title=None):
+    """Markdown of Table 2 rows, the paper's rows below them for reference.
+
+    Parameters
+    ----------
+    rows : list of dict
+        From :func:`table2`.
+    paper : dict of str -> dict, optional
+        The paper's rows (:data:`PAPER_TABLE2`, 3 or 4), marked "(paper)".
+    title : str, optional
+
+    Returns
+    -------
+    str
+    """
+    head = ("Method", "R (eq. 14)", "D (eq. 15)", "M_pred/M_truth", "Δ_peak [pixel]", "N")
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join((row["method"],) + _markdown_cells(row)) + " |" for row in rows]
+    for name, row in (paper or {}).items():
+        lines.append("| " + " | ".join((f"{name} (paper)",) + _markdown_cells(row)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows, out_dir, name="table2", paper=PAPER_TABLE2, title=None):
+    """Write Table 2 rows as ``{name}.csv`` and ``{name}.md`` in ``out_dir``.
+
+    Parameters
+    ----------
+    rows : list of dict
+        From :func:`table2`.
+    out_dir : path
+        Existing directory.
+    name : str
+        File stem ("table2", "table3", "table4").
+    paper : dict, optional
+        The paper's rows, added to the Markdown only (the CSV holds this run's
+        methods alone, one row each, with exactly :data:`TABLE2_COLUMNS`).
+    title : str, optional
+        Heading line of the Markdown.
+
+    Returns
+    -------
+    (str, str)
+        Paths of the CSV and Markdown files.
+    """
+    csv_path = os.path.join(out_dir, f"{name}.csv")
+    md_path = os.path.join(out_dir, f"{name}.md")
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(TABLE2_COLUMNS)
+        for row in rows:
+            writer.writerow([row["method"]] + [int(row[c]) if c == "n_clusters" else f"{row[c]:.6g}"
+                                               for c in TABLE2_COLUMNS[1:]])
+    with open(md_path, "w") as fh:
+        fh.write(table_markdown(rows, paper, title))
+    return csv_path, md_path
+
+
+# ---------------------------------------------------------------------------
+# §3 Figures 2-8 (matplotlib, object-oriented: no pyplot state, no display)
+# ---------------------------------------------------------------------------
+MAP_CMAP = "magma"
+METHOD_COLORS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6")
+CONTOUR_LEVELS = (0.683, 0.954, 0.997)  # "1σ, 2σ and 3σ" of the joint distributions (Fig. 4)
+N_MEDIAN_BINS = 5                       # equal-count bins of the binned medians (Figs. 4-6)
+KAPPA_TILDE_RANGE = (-2.0, 6.0)         # colour scale of κ̃ maps: a few σ below, the peaks above
+HIST_BINS = 80                          # bins of the Fig. 3 histograms
+JOINT_BINS = 120                        # bins per axis of the Fig. 4-5 joint histograms
+PLOT_RANGE_PERCENTILES = (0.05, 99.95)  # axis ranges: all but the most extreme pixels
+
+
+def _figure(ncols, nrows=1, size=3.6):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(size * ncols, size * nrows * 0.95), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
+    return fig, axes
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _bbox(finite):
+    rows, cols = np.flatnonzero(finite.any(axis=1)), np.flatnonzero(finite.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def default_example(results):
+    """The cluster Fig. 2 shows: M_truth nearest the median (typical, not the best case)."""
+    m_t, _ = cluster_masses(results.truth, results.truth)
+    return int(np.argmin(np.abs(m_t - np.median(m_t))))
+
+
+def figure_maps(results, path, example=None, methods=None):
+    """Fig. 2 (and Fig. 12 with the variants as methods): truth and reconstructions.
+
+    Parameters
+    ----------
+    results : Evaluation
+    path : path of the PNG
+    example : int, optional
+        Position of the cluster in ``results``; default :func:`default_example`.
+    methods : sequence of str, optional
+        Columns after the truth; default every method.
+
+    Notes
+    -----
+    Top row κ on the truth's colour scale (so lost amplitude shows), bottom
+    row κ̃ (eq. 13) on a common scale; × marks each map's highest pixel.
+    Shown over the evaluated pixels, axes in arcmin from the field centre.
+    """
+    i = default_example(results) if example is None else int(example)
+    methods = results.methods if methods is None else list(methods)
+    cfg = results.config
+    panels = [("Truth", results.truth[i])] + [(m, results.maps[m][i]) for m in methods]
+    rows, cols = _bbox(np.isfinite(results.truth[i]))
+    pix_arcmin = cfg.pixel_arcsec * cfg.pool / 60.0
+    half = cfg.mosaic_npix / 2.0
+    extent = [(cols.start - half) * pix_arcmin, (cols.stop - half) * pix_arcmin,
+              (rows.start - half) * pix_arcmin, (rows.stop - half) * pix_arcmin]
+    fig, axes = _figure(len(panels), 2)
+    vmin, vmax = np.nanmin(results.truth[i]), np.nanmax(results.truth[i])
+    for col, (name, kappa) in enumerate(panels):
+        for row, (a, lim, label) in enumerate(((kappa, (vmin, vmax), "κ"),
+                                               (normalized_kappa(kappa), KAPPA_TILDE_RANGE, "κ̃"))):
+            ax = axes[row, col]
+            im = ax.imshow(a[rows, cols], origin="lower", extent=extent, cmap=MAP_CMAP,
+                           vmin=lim[0], vmax=lim[1])
+            py, px = peak_pixel(a)
+            ax.plot((px + 0.5 - half) * pix_arcmin, (py + 0.5 - half) * pix_arcmin, "x", color="cyan",
+                    ms=10, mew=2)
+            ax.set_title(f"{name}: {label}")
+            ax.set_xlabel("x [arcmin]")
+            if col == 0:
+                ax.set_ylabel("y [arcmin]")
+            if col == len(panels) - 1:
+                fig.colorbar(im, ax=axes[row, :], shrink=0.8, label=label)
+    return _save(fig, path)
+
+
+def _pooled(results, name, normalised):
+    t = results.truth
+    p = results.maps[name] if name else results.truth
+    out = []
+    for ti, pi in zip(t, p):
+        ok = np.isfinite(ti) & np.isfinite(pi)
+        out.append(normalized_kappa(pi[ok]) if normalised else pi[ok])
+    return np.concatenate(out)
+
+
+def figure_distributions(results, path, methods=None):
+    """Fig. 3: the distribution of κ (left) and κ̃ (right) over all evaluated pixels.
+
+    Notes
+    -----
+    Histogram densities on a log scale, truth in black.  The paper's shaded
+    run-to-run spread is not drawn: the mosaics kept are the runs' means.
+    """
+    methods = results.methods if methods is None else list(methods)
+    fig, axes = _figure(2)
+    for ax, normalised, label in ((axes[0, 0], False, "κ"), (axes[0, 1], True, "κ̃")):
+        data = [("Truth", _pooled(results, None, normalised), "k")]
+        data += [(m, _pooled(results, m, normalised), METHOD_COLORS[j % len(METHOD_COLORS)])
+                 for j, m in enumerate(methods)]
+        lo = min(np.percentile(d, PLOT_RANGE_PERCENTILES[0]) for _, d, _ in data)
+        hi = max(np.percentile(d, PLOT_RANGE_PERCENTILES[1]) for _, d, _ in data)
+        bins = np.linspace(lo, hi, HIST_BINS)
+        for name, d, color in data:
+            ax.hist(d, bins=bins, density=True, histtype="step", color=color, lw=1.5, label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("probability density")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _contour_levels(h, fractions=CONTOUR_LEVELS):
+    """Density thresholds enclosing ``fractions`` of the counts of histogram ``h``."""
+    flat = np.sort(h.ravel())[::-1]
+    cum = np.cumsum(flat) / flat.sum()
+    levels = [flat[min(np.searchsorted(cum, f), flat.size - 1)] for f in fractions]
+    return np.unique(levels)  # increasing, as contour() wants
+
+
+def _binned_medians(x, y, n_bins=N_MEDIAN_BINS):
+    """Medians and 16/84 percentiles of x and y in ``n_bins`` equal-count bins of x."""
+    order = np.argsort(x)
+    out = []
+    for chunk in np.array_split(order, n_bins):
+        if chunk.size:
+            px = np.percentile(x[chunk], [16, 50, 84])
+            py = np.percentile(y[chunk], [16, 50, 84])
+            out.append((px, py))
+    return out
+
+
+def _joint_panel(ax, t, p, label, r_stat=None):
+    lo, hi = np.percentile(np.concatenate([t, p]), PLOT_RANGE_PERCENTILES)
+    bins = np.linspace(lo, hi, JOINT_BINS)
+    h, xe, ye = np.histogram2d(t, p, bins=[bins, bins])
+    xc, yc = 0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1])
+    h = scipy.ndimage.gaussian_filter(h, 1.0)  # a 1-bin blur so the contours are not pixel noise
+    ax.contour(xc, yc, h.T, levels=_contour_levels(h), colors="k", linewidths=1)
+    for px, py in _binned_medians(t, p):
+        ax.errorbar(px[1], py[1], xerr=[[px[1] - px[0]], [px[2] - px[1]]],
+                    yerr=[[py[1] - py[0]], [py[2] - py[1]]], fmt="o", color="C1", ms=6, capsize=2)
+    xs = np.array([lo, hi])
+    ax.plot(xs, xs, ":", color="0.5", lw=1)
+    if r_stat is not None:
+        ax.plot(xs, r_stat.value * xs, "--", color="0.4", label=f"R = {r_stat.value:.3f} ± {r_stat.err:.3f}")
+        ax.fill_between(xs, (r_stat.value - r_stat.err) * xs, (r_stat.value + r_stat.err) * xs,
+                        color="0.6", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel(f"{label} truth")
+    ax.set_ylabel(f"{label} pred")
+
+
+def figure_joint(results, path, normalised=False, methods=None):
+    """Fig. 4 (κ) or Fig. 5 (κ̃, ``normalised=True``): prediction against truth, pixel by pixel.
+
+    Notes
+    -----
+    Contours enclose 68.3, 95.4 and 99.7 % of the pixels; orange points are
+    the medians of five equal-count bins of the truth with 16-84 % ranges;
+    the dashed line and band are R ± its error (eq. 14, Fig. 4 only).
+    """
+    methods = results.methods if methods is None else list(methods)
+    fig, axes = _figure(len(methods))
+    for ax, name in zip(axes[0], methods):
+        t, p = _pooled(results, None, normalised), _pooled(results, name, normalised)
+        r = None if normalised else metric_R(results.truth, results.maps[name])
+        _joint_panel(ax, t, p, "κ̃" if normalised else "κ", r)
+        ax.set_title(name)
+    return _save(fig, path)
+
+
+def figure_mass(results, path, methods=None):
+    """Fig. 6: M_cl of the prediction against the truth (§3.3).
+
+    Notes
+    -----
+    Error bars of single clusters: the standard deviation of M_cl over runs,
+    where the method has runs; orange: binned medians (five equal-count
+    bins); dashed line and band: the median ratio and its 16-84 % range.
+    """
+    methods = results.methods if methods is None else list(methods)
+    fig, axes = _figure(len(methods))
+    for ax, name in zip(axes[0], methods):
+        m_t, m_p = cluster_masses(results.truth, results.maps[name])
+        _mass_panel(ax, m_t, m_p, results.run_mass_std.get(name))
+        ax.set_title(name)
+    return _save(fig, path)
+
+
+def _mass_panel(ax, m_t, m_p, err=None, ylabel="M_cl pred"):
+    ax.errorbar(m_t, m_p, yerr=err, fmt="o", color="k", ms=3, elinewidth=0.8, alpha=0.7)
+    for px, py in _binned_medians(m_t, m_p):
+        ax.errorbar(px[1], py[1], xerr=[[px[1] - px[0]], [px[2] - px[1]]],
+                    yerr=[[py[1] - py[0]], [py[2] - py[1]]], fmt="o", color="C1", ms=7, capsize=2)
+    stat = _percentile_stat(m_p / m_t)
+    xs = np.array([0.0, m_t.max() * 1.05])
+    ax.plot(xs, xs, ":", color="0.5")
+    ax.plot(xs, stat.value * xs, "--", color="C0",
+            label=f"ratio {stat.value:.3f} +{stat.plus:.3f}/−{stat.minus:.3f}")
+    ax.fill_between(xs, (stat.value - stat.minus) * xs, (stat.value + stat.plus) * xs,
+                    color="C0", alpha=0.2)
+    ax.set_xlabel("M_cl truth (Σκ, r ≤ 10 px)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def figure_centroid_mass(results, path, methods=None):
+    """Fig. 7: Δ_peak against the true cluster mass M_cl (§3.4)."""
+    methods = results.methods if methods is None else list(methods)
+    m_t, _ = cluster_masses(results.truth, results.truth)
+    fig, axes = _figure(len(methods))
+    for ax, name in zip(axes[0], methods):
+        d = centroid_offsets(results.truth, results.maps[name])
+        ax.plot(m_t, d, "o", color="k", ms=3, alpha=0.7)
+        ax.axhline(np.median(d), ls="--", color="C0", label=f"median {np.median(d):.2f} px")
+        ax.set_xlabel("M_cl truth")
+        ax.set_ylabel("Δ_peak [pixel]")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def figure_centroid_pair(results, path, x_method="KS93", y_method="CNN"):
+    """Fig. 8: Δ_peak of two methods for the same clusters, coloured by M_cl truth."""
+    m_t, _ = cluster_masses(results.truth, results.truth)
+    dx = centroid_offsets(results.truth, results.maps[x_method])
+    dy = centroid_offsets(results.truth, results.maps[y_method])
+    fig, axes = _figure(1, size=4.5)
+    ax = axes[0, 0]
+    sc = ax.scatter(dx, dy, c=m_t, s=14, cmap="viridis")
+    top = max(dx.max(), dy.max()) * 1.05 + 1
+    ax.plot([0, top], [0, top], ":", color="0.5")
+    ax.set_xlim(-0.02 * top, top)  # a margin, so that Δ = 0 is not hidden under the axes
+    ax.set_ylim(-0.02 * top, top)
+    ax.set_xlabel(f"Δ_peak {x_method} [pixel]")
+    ax.set_ylabel(f"Δ_peak {y_method} [pixel]")
+    fig.colorbar(sc, ax=ax, label="M_cl truth")
+    return _save(fig, path)
+
+
+def figure_masked(results, path, method="CNN", reference=None, reference_method="KS93"):
+    """Fig. 10: the reconstruction under bright-star masks (§3.5).
+
+    Parameters
+    ----------
+    results : Evaluation
+        Of the masked catalogs (``results.star_mask`` marks the masked pixels).
+    path : path of the PNG
+    method : str
+        The method shown (the paper: CNN-BS).
+    reference : Evaluation, optional
+        The same clusters without masks, whose ``reference_method`` Δ_peak is
+        the right panel's x axis (the paper: KS93 without masking); default
+        ``results`` itself.
+    reference_method : str
+
+    Notes
+    -----
+    Left: κ pred against truth over the pixels inside the masks (contours,
+    binned medians as Fig. 4); middle: M_cl as Fig. 6; right: Δ_peak of
+    ``method`` against that of the reference.
+    """
+    reference = results if reference is None else reference
+    fig, axes = _figure(3)
+    inside = results.star_mask & np.isfinite(results.truth)
+    t, p = results.truth[inside], results.maps[method][inside]
+    if t.size:
+        _joint_panel(axes[0, 0], t, p, "κ")
+    axes[0, 0].set_title(f"{method}: pixels inside the masks")
+    m_t, m_p = cluster_masses(results.truth, results.maps[method])
+    _mass_panel(axes[0, 1], m_t, m_p, results.run_mass_std.get(method), f"M_cl {method}")
+    ax = axes[0, 2]
+    d_ref = centroid_offsets(reference.truth, reference.maps[reference_method])
+    d = centroid_offsets(results.truth, results.maps[method])
+    sc = ax.scatter(d_ref, d, c=m_t, s=14, cmap="viridis")
+    fig.colorbar(sc, ax=ax, label="M_cl truth")
+    top = max(d_ref.max(), d.max()) * 1.05 + 1
+    ax.plot([0, top], [0, top], ":", color="0.5")
+    ax.set_xlim(-0.02 * top, top)
+    ax.set_ylim(-0.02 * top, top)
+    ax.set_xlabel(f"Δ_peak {reference_method} [pixel]")
+    ax.set_ylabel(f"Δ_peak {method} [pixel]")
+    return _save(fig, path)
+
+
+def write_figures(results, out_dir, example=None, pair=("KS93", "CNN")):
+    """Figs. 2-8 (and 10 for masked catalogs) as PNG files in ``out_dir``; returns their paths.
+
+    Fig. 8 needs both methods of ``pair``; it is skipped otherwise.  Fig. 10
+    is drawn when some evaluated pixel lies in a star mask, for ``pair[1]``
+    against ``pair[0]`` of the same (masked) catalogs; call
+    :func:`figure_masked` to compare with an unmasked evaluation instead.
+    Fig. 12 (the Appendix A variants) is :func:`figure_maps` with the
+    variants as methods.
+    """
+    paths = [figure_maps(results, os.path.join(out_dir, "fig2_maps.png"), example),
+             figure_distributions(results, os.path.join(out_dir, "fig3_distributions.png")),
+             figure_joint(results, os.path.join(out_dir, "fig4_joint_kappa.png")),
+             figure_joint(results, os.path.join(out_dir, "fig5_joint_kappa_tilde.png"), normalised=True),
+             figure_mass(results, os.path.join(out_dir, "fig6_mass.png")),
+             figure_centroid_mass(results, os.path.join(out_dir, "fig7_centroid_mass.png"))]
+    if all(m in results.maps for m in pair):
+        paths.append(figure_centroid_pair(results, os.path.join(out_dir, "fig8_centroid_pair.png"), *pair))
+        if (results.star_mask & np.isfinite(results.truth)).any():
+            paths.append(figure_masked(results, os.path.join(out_dir, "fig10_masked.png"), pair[1],
+                                       reference_method=pair[0]))
+    return paths
+
+
+def cluster_rows(results):
+    """Per-cluster values behind Figs. 6-8: index, M_truth, and each method's M_pred and Δ_peak."""
+    m_t, _ = cluster_masses(results.truth, results.truth)
+    rows = [{"index": int(i), "M_truth": float(m)} for i, m in zip(results.index, m_t)]
+    for name in results.methods:
+        _, m_p = cluster_masses(results.truth, results.maps[name])
+        d = centroid_offsets(results.truth, results.maps[name])
+        for row, mp, dd in zip(rows, m_p, d):
+            row[f"M_{name}"], row[f"dpeak_{name}"] = float(mp), float(dd)
+    return rows
+
+
+def write_report(results, out_dir, meta=None, example=None, table_name="table2", paper=PAPER_TABLE2,
+                 extra_tables=None, figures=True, overwrite=False):
+    """Write the evaluation report: tables, per-cluster values, figures.
+
+    Parameters
+    ----------
+    results : Evaluation
+    out_dir : path
+        Report directory, created complete or not at all.
+    meta : dict, optional
+        JSON-serialisable facts to keep beside the tables (command, stride,
+        orientations, chosen KS93 FWHM, model files ...), written to
+        ``report.json`` with the table rows.
+    example : int, optional
+        The cluster of Fig. 2.
+    table_name : str
+        Stem of the main table ("table2").
+    paper : dict
+        The paper's rows beside it (:data:`PAPER_TABLE2`).
+    extra_tables : dict of str -> (rows, paper), optional
+        Further tables (e.g. "table3", "ks93_smoothing") written alike; rows
+        of a non-Table-2 shape are written as CSV only.
+    figures : bool
+        Also write the figures (:func:`write_figures`).
+    overwrite : bool
+        Replace an existing ``out_dir`` (else it is an error).
+
+    Returns
+    -------
+    str
+        ``out_dir``.
+
+    Notes
+    -----
+    Everything is written into a fresh temporary directory beside
+    ``out_dir`` which is then renamed to it, so a crash leaves no
+    half-written report under ``out_dir``.  With ``overwrite`` the old report
+    is first moved aside and deleted only after the new one is in place.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise ValueError(f"{out_dir} exists (pass overwrite=True to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        rows = table2(results)
+        write_table(rows, tmp, table_name, paper)
+        for name, (extra_rows, extra_paper) in (extra_tables or {}).items():
+            if extra_rows and set(TABLE2_COLUMNS) <= set(extra_rows[0]):
+                write_table(extra_rows, tmp, name, extra_paper)
+            else:
+                _write_csv(extra_rows, os.path.join(tmp, f"{name}.csv"))
+        _write_csv(cluster_rows(results), os.path.join(tmp, "clusters.csv"))
+        n_pix = int(np.isfinite(results.truth).sum())
+        summary = {"table": rows, "n_clusters": len(results.truth), "n_pixels": n_pix,
+                   "methods": results.methods, "meta": meta or {}}
+        with open(os.path.join(tmp, "report.json"), "w") as fh:
+            json.dump(summary, fh, indent=1, default=_json_default)
+        if figures:
+            write_figures(results, tmp, example)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        old = None
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "report"))
+        os.rename(tmp, out_dir)
+        if old:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _json_default(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if dataclasses.is_dataclass(v):
+        return dataclasses.asdict(v)
+    return str(v)
+
+
+def _write_csv(rows, path):
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 def _cmd_config(args):
@@ -4462,6 +6201,93 @@ def _cmd_train(args):
                                  mixed_precision=args.mixed_precision)
     for i, info in enumerate(infos):
         print(f"run_{i:02d}: best val_loss {info.get('best_val_loss')}, {info.get('epochs_done')} epochs")
+    return 0
+
+
+def _model_groups(paths):
+    """Method name -> models for each ``--models`` path: "CNN" when all share
+    one variant, else the variant names (Table 3 of Appendix A)."""
+    groups = [(p, load_runs(p)) for p in paths]
+    variants = [model_info(models[0])["variant"] for _, models in groups]
+    if len(set(variants)) == 1:
+        return {"CNN": [m for _, models in groups for m in models]}
+    out = {}
+    for (p, models), v in zip(groups, variants):
+        out.setdefault(v, []).extend(models)
+    return out
+
+
+def evaluate_directory(data_dir, model_paths, out_dir, stride=12, orientations=1, limit=None,
+                       n_val_smoothing=50, wiener=True, ss95=True, overwrite=False, progress=True,
+                       command=None):
+    """``python -m wlcnn evaluate``: Table 2 (and 3) with figures for a dataset's test split.
+
+    Parameters
+    ----------
+    data_dir : path
+        Dataset (:func:`write_dataset` / :func:`ingest_dataset`).
+    model_paths : sequence of path
+        Run directories or model files (:func:`load_runs`); several variants
+        give one row each.
+    out_dir : path
+        Report directory (written complete or not at all).
+    stride, orientations : int
+        The mosaic (:func:`predict_mosaic`): the default stride 12 with one
+        orientation is the quick mosaic (100 subfields a cluster); the paper's
+        is stride 3 with 6 orientations (8,664).
+    limit : int, optional
+        Evaluate the first ``limit`` test clusters.
+    n_val_smoothing : int
+        Validation clusters on which the KS93 smoothing is chosen
+        (:func:`choose_ks93_smoothing`).
+    wiener, ss95 : bool
+        Add the Wiener filter (fitted on up to 200 training clusters) and the
+        Seitz & Schneider (1995) reduced-shear iteration as rows.
+
+    Returns
+    -------
+    list of dict
+        The Table 2 rows (also in ``out_dir/table2.csv``).
+    """
+    ds = ClusterDataset(data_dir)
+    config = ds.config
+    groups = _model_groups(model_paths)
+    for name, models in groups.items():
+        for m in models:
+            info = model_info(m)
+            if info["config"]["subfield_npix"] != config.subfield_npix or \
+                    info["config"]["output_npix"] != config.output_npix:
+                raise ValueError(f"model {name} was built for another grid than the dataset's")
+    n_test = ds.count("test")
+    if n_test == 0:
+        raise ValueError(f"{ds.path} has no test clusters")
+    fwhm, smoothing_rows = choose_ks93_smoothing(ds.clusters("val"), config=config, limit=n_val_smoothing,
+                                                 progress=progress)
+    wf = fit_wiener(ds.clusters("train"), config, progress=progress) if wiener else None
+    methods = baseline_methods(config, fwhm, wf, ss95)
+    for name, models in groups.items():
+        methods[name] = cnn_method(models, config, stride=stride, orientations=orientations)
+    total = n_test if limit is None else min(limit, n_test)
+    clusters = itertools.islice(ds.clusters("test"), total)
+    results = evaluate_methods(clusters, methods, config, total=total, progress=progress)
+    meta = {"command": command, "data": os.fspath(data_dir), "models": [os.fspath(p) for p in model_paths],
+            "stride": stride, "orientations": orientations, "ks93_fwhm_arcmin": fwhm,
+            "n_test_clusters": total, "wlcnn": __version__}
+    write_report(results, out_dir, meta=meta, extra_tables={"ks93_smoothing": (smoothing_rows, None)},
+                 overwrite=overwrite)
+    return table2(results)
+
+
+def _cmd_evaluate(args):
+    """Evaluate models against the baselines on the test split (§3)."""
+    rows = evaluate_directory(args.data, args.models, args.out, args.stride, args.orientations, args.limit,
+                              args.n_val_smoothing, not args.no_wiener, not args.no_ss95, args.overwrite,
+                              command=" ".join(["python -m wlcnn"] + sys.argv[1:]))
+    for r in rows:
+        print(f"{r['method']:>10}: R {r['R']:.3f} ± {r['R_err']:.3f}  D {r['D']:.2f} ± {r['D_err']:.2f}  "
+              f"M {r['M_ratio']:.3f} (+{r['M_plus']:.3f}/-{r['M_minus']:.3f})  "
+              f"Δpeak {r['dpeak']:.2f} px  ({r['n_clusters']} clusters)")
+    print(f"report: {args.out}")
     return 0
 
 
@@ -4514,6 +6340,21 @@ def build_parser():
     p.add_argument("--conv", default="auto", choices=["auto", "fft", "direct"])
     p.add_argument("--mixed-precision", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="Table 2 and the figures on a dataset's test split (§3)")
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--models", required=True, nargs="+", help="run directories or .keras files")
+    p.add_argument("--out", required=True, help="report directory (complete or absent)")
+    p.add_argument("--stride", type=int, default=12,
+                   help="offset step in input pixels, a multiple of 3 (paper: 3 = 1,444 offsets)")
+    p.add_argument("--orientations", type=int, default=1, choices=[1, 6], help="paper: 6")
+    p.add_argument("--limit", type=int, default=None, help="first N test clusters")
+    p.add_argument("--n-val-smoothing", type=int, default=50,
+                   help="validation clusters that choose the KS93 smoothing")
+    p.add_argument("--no-wiener", action="store_true")
+    p.add_argument("--no-ss95", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 

@@ -26,7 +26,6 @@ Run: ``python sim_stats.py --n-fields 100 --n-cluster-fields 200 --plot cl.png``
 """
 import argparse
 import json
-import sys
 import time
 
 import numpy as np
