@@ -1,0 +1,432 @@
+"""§4.2: real shear catalogs in sky coordinates in, FITS mass maps out (``reconstruct``)."""
+import dataclasses
+import sys
+
+import keras
+import numpy as np
+import pytest
+from astropy import units as u
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+import wlcnn
+
+
+#: The synthetic cluster field of these tests: a strong NFW clump at the
+#: training redshifts (z_l = 0.5, z_s = 1.5), ~2,000 sources in 10′ (about the
+#: training's 25 arcmin⁻²), so that KS93 alone finds the clump.
+CENTER = (150.0, 2.2)            # RA, Dec of the field centre, degrees
+CLUMP_OFFSET_ARCSEC = (-120.0, 90.0)  # (x West, y North): 2′ East, 1.5′ North of the centre
+M200, C200 = 2e15, 4.0           # M☉, concentration: a strong clump
+FIELD_ARCMIN = 10.0
+N_SOURCES = 2000
+SIGMA_E = 0.24                   # shape noise per component (§2.3.1)
+SEED = 7
+TEST_STRIDE = 36                 # 16 subfields a tile: the tiny untrained model needs no more
+
+
+def nfw_kappa_gamma(x, y, x0, y0, m200, c200, z_l, z_s):
+    """Analytic κ, γ1, γ2 of an NFW halo at (x0, y0) arcsec, at positions (x, y) arcsec (x West)."""
+    cosmo = wlcnn.cosmology()
+    mpc_per_arcsec = cosmo.angular_diameter_distance(z_l).to_value(u.Mpc) * np.radians(1 / 3600)
+    sc = wlcnn.sigma_crit(z_l, z_s, cosmo).value
+    dx, dy = x - x0, y - y0
+    r = np.maximum(np.hypot(dx, dy), 0.1) * mpc_per_arcsec
+    kappa = wlcnn.nfw_sigma(r, m200, c200, z_l, cosmo) / sc
+    gamma_t = (wlcnn.nfw_mean_sigma(r, m200, c200, z_l, cosmo) - wlcnn.nfw_sigma(r, m200, c200, z_l, cosmo)) / sc
+    phi = np.arctan2(dy, dx)
+    return kappa, -gamma_t * np.cos(2 * phi), -gamma_t * np.sin(2 * phi)  # γ = −γ_t e^{2iφ} (README)
+
+
+def sky_catalog(n=N_SOURCES, seed=SEED, sigma_e=SIGMA_E, field_arcmin=FIELD_ARCMIN, center=CENTER):
+    """Sources uniform in the field, lensed by one NFW clump (eq. 7), in sky coordinates.
+
+    Returns the Table (ra, dec, e1, e2, weight; euclidean frame) and the clump's (RA, Dec).
+    """
+    rng = np.random.default_rng(seed)
+    half = field_arcmin * 30.0
+    x, y = rng.uniform(-half, half, n), rng.uniform(-half, half, n)
+    kappa, g1, g2 = nfw_kappa_gamma(x, y, *CLUMP_OFFSET_ARCSEC, M200, C200,
+                                    wlcnn.PAPER.z_lens, wlcnn.PAPER.z_source)
+    g = wlcnn.reduced_shear(g1, g2, kappa)
+    eps = wlcnn.lens_ellipticity(wlcnn.draw_intrinsic_ellipticity(n, sigma_e, rng), g)
+    wcs = wlcnn.tangent_plane_wcs(center)
+    ra, dec = wcs.pixel_to_world_values(x, y)
+    eps = eps * np.exp(-2j * wlcnn.local_north_angle(ra, dec, wcs))  # plane frame -> local (West, North)
+    clump = wcs.pixel_to_world_values(*CLUMP_OFFSET_ARCSEC)
+    table = Table({"RA": ra, "Dec": dec, "E1": eps.real, "E2": eps.imag,
+                   "Weight": np.full(n, 1.0 / sigma_e**2)})  # mixed case: names match case-insensitively
+    return table, (float(clump[0]), float(clump[1]))
+
+
+def tiny_model(seed, config=wlcnn.PAPER, variant="Fiducial"):
+    """An untrained Table 1 model with 5×5 filters: the paper's grids, fast to predict."""
+    keras.utils.set_random_seed(seed)
+    return wlcnn.build_model(dataclasses.replace(config, filter_size=5), variant)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Two tiny untrained runs saved as .keras files (a directory load_runs reads)."""
+    path = tmp_path_factory.mktemp("runs")
+    for i in range(2):
+        wlcnn.save_model(tiny_model(i), path / f"run_{i:02d}.keras")
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(run_dir):
+    return wlcnn.load_runs(run_dir)
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return sky_catalog()
+
+
+def valid_table(n=50, seed=0):
+    """A small clean catalog for the bad-catalog tests (only reading is exercised)."""
+    rng = np.random.default_rng(seed)
+    return Table({"ra": CENTER[0] + rng.uniform(-0.05, 0.05, n), "dec": CENTER[1] + rng.uniform(-0.05, 0.05, n),
+                  "e1": rng.normal(0, 0.2, n), "e2": rng.normal(0, 0.2, n), "weight": np.full(n, 16.0)})
+
+
+# ---------------------------------------------------------------------------
+# Tangent plane: x towards West, y towards North (DESIGN.md "Lensing")
+# ---------------------------------------------------------------------------
+def test_source_east_of_centre_gets_smaller_x_and_north_larger_y():
+    wcs = wlcnn.tangent_plane_wcs(CENTER)
+    one_arcmin_ra = 1 / 60 / np.cos(np.radians(CENTER[1]))  # 1′ on the sky along RA
+    x_east, y_east = wcs.world_to_pixel_values(CENTER[0] + one_arcmin_ra, CENTER[1])
+    x_north, y_north = wcs.world_to_pixel_values(CENTER[0], CENTER[1] + 1 / 60)
+    # 1′ = 60″; TAN departs from the arc by θ²/3 relative, 3e-8 at 1′: 1e-4″ is ample.
+    assert x_east == pytest.approx(-60.0, abs=1e-4)
+    assert y_north == pytest.approx(60.0, abs=1e-4)
+    # A parallel curves towards the pole: y = θ² tan δ / 2 = 3e-4″ at 1′; a meridian is straight.
+    assert abs(y_east) < 1e-3 and abs(x_north) < 1e-9
+
+
+def test_map_wcs_puts_west_at_larger_column_and_centre_on_a_pixel_corner():
+    geometry = wlcnn.field_geometry(FIELD_ARCMIN)
+    wcs = wlcnn.map_wcs(CENTER, geometry)
+    assert wcs.wcs.cdelt[0] < 0 < wcs.wcs.cdelt[1]  # RA decreases with the column: North up, East left
+    px, py = wcs.world_to_pixel_values(*CENTER)
+    half = geometry.npix / 2 - 0.5  # corner between pixels npix/2 − 1 and npix/2
+    assert (px, py) == pytest.approx((half, half), abs=1e-9)  # exact up to round-off
+
+
+def test_local_north_rotation_is_minus_ra_offset_times_sin_dec():
+    """Meridians converge towards the pole: a source Δα East sees North tilted by −Δα sin δ."""
+    center = (30.0, 60.0)
+    wcs = wlcnn.tangent_plane_wcs(center)
+    d_ra = 0.5  # degrees of RA
+    psi = wlcnn.local_north_angle(np.array([center[0] + d_ra, center[0] - d_ra, center[0]]),
+                                  np.full(3, center[1]), wcs)
+    want = np.radians(d_ra) * np.sin(np.radians(center[1]))
+    # The small-angle form is exact to O(Δα³): 1e-3 relative at 0.5°.
+    np.testing.assert_allclose(psi, [-want, want, 0.0], rtol=1e-3, atol=1e-12)
+
+
+def test_default_centre_is_the_middle_of_the_extent_even_across_ra_zero():
+    rng = np.random.default_rng(SEED)
+    ra = rng.uniform(-0.1, 0.1, 500) % 360.0  # a field straddling RA = 0
+    dec = rng.uniform(-30.1, -29.9, 500)
+    ra_c, dec_c = wlcnn.catalog_center(ra, dec)
+    # The bounding box's middle: within 0.001° (the extreme sources of 500 fall that close
+    # to the ±0.1° edges), and RA near 0/360 — not the 180° of a naive mean.
+    assert min(ra_c, 360.0 - ra_c) < 1e-3 and dec_c == pytest.approx(-30.0, abs=1e-3)
+
+
+def test_celestial_frame_negates_e2():
+    table = valid_table()
+    euc = wlcnn.read_catalog(table)
+    cel = wlcnn.read_catalog(table, coordinate_system="celestial")
+    np.testing.assert_array_equal(cel.e1, euc.e1)
+    np.testing.assert_array_equal(cel.e2, -euc.e2)
+
+
+def test_weights_become_sigma_and_sigma_column_is_used_as_is():
+    table = valid_table()
+    table["w"] = table["weight"] * 4.0
+    table["sig"] = np.full(len(table), 0.3)
+    np.testing.assert_allclose(wlcnn.read_catalog(table, weight_col="w").sigma, 1 / np.sqrt(64.0))
+    np.testing.assert_array_equal(wlcnn.read_catalog(table, sigma_col="sig").sigma, 0.3)
+
+
+# ---------------------------------------------------------------------------
+# Geometry: one tile for a §4.2-sized field, overlapping tiles beyond
+# ---------------------------------------------------------------------------
+def test_small_field_is_one_tile_in_the_middle_of_the_input():
+    g = wlcnn.field_geometry(9.0)  # the HST field of §4.2
+    assert g.n_tiles == 1
+    assert g.npix == 48  # 9′ = 540″ = 46.9 pixels of 11.52″, rounded up to an even number
+    # The field centre is the 32′ input's centre: the input grid starts 16′ East and South of it.
+    assert g.tile_origin_arcsec(g.tile_starts[0]) == pytest.approx(-16 * 60.0)
+
+
+@pytest.mark.parametrize("size", [26.0, 32.0, 40.0, 75.0])
+def test_tiles_cover_every_pixel_of_a_large_field(size):
+    g = wlcnn.field_geometry(size)
+    line = np.zeros(g.npix, dtype=int)
+    cover = wlcnn.mosaic_coverage(g.config, g.stride)[g.config.mosaic_npix // 2] > 0
+    for a in g.tile_starts:
+        idx = a + np.flatnonzero(cover)
+        line[idx[(idx >= 0) & (idx < g.npix)]] += 1
+    assert line.min() >= 1
+    if len(g.tile_starts) > 1:  # neighbours overlap by at least TILE_OVERLAP of the covered width
+        step = np.diff(g.tile_starts).max()
+        assert step <= cover.sum() * (1 - wlcnn.TILE_OVERLAP)
+
+
+@pytest.mark.parametrize("size", [10.0, 40.0])
+def test_tiled_mosaic_lands_on_the_right_sky_pixels(catalog, size):
+    """A 'network' that returns each output pixel's own input Δε must give, through
+    tiles, offsets and averaging, exactly the field grid's Δε on every pixel: the
+    tiles' pixels are the output grid's (no shift, no resampling)."""
+    cfg = wlcnn.PAPER
+    g = wlcnn.field_geometry(size, cfg, stride=TEST_STRIDE)
+    sky = wlcnn.read_catalog(catalog[0])
+    x, y, e1, e2 = wlcnn.project_catalog(sky, CENTER)
+    scale = size / FIELD_ARCMIN  # spread the sources over the field
+    src = (x * scale, y * scale, e1, e2, sky.sigma)
+
+    def footprint_delta_eps(batch):
+        lo = (cfg.first_kernel - 1) // 2
+        block = batch[:, lo:lo + cfg.pool * cfg.output_npix, lo:lo + cfg.pool * cfg.output_npix, 2]
+        return wlcnn.block_mean(block, cfg.pool)[..., None]
+
+    res = wlcnn.cnn_field_map(*src, [footprint_delta_eps], g)
+    want = wlcnn.block_mean(wlcnn.grid_field(*src, g)[2], cfg.pool)
+    assert res.count.min() > 0
+    # Subfields are float32: agreement to float32 round-off.
+    np.testing.assert_allclose(res.mean, want, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Bad catalogs and models: clear ValueErrors
+# ---------------------------------------------------------------------------
+def test_missing_columns_are_named_with_the_available_ones():
+    table = valid_table()
+    del table["e2"], table["weight"]
+    with pytest.raises(ValueError, match=r"missing column.*'e2'.*'weight'.*\['ra', 'dec', 'e1'\]"):
+        wlcnn.read_catalog(table)
+
+
+def test_columns_match_case_insensitively(catalog):
+    sky = wlcnn.read_catalog(catalog[0])  # columns RA, Dec, E1, E2, Weight
+    assert len(sky.ra) == N_SOURCES
+
+
+def test_nan_rows_are_dropped_and_counted():
+    table = valid_table()
+    table["e1"][[3, 7]] = np.nan
+    table["dec"][11] = np.nan
+    with pytest.warns(wlcnn.CatalogWarning, match="dropped 3 of 50 rows.*3 with NaN"):
+        sky = wlcnn.read_catalog(table)
+    assert sky.counts["dropped_nan"] == 3 and len(sky.ra) == 47
+
+
+def test_empty_entries_of_a_csv_count_as_nan(tmp_path):
+    path = tmp_path / "cat.csv"
+    path.write_text("ra,dec,e1,e2,weight\n150.0,2.2,0.1,,16\n150.01,2.21,0.1,0.2,16\n")
+    with pytest.warns(wlcnn.CatalogWarning):
+        sky = wlcnn.read_catalog(path)
+    assert sky.counts["dropped_nan"] == 1 and len(sky.ra) == 1
+
+
+def test_all_nan_rows_is_an_error():
+    table = valid_table()
+    table["e1"] = np.nan
+    with pytest.raises(ValueError, match="no usable row among 50 .*50 with NaN"):
+        wlcnn.read_catalog(table)
+
+
+def test_rows_with_abs_e_at_least_one_are_dropped_and_counted():
+    table = valid_table()
+    table["e1"][0], table["e2"][0] = 0.8, 0.6   # |e| = 1 exactly: dropped
+    table["e1"][1] = 1.7
+    with pytest.warns(wlcnn.CatalogWarning, match="2 with \\|e\\| ≥ 1"):
+        sky = wlcnn.read_catalog(table)
+    assert sky.counts["dropped_ellipticity"] == 2 and len(sky.ra) == 48
+
+
+def test_all_rows_with_abs_e_at_least_one_is_an_error():
+    table = valid_table()
+    table["e1"] = 1.5
+    with pytest.raises(ValueError, match="no usable row.*50 with \\|e\\| ≥ 1"):
+        wlcnn.read_catalog(table)
+
+
+def test_zero_weight_rows_are_dropped_as_flagged():
+    table = valid_table()
+    table["weight"][:5] = 0.0
+    with pytest.warns(wlcnn.CatalogWarning, match="5 with weight ≤ 0"):
+        sky = wlcnn.read_catalog(table)
+    assert sky.counts["dropped_weight"] == 5
+
+
+def test_every_source_outside_the_field_is_an_error(tmp_path, run_dir):
+    table = valid_table()
+    with pytest.raises(ValueError, match="none of the 50 sources lies inside the 1.15′ field"):
+        wlcnn.reconstruct(table, run_dir, tmp_path / "k.fits", center=(CENTER[0] + 1.0, CENTER[1]),
+                          size_arcmin=1.0, png=False)
+    assert not (tmp_path / "k.fits").exists()
+
+
+def test_empty_file_is_an_error(tmp_path):
+    empty = tmp_path / "empty.fits"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        wlcnn.read_catalog(empty)
+
+
+def test_header_only_csv_is_an_error(tmp_path):
+    path = tmp_path / "header.csv"
+    path.write_text("ra,dec,e1,e2,weight\n")
+    with pytest.raises(ValueError, match="no rows"):
+        wlcnn.read_catalog(path)
+
+
+def test_unknown_coordinate_system_is_an_error():
+    with pytest.raises(ValueError, match="unknown coordinate_system 'galactic'.*euclidean.*celestial"):
+        wlcnn.read_catalog(valid_table(), coordinate_system="galactic")
+
+
+def test_weight_and_sigma_columns_together_are_an_error(tmp_path, run_dir):
+    table = valid_table()
+    table["sig"] = 0.3
+    with pytest.raises(ValueError, match="a weight column or a sigma column, not both"):
+        wlcnn.read_catalog(table, weight_col="w", sigma_col="sig")
+    path = tmp_path / "cat.fits"
+    table.write(path)
+    with pytest.raises(SystemExit) as exc:  # argparse: mutually exclusive options
+        wlcnn.main(["reconstruct", str(path), "--models", str(run_dir), "--out", str(tmp_path / "k.fits"),
+                    "--weight-col", "weight", "--sigma-col", "sig"])
+    assert exc.value.code == 2
+
+
+def test_center_option_takes_degrees_or_sexagesimal():
+    parse = wlcnn._parse_center
+    assert parse("15.72,-49.25") == (15.72, -49.25)
+    ra, dec = parse("01:02:53,-49:15:19")  # El Gordo
+    assert (ra, dec) == pytest.approx((15.720833, -49.255278), abs=1e-6)  # 1e-6° = 4 mas
+    with pytest.raises(Exception, match="RA,DEC"):
+        parse("15.72")
+
+
+def test_non_numeric_positions_are_an_error():
+    table = valid_table(3)
+    table["ra"] = ["01:02:53", "01:02:54", "01:02:55"]
+    with pytest.raises(ValueError, match="column 'ra' is not numeric.*degrees"):
+        wlcnn.read_catalog(table)
+
+
+def test_model_built_for_another_grid_is_an_error(tmp_path, models):
+    other = dataclasses.replace(wlcnn.PAPER, field_arcmin=30.0)  # 3.6″ pixels, not 3.84″
+    with pytest.raises(ValueError, match="another grid than the data's.*field_arcmin"):
+        wlcnn.reconstruct(valid_table(), models, tmp_path / "k.fits", config=other, png=False)
+    with pytest.raises(ValueError, match="differ in grid.*field_arcmin"):
+        wlcnn.check_models([models[0], tiny_model(5, other)])
+
+
+def test_models_of_another_channel_count_are_an_error(models):
+    with pytest.raises(ValueError, match="differ in input channels \\(3 and 4\\)"):
+        wlcnn.check_models([models[0], tiny_model(6, variant="4Channel")])
+    # A model that wants a channel the gridding does not make (hand-built description).
+    info = dict(wlcnn.model_info(models[0]), channels=5)
+    inputs = keras.Input((386, 386, 5))
+    odd = keras.Model(inputs, wlcnn.ModelInfo(info, name=wlcnn.INFO_LAYER)(inputs))
+    with pytest.raises(ValueError, match="expects 5 input channels; the gridded catalog has 4"):
+        wlcnn.check_models(odd)
+
+
+def test_existing_output_is_not_overwritten_without_asking(tmp_path, models):
+    out = tmp_path / "k.fits"
+    out.write_text("keep me")
+    with pytest.raises(FileExistsError):
+        wlcnn.reconstruct(valid_table(), models, out, png=False)
+    assert out.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------
+# End to end: FITS catalog in, FITS maps out, through the command line
+# ---------------------------------------------------------------------------
+def test_cli_writes_four_maps_whose_wcs_puts_the_clump_at_the_ks93_peak(tmp_path, run_dir, catalog, capsys):
+    table, clump = catalog[0].copy(), catalog[1]
+    table["E1"][:4] = np.nan  # 4 NaN rows: dropped and reported
+    cat_path = tmp_path / "catalog.fits"
+    table.write(cat_path)
+    out = tmp_path / "kappa.fits"
+    ks93_fwhm = 1.0  # arcmin: at ~20 sources/arcmin² the unsmoothed KS93 peak is noise-dominated
+    rc = wlcnn.main(["reconstruct", str(cat_path), "--models", str(run_dir), "--out", str(out),
+                     "--stride", str(TEST_STRIDE), "--ks93-fwhm", str(ks93_fwhm)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "dropped 4 of 2000 rows (4 with NaN" in captured.err
+    assert f"{N_SOURCES - 4} sources used of {N_SOURCES} rows (dropped: 4 NaN" in captured.out
+    with fits.open(out) as hdul:
+        assert [h.name for h in hdul[1:]] == list(wlcnn.MAP_EXTENSIONS)
+        assert hdul[0].header["NDRNAN"] == 4 and hdul[0].header["NRUNS"] == 2
+        shapes = {h.data.shape for h in hdul[1:]}
+        assert len(shapes) == 1
+        n = shapes.pop()[0]
+        assert n * 11.52 / 60 >= FIELD_ARCMIN - 0.2  # the catalog's extent, rounded up to pixels
+        for h in hdul[1:]:
+            assert np.all(np.isfinite(h.data)), h.name
+        for name in ("KAPPA_CNN", "KAPPA_CNN_STD", "KAPPA_KS93"):
+            assert u.Unit(hdul[name].header["BUNIT"], format="fits") == u.dimensionless_unscaled
+        assert u.Unit(hdul["DENSITY"].header["BUNIT"], format="fits") == u.arcmin**-2
+        assert np.nanmax(hdul["KAPPA_CNN_STD"].data) > 0  # two different runs disagree
+        # The mean density away from the edges is the catalog's, 20 arcmin⁻²: 10 % is
+        # 3.5 × the Poisson error of the ~1,300 sources of the central 8′ (the
+        # median would be lower: a pixel holds ~1 source, a skewed distribution).
+        inner = hdul["DENSITY"].data[n // 10:-(n // 10), n // 10:-(n // 10)]
+        assert inner.mean() == pytest.approx(N_SOURCES / FIELD_ARCMIN**2, rel=0.1)
+        ks = hdul["KAPPA_KS93"].data
+        wcs = WCS(hdul["KAPPA_KS93"].header)
+        px, py = wcs.world_to_pixel_values(*clump)
+        iy, ix = np.unravel_index(np.argmax(ks), ks.shape)
+        # Within 1 mosaic pixel (11.5″): the quantisation of a peak to a pixel is up to
+        # 0.71 px (half the diagonal); over seeds 0-19 of this catalog the offset was
+        # 0.26-0.70 px.  A mirrored axis would put the peak ~10 px away, a shifted one 1+.
+        assert np.hypot(ix - px, iy - py) <= 1.0
+        assert hdul["KAPPA_KS93"].header["KS93FWHM"] == ks93_fwhm
+    assert (tmp_path / "kappa.png").exists() or "matplotlib" in captured.err
+
+
+def test_euclidean_and_celestial_catalogs_give_the_same_maps(tmp_path, models, catalog):
+    table = catalog[0]
+    cel = table.copy()
+    cel["E2"] = -cel["E2"]
+    kw = dict(stride=TEST_STRIDE, png=False)
+    a = wlcnn.reconstruct(table, models, tmp_path / "euclidean.fits", **kw)
+    b = wlcnn.reconstruct(cel, models, tmp_path / "celestial.fits", coordinate_system="celestial", **kw)
+    # −(−e2) is exact, so the same numbers go through the same arithmetic.
+    for name in ("kappa_cnn", "kappa_cnn_std", "kappa_ks93", "density"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+@pytest.mark.filterwarnings("error::astropy.io.fits.verify.VerifyWarning")  # no card truncated
+def test_other_redshifts_are_recorded_not_used_to_rescale_kappa(tmp_path, models, catalog):
+    """Shear measures κ of the catalog's own sources; z only changes Σ_c (see redshift_info)."""
+    kw = dict(stride=TEST_STRIDE, png=False)
+    a = wlcnn.reconstruct(catalog[0], models, tmp_path / "a.fits", **kw)
+    with pytest.warns(UserWarning, match="trained for z_l = 0.5, z_s = 1.5"):
+        b = wlcnn.reconstruct(catalog[0], models, tmp_path / "b.fits", z_lens=0.87, z_source=1.2, **kw)
+    np.testing.assert_array_equal(a.kappa_cnn, b.kappa_cnn)
+    np.testing.assert_array_equal(a.kappa_ks93, b.kappa_ks93)
+    h = fits.getheader(tmp_path / "b.fits")
+    assert (h["Z_LENS"], h["Z_SOURCE"], h["ZL_TRAIN"], h["ZS_TRAIN"]) == (0.87, 1.2, 0.5, 1.5)
+    want = wlcnn.sigma_crit(0.87, 1.2).value
+    assert h["SIGCRIT"] == pytest.approx(want, rel=1e-12)  # the same function, the same numbers
+    assert h["SCRATIO"] == pytest.approx(wlcnn.sigma_crit(0.5, 1.5).value / want, rel=1e-12)
+    assert "not rescaled" in str(h["HISTORY"])
+
+
+def test_without_matplotlib_the_fits_is_written_and_the_png_skipped(tmp_path, models, catalog, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # `from matplotlib.figure import …` fails
+    with pytest.warns(UserWarning, match="matplotlib is not installed: no PNG"):
+        res = wlcnn.reconstruct(catalog[0], models[:1], tmp_path / "k.fits", stride=TEST_STRIDE)
+    assert res.png_path is None and not (tmp_path / "k.png").exists()
+    assert fits.getheader(tmp_path / "k.fits", "KAPPA_CNN")["NRUNS"] == 1
