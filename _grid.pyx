@@ -36,17 +36,19 @@ def grid(const double[::1] xp, const double[::1] yp,
     """Accumulate the Gaussian-weighted sums and write (ε̄1, ε̄2, Δε, n).
 
     xp, yp : source positions in pixel units (pixel j's centre is at j).
+    rcut_pix : the kernel is zero where |Δx| or |Δy| exceeds it (a square
+        cut: separable, and symmetric under the grid's 90° rotations and
+        mirrors).
     w : inverse-variance weights u = 1/σ².
-    acc : (ny, nx, 5) float64 work buffer, overwritten.
+    acc : (ny, nx, 5) float64 work buffer: all zero on entry, left all zero.
     out : (4, ny, nx) float64 result, overwritten.
     """
     cdef Py_ssize_t n = xp.shape[0]
     cdef Py_ssize_t ny = acc.shape[0], nx = acc.shape[1]
     cdef Py_ssize_t ntap = <Py_ssize_t>(2 * ceil(rcut_pix) + 3)
-    cdef Py_ssize_t s, k, i, j, i0, i1, j0, j1, jlo, jhi, row
-    cdef double x, y, d, g, r, h, wy, gj, gj2, inv
+    cdef Py_ssize_t s, k, i, j, i0, i1, j0, j1, row
+    cdef double x, y, d, g, r, rx, wy, gj, gj2, inv
     cdef double v[4]
-    cdef double r2 = rcut_pix * rcut_pix
     cdef double inv2s2 = 0.5 / (sigma_pix * sigma_pix)
     cdef double c = exp(-2.0 * inv2s2)
     cdef double *a
@@ -56,23 +58,24 @@ def grid(const double[::1] xp, const double[::1] yp,
     cdef double *o4
     cdef double *gx = <double *> malloc(2 * ntap * sizeof(double))
     cdef double *gx2 = gx + ntap
-    cdef Py_ssize_t *start = <Py_ssize_t *> malloc((ny * nx + 1 + n) * sizeof(Py_ssize_t))
-    cdef Py_ssize_t *order = start + ny * nx + 1
+    cdef Py_ssize_t nbx = nx // 8 + 1, nb = ny * nbx
+    cdef Py_ssize_t *start = <Py_ssize_t *> malloc((nb + 1 + n) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *order = start + nb + 1
     if gx == NULL or start == NULL:
         free(gx)
         free(start)
         raise MemoryError()
     with nogil:
-        memset(&acc[0, 0, 0], 0, ny * nx * 5 * sizeof(double))
-        # A counting sort of the sources on their nearest pixel: neighbouring
-        # sources then write neighbouring sums, which stay in the fastest cache.
-        memset(start, 0, (ny * nx + 1) * sizeof(Py_ssize_t))
+        # A counting sort of the sources on (nearest row, nearest column // 8):
+        # neighbouring sources then write neighbouring sums, which stay in the
+        # fastest cache, and the buckets are few enough to count quickly.
+        memset(start, 0, (nb + 1) * sizeof(Py_ssize_t))
         for s in range(n):
-            start[_row(yp[s], ny) * nx + _row(xp[s], nx) + 1] += 1
-        for row in range(ny * nx):
+            start[_row(yp[s], ny) * nbx + _row(xp[s], nx) // 8 + 1] += 1
+        for row in range(nb):
             start[row + 1] += start[row]
         for s in range(n):
-            row = _row(yp[s], ny) * nx + _row(xp[s], nx)
+            row = _row(yp[s], ny) * nbx + _row(xp[s], nx) // 8
             order[start[row]] = s
             start[row] += 1
 
@@ -96,43 +99,33 @@ def grid(const double[::1] xp, const double[::1] yp,
                 continue  # a source farther than rcut from every pixel centre
             # The Gaussian is separable, and along a row or column it obeys
             # g(d + 1) = g(d) r(d), r(d + 1) = r(d) c with c = exp(-1/σ²):
-            # four exp() calls a source instead of one per tap.
+            # three exp() calls a source (the corner tap and the two first
+            # ratios) instead of one per tap.  gx holds the column factors
+            # relative to column j0; the corner value starts the rows.
             d = j0 - x
-            g = exp(-d * d * inv2s2)
-            r = exp(-(2.0 * d + 1.0) * inv2s2)
+            g = exp(-d * d * inv2s2 - (i0 - y) * (i0 - y) * inv2s2)
+            rx = exp(-(2.0 * d + 1.0) * inv2s2)
+            gj = 1.0
             for j in range(j1 - j0 + 1):
-                gx[j] = g
-                gx2[j] = g * g
-                g = g * r
-                r = r * c
+                gx[j] = gj
+                gx2[j] = gj * gj
+                gj = gj * rx
+                rx = rx * c
             d = i0 - y
-            g = exp(-d * d * inv2s2)
             r = exp(-(2.0 * d + 1.0) * inv2s2)
             for i in range(i0, i1 + 1):
                 wy = g
                 g = g * r
                 r = r * c
-                d = (i - y) * (i - y)
-                if d > r2:
-                    continue
-                # The circular cut as this row's column range, |j - x| <= h.
-                h = sqrt(r2 - d)
-                jlo = _ceil(x - h)
-                jhi = _floor(x + h)
-                if jlo < j0:
-                    jlo = j0
-                if jhi > j1:
-                    jhi = j1
                 # Per row v = W_y (u, u ε1, u ε2, W_y u); per tap the sums gain
-                # g v, with g² for the W² term (Σ W² u² σ² = Σ W² u, u σ² = 1).
+                # g_x v, with g_x² for the W² term (Σ W² u² σ² = Σ W² u).
                 v[0] = wy * w[s]
                 v[1] = v[0] * e1[s]
                 v[2] = v[0] * e2[s]
                 v[3] = v[0] * wy
-                a = &acc[i, jlo, 0]
-                for j in range(jlo - j0, jhi - j0 + 1):
-                    # locals: the compiler cannot rule out gx aliasing acc, and
-                    # the pairs (a0, a1), (a2, a3) then map onto vector registers
+                a = &acc[i, j0, 0]
+                for j in range(j1 - j0 + 1):
+                    # locals: the compiler cannot rule out gx aliasing acc
                     gj = gx[j]
                     gj2 = gx2[j]
                     a[0] += gj * v[0]
@@ -142,6 +135,8 @@ def grid(const double[::1] xp, const double[::1] yp,
                     a[4] += gj * wy
                     a += 5
 
+        # Read the sums out and zero them for the next call (one pass over
+        # `acc` rather than a separate clearing pass).
         o1 = &out[0, 0, 0]
         o2 = &out[1, 0, 0]
         o3 = &out[2, 0, 0]
@@ -158,6 +153,7 @@ def grid(const double[::1] xp, const double[::1] yp,
                 o2[k] = 0.0
                 o3[k] = empty_error
             o4[k] = a[4] * density_norm
+            a[0] = a[1] = a[2] = a[3] = a[4] = 0.0
             a += 5
     free(gx)
     free(start)

@@ -2802,7 +2802,7 @@ def grid_catalog_numpy(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.
         for dj in range(-half, half + 1):
             i, j = ic + di, jc + dj
             d2 = (i - yp) ** 2 + (j - xp) ** 2
-            ok = (d2 <= rcut**2) & (i >= 0) & (i < npix) & (j >= 0) & (j < npix)
+            ok = (np.abs(i - yp) <= rcut) & (np.abs(j - xp) <= rcut) & (i >= 0) & (i < npix) & (j >= 0) & (j < npix)
             if not ok.any():
                 continue
             idx = (i * npix + j)[ok]
@@ -2852,8 +2852,11 @@ def grid_catalog(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.pixel_
     fwhm_arcsec : float
         FWHM of the Gaussian kernel W in arcsec (7″, §2.3.2).
     cut_sigma : float
-        W is set to zero beyond ``cut_sigma`` σ_W (4σ_W = 11.9″ for the paper:
-        e^{-8} ≈ 3e-4 of the peak, and the kernel stays circular).
+        W is set to zero where |Δx| or |Δy| exceeds ``cut_sigma`` σ_W (4σ_W =
+        11.9″ for the paper, where W is e^{-8} ≈ 3e-4 of its peak).  The cut is
+        square: W stays separable (one exp per source and axis, not per tap)
+        and keeps the symmetries of the pixel grid (90° rotations, mirrors),
+        all that the augmentations need.
     empty_error : float
         Δε of a pixel with no source within the truncation radius (its ε̄ is 0).
     out : numpy.ndarray, shape (4, npix, npix), float64, optional
@@ -2887,9 +2890,10 @@ def grid_catalog(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.pixel_
     elif not (isinstance(out, np.ndarray) and out.shape == (4, npix, npix)
               and out.dtype == np.float64 and out.flags.c_contiguous):
         raise ValueError(f"out must be a C-contiguous float64 array of shape (4, {npix}, {npix})")
+    # A per-thread work buffer of zeros, which the extension leaves zeroed.
     acc = getattr(_workspace, "acc", None)
     if acc is None or acc.shape[:2] != (npix, npix):
-        acc = _workspace.acc = np.empty((npix, npix, 5))
+        acc = _workspace.acc = np.zeros((npix, npix, 5))
     s_pix = fwhm_arcsec / FWHM_PER_SIGMA / pixel_arcsec
     xp, yp = x / pixel_arcsec - 0.5, y / pixel_arcsec - 0.5
     near = _within_reach(xp, yp, npix, cut_sigma * s_pix)
