@@ -2895,11 +2895,27 @@ def grid_catalog(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.pixel_
     if acc is None or acc.shape[:2] != (npix, npix):
         acc = _workspace.acc = np.zeros((npix, npix, 5))
     s_pix = fwhm_arcsec / FWHM_PER_SIGMA / pixel_arcsec
+    rcut = cut_sigma * s_pix
     xp, yp = x / pixel_arcsec - 0.5, y / pixel_arcsec - 0.5
-    near = _within_reach(xp, yp, npix, cut_sigma * s_pix)
-    if not near.all():  # keeps the integer casts in the loop within range
-        xp, yp, e1, e2, sigma = xp[near], yp[near], e1[near], e2[near], sigma[near]
-    _grid.grid(xp, yp, e1, e2, 1.0 / sigma**2, s_pix, cut_sigma * s_pix, empty_error,
+    # Each source's square footprint, clipped to the grid (clipping first
+    # keeps the integer casts in range for sources far outside the field).
+    j0 = np.clip(np.ceil(xp - rcut), 0, npix)
+    j1 = np.clip(np.floor(xp + rcut), -1, npix - 1)
+    i0 = np.clip(np.ceil(yp - rcut), 0, npix)
+    i1 = np.clip(np.floor(yp + rcut), -1, npix - 1)
+    on = (j1 >= j0) & (i1 >= i0)
+    if not on.all():
+        j0, j1, i0, i1, xp, yp, e1, e2, sigma = (a[on] for a in (j0, j1, i0, i1, xp, yp, e1, e2, sigma))
+    # W at the footprint's first tap and the first ratios of the recurrence
+    # g(d + 1) = g(d) r(d) that the extension runs along rows and columns:
+    # three vectorised exp() a source instead of one per tap.
+    k = 0.5 / s_pix**2
+    dx, dy = j0 - xp, i0 - yp
+    g0 = np.exp(-k * (dx * dx + dy * dy))
+    rx0 = np.exp(-k * (2.0 * dx + 1.0))
+    ry0 = np.exp(-k * (2.0 * dy + 1.0))
+    ints = [a.astype(np.intp) for a in (i0, i1, j0, j1)]
+    _grid.grid(*ints, g0, rx0, ry0, e1, e2, 1.0 / sigma**2, np.exp(-2.0 * k), empty_error,
                _density_norm(fwhm_arcsec), acc, out)
     return out
 
