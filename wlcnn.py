@@ -2504,7 +2504,7 @@ def _write_one_shard(task):
 
     _atomic_write(path, write)
     side = {"file": _shard_name(split, k), "split": split, "first": first, "n": n, "sha256": _sha256(path)}
-    _atomic_write(f"{path}.json", lambda tmp: Path(tmp).write_text(json.dumps(side)))
+    _atomic_write_text(f"{path}.json", json.dumps(side))
     return side
 
 
@@ -2635,7 +2635,7 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
     manifest = dict(header, shards={s: [d for d in sides if d["split"] == s] for s in SPLITS},
                     packages={"wlcnn": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
                               "astropy": astropy.__version__})
-    _atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -3881,16 +3881,8 @@ def _readable(path):
 
 
 def _atomic_write_text(path, text):
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (:func:`_atomic_write`)."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _read_json(path):
