@@ -3613,7 +3613,7 @@ def make_loss(config=PAPER, variant="FocalLoss"):
                      config.focal_floor)
 
 
-def compile_model(model, config=PAPER, variant=None):
+def compile_model(model, config=PAPER, variant=None, learning_rate=None):
     """Compile with Adam (§2.3.2) and the variant's loss.
 
     Parameters
@@ -3626,6 +3626,8 @@ def compile_model(model, config=PAPER, variant=None):
         ``focal_floor``.
     variant : str, optional
         Default: the one stored in the model.
+    learning_rate : float or keras.optimizers.schedules.LearningRateSchedule, optional
+        Default: ``config.learning_rate``, constant (§2.3.2).
 
     Returns
     -------
@@ -3633,8 +3635,8 @@ def compile_model(model, config=PAPER, variant=None):
         The same model, compiled.
     """
     variant = variant or model_info(model)["variant"]
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate,
-                                                  clipnorm=config.clipnorm),
+    lr = config.learning_rate if learning_rate is None else learning_rate
+    model.compile(optimizer=keras.optimizers.Adam(lr, clipnorm=config.clipnorm),
                   loss=make_loss(config, variant))
     return model
 
@@ -3706,6 +3708,10 @@ def load_model(path, compile=True):
 # ---------------------------------------------------------------------------
 # §2.3.2 Training: presets
 # ---------------------------------------------------------------------------
+#: Learning-rate schedules a ``TrainPreset`` may name.
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class TrainPreset:
     """A training schedule.
@@ -3730,6 +3736,14 @@ class TrainPreset:
     time_limit_s : float or None
         Wall-clock budget of a run (summed over resumptions): training stops
         after the epoch that would leave less than one more epoch's time.
+    lr_schedule : {"constant", "cosine"}
+        "constant": ``learning_rate`` throughout (§2.3.2). "cosine": linear
+        warm-up, then a half-cosine decay (see ``learning_rate_schedule``).
+    warmup_steps : int
+        Steps of the linear warm-up ("cosine" only).
+    final_lr_fraction : float
+        Step size at the last planned step, as a fraction of
+        ``learning_rate`` ("cosine" only).
     """
 
     name: str
@@ -3741,6 +3755,38 @@ class TrainPreset:
     clipnorm: float | None
     n_val: int
     time_limit_s: float | None = None
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.0
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, "
+                             f"got {self.lr_schedule!r}")
+        if not 0 <= self.warmup_steps < self.epochs * self.steps_per_epoch:
+            raise ValueError("warmup_steps must be >= 0 and fewer than the "
+                             "run's steps")
+
+    def learning_rate_schedule(self):
+        """Adam's step size as Keras takes it: a float ("constant"), or a
+        ``keras.optimizers.schedules.CosineDecay`` ("cosine") that rises
+        linearly from 0 over ``warmup_steps`` to ``learning_rate`` and then
+        falls as a half cosine to ``final_lr_fraction * learning_rate`` at
+        the run's last planned step.
+
+        The schedule is a function of the optimizer's step count, which
+        ``BackupAndRestore`` saves with the weights: a resumed run continues
+        on the same curve.
+        """
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        total = self.epochs * self.steps_per_epoch
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if self.warmup_steps else self.learning_rate,
+            decay_steps=total - self.warmup_steps,
+            alpha=self.final_lr_fraction,
+            warmup_target=self.learning_rate if self.warmup_steps else None,
+            warmup_steps=self.warmup_steps)
 
     def apply(self, config):
         """``config`` with this schedule's training fields (so a saved
@@ -4217,7 +4263,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper",
         with strategy.scope():
             model = compile_model(
                 _build(config, variant, conv, mixed_precision), config,
-                variant)
+                variant, preset.learning_rate_schedule())
     finally:
         keras.mixed_precision.set_global_policy(policy)
     twin = build_model(config, variant, conv)  # float32, what is saved

@@ -330,6 +330,43 @@ def test_presets():
         wlcnn.get_preset("slow")
 
 
+def test_cosine_schedule_warms_up_peaks_and_ends_at_its_floor():
+    p = dataclasses.replace(TINY, epochs=4, steps_per_epoch=5, lr_schedule="cosine",
+                            warmup_steps=4, final_lr_fraction=0.1)
+    lr = p.learning_rate_schedule()
+    total = p.epochs * p.steps_per_epoch
+    # float32 arithmetic inside Keras's schedule: 1e-6 relative
+    assert float(lr(0)) == 0.0
+    assert float(lr(2)) == pytest.approx(0.5 * p.learning_rate, rel=1e-6)  # linear warm-up
+    assert float(lr(4)) == pytest.approx(p.learning_rate, rel=1e-6)        # the peak
+    mid = 4 + (total - 4) / 2                                              # half-way down
+    assert float(lr(mid)) == pytest.approx(p.learning_rate * (0.1 + 0.9 * 0.5), rel=1e-6)
+    assert float(lr(total)) == pytest.approx(0.1 * p.learning_rate, rel=1e-6)
+    steps = [float(lr(i)) for i in range(4, total + 1)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))                  # never rises again
+    assert TINY.learning_rate_schedule() == TINY.learning_rate            # constant: a float
+    with pytest.raises(ValueError, match="lr_schedule"):
+        dataclasses.replace(TINY, lr_schedule="step")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        dataclasses.replace(TINY, lr_schedule="cosine", warmup_steps=total)
+
+
+def test_training_follows_the_presets_schedule(tmp_path):
+    p = dataclasses.replace(TINY, epochs=2, steps_per_epoch=3, lr_schedule="cosine",
+                            warmup_steps=2, final_lr_fraction=0.0)
+    seen = []
+
+    class LR(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            opt = self.model.optimizer
+            seen.append((int(opt.iterations), float(opt.learning_rate)))
+    wlcnn.train(*synthetic_data(5), tmp_path, CFG, p, seed=0, verbose=0, callbacks=[LR()])
+    sched = p.learning_rate_schedule()
+    # the optimizer's step size is the schedule's at its step count
+    assert [i for i, _ in seen] == [3, 6]
+    assert [v for _, v in seen] == pytest.approx([float(sched(3)), float(sched(6))], rel=1e-6)
+
+
 def test_train_from_directory_with_time_limit(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
