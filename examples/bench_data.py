@@ -48,5 +48,9 @@ with tempfile.TemporaryDirectory() as tmp:
     for _ in range(args.batches):
         next(it)
     rate = args.batches * args.batch_size / (time.perf_counter() - t0)
+    # Stop the pipeline's reader threads before their shards are deleted:
+    # left running past the `with`, they fail on the missing files and the
+    # interpreter's exit then waits on them for ever.
+    del it, train
 print(f"pipeline with fresh catalogs: {rate:.1f} samples/s (batch {args.batch_size})")
 print(json.dumps({"sim_field_s": round(sim_s, 4), "pipeline_samples_per_s": round(rate, 1)}))
