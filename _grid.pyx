@@ -111,12 +111,12 @@ def grid(const double[::1] x, const double[::1] y, const double[::1] e1,
             for s in range(n):
                 if key[s] < 0:
                     continue
-                kk = start[key[s]]
-                start[key[s]] += 1
+                i0 = key[s]  # the footprint's first row, found in the first pass
+                kk = start[i0]
+                start[i0] += 1
                 src = &sources[kk]
                 xp = x[s] / pixel_arcsec - 0.5
                 yp = y[s] / pixel_arcsec - 0.5
-                i0 = ceil_in(yp - rcut, 0, ny)
                 j0 = ceil_in(xp - rcut, 0, nx)
                 src.nrow = floor_in(yp + rcut, -1, ny - 1) - i0 + 1
                 src.j0 = j0
