@@ -1,6 +1,7 @@
 """§2.1-2.2: Σ_c, eq. 7, shear from convergence (eq. 8-9) and KS93 (eq. 10)."""
 import numpy as np
 import pytest
+import scipy.signal
 from astropy import constants as const
 from astropy import units as u
 from scipy.integrate import quad
@@ -236,3 +237,53 @@ def test_shear_and_ks93_reject_bad_maps(bad):
 def test_ks93_rejects_mismatched_components():
     with pytest.raises(ValueError, match="shape"):
         wlcnn.ks93(np.zeros((4, 4)), np.zeros((4, 5)))
+
+
+# ---------------------------------------------------------------------------
+# eq. 10 in real space: the kernels of the KS93 start of the network
+# ---------------------------------------------------------------------------
+def test_ks93_kernels_are_kaisers_real_space_kernel():
+    # kappa = D1 * g1 + D2 * g2 with D1 = (y^2 - x^2) / (pi r^4),
+    # D2 = -2 x y / (pi r^4) in pixel units (Kaiser & Squires 1993), x the
+    # column and y the row axis. Smoothed by 1' (sigma = 2.2 pixels of
+    # 0.192') the discrete kernel's Nyquist ringing is gone; at r = 10-22
+    # pixels the smoothed and the analytic kernel differ by r^-2 corrections
+    # of (sigma / r)^2 ~ 5 % times the Gaussian's vanishing second moment
+    # terms: measured 1.3e-4 and 3.4e-4 of the annulus's largest value. 1e-3
+    # allows that; a sign error, swapped components or a swapped axis is 2.
+    h = 24
+    k1, k2 = wlcnn.ks93_kernels(2 * h + 1, fwhm_arcmin=1.0)
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
+    r2 = (xx**2 + yy**2).astype(float)
+    r2[h, h] = 1.0
+    d1 = (yy**2 - xx**2) / (np.pi * r2**2)
+    d2 = -2.0 * xx * yy / (np.pi * r2**2)
+    annulus = (r2 >= 10**2) & (r2 <= 22**2)
+    scale = np.abs(d1[annulus]).max()
+    assert np.abs(k1 - d1)[annulus].max() < 1e-3 * scale
+    assert np.abs(k2 - d2)[annulus].max() < 1e-3 * scale
+
+
+def test_ks93_kernels_reproduce_ks93_of_a_compact_shear_field():
+    # A shear field that is non-zero only in a 15^2 patch: every pixel of the
+    # patch sees all of it within the kernel's 49^2 reach, so correlating
+    # with the kernels is eq. 10 itself there. The kernels come from ks93 on
+    # a 197^2 field, the reference from ks93 on a 120^2 one: their padded
+    # FFT grids differ, and so do the far periodic images; 1e-3 of the map's
+    # largest value covers that; a misplaced tap or a
+    # swapped component shows up at order 1.
+    rng = np.random.default_rng(10)
+    g = np.zeros((2, 120, 120))
+    g[:, 50:65, 50:65] = rng.normal(0.0, 0.1, (2, 15, 15))
+    ref = wlcnn.ks93(g[0], g[1])
+    k1, k2 = wlcnn.ks93_kernels(49)
+    got = (scipy.signal.correlate(np.pad(g[0], 24), k1, mode="valid")
+           + scipy.signal.correlate(np.pad(g[1], 24), k2, mode="valid"))
+    patch = (slice(50, 65), slice(50, 65))
+    assert np.abs(got[patch] - ref[patch]).max() < 1e-3 * np.abs(ref[patch]).max()
+
+
+@pytest.mark.parametrize("size", [0, 4, -3])
+def test_ks93_kernels_reject_even_or_empty_sizes(size):
+    with pytest.raises(ValueError, match="odd"):
+        wlcnn.ks93_kernels(size)
