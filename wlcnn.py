@@ -3685,6 +3685,8 @@ def ks93_kernels(filter_size, fwhm_arcmin=0.0, pixel_arcmin=PAPER.pixel_arcsec *
     filter_size = int(filter_size)
     if filter_size < 1 or filter_size % 2 == 0:
         raise ValueError(f"filter_size must be a positive odd integer, got {filter_size}")
+    if not fwhm_arcmin >= 0 or not pixel_arcmin > 0:
+        raise ValueError(f"need fwhm_arcmin >= 0 and pixel_arcmin > 0, got {fwhm_arcmin}, {pixel_arcmin}")
     n = 4 * filter_size + 1
     c, h = n // 2, filter_size // 2
     kernels = []
@@ -3824,20 +3826,24 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
     # batch-normalisation statistics in order: each depends on those before
     for i in range(1, len(MULTIPLIED_TO) + 1):
         bn = layer(f"batchnorm_{i}")
-        t = keras.Model(model.inputs, bn.input).predict(x, batch_size=batch_size, verbose=0)
-        bn.moving_mean.assign(t.mean(axis=(0, 1, 2)))
-        bn.moving_variance.assign(t.var(axis=(0, 1, 2)))
+        # float64: a mixed-precision model predicts float16
+        t = keras.Model(model.inputs, bn.input).predict(
+            x, batch_size=batch_size, verbose=0).astype(np.float64)
+        bn.moving_mean.assign(t.mean(axis=(0, 1, 2)).astype(np.float32))
+        bn.moving_variance.assign(t.var(axis=(0, 1, 2)).astype(np.float32))
     f = layer("output").kernel.shape[0]
     kernels = ks93_kernels(f, start.fwhm_arcmin, config.pixel_arcsec * config.pool / 60.0)
     shape = layer("output").kernel.shape
-    b = config.loss_border_pix
+    b, o = config.loss_border_pix, config.output_npix
+    inner = (slice(None), slice(b, o - b), slice(b, o - b), 0)  # the scored pixels
     parts = []
     for c in (0, 1):
         k = np.zeros(shape)
         k[:, :, c, 0] = kernels[c]
         set_conv("output", k, 0.0)
-        parts.append(model.predict(x, batch_size=batch_size, verbose=0)[:, b:-b, b:-b, 0].ravel())
-    ref = truncated_ks93(x, f, start.fwhm_arcmin, config)[:, b:-b, b:-b, 0].ravel()
+        parts.append(model.predict(x, batch_size=batch_size, verbose=0)[inner]
+                     .ravel().astype(np.float64))
+    ref = truncated_ks93(x, f, start.fwhm_arcmin, config)[inner].ravel()
     gains = np.linalg.lstsq(np.stack(parts, axis=1), ref, rcond=None)[0]
     k = np.zeros(shape)
     for c in (0, 1):
@@ -4036,7 +4042,7 @@ PRESETS = {
     # validation loss 0.0019 at the start) and trains from there at 5e-5
     # (the random-start trials blew up above ~1e-4 and the KS93 start
     # should not be thrown away in the first epoch): validation loss 0.00096
-    # after 5,600 samples, 0.00095 at the 30-minute limit (README, Table 2).
+    # after 6,400 samples, 0.00095 at the 30-minute limit (README, Table 2).
     # 100 steps (800 samples) an epoch, 64 validation subfields; the time
     # limit stops the run at 30 min with the best epoch so far. One run: the
     # quick chain has time for one; pass runs=K for an error estimate.

@@ -287,3 +287,9 @@ def test_ks93_kernels_reproduce_ks93_of_a_compact_shear_field():
 def test_ks93_kernels_reject_even_or_empty_sizes(size):
     with pytest.raises(ValueError, match="odd"):
         wlcnn.ks93_kernels(size)
+
+
+@pytest.mark.parametrize("fwhm, pixel", [(-1.0, 0.192), (float("nan"), 0.192), (1.0, 0.0)])
+def test_ks93_kernels_reject_negative_smoothing_or_pixels(fwhm, pixel):
+    with pytest.raises(ValueError, match="fwhm_arcmin"):
+        wlcnn.ks93_kernels(9, fwhm, pixel)

@@ -398,9 +398,10 @@ def test_train_from_directory_with_time_limit(tmp_path):
                                    data_fn=data_fn)
 
 
-def test_mirrored_strategy_and_mixed_precision(tmp_path):
+@pytest.mark.parametrize("init", ["glorot", "ks93"])  # the KS93 start predicts float16 here
+def test_mirrored_strategy_and_mixed_precision(tmp_path, init):
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    preset = dataclasses.replace(TINY, epochs=2)
+    preset = dataclasses.replace(TINY, epochs=2, init=init, n_init=8)
     info = wlcnn.train(*synthetic_data(5), tmp_path, CFG, preset, seed=2,
                        mixed_precision=True, strategy=strategy, verbose=0)
     assert keras.mixed_precision.global_policy().name == "float32"  # reset
