@@ -3773,9 +3773,10 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
     -----
     Beyond the paper, which starts from random weights. The architecture is
     untouched; the weights are: Conv2D-1 copies eps1, eps2 (x input_gain)
-    into channels 0, 1 (so that with the pool it sees :func:`pooled_input`); each block's gate is ~constant, so that Multiply-#
-    scales its skip tensor and batch normalisation (moving statistics set
-    from ``x``) standardises it again; TransConv2D-5 passes channels 0, 1 on
+    into channels 0, 1 (so that with the pool it sees :func:`pooled_input`);
+    each block's gate is ~constant, so that Multiply-# scales its skip
+    tensor and batch normalisation (moving statistics set from ``x``)
+    standardises it again; TransConv2D-5 passes channels 0, 1 on
     through a delta at its centre; the Output layer holds the two kernels of
     :func:`ks93_kernels`. The network then returns eq. 10 truncated to the
     Output layer's 49 x 49 pixels (9.4') and smoothed by ``fwhm_arcmin``;
@@ -4501,7 +4502,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper",
         n_batches = -(-preset.n_init // preset.batch_size)
         x_init = np.concatenate([x.numpy() for x, _ in train_ds.take(n_batches)])
         gains = initialize_as_ks93(
-            model, x_init, dataclasses.replace(KS93Start(), fwhm_arcmin=preset.init_fwhm_arcmin),
+            model, x_init, KS93Start(fwhm_arcmin=preset.init_fwhm_arcmin),
             seed=seed + run_index, batch_size=preset.batch_size)
         if verbose:
             print(f"{run_dir.name}: KS93 start ({preset.init_fwhm_arcmin}' FWHM), "
