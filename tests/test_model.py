@@ -353,7 +353,7 @@ def test_ks93_start_network_computes_truncated_ks93():
     # TransConv2D-5 (inputs of rms 0.5 x 0.25 and 0.2 x 1: -0.5 % and -1.3 %
     # at 1 sigma, cubic), the small random weights (< 0.1 %) and batch
     # statistics from 16 other samples. Measured: correlation 0.99994, rms
-    # difference 1.1 % of the map's rms (0.9998 at Table 1's size on the
+    # difference 1.1 % of the map's rms (0.9999 at Table 1's size on the
     # quick dataset); 0.999 and 4 % hold that with margin, while a swapped
     # shear component or a lost sign gives a correlation near 0 or -1, and
     # a Conv2D-1 footprint other than pooled_input's gave 0.976.
