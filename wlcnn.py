@@ -6498,6 +6498,24 @@ KS93_MAP_FWHM_ARCMIN = 0.75
 #: along each axis, so no pixel sits near the edge of every tile that sees it.
 TILE_OVERLAP = 0.5
 
+#: What the network sees where the catalog has no source (beyond a field
+#: smaller than the 32′ input, or in holes of its footprint).  "empty": the
+#: no-data pixels of :func:`grid_catalog` (ε̄ = 0, Δε = ``empty_pixel_error``),
+#: which the training skies, with sources everywhere, never contain; "noise"
+#: (default): shear-free shape noise at the catalog's own density
+#: (:func:`noise_fill`), which they do.  See :func:`reconstruct` for the
+#: measured difference.
+OUTSIDE_MODES = ("noise", "empty")
+
+#: Noise fills averaged per run in "noise" mode: each is a fresh draw of the
+#: fill sources, so the fill's own noise in KAPPA_CNN falls as 1/sqrt(N).
+NOISE_FILLS = 4
+
+#: Sources a fill cell of the catalog's density holds on average (at least):
+#: a cell with no source at all is then no-data, not a Poisson gap (e^-10 ≈
+#: 5e-5 of data cells are empty by chance, and filling one merely adds noise).
+FILL_CELL_SOURCES = 10.0
+
 #: Names of the image extensions of a reconstruction file, in order.
 MAP_EXTENSIONS = ("KAPPA_CNN", "KAPPA_CNN_STD", "KAPPA_KS93", "DENSITY")
 
@@ -6886,7 +6904,8 @@ def field_geometry(size_arcmin, config=PAPER, stride=12, border_pix=None):
     pixels [c0, c1) with c0 = 14 (26.1′ at stride 12, 26.3′ at the paper's
     stride 3; :func:`mosaic_coverage`).  A field that fits in it is one tile
     centred on the field (a 9′ HST field, §4.2, sits in the middle of the 32′
-    input; the input pixels around it have no source and carry the
+    input; the input pixels around it hold the shear-free noise of
+    :func:`noise_fill`, or with ``outside="empty"`` no source and the
     documented no-data values ε̄ = 0, Δε = ``empty_pixel_error``, n = 0).  A
     wider field is covered by tiles overlapping by at least
     :data:`TILE_OVERLAP` of that width, the first flush with the field's
@@ -6953,6 +6972,91 @@ def grid_tile(x, y, e1, e2, sigma, geometry, start_y, start_x):
     cfg = geometry.config
     return _grid_at(x, y, e1, e2, sigma, geometry.tile_origin_arcsec(start_x),
                     geometry.tile_origin_arcsec(start_y), cfg.npix, cfg)
+
+
+def noise_fill(x, y, e1, e2, sigma, geometry, rng):
+    """Shear-free noise sources wherever the catalog has none, over every tile's input.
+
+    Parameters
+    ----------
+    x, y, e1, e2, sigma : array_like, shape (n,)
+        The field's sources, as :func:`grid_field` (arcsec from the centre,
+        plane-frame ellipticity, per-component error); sources outside the
+        field are ignored.
+    geometry : FieldGeometry
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    tuple of numpy.ndarray, shape (m,)
+        ``(x, y, e1, e2, sigma)`` of the fill sources.
+
+    Notes
+    -----
+    Where: everywhere outside the field that a tile's 32′ input (plus the
+    gridding kernel's reach) covers, and inside the field every cell that
+    holds no source.  The cells tile the field from its lower-left corner
+    with a side of whole output pixels big enough to hold
+    :data:`FILL_CELL_SOURCES` sources at the catalog's density (the last
+    cell of a row or column ends at the field's edge), so a cell without a
+    source is a hole of the footprint (a masked star, a chip gap, a round
+    field's corners) rather than a Poisson gap.
+
+    What: Poisson(n̄ A) sources uniform in each area A, n̄ the catalog's
+    density (over the cells whose eight neighbours hold data too: a cell on
+    the edge of a hole or of the footprint is only partly covered);
+    each takes the ellipticity and error of a random catalog source, turned
+    by a random angle ψ (ε → ε e^{2iψ}, ψ uniform in [0, π)).  That keeps the
+    catalog's noise (the distribution of |ε| and σ) and removes its shear:
+    ⟨ε⟩ = 0 in the fill, the same assumption, γ = 0 beyond the data, as the
+    zero padding of KS93 (eq. 10).  Rotated galaxies are the usual
+    weak-lensing noise realisation (e.g. Van Waerbeke et al. 2000).
+    """
+    _check_rng(rng)
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    e = np.asarray(e1, np.float64) + 1j * np.asarray(e2, np.float64)
+    sigma = np.asarray(sigma, np.float64)
+    cfg, p = geometry.config, geometry.pixel_arcsec
+    half = geometry.npix / 2 * p
+    with np.errstate(invalid="ignore"):
+        inside = (np.abs(x) <= half) & (np.abs(y) <= half)
+    n_field = int(inside.sum())
+    if n_field == 0:
+        raise ValueError("noise_fill: no source inside the field")
+    x, y, e, sigma = x[inside], y[inside], e[inside], sigma[inside]
+
+    # Cells of the field: the side from the density over the whole field (an
+    # upper bound on the cell the true density needs); a last cell shorter
+    # than half a side joins its neighbour.
+    side = max(1, int(np.ceil(np.sqrt(FILL_CELL_SOURCES * (2 * half) ** 2 / n_field) / p)))
+    k = list(range(0, geometry.npix, side)) + [geometry.npix]
+    if len(k) > 2 and k[-1] - k[-2] < side / 2:
+        del k[-2]
+    edges = np.asarray(k) * p - half
+    counts, _, _ = np.histogram2d(y, x, bins=(edges, edges))
+    widths = np.diff(edges)
+    area = widths[:, None] * widths[None, :]
+    # Density over the cells wholly inside the data: a cell on the edge of a
+    # hole or of the footprint holds data over only part of its area.
+    occupied = counts > 0
+    interior = scipy.ndimage.binary_erosion(occupied, np.ones((3, 3), bool), border_value=0)
+    use = interior if interior.any() else occupied
+    density = counts[use].sum() / area[use].sum()  # per arcsec²
+
+    reach = cfg.kernel_cut_sigma * cfg.sigma_w_arcsec  # a source beyond this adds nothing to a tile
+    lo = min(geometry.tile_origin_arcsec(a) for a in geometry.tile_starts) - reach
+    hi = max(geometry.tile_origin_arcsec(a) for a in geometry.tile_starts) + cfg.npix * cfg.pixel_arcsec + reach
+    n_box = rng.poisson(density * (hi - lo) ** 2)
+    bx, by = rng.uniform(lo, hi, n_box), rng.uniform(lo, hi, n_box)
+    out = (np.abs(bx) > half) | (np.abs(by) > half)
+    iy, ix = np.nonzero(counts == 0)
+    n_hole = rng.poisson(density * area[iy, ix])
+    hx = np.repeat(edges[ix], n_hole) + rng.uniform(0.0, 1.0, n_hole.sum()) * np.repeat(widths[ix], n_hole)
+    hy = np.repeat(edges[iy], n_hole) + rng.uniform(0.0, 1.0, n_hole.sum()) * np.repeat(widths[iy], n_hole)
+    fx, fy = np.concatenate([bx[out], hx]), np.concatenate([by[out], hy])
+    pick = rng.integers(0, n_field, len(fx))
+    fe = e[pick] * np.exp(2j * rng.uniform(0.0, np.pi, len(fx)))
+    return fx, fy, fe.real, fe.imag, sigma[pick]
 
 
 def block_mean(a, pool):
@@ -7047,6 +7151,57 @@ def cnn_field_map(x, y, e1, e2, sigma, models, geometry, orientations=1, batch_s
     runs[:, has] = total[:, has] / count[has]
     std = runs.std(axis=0, ddof=1) if len(models) > 1 else np.where(has, 0.0, np.nan)
     return MosaicRuns(runs.mean(axis=0), std, count, runs)
+
+
+def filled_cnn_map(x, y, e1, e2, sigma, models, geometry, rng, n_fills=NOISE_FILLS, orientations=1,
+                   batch_size=MOSAIC_BATCH, progress=False):
+    """CNN mosaics of K runs with the catalog's gaps filled by shear-free noise (§4.2).
+
+    Parameters
+    ----------
+    x, y, e1, e2, sigma : array_like, shape (n,)
+        The field's sources, as :func:`grid_field`.
+    models, geometry, orientations, batch_size
+        As :func:`cnn_field_map`.
+    rng : numpy.random.Generator
+        Draws the fills (:func:`noise_fill`).
+    n_fills : int
+        Fills averaged for each run (:data:`NOISE_FILLS`).
+    progress : bool
+        A progress bar over fills.
+
+    Returns
+    -------
+    MosaicRuns
+        As :func:`cnn_field_map`, each run's map the mean over its fills.
+    float
+        The fill's own noise left in ``mean``: the median over pixels of the
+        standard error of the mean over fills (NaN for one fill).
+
+    Notes
+    -----
+    Every run sees the same fills, so the spread over runs (``std``) is the
+    networks' alone, as in §2.3.2.
+    """
+    n_fills = int(n_fills)
+    if n_fills < 1:
+        raise ValueError(f"n_fills must be at least 1, got {n_fills}")
+    src = tuple(np.asarray(a, np.float64) for a in (x, y, e1, e2, sigma))
+    bar = _Progress(n_fills, "noise fills") if progress else None
+    maps, res = [], None
+    for _ in range(n_fills):
+        fill = noise_fill(*src, geometry, rng)
+        res = cnn_field_map(*(np.concatenate([a, b]) for a, b in zip(src, fill)), models, geometry,
+                            orientations=orientations, batch_size=batch_size)
+        maps.append(res.runs)
+        if bar:
+            bar.update()
+    maps = np.asarray(maps)  # (fills, K, npix, npix)
+    runs = maps.mean(axis=0)
+    std = runs.std(axis=0, ddof=1) if len(runs) > 1 else np.where(np.isfinite(runs[0]), 0.0, np.nan)
+    fill_err = (float(np.nanmedian(maps.mean(axis=1).std(axis=0, ddof=1))) / np.sqrt(n_fills)
+                if n_fills > 1 else float("nan"))
+    return MosaicRuns(runs.mean(axis=0), std, res.count, runs), fill_err
 
 
 def _as_models(models):
@@ -7168,6 +7323,7 @@ class Reconstruction(NamedTuple):
     center: tuple              #: (RA, Dec) of the field centre, degrees
     counts: dict               #: rows read, dropped (by reason), outside the field, used
     redshifts: dict            #: :func:`redshift_info`
+    fill: dict                 #: how no-data regions were treated: mode; n, seed, err (noise)
     path: str                  #: the FITS file
     png_path: object           #: the PNG, or None
 
@@ -7262,7 +7418,7 @@ def figure_reconstruction(kappa_ks93, kappa_cnn, kappa_cnn_std, wcs, path, title
 
 
 def _primary_header(source, coordinate_system, center, geometry, counts, info, n_runs, n_orient,
-                    ks93_fwhm_arcmin, z, config):
+                    ks93_fwhm_arcmin, z, config, fill):
     """Primary header of a reconstruction: provenance, counts, mosaic settings, redshifts."""
     primary = fits.Header()
     primary["CREATOR"] = (f"wlcnn {__version__}", "Hong et al. (2021) CNN, Sec. 4.2 application")
@@ -7287,6 +7443,12 @@ def _primary_header(source, coordinate_system, center, geometry, counts, info, n
     primary["STRIDE"] = (geometry.stride, "[input pix] mosaic offset step (paper: 3)")
     primary["NORIENT"] = (n_orient, "orientations averaged (paper: 6)")
     primary["KS93FWHM"] = (float(ks93_fwhm_arcmin), "[arcmin] Gaussian smoothing of KAPPA_KS93")
+    primary["OUTSIDE"] = (fill["mode"], "CNN input without sources: noise fill or empty")
+    if fill["mode"] == "noise":
+        primary["NFILLS"] = (fill["n"], "shear-free noise fills averaged per run")
+        primary["FILLSEED"] = (fill["seed"], "seed of the noise fills")
+        primary["FILLERR"] = (fill["err"] if np.isfinite(fill["err"]) else "n/a",
+                              "median std error of KAPPA_CNN from the fills")
     primary["Z_LENS"] = (z["z_lens"], "lens (cluster) redshift of the data")
     primary["Z_SOURCE"] = (z["z_source"], "effective source redshift of the data")
     primary["ZL_TRAIN"] = (z["z_lens_train"], "lens redshift of the training skies")
@@ -7311,7 +7473,8 @@ def _primary_header(source, coordinate_system, center, geometry, counts, info, n
 def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e1", e2_col="e2",
                 weight_col="weight", sigma_col=None, coordinate_system="euclidean", center=None,
                 size_arcmin=None, z_lens=None, z_source=None, stride=12, orientations=1, config=None,
-                ks93_fwhm_arcmin=KS93_MAP_FWHM_ARCMIN, png=True, overwrite=False, progress=False):
+                ks93_fwhm_arcmin=KS93_MAP_FWHM_ARCMIN, outside="noise", n_fills=NOISE_FILLS, seed=0,
+                png=True, overwrite=False, progress=False):
     """Mass maps of a real shear catalog: the §4.2 application as one call.
 
     Parameters
@@ -7345,6 +7508,13 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
         Grid of the data; default the models' (a different grid is an error).
     ks93_fwhm_arcmin : float
         Smoothing of KAPPA_KS93 (:data:`KS93_MAP_FWHM_ARCMIN`).
+    outside : {"noise", "empty"}
+        What the network sees where the catalog has no source
+        (:data:`OUTSIDE_MODES`; see Notes).
+    n_fills : int
+        Noise fills averaged per run ("noise" only; :data:`NOISE_FILLS`).
+    seed : int
+        Seed of the fills: the same seed gives the same maps.
     png : bool
         Also draw the Fig. 11-like PNG (skipped, with a warning, without
         matplotlib).
@@ -7379,12 +7549,29 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
     DENSITY the mean of the gridded source density n over each pixel.  All
     four maps share the output grid (11.52″ pixels) and its celestial WCS.
     The file is written to a temporary name and renamed: complete or absent.
+
+    Beyond the field (and in its holes) there are no sources.  The training
+    skies have sources everywhere, and the network answers a no-data region
+    (``outside="empty"``) with artefacts: on the 10′ El Gordo-like catalog
+    of ``examples/el_gordo_like.py`` (95 arcmin⁻², the quick model), a
+    lumpy +0.1 sheet over the outskirts and 9 local maxima above 3σ of the
+    KS93 noise (KS93 itself: 1), and the same lumps on a shear-free catalog,
+    so they are the network's reply to the data's edge.  By default
+    (``outside="noise"``) those regions hold shear-free shape noise at the
+    catalog's own density (:func:`noise_fill`), in-distribution for the
+    network; KAPPA_CNN is the mean over ``n_fills`` fills (FILLERR in the
+    header: the fill's noise left in it).  This assumes γ = 0 beyond the
+    data, as the zero padding of KAPPA_KS93 does.
     """
     out_path = os.fspath(out_path)
     if os.path.exists(out_path) and not overwrite:
         raise FileExistsError(f"{out_path} exists (pass overwrite=True / --overwrite to replace it)")
     if coordinate_system not in COORDINATE_SYSTEMS:  # before loading anything
         raise ValueError(f"unknown coordinate_system {coordinate_system!r}; one of {COORDINATE_SYSTEMS}")
+    if outside not in OUTSIDE_MODES:
+        raise ValueError(f"unknown outside mode {outside!r}; one of {OUTSIDE_MODES}")
+    if outside == "noise" and not (isinstance(n_fills, (int, np.integer)) and n_fills >= 1):
+        raise ValueError(f"n_fills must be a whole number >= 1, got {n_fills!r}")
     models, config, info = check_models(models, config)
     n_orient = len(mosaic_orientations(orientations))  # the cheap checks before any gridding
     z = redshift_info(config, z_lens, z_source)
@@ -7415,7 +7602,14 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
     field = grid_field(*src, geometry)
     kappa_ks93 = ks93_field_map(field, geometry, ks93_fwhm_arcmin)
     density = block_mean(field[3], config.pool)
-    cnn = cnn_field_map(*src, models, geometry, orientations=orientations, progress=progress)
+    fill = {"mode": outside}
+    if outside == "noise":
+        rng = np.random.default_rng(seed)
+        cnn, fill_err = filled_cnn_map(*src, models, geometry, rng, n_fills, orientations=orientations,
+                                       progress=progress)
+        fill.update(n=int(n_fills), seed=int(seed), err=fill_err)
+    else:
+        cnn = cnn_field_map(*src, models, geometry, orientations=orientations, progress=progress)
     if z["differs"]:
         warnings.warn(f"the models were trained for z_l = {z['z_lens_train']:g}, z_s = {z['z_source_train']:g}; "
                       f"the data are at z_l = {z['z_lens']:g}, z_s = {z['z_source']:g}.  κ is that of the "
@@ -7423,7 +7617,7 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
     wcs = map_wcs(center, geometry)
 
     primary = _primary_header(sky.source, coordinate_system, center, geometry, counts, info, len(models),
-                              n_orient, ks93_fwhm_arcmin, z, config)
+                              n_orient, ks93_fwhm_arcmin, z, config, fill)
     cnn_cards = [("NRUNS", (len(models), "CNN runs")),
                  ("STRIDE", (geometry.stride, "[input pix] mosaic offset step")),
                  ("NORIENT", (n_orient, "orientations averaged"))]
@@ -7443,7 +7637,7 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
             warnings.warn("matplotlib is not installed: no PNG (pip install matplotlib, or the "
                           "'plot' extra)", UserWarning, stacklevel=2)
     return Reconstruction(cnn.mean, cnn.std, kappa_ks93, density, cnn.runs, wcs, geometry, center, counts,
-                          z, out_path, png_path)
+                          z, fill, out_path, png_path)
 
 
 # ---------------------------------------------------------------------------
@@ -7477,8 +7671,8 @@ def _cmd_reconstruct(args):
                           sigma_col=args.sigma_col, coordinate_system=args.coordinate_system,
                           center=args.center, size_arcmin=args.size, z_lens=args.z_lens,
                           z_source=args.z_source, stride=args.stride, orientations=args.orientations,
-                          ks93_fwhm_arcmin=args.ks93_fwhm, png=not args.no_png, overwrite=args.overwrite,
-                          progress=True)
+                          ks93_fwhm_arcmin=args.ks93_fwhm, outside=args.outside, n_fills=args.fills,
+                          seed=args.seed, png=not args.no_png, overwrite=args.overwrite, progress=True)
     for w in caught:
         if issubclass(w.category, UserWarning):
             print(f"wlcnn reconstruct: note: {w.message}", file=sys.stderr)
@@ -7490,6 +7684,11 @@ def _cmd_reconstruct(args):
           f"{c['outside_field']} outside the field)")
     print(f"field: {g.side_arcmin:.2f}′ about RA {res.center[0]:.5f}°, Dec {res.center[1]:.5f}° "
           f"({g.npix}² pixels of {g.pixel_arcsec:.2f}″, {g.n_tiles} tile(s), {len(res.runs)} run(s))")
+    if res.fill["mode"] == "noise":
+        print(f"no-data regions: shear-free noise at the catalog's density, {res.fill['n']} fill(s) "
+              f"(seed {res.fill['seed']}; their noise left in KAPPA_CNN: {res.fill['err']:.4f} median)")
+    else:
+        print("no-data regions: empty (no-data pixels)")
     print(f"wrote {res.path} ({', '.join(MAP_EXTENSIONS)})" + (f" and {res.png_path}" if res.png_path else ""))
     return 0
 
@@ -7524,6 +7723,12 @@ def _add_reconstruct_parser(sub):
     p.add_argument("--orientations", type=int, default=1, choices=[1, 6], help="paper: 6")
     p.add_argument("--ks93-fwhm", type=float, default=KS93_MAP_FWHM_ARCMIN,
                    help="Gaussian smoothing of KAPPA_KS93, arcmin")
+    p.add_argument("--outside", default="noise", choices=OUTSIDE_MODES,
+                   help="what the CNN sees where the catalog has no source: shear-free noise at the "
+                        "catalog's density (default) or empty no-data pixels")
+    p.add_argument("--fills", type=int, default=NOISE_FILLS,
+                   help=f"noise fills averaged per run (default {NOISE_FILLS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise fills")
     p.add_argument("--no-png", action="store_true", help="skip the figure")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_reconstruct)

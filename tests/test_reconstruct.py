@@ -350,6 +350,124 @@ def test_existing_output_is_not_overwritten_without_asking(tmp_path, models):
 
 
 # ---------------------------------------------------------------------------
+# No-data regions: shear-free noise at the catalog's density (noise_fill)
+# ---------------------------------------------------------------------------
+HOLE = (60.0, 240.0, -180.0, 0.0)  # x0, x1, y0, y1 arcsec: a 3′ × 3′ hole in the 10′ field
+FILL_FIELD_ARCMIN = 54 * 11.52 / 60  # field_geometry(10′).side_arcmin: sources fill its cells
+
+
+def holed_catalog(n=8000, shear=(0.2, -0.1), seed=3):
+    """Plane-frame sources uniform over the 10′ field's output grid (10.37′ = 54
+    pixels of 11.52″) but for HOLE, with a constant shear (ε = g + noise) and
+    per-source σ in 0.2-0.4, as (x, y, e1, e2, sigma)."""
+    rng = np.random.default_rng(seed)
+    half = FILL_FIELD_ARCMIN * 30.0
+    x, y = rng.uniform(-half, half, n), rng.uniform(-half, half, n)
+    keep = ~((x > HOLE[0]) & (x < HOLE[1]) & (y > HOLE[2]) & (y < HOLE[3]))
+    x, y = x[keep], y[keep]
+    m = len(x)
+    e1, e2 = shear[0] + rng.normal(0, SIGMA_E, m), shear[1] + rng.normal(0, SIGMA_E, m)
+    return x, y, e1, e2, rng.uniform(0.2, 0.4, m)
+
+
+def test_noise_fill_covers_every_tile_beyond_the_field_and_the_holes_only():
+    geo = wlcnn.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
+    src = holed_catalog()
+    fx, fy = wlcnn.noise_fill(*src, geo, np.random.default_rng(0))[:2]
+    half = geo.npix / 2 * geo.pixel_arcsec
+    in_field = (np.abs(fx) <= half) & (np.abs(fy) <= half)
+    # Inside the field, fill sources lie only in the fill cells that cover the hole:
+    # cells are 2 output pixels (23″) here, so the filled area reaches at most one
+    # cell beyond the hole's edges, and not at all into cells that hold data.
+    cell = 2 * geo.pixel_arcsec
+    assert np.all((fx[in_field] > HOLE[0] - cell) & (fx[in_field] < HOLE[1] + cell)
+                  & (fy[in_field] > HOLE[2] - cell) & (fy[in_field] < HOLE[3] + cell))
+    # The catalog's density (8000 sources over 107.5 arcmin², less the hole: 70 arcmin⁻²)
+    # in the hole's inner 2′ × 2′ and over the outside, to 5 Poisson σ (sqrt(280) and
+    # sqrt(70,000) sources: 30 % and 1.9 % of the counts).
+    density = len(src[0]) / (FILL_FIELD_ARCMIN**2 - 9.0) / 3600.0  # per arcsec²
+    inner = (fx > HOLE[0] + 30) & (fx < HOLE[1] - 30) & (fy > HOLE[2] + 30) & (fy < HOLE[3] - 30)
+    assert inner.sum() == pytest.approx(density * 120.0**2, rel=5 / np.sqrt(density * 120.0**2))
+    cfg = geo.config
+    lo = geo.tile_origin_arcsec(geo.tile_starts[0])
+    hi = lo + cfg.npix * cfg.pixel_arcsec  # the 32′ input of the one tile
+    out_input = ~in_field & (fx > lo) & (fx < hi) & (fy > lo) & (fy < hi)
+    want = density * ((hi - lo) ** 2 - (2 * half) ** 2)
+    assert out_input.sum() == pytest.approx(want, rel=5 / np.sqrt(want))
+    # ... and on the input's corner pixels too (the whole input is covered).
+    grid = wlcnn.grid_tile(fx, fy, *np.zeros((2, len(fx))), np.full(len(fx), 0.3), geo,
+                           geo.tile_starts[0], geo.tile_starts[0])
+    assert grid[3][[0, 0, -1, -1], [0, -1, 0, -1]].min() > 0
+
+
+def test_noise_fill_keeps_the_catalogs_noise_and_removes_its_shear():
+    geo = wlcnn.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
+    x, y, e1, e2, sig = holed_catalog()
+    fx, fy, f1, f2, fs = wlcnn.noise_fill(x, y, e1, e2, sig, geo, np.random.default_rng(1))
+    # The catalog's mean ε is the shear (0.2, −0.1); the fill's is zero, to 5 standard
+    # errors (|ε| rms ~0.4 over ~80,000 fill sources: 0.007).  A fill that kept the
+    # phase, or turned ε by ψ instead of 2ψ (⟨e^{iψ}⟩ = 2i/π), would be off by ≥ 0.1.
+    se = np.sqrt(np.mean(f1**2 + f2**2) / 2 / len(f1))
+    assert abs(np.mean(f1)) < 5 * se and abs(np.mean(f2)) < 5 * se
+    # Each fill source is a catalog source turned: its |ε| and σ are that source's.
+    e_abs = np.round(np.hypot(e1, e2), 12)
+    assert np.isin(np.round(np.hypot(f1, f2), 12), e_abs).all()
+    assert np.isin(fs, sig).all()
+    # The turn is uniform: the fill's position angles are flat (to 5 Poisson σ in 8
+    # bins), while the catalog's, sheared by |g| = 0.22, are not.
+    counts = np.histogram(np.angle(f1 + 1j * f2), bins=8, range=(-np.pi, np.pi))[0]
+    assert np.all(np.abs(counts - len(f1) / 8) < 5 * np.sqrt(len(f1) / 8))
+
+
+def test_noise_fill_is_reproducible_and_needs_a_source_in_the_field():
+    geo = wlcnn.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
+    src = holed_catalog(n=500)
+    a = wlcnn.noise_fill(*src, geo, np.random.default_rng(5))
+    b = wlcnn.noise_fill(*src, geo, np.random.default_rng(5))
+    c = wlcnn.noise_fill(*src, geo, np.random.default_rng(6))
+    for u_, v in zip(a, b):
+        np.testing.assert_array_equal(u_, v)
+    assert len(a[0]) != len(c[0]) or not np.array_equal(a[0], c[0])
+    far = (src[0] + 3600.0,) + src[1:]  # every source a degree West of the field
+    with pytest.raises(ValueError, match="no source inside the field"):
+        wlcnn.noise_fill(*far, geo, np.random.default_rng(0))
+    with pytest.raises(TypeError):
+        wlcnn.noise_fill(*src, geo, 5)  # a seed is not a Generator
+
+
+def test_reconstruct_fills_no_data_with_noise_by_default_and_says_so(tmp_path, models, catalog):
+    kw = dict(stride=TEST_STRIDE, png=False)
+    a = wlcnn.reconstruct(catalog[0], models, tmp_path / "a.fits", n_fills=2, seed=4, **kw)
+    b = wlcnn.reconstruct(catalog[0], models, tmp_path / "b.fits", n_fills=2, seed=4, **kw)
+    c = wlcnn.reconstruct(catalog[0], models, tmp_path / "c.fits", n_fills=2, seed=5, **kw)
+    e = wlcnn.reconstruct(catalog[0], models, tmp_path / "e.fits", outside="empty", **kw)
+    np.testing.assert_array_equal(a.kappa_cnn, b.kappa_cnn)  # same seed, same map
+    assert not np.array_equal(a.kappa_cnn, c.kappa_cnn)
+    np.testing.assert_array_equal(a.kappa_ks93, e.kappa_ks93)  # KS93 never sees the fill
+    h = fits.getheader(tmp_path / "a.fits")
+    assert (h["OUTSIDE"], h["NFILLS"], h["FILLSEED"]) == ("noise", 2, 4)
+    assert 0 < h["FILLERR"] < np.nanstd(a.kappa_cnn)
+    assert fits.getheader(tmp_path / "e.fits")["OUTSIDE"] == "empty"
+    assert "NFILLS" not in fits.getheader(tmp_path / "e.fits")
+    # The empty mode is the network on the catalog alone.
+    sky = wlcnn.read_catalog(catalog[0])
+    x, y, e1, e2 = wlcnn.project_catalog(sky, e.center)
+    want = wlcnn.cnn_field_map(x, y, e1, e2, sky.sigma, models, e.geometry)
+    np.testing.assert_array_equal(e.kappa_cnn, want.mean)
+    # Each run's map is the mean over the same fills: the runs' spread is theirs alone.
+    assert a.runs.shape == (2,) + a.kappa_cnn.shape
+    np.testing.assert_allclose(a.kappa_cnn_std, a.runs.std(axis=0, ddof=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(outside="zeros"), "unknown outside mode 'zeros'"),
+                                       (dict(n_fills=0), "n_fills must be a whole number >= 1"),
+                                       (dict(n_fills=2.5), "n_fills must be a whole number >= 1")])
+def test_bad_fill_options_are_errors(tmp_path, models, kw, match):
+    with pytest.raises(ValueError, match=match):
+        wlcnn.reconstruct(valid_table(), models, tmp_path / "k.fits", png=False, **kw)
+
+
+# ---------------------------------------------------------------------------
 # End to end: FITS catalog in, FITS maps out, through the command line
 # ---------------------------------------------------------------------------
 def test_cli_writes_four_maps_whose_wcs_puts_the_clump_at_the_ks93_peak(tmp_path, run_dir, catalog, capsys):
