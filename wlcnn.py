@@ -6484,12 +6484,16 @@ COORDINATE_SYSTEMS = ("euclidean", "celestial")
 MAX_ELLIPTICITY = 1.0
 
 #: Default FWHM (arcmin) of the Gaussian smoothing of the KAPPA_KS93 map.
-#: Fig. 11 does not state its KS93 smoothing.  0.75′ is what the §3
-#: validation choice picked on simulated 25 arcmin⁻² fields
-#: (:func:`choose_ks93_smoothing`), so the map matches the KS93 of Table 2;
-#: it also keeps two clumps 0.7 Mpc (1.5′) apart at z = 0.87, El Gordo's,
-#: resolved.  Its noise rms is σ_e / sqrt(4π σ_G² n): 0.04 at 25 arcmin⁻²,
-#: 0.02 at the ~95 arcmin⁻² of the El Gordo HST catalog (§4.2).
+#: Fig. 11 does not state its KS93 smoothing.  The §3 validation choice
+#: (:func:`choose_ks93_smoothing`) picked 1.25′ on the quick dataset's
+#: 25 arcmin⁻² fields (examples/quick_model/ks93_smoothing.csv; 0.75′ on
+#: an earlier dataset).  The noise of smoothed KS93 goes as
+#: 1 / (FWHM sqrt(n)), so the same noise at the ~95 arcmin⁻² of an HST
+#: catalog like El Gordo's (§4.2) needs 1.25′ sqrt(25/95) = 0.64′: 0.75′
+#: is that, on the validation grid's 0.25′ steps, rounded up.  It keeps two
+#: clumps 0.7 Mpc (1.5′) apart at z = 0.87, El Gordo's, resolved; its noise
+#: on the El Gordo-like catalog is 0.024 in κ (examples/el_gordo_like.py).
+#: Ground-based catalogs (~25 arcmin⁻²) want ``--ks93-fwhm 1.25``.
 KS93_MAP_FWHM_ARCMIN = 0.75
 
 #: Least overlap of neighbouring tiles of a field wider than one tile, as a

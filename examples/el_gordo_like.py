@@ -52,7 +52,7 @@ AXIS_DEG = 45.0                 # direction of NW from SE, counter-clockwise fro
 RECOVERED_ARCMIN = 0.5          # a clump is recovered if its map peak lies this close to the truth
 OUTSKIRTS_ARCMIN = 2.0          # "outside the clumps": beyond 2′ (0.9 Mpc at z = 0.87) of both
 PEAK_SIGMA = 3.0                # spurious peaks: local maxima this many σ above the outskirts' median
-KS93_FWHM = wlcnn.KS93_MAP_FWHM_ARCMIN  # smoothing of the KS93 map (0.75′, the §3 validation choice)
+KS93_FWHM = wlcnn.KS93_MAP_FWHM_ARCMIN  # smoothing of the KS93 map: 0.75′, the §3 choice scaled to 95 arcmin⁻²
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 DEFAULT_MODELS = pathlib.Path(__file__).resolve().parent / "quick_model"  # examples/quick_model
