@@ -7157,6 +7157,13 @@ def cnn_field_map(x, y, e1, e2, sigma, models, geometry, orientations=1, batch_s
     return MosaicRuns(runs.mean(axis=0), std, count, runs)
 
 
+def _check_n_fills(n_fills):
+    """``n_fills`` as an int, or a ValueError (a bool or a fraction is no count)."""
+    if isinstance(n_fills, (bool, np.bool_)) or not isinstance(n_fills, (int, np.integer)) or n_fills < 1:
+        raise ValueError(f"n_fills must be a whole number >= 1, got {n_fills!r}")
+    return int(n_fills)
+
+
 def filled_cnn_map(x, y, e1, e2, sigma, models, geometry, rng, n_fills=NOISE_FILLS, orientations=1,
                    batch_size=MOSAIC_BATCH, progress=False):
     """CNN mosaics of K runs with the catalog's gaps filled by shear-free noise (§4.2).
@@ -7187,9 +7194,7 @@ def filled_cnn_map(x, y, e1, e2, sigma, models, geometry, rng, n_fills=NOISE_FIL
     Every run sees the same fills, so the spread over runs (``std``) is the
     networks' alone, as in §2.3.2.
     """
-    n_fills = int(n_fills)
-    if n_fills < 1:
-        raise ValueError(f"n_fills must be at least 1, got {n_fills}")
+    n_fills = _check_n_fills(n_fills)
     src = tuple(np.asarray(a, np.float64) for a in (x, y, e1, e2, sigma))
     bar = _Progress(n_fills, "noise fills") if progress else None
     maps, res = [], None
@@ -7574,8 +7579,8 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
         raise ValueError(f"unknown coordinate_system {coordinate_system!r}; one of {COORDINATE_SYSTEMS}")
     if outside not in OUTSIDE_MODES:
         raise ValueError(f"unknown outside mode {outside!r}; one of {OUTSIDE_MODES}")
-    if outside == "noise" and not (isinstance(n_fills, (int, np.integer)) and n_fills >= 1):
-        raise ValueError(f"n_fills must be a whole number >= 1, got {n_fills!r}")
+    if outside == "noise":
+        n_fills = _check_n_fills(n_fills)
     models, config, info = check_models(models, config)
     n_orient = len(mosaic_orientations(orientations))  # the cheap checks before any gridding
     z = redshift_info(config, z_lens, z_source)
@@ -7611,7 +7616,7 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
         rng = np.random.default_rng(seed)
         cnn, fill_err = filled_cnn_map(*src, models, geometry, rng, n_fills, orientations=orientations,
                                        progress=progress)
-        fill.update(n=int(n_fills), seed=int(seed), err=fill_err)
+        fill.update(n=n_fills, seed=int(seed), err=fill_err)
     else:
         cnn = cnn_field_map(*src, models, geometry, orientations=orientations, progress=progress)
     if z["differs"]:
