@@ -4946,6 +4946,13 @@ class MosaicRuns(NamedTuple):
     runs: np.ndarray   #: (K, mosaic_npix, mosaic_npix), each run's mosaic
 
 
+def _mosaic_runs(runs, count):
+    """MosaicRuns of K runs' maps (K, n, n): their mean and spread (ddof = 1; 0 for
+    one run), NaN where no subfield reached."""
+    std = runs.std(axis=0, ddof=1) if len(runs) > 1 else np.where(np.isnan(runs[0]), np.nan, 0.0)
+    return MosaicRuns(runs.mean(axis=0), std, count, runs)
+
+
 def predict_mosaic_runs(models, grid, config=PAPER, **kwargs):
     """Mosaics of K runs, their mean and standard deviation (§2.3.2).
 
@@ -4979,9 +4986,7 @@ def predict_mosaic_runs(models, grid, config=PAPER, **kwargs):
     if unknown:
         raise TypeError(f"unknown arguments {sorted(unknown)}")
     kw.update(kwargs)
-    runs, count = _mosaics(models, grid, config, **kw)
-    std = runs.std(axis=0, ddof=1) if len(runs) > 1 else np.where(np.isnan(runs[0]), np.nan, 0.0)
-    return MosaicRuns(runs.mean(axis=0), std, count, runs)
+    return _mosaic_runs(*_mosaics(models, grid, config, **kw))
 
 
 # ---------------------------------------------------------------------------
@@ -7153,8 +7158,7 @@ def cnn_field_map(x, y, e1, e2, sigma, models, geometry, orientations=1, batch_s
     runs = np.full(total.shape, np.nan)
     has = count > 0
     runs[:, has] = total[:, has] / count[has]
-    std = runs.std(axis=0, ddof=1) if len(models) > 1 else np.where(has, 0.0, np.nan)
-    return MosaicRuns(runs.mean(axis=0), std, count, runs)
+    return _mosaic_runs(runs, count)
 
 
 def _check_n_fills(n_fills):
@@ -7206,11 +7210,9 @@ def filled_cnn_map(x, y, e1, e2, sigma, models, geometry, rng, n_fills=NOISE_FIL
         if bar:
             bar.update()
     maps = np.asarray(maps)  # (fills, K, npix, npix)
-    runs = maps.mean(axis=0)
-    std = runs.std(axis=0, ddof=1) if len(runs) > 1 else np.where(np.isfinite(runs[0]), 0.0, np.nan)
     fill_err = (float(np.nanmedian(maps.mean(axis=1).std(axis=0, ddof=1))) / np.sqrt(n_fills)
                 if n_fills > 1 else float("nan"))
-    return MosaicRuns(runs.mean(axis=0), std, res.count, runs), fill_err
+    return _mosaic_runs(maps.mean(axis=0), res.count), fill_err
 
 
 def _as_models(models):
