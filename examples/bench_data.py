@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 import wlcnn
+import simulate_skies
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--clusters", type=int, default=8, help="training clusters in the scratch dataset")
@@ -32,14 +33,15 @@ times = []
 for seed in range(5):
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    wlcnn.simulate_cluster_field(cfg, rng)
+    simulate_skies.simulate_cluster_field(cfg, rng)
     times.append(time.perf_counter() - t0)
 sim_s = statistics.median(times)
 print(f"simulate_cluster_field: median {sim_s:.3f} s of {[round(t, 3) for t in times]}")
 
 # ## Pipeline: fresh catalogs, gridding, subfields, batches
 with tempfile.TemporaryDirectory() as tmp:
-    wlcnn.write_dataset(tmp, {"train": args.clusters, "val": 2}, cfg, seed=1, shard_size=4, progress=False)
+    wlcnn.write_dataset(tmp, {"train": args.clusters, "val": 2}, cfg, seed=1, field_fn=simulate_skies.simulated_field,
+                            shard_size=4, progress=False)
     train, _ = wlcnn.training_data(tmp, args.batch_size, seed=0, n_val=2, fresh_catalogs=True)
     it = iter(train)
     for _ in range(3):  # warm-up: tracing, first shard loads

@@ -1,7 +1,7 @@
 """El Gordo-like: a synthetic HST catalog of a merging cluster, reconstructed end to end.
 
 Title: the §4.2 application on a synthetic El Gordo
-Description: two NFW clumps at z = 0.87 in sky coordinates → `wlcnn.reconstruct`
+Description: two NFW clumps at z = 0.87 in sky coordinates → `reconstruct_catalog.reconstruct`
 → are both clumps found, how high are the peaks, how many spurious peaks?
 
 §4.2 of Hong et al. (2021) applies the CNN, trained on 32′ fields at z_l = 0.5,
@@ -40,6 +40,8 @@ from astropy import units as u
 from astropy.table import Table
 
 import wlcnn
+import reconstruct_catalog
+import simulate_skies
 
 
 EL_GORDO = (15.72, -49.25)      # RA, Dec of ACT-CL J0102−4915, degrees
@@ -52,7 +54,7 @@ AXIS_DEG = 45.0                 # direction of NW from SE, counter-clockwise fro
 RECOVERED_ARCMIN = 0.5          # a clump is recovered if its map peak lies this close to the truth
 OUTSKIRTS_ARCMIN = 2.0          # "outside the clumps": beyond 2′ (0.9 Mpc at z = 0.87) of both
 PEAK_SIGMA = 3.0                # spurious peaks: local maxima this many σ above the outskirts' median
-KS93_FWHM = wlcnn.KS93_MAP_FWHM_ARCMIN  # smoothing of the KS93 map: 0.75′, the §3 choice scaled to 95 arcmin⁻²
+KS93_FWHM = reconstruct_catalog.KS93_MAP_FWHM_ARCMIN  # smoothing of the KS93 map: 0.75′, the §3 choice scaled to 95 arcmin⁻²
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 DEFAULT_MODELS = pathlib.Path(__file__).resolve().parent / "quick_model"  # examples/quick_model
@@ -79,8 +81,8 @@ arcsec_per_mpc = 1.0 / (cosmo.angular_diameter_distance(Z_LENS).to_value(u.Mpc) 
 axis = np.array([np.cos(np.radians(AXIS_DEG)), np.sin(np.radians(AXIS_DEG))])
 half_sep = 0.5 * SEPARATION_MPC * arcsec_per_mpc
 clump_xy = {"NW": axis * half_sep, "SE": -axis * half_sep}
-concentration = {k: float(wlcnn.concentration_duffy08(m, Z_LENS)) for k, m in CLUMPS.items()}
-plane = wlcnn.tangent_plane_wcs(EL_GORDO)
+concentration = {k: float(simulate_skies.concentration_duffy08(m, Z_LENS)) for k, m in CLUMPS.items()}
+plane = reconstruct_catalog.tangent_plane_wcs(EL_GORDO)
 clump_sky = {k: tuple(float(v) for v in plane.pixel_to_world_values(*xy)) for k, xy in clump_xy.items()}
 
 
@@ -111,7 +113,7 @@ eps = wlcnn.lens_ellipticity(wlcnn.draw_intrinsic_ellipticity(n, cfg.sigma_e, rn
 sigma_meas = wlcnn.measurement_error(wlcnn.draw_magnitudes(n, cfg, rng), cfg)
 eps = eps + (rng.normal(0.0, 1.0, n) + 1j * rng.normal(0.0, 1.0, n)) * sigma_meas
 ra, dec = plane.pixel_to_world_values(x, y)
-eps = eps * np.exp(-2j * wlcnn.local_north_angle(ra, dec, plane))  # shapes along local West/North
+eps = eps * np.exp(-2j * reconstruct_catalog.local_north_angle(ra, dec, plane))  # shapes along local West/North
 sigma = np.sqrt(cfg.sigma_e**2 + sigma_meas**2)
 catalog_path = out / "catalog.fits"
 Table({"ra": ra, "dec": dec, "e1": eps.real, "e2": eps.imag, "weight": 1.0 / sigma**2}).write(
@@ -146,8 +148,8 @@ kw = dict(center=EL_GORDO, size_arcmin=args.field_arcmin, z_lens=Z_LENS, z_sourc
           seed=args.seed, overwrite=True)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", UserWarning)
-    res = wlcnn.reconstruct(catalog_path, models, out / "kappa.fits", **kw)
-    empty = wlcnn.reconstruct(catalog_path, models, out / "kappa_empty.fits", outside="empty", png=False, **kw)
+    res = reconstruct_catalog.reconstruct(catalog_path, models, out / "kappa.fits", **kw)
+    empty = reconstruct_catalog.reconstruct(catalog_path, models, out / "kappa_empty.fits", outside="empty", png=False, **kw)
 for w in caught[:len(caught) // 2]:  # the second call repeats the first's notes
     print(f"note: {w.message}", file=sys.stderr)
 print(f"wrote {res.path}" + (f" and {res.png_path}" if res.png_path else "") + f", {empty.path}")
@@ -160,7 +162,7 @@ lower_left = geo.npix / 2 * geo.pixel_arcsec  # arcsec from the map's lower-left
 truth_fine = sum(wlcnn.nfw_kappa_map(CLUMPS[k], concentration[k], lower_left + clump_xy[k][0],
                                      lower_left + clump_xy[k][1], cfg.pool * geo.npix, cfg.pixel_arcsec,
                                      z_l=Z_LENS, z_s=Z_SOURCE, cosmo=cosmo) for k in CLUMPS)
-truth = wlcnn.block_mean(truth_fine, cfg.pool)
+truth = reconstruct_catalog.block_mean(truth_fine, cfg.pool)
 maps = {"truth": truth, "CNN": res.kappa_cnn, "KS93": res.kappa_ks93, "CNN-empty": empty.kappa_cnn}
 
 # ## Are both clumps recovered?
@@ -198,11 +200,11 @@ for k in CLUMPS:
 # over the outskirts, in the outskirts: beyond 2′ of both clumps.  The truth has
 # none there (two declining profiles have no maximum between them).
 with warnings.catch_warnings():  # the same rows as above, already reported
-    warnings.simplefilter("ignore", wlcnn.CatalogWarning)
-    sky = wlcnn.read_catalog(catalog_path)
-px, py, e1, e2 = wlcnn.project_catalog(sky, EL_GORDO)
-noise_grid = wlcnn.grid_field(px, py, -e2, e1, sky.sigma, geo)
-sigma_noise = float(np.std(wlcnn.ks93_field_map(noise_grid, geo, KS93_FWHM)))
+    warnings.simplefilter("ignore", reconstruct_catalog.CatalogWarning)
+    sky = reconstruct_catalog.read_catalog(catalog_path)
+px, py, e1, e2 = reconstruct_catalog.project_catalog(sky, EL_GORDO)
+noise_grid = reconstruct_catalog.grid_field(px, py, -e2, e1, sky.sigma, geo)
+sigma_noise = float(np.std(reconstruct_catalog.ks93_field_map(noise_grid, geo, KS93_FWHM)))
 outskirts = np.logical_and.reduce([d > OUTSKIRTS_ARCMIN for d in dist_arcmin.values()])
 
 

@@ -33,6 +33,7 @@ import scipy.ndimage
 import scipy.signal
 
 import wlcnn as wl
+import simulate_skies
 
 parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
 parser.add_argument("--n-fields", type=int, default=20, help="random (non-cluster) fields")
@@ -44,7 +45,7 @@ parser.add_argument("--plot", default=None, help="write a PNG of C_ℓ and the P
 args = parser.parse_args()
 
 config = wl.PAPER
-sim = wl.SIMULATOR
+sim = simulate_skies.SIMULATOR
 pixel_rad = np.radians(config.pixel_arcsec / 3600.0)
 npix = config.npix
 
@@ -53,13 +54,13 @@ npix = config.npix
 """
 rng = np.random.default_rng(args.seed)
 t0 = time.perf_counter()
-fields = [wl.simulate_cluster_field(config, rng, sim, cluster=False)["kappa"]
+fields = [simulate_skies.simulate_cluster_field(config, rng, sim, cluster=False)["kappa"]
           for _ in range(args.n_fields)]
 t_field = (time.perf_counter() - t0) / max(args.n_fields, 1)
 print(f"{args.n_fields} random fields, {t_field:.3f} s a field")
 
 t0 = time.perf_counter()
-clusters = [wl.simulate_cluster_field(config, rng, sim, cluster=True)
+clusters = [simulate_skies.simulate_cluster_field(config, rng, sim, cluster=True)
             for _ in range(args.n_cluster_fields)]
 t_cluster = (time.perf_counter() - t0) / max(args.n_cluster_fields, 1)
 print(f"{args.n_cluster_fields} cluster fields, {t_cluster:.3f} s a field")
@@ -106,7 +107,7 @@ cl_sim = np.mean([binned(tapered_power(k)) for k in fields], axis=0) if fields e
 # finer in ℓ than the field's, then × A_w(r) and back to the field's modes.
 big = 8 * npix
 ell_big = 2 * np.pi * np.fft.fftfreq(big, d=pixel_rad)
-cl_big = wl.theory_cl(np.hypot(ell_big[:, None], ell_big[None, :]), config, sim)
+cl_big = simulate_skies.theory_cl(np.hypot(ell_big[:, None], ell_big[None, :]), config, sim)
 xi = np.fft.ifft2(cl_big).real / pixel_rad**2          # ξ on pixel lags (periodic in big)
 lags = np.r_[0:npix, big - npix + 1:big]
 xi_lag = xi[np.ix_(lags, lags)]                          # lags −(npix−1) … npix−1
@@ -145,9 +146,9 @@ var_sim = float(np.mean((smoothed - mean) ** 2))
 skew_sim = float(np.mean((smoothed - mean) ** 3) / var_sim**1.5)
 ell = np.logspace(0, 5.5, 4000)
 sig_rad = np.radians(args.smooth_arcmin / 60.0)
-var_theory = float(np.trapezoid(ell**2 * wl.theory_cl(ell) * np.exp(-(ell * sig_rad) ** 2)
+var_theory = float(np.trapezoid(ell**2 * simulate_skies.theory_cl(ell) * np.exp(-(ell * sig_rad) ** 2)
                                 / (2 * np.pi), np.log(ell)))
-kappa0 = wl.kappa0_hilbert2011(config.z_source) if sim.kappa0 is None else sim.kappa0
+kappa0 = simulate_skies.kappa0_hilbert2011(config.z_source) if sim.kappa0 is None else sim.kappa0
 r = np.sqrt(var_theory) / kappa0
 skew_theory = float(3 * r + r**3)  # shifted log-normal with the theory variance
 var_rel_dev = var_sim / var_theory - 1
@@ -190,10 +191,10 @@ if args.plot:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].loglog(ell, ell * (ell + 1) * wl.theory_cl(ell) / (2 * np.pi), "k-", label="theory (halofit)")
-    ax[0].loglog(ell, ell * (ell + 1) * wl.halo_cl_1h(ell) / (2 * np.pi), "k:",
+    ax[0].loglog(ell, ell * (ell + 1) * simulate_skies.theory_cl(ell) / (2 * np.pi), "k-", label="theory (halofit)")
+    ax[0].loglog(ell, ell * (ell + 1) * simulate_skies.halo_cl_1h(ell) / (2 * np.pi), "k:",
                  label="field halos, 1-halo (as painted)")
-    ax[0].loglog(ell, ell * (ell + 1) * wl.lss_cl(ell) / (2 * np.pi), "k--",
+    ax[0].loglog(ell, ell * (ell + 1) * simulate_skies.lss_cl(ell) / (2 * np.pi), "k--",
                  label="log-normal field (target)")
     ax[0].loglog(ell_mid, ell_mid * (ell_mid + 1) * cl_theory / (2 * np.pi), "ks", mfc="none",
                  label="theory, binned through the taper")

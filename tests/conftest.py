@@ -1,6 +1,14 @@
 """Shared fixtures: a tiny dataset of cheap Gaussian-blob clusters."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+# The applications of the method (sky simulator, ray-traced ingestion, catalog
+# reconstruction, the evaluation report) are example scripts; their tests
+# import them from examples/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import wlcnn
 

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import wlcnn
+import ingest_raytraced
 
 CFG = wlcnn.PAPER
 PIXEL_ARCMIN = 0.4           # MassiveNuS: 3.5° / 512 = 0.41′
@@ -61,12 +62,12 @@ def map_file(kappa_map, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fields(map_file):
-    return list(wlcnn.iter_ingested_fields([map_file]))
+    return list(ingest_raytraced.iter_ingested_fields([map_file]))
 
 
 # -- reading ----------------------------------------------------------------
 def test_read_returns_the_image_as_float64_and_the_side_in_degrees(map_file, kappa_map):
-    kappa, side_deg = wlcnn.read_convergence_map(map_file)
+    kappa, side_deg = ingest_raytraced.read_convergence_map(map_file)
     assert kappa.dtype == np.float64 and kappa.shape == (NPIX_MAP, NPIX_MAP)
     assert side_deg == pytest.approx(SIDE_DEG)
     # [y, x] as astropy gives it: row 0 is FITS row 1, the bottom of the map
@@ -78,7 +79,7 @@ def test_read_takes_another_header_key_and_hdu(tmp_path, kappa_map):
     image = fits.ImageHDU(kappa_map, name="KAPPA")
     image.header["SIDEDEG"] = SIDE_DEG
     fits.HDUList([fits.PrimaryHDU(), image]).writeto(path)
-    kappa, side_deg = wlcnn.read_convergence_map(path, angle_key="SIDEDEG", hdu="KAPPA")
+    kappa, side_deg = ingest_raytraced.read_convergence_map(path, angle_key="SIDEDEG", hdu="KAPPA")
     np.testing.assert_array_equal(kappa, kappa_map)
     assert side_deg == SIDE_DEG
 
@@ -120,30 +121,30 @@ BAD_FILES = [
 def test_bad_fits_input_raises_a_value_error_naming_file_and_problem(tmp_path, data, header, message):
     path = _write(tmp_path / "bad.fits", data, **header)
     with pytest.raises(ValueError, match=re.escape(message)) as err:
-        wlcnn.read_convergence_map(path)
+        ingest_raytraced.read_convergence_map(path)
     assert str(path) in str(err.value)
 
 
 def test_missing_hdu_and_non_fits_files_raise_value_errors(tmp_path, map_file):
     with pytest.raises(ValueError, match=r"no HDU 3 \(the file has 1 HDUs\)"):
-        wlcnn.read_convergence_map(map_file, hdu=3)
+        ingest_raytraced.read_convergence_map(map_file, hdu=3)
     junk = tmp_path / "junk.fits"
     junk.write_text("not a FITS file\n")
     with pytest.raises(ValueError, match="not a readable FITS file"):
-        wlcnn.read_convergence_map(junk)
+        ingest_raytraced.read_convergence_map(junk)
     with pytest.raises(FileNotFoundError):
-        wlcnn.read_convergence_map(tmp_path / "absent.fits")
+        ingest_raytraced.read_convergence_map(tmp_path / "absent.fits")
 
 
 def test_a_bad_map_stops_the_ingestion_with_its_name(tmp_path, map_file):
     bad = _write(tmp_path / "nan.fits", _with_nan(), ANGLE=SIDE_DEG)
     with pytest.raises(ValueError, match=re.escape(f"{bad}: 1 of")):
-        list(wlcnn.iter_ingested_fields([map_file, bad]))
+        list(ingest_raytraced.iter_ingested_fields([map_file, bad]))
 
 
 # -- finding clusters -------------------------------------------------------
 def test_find_clusters_recovers_the_halos_highest_first(kappa_map):
-    peaks, det = wlcnn.find_clusters(kappa_map, PIXEL_ARCMIN, return_details=True)
+    peaks, det = ingest_raytraced.find_clusters(kappa_map, PIXEL_ARCMIN, return_details=True)
     assert peaks.shape == (len(HALOS), 2) and peaks.dtype.kind == "i"
     # in mass order (same concentration: the more massive halo is higher) ...
     for (m, x, y), (iy, ix) in zip(HALOS, peaks):
@@ -157,9 +158,9 @@ def test_find_clusters_recovers_the_halos_highest_first(kappa_map):
 def test_the_border_drops_a_halo_whose_field_would_leave_the_map(kappa_map):
     _, x, y = EDGE_HALO
     edge = (round(_index(y)), round(_index(x)))
-    everywhere = wlcnn.find_clusters(kappa_map, PIXEL_ARCMIN, border_arcmin=0.0)
+    everywhere = ingest_raytraced.find_clusters(kappa_map, PIXEL_ARCMIN, border_arcmin=0.0)
     assert any(np.hypot(iy - _index(y), ix - _index(x)) <= 1.0 for iy, ix in everywhere), edge
-    peaks = wlcnn.find_clusters(kappa_map, PIXEL_ARCMIN)
+    peaks = ingest_raytraced.find_clusters(kappa_map, PIXEL_ARCMIN)
     centres_arcmin = (peaks + 0.5) * PIXEL_ARCMIN
     half = CFG.field_arcmin / 2
     assert np.all(centres_arcmin >= half) and np.all(centres_arcmin <= NPIX_MAP * PIXEL_ARCMIN - half)
@@ -168,22 +169,22 @@ def test_the_border_drops_a_halo_whose_field_would_leave_the_map(kappa_map):
 
 def test_min_separation_keeps_the_higher_of_two_close_peaks(kappa_map):
     # Pairwise distances of the three halos: 30.1′ (1-2), 26.4′ (1-3), 26.9′ (2-3).
-    peaks = wlcnn.find_clusters(kappa_map, PIXEL_ARCMIN, min_separation_arcmin=27.0)
+    peaks = ingest_raytraced.find_clusters(kappa_map, PIXEL_ARCMIN, min_separation_arcmin=27.0)
     assert len(peaks) == 2
     for (m, x, y), (iy, ix) in zip(HALOS[:2], peaks):
         assert np.hypot(iy - _index(y), ix - _index(x)) <= 1.0
     # a close pair (2′ apart) counts as one cluster under the default 4′ (an absolute
     # threshold: on a map that is nearly all noise, σ units would pick noise peaks too)
     pair = _kappa_map([(5e14, 30.0, 30.0), (3e14, 32.0, 30.0)], npix=150)
-    found = wlcnn.find_clusters(pair, PIXEL_ARCMIN, threshold_kappa=0.05)
+    found = ingest_raytraced.find_clusters(pair, PIXEL_ARCMIN, threshold_kappa=0.05)
     assert len(found) == 1 and abs(found[0][1] - _index(30.0)) <= 1.0
-    assert len(wlcnn.find_clusters(pair, PIXEL_ARCMIN, threshold_kappa=0.05, min_separation_arcmin=1.0)) == 2
+    assert len(ingest_raytraced.find_clusters(pair, PIXEL_ARCMIN, threshold_kappa=0.05, min_separation_arcmin=1.0)) == 2
 
 
 def test_every_pair_of_kept_peaks_respects_the_minimum_separation():
     noisy = np.random.default_rng(5).normal(0.0, 1.0, (200, 200))
     for sep in (0.0, 2.0, 5.0):
-        peaks = wlcnn.find_clusters(noisy, PIXEL_ARCMIN, smooth_fwhm_arcmin=0.8, threshold_sigma=1.0,
+        peaks = ingest_raytraced.find_clusters(noisy, PIXEL_ARCMIN, smooth_fwhm_arcmin=0.8, threshold_sigma=1.0,
                                      min_separation_arcmin=sep, border_arcmin=0.0)
         assert len(peaks) > 5
         d = np.hypot(*(peaks[:, None, :] - peaks[None, :, :]).transpose(2, 0, 1)) * PIXEL_ARCMIN
@@ -191,12 +192,12 @@ def test_every_pair_of_kept_peaks_respects_the_minimum_separation():
 
 
 def test_threshold_and_max_clusters(kappa_map):
-    peaks, det = wlcnn.find_clusters(kappa_map, PIXEL_ARCMIN, return_details=True)
+    peaks, det = ingest_raytraced.find_clusters(kappa_map, PIXEL_ARCMIN, return_details=True)
     # an absolute threshold between the 2nd and 3rd peaks keeps two
     cut = det["peak_kappa_smoothed"][1:3].mean()
-    assert len(wlcnn.find_clusters(kappa_map, PIXEL_ARCMIN, threshold_kappa=cut)) == 2
-    np.testing.assert_array_equal(wlcnn.find_clusters(kappa_map, PIXEL_ARCMIN, max_clusters=1), peaks[:1])
-    assert wlcnn.find_clusters(np.zeros((100, 100)), PIXEL_ARCMIN).shape == (0, 2)
+    assert len(ingest_raytraced.find_clusters(kappa_map, PIXEL_ARCMIN, threshold_kappa=cut)) == 2
+    np.testing.assert_array_equal(ingest_raytraced.find_clusters(kappa_map, PIXEL_ARCMIN, max_clusters=1), peaks[:1])
+    assert ingest_raytraced.find_clusters(np.zeros((100, 100)), PIXEL_ARCMIN).shape == (0, 2)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -209,14 +210,14 @@ def test_threshold_and_max_clusters(kappa_map):
 def test_find_clusters_rejects_bad_arguments(kwargs, message):
     args = {"pixel_arcmin": PIXEL_ARCMIN, **kwargs}
     with pytest.raises(ValueError, match=message):
-        wlcnn.find_clusters(np.zeros((50, 50)), **args)
+        ingest_raytraced.find_clusters(np.zeros((50, 50)), **args)
 
 
 def test_find_clusters_rejects_a_map_that_is_not_2d_or_finite():
     with pytest.raises(ValueError, match="2-D"):
-        wlcnn.find_clusters(np.zeros((2, 50, 50)), PIXEL_ARCMIN)
+        ingest_raytraced.find_clusters(np.zeros((2, 50, 50)), PIXEL_ARCMIN)
     with pytest.raises(ValueError, match="NaN"):
-        wlcnn.find_clusters(np.full((50, 50), np.nan), PIXEL_ARCMIN)
+        ingest_raytraced.find_clusters(np.full((50, 50), np.nan), PIXEL_ARCMIN)
 
 
 # -- cutting fields ---------------------------------------------------------
@@ -278,7 +279,7 @@ def test_cut_geometry_is_exact_for_a_linear_field(cy, cx):
     plane = lambda y, x: 0.1 + 0.002 * x - 0.003 * y    # noqa: E731
     kappa = plane(c[:, None], c[None, :])
     centre = (cy / PIXEL_ARCMIN - 0.5, cx / PIXEL_ARCMIN - 0.5)
-    out = wlcnn.cut_field(kappa, kappa, kappa, centre, PIXEL_ARCMIN)
+    out = ingest_raytraced.cut_field(kappa, kappa, kappa, centre, PIXEL_ARCMIN)
     q = (np.arange(CFG.npix) + 0.5) * CFG.pixel_arcsec / 60 - CFG.field_arcmin / 2
     np.testing.assert_allclose(out["kappa"], plane(cy + q[:, None], cx + q[None, :]), rtol=0, atol=1e-9)
 
@@ -291,7 +292,7 @@ def test_cubic_resampling_adds_no_power_beyond_the_map_resolution(kappa_map):
     beyond = np.maximum(freq[:, None], freq[None, :]) > 0.5 / PIXEL_ARCMIN   # outside the map's band
 
     def fraction(order):
-        f = wlcnn.cut_field(kappa_map, g1, g2, centre, PIXEL_ARCMIN, spline_order=order)["kappa"]
+        f = ingest_raytraced.cut_field(kappa_map, g1, g2, centre, PIXEL_ARCMIN, spline_order=order)["kappa"]
         power = np.abs(np.fft.fft2((f - f.mean()) * taper[:, None] * taper[None, :])) ** 2
         return power[beyond].sum() / power.sum()
 
@@ -304,30 +305,30 @@ def test_cut_field_rejects_a_window_leaving_the_map_and_mismatched_maps(kappa_ma
     z = np.zeros_like(kappa_map)
     half_pix = CFG.field_arcmin / 2 / PIXEL_ARCMIN       # 40 map pixels
     # the centre exactly half a field from the lower-left corner is allowed ...
-    wlcnn.cut_field(kappa_map, z, z, (half_pix - 0.5, half_pix - 0.5), PIXEL_ARCMIN)
+    ingest_raytraced.cut_field(kappa_map, z, z, (half_pix - 0.5, half_pix - 0.5), PIXEL_ARCMIN)
     # ... a hair closer is not
     with pytest.raises(ValueError, match="leaves the map"):
-        wlcnn.cut_field(kappa_map, z, z, (half_pix - 0.6, 90), PIXEL_ARCMIN)
+        ingest_raytraced.cut_field(kappa_map, z, z, (half_pix - 0.6, 90), PIXEL_ARCMIN)
     with pytest.raises(ValueError, match="leaves the map"):
-        wlcnn.cut_field(kappa_map, z, z, (90, NPIX_MAP - half_pix - 0.4), PIXEL_ARCMIN)
+        ingest_raytraced.cut_field(kappa_map, z, z, (90, NPIX_MAP - half_pix - 0.4), PIXEL_ARCMIN)
     with pytest.raises(ValueError, match="must share one grid"):
-        wlcnn.cut_field(kappa_map, z[:-1], z, (90, 90), PIXEL_ARCMIN)
+        ingest_raytraced.cut_field(kappa_map, z[:-1], z, (90, 90), PIXEL_ARCMIN)
     with pytest.raises(ValueError, match="two finite map pixel indices"):
-        wlcnn.cut_field(kappa_map, z, z, (90, np.nan), PIXEL_ARCMIN)
+        ingest_raytraced.cut_field(kappa_map, z, z, (90, np.nan), PIXEL_ARCMIN)
 
 
 # -- the whole path ---------------------------------------------------------
 def test_ingestion_is_deterministic_and_ordered_by_file_then_peak(tmp_path, map_file, fields, kappa_map):
     second = _write(tmp_path / "second.fits", _kappa_map(HALOS[1:2], seed=2).astype(np.float32),
                     ANGLE=SIDE_DEG)
-    run = list(wlcnn.iter_ingested_fields([map_file, second], max_clusters=2, threshold_kappa=0.05))
+    run = list(ingest_raytraced.iter_ingested_fields([map_file, second], max_clusters=2, threshold_kappa=0.05))
     assert [(f["meta"]["source_file"], f["meta"]["rank"]) for f in run] == [
         (str(map_file), 0), (str(map_file), 1), (str(second), 0)]
     for a, b in zip(run[:2], fields[:2]):
         for key in ("kappa", "gamma1", "gamma2"):
             np.testing.assert_array_equal(a[key], b[key])
         assert a["meta"]["peak_yx_pix"] == b["meta"]["peak_yx_pix"]
-    again = list(wlcnn.iter_ingested_fields([map_file]))
+    again = list(ingest_raytraced.iter_ingested_fields([map_file]))
     for a, b in zip(again, fields):
         np.testing.assert_array_equal(a["kappa"], b["kappa"])
         assert a["meta"] == b["meta"]
@@ -342,14 +343,14 @@ def test_ingestion_is_deterministic_and_ordered_by_file_then_peak(tmp_path, map_
 
 def test_a_map_without_clusters_yields_no_field(tmp_path):
     flat = _write(tmp_path / "flat.fits", GOOD, ANGLE=SIDE_DEG)
-    assert list(wlcnn.iter_ingested_fields(flat)) == []
+    assert list(ingest_raytraced.iter_ingested_fields(flat)) == []
 
 
 def test_ingest_command_writes_a_dataset_of_the_maps_clusters(tmp_path, map_file):
-    plan = wlcnn.ingest_plan([map_file])
+    plan = ingest_raytraced.ingest_plan([map_file])
     assert len(plan) >= 2
     out = tmp_path / "ds"
-    rc = wlcnn.main(["ingest", str(map_file), "--out", str(out), "--n-val", "1", "--n-test", "0", "--seed", "3"])
+    rc = ingest_raytraced.main([str(map_file), "--out", str(out), "--n-val", "1", "--n-test", "0", "--seed", "3"])
     assert rc == 0
     ds = wlcnn.ClusterDataset(out, config=wlcnn.PAPER)
     assert ds.manifest["generator"] == "ingest"
@@ -364,5 +365,5 @@ def test_ingest_command_writes_a_dataset_of_the_maps_clusters(tmp_path, map_file
 
 def test_ingest_rejects_too_few_clusters(tmp_path, map_file):
     with pytest.raises(ValueError, match="too few"):
-        wlcnn.ingest_dataset([map_file], tmp_path, n_val=100, n_test=0, progress=False)
-    assert wlcnn.main(["ingest", str(map_file), "--out", str(tmp_path), "--n-val", "100", "--n-test", "0"]) == 2
+        ingest_raytraced.ingest_dataset([map_file], tmp_path, n_val=100, n_test=0, progress=False)
+    assert ingest_raytraced.main([str(map_file), "--out", str(tmp_path), "--n-val", "100", "--n-test", "0"]) == 2

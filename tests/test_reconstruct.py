@@ -11,6 +11,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 import wlcnn
+import reconstruct_catalog
 
 
 #: The synthetic cluster field of these tests: a strong NFW clump at the
@@ -51,9 +52,9 @@ def sky_catalog(n=N_SOURCES, seed=SEED, sigma_e=SIGMA_E, field_arcmin=FIELD_ARCM
                                     wlcnn.PAPER.z_lens, wlcnn.PAPER.z_source)
     g = wlcnn.reduced_shear(g1, g2, kappa)
     eps = wlcnn.lens_ellipticity(wlcnn.draw_intrinsic_ellipticity(n, sigma_e, rng), g)
-    wcs = wlcnn.tangent_plane_wcs(center)
+    wcs = reconstruct_catalog.tangent_plane_wcs(center)
     ra, dec = wcs.pixel_to_world_values(x, y)
-    eps = eps * np.exp(-2j * wlcnn.local_north_angle(ra, dec, wcs))  # plane frame -> local (West, North)
+    eps = eps * np.exp(-2j * reconstruct_catalog.local_north_angle(ra, dec, wcs))  # plane frame -> local (West, North)
     clump = wcs.pixel_to_world_values(*CLUMP_OFFSET_ARCSEC)
     table = Table({"RA": ra, "Dec": dec, "E1": eps.real, "E2": eps.imag,
                    "Weight": np.full(n, 1.0 / sigma_e**2)})  # mixed case: names match case-insensitively
@@ -96,7 +97,7 @@ def valid_table(n=50, seed=0):
 # Tangent plane: x towards West, y towards North (DESIGN.md "Lensing")
 # ---------------------------------------------------------------------------
 def test_source_east_of_centre_gets_smaller_x_and_north_larger_y():
-    wcs = wlcnn.tangent_plane_wcs(CENTER)
+    wcs = reconstruct_catalog.tangent_plane_wcs(CENTER)
     one_arcmin_ra = 1 / 60 / np.cos(np.radians(CENTER[1]))  # 1′ on the sky along RA
     x_east, y_east = wcs.world_to_pixel_values(CENTER[0] + one_arcmin_ra, CENTER[1])
     x_north, y_north = wcs.world_to_pixel_values(CENTER[0], CENTER[1] + 1 / 60)
@@ -108,8 +109,8 @@ def test_source_east_of_centre_gets_smaller_x_and_north_larger_y():
 
 
 def test_map_wcs_puts_west_at_larger_column_and_centre_on_a_pixel_corner():
-    geometry = wlcnn.field_geometry(FIELD_ARCMIN)
-    wcs = wlcnn.map_wcs(CENTER, geometry)
+    geometry = reconstruct_catalog.field_geometry(FIELD_ARCMIN)
+    wcs = reconstruct_catalog.map_wcs(CENTER, geometry)
     assert wcs.wcs.cdelt[0] < 0 < wcs.wcs.cdelt[1]  # RA decreases with the column: North up, East left
     px, py = wcs.world_to_pixel_values(*CENTER)
     half = geometry.npix / 2 - 0.5  # corner between pixels npix/2 − 1 and npix/2
@@ -119,9 +120,9 @@ def test_map_wcs_puts_west_at_larger_column_and_centre_on_a_pixel_corner():
 def test_local_north_rotation_is_minus_ra_offset_times_sin_dec():
     """Meridians converge towards the pole: a source Δα East sees North tilted by −Δα sin δ."""
     center = (30.0, 60.0)
-    wcs = wlcnn.tangent_plane_wcs(center)
+    wcs = reconstruct_catalog.tangent_plane_wcs(center)
     d_ra = 0.5  # degrees of RA
-    psi = wlcnn.local_north_angle(np.array([center[0] + d_ra, center[0] - d_ra, center[0]]),
+    psi = reconstruct_catalog.local_north_angle(np.array([center[0] + d_ra, center[0] - d_ra, center[0]]),
                                   np.full(3, center[1]), wcs)
     want = np.radians(d_ra) * np.sin(np.radians(center[1]))
     # The small-angle form is exact to O(Δα³): 1e-3 relative at 0.5°.
@@ -132,7 +133,7 @@ def test_default_centre_is_the_middle_of_the_extent_even_across_ra_zero():
     rng = np.random.default_rng(SEED)
     ra = rng.uniform(-0.1, 0.1, 500) % 360.0  # a field straddling RA = 0
     dec = rng.uniform(-30.1, -29.9, 500)
-    ra_c, dec_c = wlcnn.catalog_center(ra, dec)
+    ra_c, dec_c = reconstruct_catalog.catalog_center(ra, dec)
     # The bounding box's middle: within 0.001° (the extreme sources of 500 fall that close
     # to the ±0.1° edges), and RA near 0/360 — not the 180° of a naive mean.
     assert min(ra_c, 360.0 - ra_c) < 1e-3 and dec_c == pytest.approx(-30.0, abs=1e-3)
@@ -140,8 +141,8 @@ def test_default_centre_is_the_middle_of_the_extent_even_across_ra_zero():
 
 def test_celestial_frame_negates_e2():
     table = valid_table()
-    euc = wlcnn.read_catalog(table)
-    cel = wlcnn.read_catalog(table, coordinate_system="celestial")
+    euc = reconstruct_catalog.read_catalog(table)
+    cel = reconstruct_catalog.read_catalog(table, coordinate_system="celestial")
     np.testing.assert_array_equal(cel.e1, euc.e1)
     np.testing.assert_array_equal(cel.e2, -euc.e2)
 
@@ -150,15 +151,15 @@ def test_weights_become_sigma_and_sigma_column_is_used_as_is():
     table = valid_table()
     table["w"] = table["weight"] * 4.0
     table["sig"] = np.full(len(table), 0.3)
-    np.testing.assert_allclose(wlcnn.read_catalog(table, weight_col="w").sigma, 1 / np.sqrt(64.0))
-    np.testing.assert_array_equal(wlcnn.read_catalog(table, sigma_col="sig").sigma, 0.3)
+    np.testing.assert_allclose(reconstruct_catalog.read_catalog(table, weight_col="w").sigma, 1 / np.sqrt(64.0))
+    np.testing.assert_array_equal(reconstruct_catalog.read_catalog(table, sigma_col="sig").sigma, 0.3)
 
 
 # ---------------------------------------------------------------------------
 # Geometry: one tile for a §4.2-sized field, overlapping tiles beyond
 # ---------------------------------------------------------------------------
 def test_small_field_is_one_tile_in_the_middle_of_the_input():
-    g = wlcnn.field_geometry(9.0)  # the HST field of §4.2
+    g = reconstruct_catalog.field_geometry(9.0)  # the HST field of §4.2
     assert g.n_tiles == 1
     assert g.npix == 48  # 9′ = 540″ = 46.9 pixels of 11.52″, rounded up to an even number
     # The field centre is the 32′ input's centre: the input grid starts 16′ East and South of it.
@@ -167,7 +168,7 @@ def test_small_field_is_one_tile_in_the_middle_of_the_input():
 
 @pytest.mark.parametrize("size", [26.0, 32.0, 40.0, 75.0])
 def test_tiles_cover_every_pixel_of_a_large_field(size):
-    g = wlcnn.field_geometry(size)
+    g = reconstruct_catalog.field_geometry(size)
     line = np.zeros(g.npix, dtype=int)
     cover = wlcnn.mosaic_coverage(g.config, g.stride)[g.config.mosaic_npix // 2] > 0
     for a in g.tile_starts:
@@ -176,7 +177,7 @@ def test_tiles_cover_every_pixel_of_a_large_field(size):
     assert line.min() >= 1
     if len(g.tile_starts) > 1:  # neighbours overlap by at least TILE_OVERLAP of the covered width
         step = np.diff(g.tile_starts).max()
-        assert step <= cover.sum() * (1 - wlcnn.TILE_OVERLAP)
+        assert step <= cover.sum() * (1 - reconstruct_catalog.TILE_OVERLAP)
 
 
 @pytest.mark.parametrize("size", [10.0, 40.0])
@@ -185,19 +186,19 @@ def test_tiled_mosaic_lands_on_the_right_sky_pixels(catalog, size):
     tiles, offsets and averaging, exactly the field grid's Δε on every pixel: the
     tiles' pixels are the output grid's (no shift, no resampling)."""
     cfg = wlcnn.PAPER
-    g = wlcnn.field_geometry(size, cfg, stride=TEST_STRIDE)
-    sky = wlcnn.read_catalog(catalog[0])
-    x, y, e1, e2 = wlcnn.project_catalog(sky, CENTER)
+    g = reconstruct_catalog.field_geometry(size, cfg, stride=TEST_STRIDE)
+    sky = reconstruct_catalog.read_catalog(catalog[0])
+    x, y, e1, e2 = reconstruct_catalog.project_catalog(sky, CENTER)
     scale = size / FIELD_ARCMIN  # spread the sources over the field
     src = (x * scale, y * scale, e1, e2, sky.sigma)
 
     def footprint_delta_eps(batch):
         lo = (cfg.first_kernel - 1) // 2
         block = batch[:, lo:lo + cfg.pool * cfg.output_npix, lo:lo + cfg.pool * cfg.output_npix, 2]
-        return wlcnn.block_mean(block, cfg.pool)[..., None]
+        return reconstruct_catalog.block_mean(block, cfg.pool)[..., None]
 
-    res = wlcnn.cnn_field_map(*src, [footprint_delta_eps], g)
-    want = wlcnn.block_mean(wlcnn.grid_field(*src, g)[2], cfg.pool)
+    res = reconstruct_catalog.cnn_field_map(*src, [footprint_delta_eps], g)
+    want = reconstruct_catalog.block_mean(reconstruct_catalog.grid_field(*src, g)[2], cfg.pool)
     assert res.count.min() > 0
     # Subfields are float32: agreement to float32 round-off.
     np.testing.assert_allclose(res.mean, want, rtol=1e-6)
@@ -210,11 +211,11 @@ def test_missing_columns_are_named_with_the_available_ones():
     table = valid_table()
     del table["e2"], table["weight"]
     with pytest.raises(ValueError, match=r"missing column.*'e2'.*'weight'.*\['ra', 'dec', 'e1'\]"):
-        wlcnn.read_catalog(table)
+        reconstruct_catalog.read_catalog(table)
 
 
 def test_columns_match_case_insensitively(catalog):
-    sky = wlcnn.read_catalog(catalog[0])  # columns RA, Dec, E1, E2, Weight
+    sky = reconstruct_catalog.read_catalog(catalog[0])  # columns RA, Dec, E1, E2, Weight
     assert len(sky.ra) == N_SOURCES
 
 
@@ -222,16 +223,16 @@ def test_nan_rows_are_dropped_and_counted():
     table = valid_table()
     table["e1"][[3, 7]] = np.nan
     table["dec"][11] = np.nan
-    with pytest.warns(wlcnn.CatalogWarning, match="dropped 3 of 50 rows.*3 with NaN"):
-        sky = wlcnn.read_catalog(table)
+    with pytest.warns(reconstruct_catalog.CatalogWarning, match="dropped 3 of 50 rows.*3 with NaN"):
+        sky = reconstruct_catalog.read_catalog(table)
     assert sky.counts["dropped_nan"] == 3 and len(sky.ra) == 47
 
 
 def test_empty_entries_of_a_csv_count_as_nan(tmp_path):
     path = tmp_path / "cat.csv"
     path.write_text("ra,dec,e1,e2,weight\n150.0,2.2,0.1,,16\n150.01,2.21,0.1,0.2,16\n")
-    with pytest.warns(wlcnn.CatalogWarning):
-        sky = wlcnn.read_catalog(path)
+    with pytest.warns(reconstruct_catalog.CatalogWarning):
+        sky = reconstruct_catalog.read_catalog(path)
     assert sky.counts["dropped_nan"] == 1 and len(sky.ra) == 1
 
 
@@ -239,15 +240,15 @@ def test_all_nan_rows_is_an_error():
     table = valid_table()
     table["e1"] = np.nan
     with pytest.raises(ValueError, match="no usable row among 50 .*50 with NaN"):
-        wlcnn.read_catalog(table)
+        reconstruct_catalog.read_catalog(table)
 
 
 def test_rows_with_abs_e_at_least_one_are_dropped_and_counted():
     table = valid_table()
     table["e1"][0], table["e2"][0] = 0.8, 0.6   # |e| = 1 exactly: dropped
     table["e1"][1] = 1.7
-    with pytest.warns(wlcnn.CatalogWarning, match="2 with \\|e\\| ≥ 1"):
-        sky = wlcnn.read_catalog(table)
+    with pytest.warns(reconstruct_catalog.CatalogWarning, match="2 with \\|e\\| ≥ 1"):
+        sky = reconstruct_catalog.read_catalog(table)
     assert sky.counts["dropped_ellipticity"] == 2 and len(sky.ra) == 48
 
 
@@ -255,21 +256,21 @@ def test_all_rows_with_abs_e_at_least_one_is_an_error():
     table = valid_table()
     table["e1"] = 1.5
     with pytest.raises(ValueError, match="no usable row.*50 with \\|e\\| ≥ 1"):
-        wlcnn.read_catalog(table)
+        reconstruct_catalog.read_catalog(table)
 
 
 def test_zero_weight_rows_are_dropped_as_flagged():
     table = valid_table()
     table["weight"][:5] = 0.0
-    with pytest.warns(wlcnn.CatalogWarning, match="5 with weight ≤ 0"):
-        sky = wlcnn.read_catalog(table)
+    with pytest.warns(reconstruct_catalog.CatalogWarning, match="5 with weight ≤ 0"):
+        sky = reconstruct_catalog.read_catalog(table)
     assert sky.counts["dropped_weight"] == 5
 
 
 def test_every_source_outside_the_field_is_an_error(tmp_path, run_dir):
     table = valid_table()
     with pytest.raises(ValueError, match="none of the 50 sources lies inside the 1.15′ field"):
-        wlcnn.reconstruct(table, run_dir, tmp_path / "k.fits", center=(CENTER[0] + 1.0, CENTER[1]),
+        reconstruct_catalog.reconstruct(table, run_dir, tmp_path / "k.fits", center=(CENTER[0] + 1.0, CENTER[1]),
                           size_arcmin=1.0, png=False)
     assert not (tmp_path / "k.fits").exists()
 
@@ -278,36 +279,36 @@ def test_empty_file_is_an_error(tmp_path):
     empty = tmp_path / "empty.fits"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="empty file"):
-        wlcnn.read_catalog(empty)
+        reconstruct_catalog.read_catalog(empty)
 
 
 def test_header_only_csv_is_an_error(tmp_path):
     path = tmp_path / "header.csv"
     path.write_text("ra,dec,e1,e2,weight\n")
     with pytest.raises(ValueError, match="no rows"):
-        wlcnn.read_catalog(path)
+        reconstruct_catalog.read_catalog(path)
 
 
 def test_unknown_coordinate_system_is_an_error():
     with pytest.raises(ValueError, match="unknown coordinate_system 'galactic'.*euclidean.*celestial"):
-        wlcnn.read_catalog(valid_table(), coordinate_system="galactic")
+        reconstruct_catalog.read_catalog(valid_table(), coordinate_system="galactic")
 
 
 def test_weight_and_sigma_columns_together_are_an_error(tmp_path, run_dir):
     table = valid_table()
     table["sig"] = 0.3
     with pytest.raises(ValueError, match="a weight column or a sigma column, not both"):
-        wlcnn.read_catalog(table, weight_col="w", sigma_col="sig")
+        reconstruct_catalog.read_catalog(table, weight_col="w", sigma_col="sig")
     path = tmp_path / "cat.fits"
     table.write(path)
     with pytest.raises(SystemExit) as exc:  # argparse: mutually exclusive options
-        wlcnn.main(["reconstruct", str(path), "--models", str(run_dir), "--out", str(tmp_path / "k.fits"),
+        reconstruct_catalog.main([str(path), "--models", str(run_dir), "--out", str(tmp_path / "k.fits"),
                     "--weight-col", "weight", "--sigma-col", "sig"])
     assert exc.value.code == 2
 
 
 def test_center_option_takes_degrees_or_sexagesimal():
-    parse = wlcnn._parse_center
+    parse = reconstruct_catalog._parse_center
     assert parse("15.72,-49.25") == (15.72, -49.25)
     ra, dec = parse("01:02:53,-49:15:19")  # El Gordo
     assert (ra, dec) == pytest.approx((15.720833, -49.255278), abs=1e-6)  # 1e-6° = 4 mas
@@ -319,33 +320,33 @@ def test_non_numeric_positions_are_an_error():
     table = valid_table(3)
     table["ra"] = ["01:02:53", "01:02:54", "01:02:55"]
     with pytest.raises(ValueError, match="column 'ra' is not numeric.*degrees"):
-        wlcnn.read_catalog(table)
+        reconstruct_catalog.read_catalog(table)
 
 
 def test_model_built_for_another_grid_is_an_error(tmp_path, models):
     other = dataclasses.replace(wlcnn.PAPER, field_arcmin=30.0)  # 3.6″ pixels, not 3.84″
     with pytest.raises(ValueError, match="another grid than the data's.*field_arcmin"):
-        wlcnn.reconstruct(valid_table(), models, tmp_path / "k.fits", config=other, png=False)
+        reconstruct_catalog.reconstruct(valid_table(), models, tmp_path / "k.fits", config=other, png=False)
     with pytest.raises(ValueError, match="differ in grid.*field_arcmin"):
-        wlcnn.check_models([models[0], tiny_model(5, other)])
+        reconstruct_catalog.check_models([models[0], tiny_model(5, other)])
 
 
 def test_models_of_another_channel_count_are_an_error(models):
     with pytest.raises(ValueError, match="differ in input channels \\(3 and 4\\)"):
-        wlcnn.check_models([models[0], tiny_model(6, variant="4Channel")])
+        reconstruct_catalog.check_models([models[0], tiny_model(6, variant="4Channel")])
     # A model that wants a channel the gridding does not make (hand-built description).
     info = dict(wlcnn.model_info(models[0]), channels=5)
     inputs = keras.Input((386, 386, 5))
     odd = keras.Model(inputs, wlcnn.ModelInfo(info, name=wlcnn.INFO_LAYER)(inputs))
     with pytest.raises(ValueError, match="expects 5 input channels; the gridded catalog has 4"):
-        wlcnn.check_models(odd)
+        reconstruct_catalog.check_models(odd)
 
 
 def test_existing_output_is_not_overwritten_without_asking(tmp_path, models):
     out = tmp_path / "k.fits"
     out.write_text("keep me")
     with pytest.raises(FileExistsError):
-        wlcnn.reconstruct(valid_table(), models, out, png=False)
+        reconstruct_catalog.reconstruct(valid_table(), models, out, png=False)
     assert out.read_text() == "keep me"
 
 
@@ -371,9 +372,9 @@ def holed_catalog(n=8000, shear=(0.2, -0.1), seed=3):
 
 
 def test_noise_fill_covers_every_tile_beyond_the_field_and_the_holes_only():
-    geo = wlcnn.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
+    geo = reconstruct_catalog.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
     src = holed_catalog()
-    fx, fy = wlcnn.noise_fill(*src, geo, np.random.default_rng(0))[:2]
+    fx, fy = reconstruct_catalog.noise_fill(*src, geo, np.random.default_rng(0))[:2]
     half = geo.npix / 2 * geo.pixel_arcsec
     in_field = (np.abs(fx) <= half) & (np.abs(fy) <= half)
     # Inside the field, fill sources lie only in the fill cells that cover the hole:
@@ -395,15 +396,15 @@ def test_noise_fill_covers_every_tile_beyond_the_field_and_the_holes_only():
     want = density * ((hi - lo) ** 2 - (2 * half) ** 2)
     assert out_input.sum() == pytest.approx(want, rel=5 / np.sqrt(want))
     # ... and on the input's corner pixels too (the whole input is covered).
-    grid = wlcnn.grid_tile(fx, fy, *np.zeros((2, len(fx))), np.full(len(fx), 0.3), geo,
+    grid = reconstruct_catalog.grid_tile(fx, fy, *np.zeros((2, len(fx))), np.full(len(fx), 0.3), geo,
                            geo.tile_starts[0], geo.tile_starts[0])
     assert grid[3][[0, 0, -1, -1], [0, -1, 0, -1]].min() > 0
 
 
 def test_noise_fill_keeps_the_catalogs_noise_and_removes_its_shear():
-    geo = wlcnn.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
+    geo = reconstruct_catalog.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
     x, y, e1, e2, sig = holed_catalog()
-    fx, fy, f1, f2, fs = wlcnn.noise_fill(x, y, e1, e2, sig, geo, np.random.default_rng(1))
+    fx, fy, f1, f2, fs = reconstruct_catalog.noise_fill(x, y, e1, e2, sig, geo, np.random.default_rng(1))
     # The catalog's mean ε is the shear (0.2, −0.1); the fill's is zero, to 5 standard
     # errors (|ε| rms ~0.4 over ~80,000 fill sources: 0.007).  A fill that kept the
     # phase, or turned ε by ψ instead of 2ψ (⟨e^{iψ}⟩ = 2i/π), would be off by ≥ 0.1.
@@ -420,27 +421,27 @@ def test_noise_fill_keeps_the_catalogs_noise_and_removes_its_shear():
 
 
 def test_noise_fill_is_reproducible_and_needs_a_source_in_the_field():
-    geo = wlcnn.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
+    geo = reconstruct_catalog.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
     src = holed_catalog(n=500)
-    a = wlcnn.noise_fill(*src, geo, np.random.default_rng(5))
-    b = wlcnn.noise_fill(*src, geo, np.random.default_rng(5))
-    c = wlcnn.noise_fill(*src, geo, np.random.default_rng(6))
+    a = reconstruct_catalog.noise_fill(*src, geo, np.random.default_rng(5))
+    b = reconstruct_catalog.noise_fill(*src, geo, np.random.default_rng(5))
+    c = reconstruct_catalog.noise_fill(*src, geo, np.random.default_rng(6))
     for u_, v in zip(a, b):
         np.testing.assert_array_equal(u_, v)
     assert len(a[0]) != len(c[0]) or not np.array_equal(a[0], c[0])
     far = (src[0] + 3600.0,) + src[1:]  # every source a degree West of the field
     with pytest.raises(ValueError, match="no source inside the field"):
-        wlcnn.noise_fill(*far, geo, np.random.default_rng(0))
+        reconstruct_catalog.noise_fill(*far, geo, np.random.default_rng(0))
     with pytest.raises(TypeError):
-        wlcnn.noise_fill(*src, geo, 5)  # a seed is not a Generator
+        reconstruct_catalog.noise_fill(*src, geo, 5)  # a seed is not a Generator
 
 
 def test_reconstruct_fills_no_data_with_noise_by_default_and_says_so(tmp_path, models, catalog):
     kw = dict(stride=TEST_STRIDE, png=False)
-    a = wlcnn.reconstruct(catalog[0], models, tmp_path / "a.fits", n_fills=2, seed=4, **kw)
-    b = wlcnn.reconstruct(catalog[0], models, tmp_path / "b.fits", n_fills=2, seed=4, **kw)
-    c = wlcnn.reconstruct(catalog[0], models, tmp_path / "c.fits", n_fills=2, seed=5, **kw)
-    e = wlcnn.reconstruct(catalog[0], models, tmp_path / "e.fits", outside="empty", **kw)
+    a = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "a.fits", n_fills=2, seed=4, **kw)
+    b = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "b.fits", n_fills=2, seed=4, **kw)
+    c = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "c.fits", n_fills=2, seed=5, **kw)
+    e = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "e.fits", outside="empty", **kw)
     np.testing.assert_array_equal(a.kappa_cnn, b.kappa_cnn)  # same seed, same map
     assert not np.array_equal(a.kappa_cnn, c.kappa_cnn)
     np.testing.assert_array_equal(a.kappa_ks93, e.kappa_ks93)  # KS93 never sees the fill
@@ -450,9 +451,9 @@ def test_reconstruct_fills_no_data_with_noise_by_default_and_says_so(tmp_path, m
     assert fits.getheader(tmp_path / "e.fits")["OUTSIDE"] == "empty"
     assert "NFILLS" not in fits.getheader(tmp_path / "e.fits")
     # The empty mode is the network on the catalog alone.
-    sky = wlcnn.read_catalog(catalog[0])
-    x, y, e1, e2 = wlcnn.project_catalog(sky, e.center)
-    want = wlcnn.cnn_field_map(x, y, e1, e2, sky.sigma, models, e.geometry)
+    sky = reconstruct_catalog.read_catalog(catalog[0])
+    x, y, e1, e2 = reconstruct_catalog.project_catalog(sky, e.center)
+    want = reconstruct_catalog.cnn_field_map(x, y, e1, e2, sky.sigma, models, e.geometry)
     np.testing.assert_array_equal(e.kappa_cnn, want.mean)
     # Each run's map is the mean over the same fills: the runs' spread is theirs alone.
     assert a.runs.shape == (2,) + a.kappa_cnn.shape
@@ -464,7 +465,7 @@ def test_reconstruct_fills_no_data_with_noise_by_default_and_says_so(tmp_path, m
                                        (dict(n_fills=2.5), "n_fills must be a whole number >= 1")])
 def test_bad_fill_options_are_errors(tmp_path, models, kw, match):
     with pytest.raises(ValueError, match=match):
-        wlcnn.reconstruct(valid_table(), models, tmp_path / "k.fits", png=False, **kw)
+        reconstruct_catalog.reconstruct(valid_table(), models, tmp_path / "k.fits", png=False, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -477,14 +478,14 @@ def test_cli_writes_four_maps_whose_wcs_puts_the_clump_at_the_ks93_peak(tmp_path
     table.write(cat_path)
     out = tmp_path / "kappa.fits"
     ks93_fwhm = 1.0  # arcmin: at ~20 sources/arcmin² the unsmoothed KS93 peak is noise-dominated
-    rc = wlcnn.main(["reconstruct", str(cat_path), "--models", str(run_dir), "--out", str(out),
+    rc = reconstruct_catalog.main([str(cat_path), "--models", str(run_dir), "--out", str(out),
                      "--stride", str(TEST_STRIDE), "--ks93-fwhm", str(ks93_fwhm)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "dropped 4 of 2000 rows (4 with NaN" in captured.err
     assert f"{N_SOURCES - 4} sources used of {N_SOURCES} rows (dropped: 4 NaN" in captured.out
     with fits.open(out) as hdul:
-        assert [h.name for h in hdul[1:]] == list(wlcnn.MAP_EXTENSIONS)
+        assert [h.name for h in hdul[1:]] == list(reconstruct_catalog.MAP_EXTENSIONS)
         assert hdul[0].header["NDRNAN"] == 4 and hdul[0].header["NRUNS"] == 2
         shapes = {h.data.shape for h in hdul[1:]}
         assert len(shapes) == 1
@@ -518,8 +519,8 @@ def test_euclidean_and_celestial_catalogs_give_the_same_maps(tmp_path, models, c
     cel = table.copy()
     cel["E2"] = -cel["E2"]
     kw = dict(stride=TEST_STRIDE, png=False)
-    a = wlcnn.reconstruct(table, models, tmp_path / "euclidean.fits", **kw)
-    b = wlcnn.reconstruct(cel, models, tmp_path / "celestial.fits", coordinate_system="celestial", **kw)
+    a = reconstruct_catalog.reconstruct(table, models, tmp_path / "euclidean.fits", **kw)
+    b = reconstruct_catalog.reconstruct(cel, models, tmp_path / "celestial.fits", coordinate_system="celestial", **kw)
     # −(−e2) is exact, so the same numbers go through the same arithmetic.
     for name in ("kappa_cnn", "kappa_cnn_std", "kappa_ks93", "density"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
@@ -529,9 +530,9 @@ def test_euclidean_and_celestial_catalogs_give_the_same_maps(tmp_path, models, c
 def test_other_redshifts_are_recorded_not_used_to_rescale_kappa(tmp_path, models, catalog):
     """Shear measures κ of the catalog's own sources; z only changes Σ_c (see redshift_info)."""
     kw = dict(stride=TEST_STRIDE, png=False)
-    a = wlcnn.reconstruct(catalog[0], models, tmp_path / "a.fits", **kw)
+    a = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "a.fits", **kw)
     with pytest.warns(UserWarning, match="trained for z_l = 0.5, z_s = 1.5"):
-        b = wlcnn.reconstruct(catalog[0], models, tmp_path / "b.fits", z_lens=0.87, z_source=1.2, **kw)
+        b = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "b.fits", z_lens=0.87, z_source=1.2, **kw)
     np.testing.assert_array_equal(a.kappa_cnn, b.kappa_cnn)
     np.testing.assert_array_equal(a.kappa_ks93, b.kappa_ks93)
     h = fits.getheader(tmp_path / "b.fits")
@@ -545,6 +546,6 @@ def test_other_redshifts_are_recorded_not_used_to_rescale_kappa(tmp_path, models
 def test_without_matplotlib_the_fits_is_written_and_the_png_skipped(tmp_path, models, catalog, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # `from matplotlib.figure import …` fails
     with pytest.warns(UserWarning, match="matplotlib is not installed: no PNG"):
-        res = wlcnn.reconstruct(catalog[0], models[:1], tmp_path / "k.fits", stride=TEST_STRIDE)
+        res = reconstruct_catalog.reconstruct(catalog[0], models[:1], tmp_path / "k.fits", stride=TEST_STRIDE)
     assert res.png_path is None and not (tmp_path / "k.png").exists()
     assert fits.getheader(tmp_path / "k.fits", "KAPPA_CNN")["NRUNS"] == 1

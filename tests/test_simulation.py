@@ -7,22 +7,23 @@ from astropy import units as u
 from scipy import integrate
 
 import wlcnn as wl
+import simulate_skies
 
 COSMO = wl.cosmology(wl.PAPER)
 # Cuspy, unsmoothed halos for the profile tests.
-RAW = dataclasses.replace(wl.SIMULATOR, halo_smoothing_fwhm_arcsec=0.0)
+RAW = dataclasses.replace(simulate_skies.SIMULATOR, halo_smoothing_fwhm_arcsec=0.0)
 
 
 # ---------------------------------------------------------------------------
 # Theory tables
 # ---------------------------------------------------------------------------
 def test_tables_match_config_and_refuse_another():
-    t = wl.theory_tables()
+    t = simulate_skies.theory_tables()
     assert t.dn_dlnm.shape == (t.z.size, t.log10_m.size)
     assert np.all(np.diff(t.ell) > 0) and np.all(t.cl_kappa > 0)
     other = dataclasses.replace(wl.PAPER, z_source=1.0)
     with pytest.raises(ValueError, match="make_theory_tables.py"):
-        wl.theory_tables(other)
+        simulate_skies.theory_tables(other)
 
 
 def test_one_halo_term_matches_pyccl_table():
@@ -32,11 +33,11 @@ def test_one_halo_term_matches_pyccl_table():
     # M grids (ours starts at z = 0.02) and CCL uses its own Limber kernel.
     from astropy.table import Table
     plain = dataclasses.replace(RAW, concentration_scatter_ln=0.0)
-    tab = Table.read(f"{wl._HERE}/theory/theory_cl.ecsv")
+    tab = Table.read(f"{simulate_skies._HERE}/theory/theory_cl.ecsv")
     assert tab.meta["one_halo_m_min_msun"] == plain.field_m200_min_msun
     ell = np.asarray(tab["ell"])
     sel = (ell >= 100) & (ell <= 1e4)
-    ours = wl.halo_cl_1h(ell[sel], wl.PAPER, plain)
+    ours = simulate_skies.halo_cl_1h(ell[sel], wl.PAPER, plain)
     np.testing.assert_allclose(ours, np.asarray(tab["cl_1h_ccl"])[sel], rtol=0.05)
 
 
@@ -47,39 +48,39 @@ def test_truncated_profile_is_the_projected_density():
     # Closed form (Takada & Jain 2003) against a direct line-of-sight
     # integral of the truncated 3-D NFW; quad is good to ~1e-8 here.
     m, c, z = 3e14, 4.0, 0.5
-    r200, rs, rho_s = (float(v) for v in wl.halo_scales(m, c, z, COSMO))
+    r200, rs, rho_s = (float(v) for v in simulate_skies.halo_scales(m, c, z, COSMO))
     for r in (0.01, 0.2, rs * 0.9995, rs, rs * 1.0004, 0.7, 0.98 * r200):
         los = integrate.quad(lambda s: rho_s / ((np.hypot(r, s) / rs) * (1 + np.hypot(r, s) / rs) ** 2),
                              0, np.sqrt(r200**2 - r**2), limit=200)[0] * 2
-        assert wl.tnfw_sigma(r, m, c, z, COSMO) == pytest.approx(los, rel=1e-5)
-    assert wl.tnfw_sigma(1.01 * r200, m, c, z, COSMO) == 0.0
+        assert simulate_skies.tnfw_sigma(r, m, c, z, COSMO) == pytest.approx(los, rel=1e-5)
+    assert simulate_skies.tnfw_sigma(1.01 * r200, m, c, z, COSMO) == 0.0
 
 
 def test_untruncated_limit_is_wright_brainerd():
     # τ → ∞ recovers the package's nfw_sigma (Wright & Brainerd 2000); at
     # τ = 1e4 the truncation changes Σ inside r200 by < 1e-4.
     r = np.array([0.05, 0.3, 1.0])
-    ours = wl.tnfw_sigma(r, 5e14, 4.0, 0.5, COSMO, truncation_r200=1e4)
+    ours = simulate_skies.tnfw_sigma(r, 5e14, 4.0, 0.5, COSMO, truncation_r200=1e4)
     np.testing.assert_allclose(ours, wl.nfw_sigma(r, 5e14, 4.0, 0.5, COSMO), rtol=1e-4)
 
 
 def test_pixel_map_conserves_mass():
     m, c, z = 5e14, 4.0, 0.5
     pix = wl.PAPER.pixel_arcsec
-    sc = float(wl._sigma_crit_many(z, wl.PAPER.z_source, COSMO))
+    sc = float(simulate_skies._sigma_crit_many(z, wl.PAPER.z_source, COSMO))
     mpc_per_pix = COSMO.angular_diameter_distance(z).to_value(u.Mpc) * np.radians(pix / 3600)
     x0, y0 = 200.3 * pix, 199.8 * pix  # centre off the pixel grid's symmetry points
-    kmap = wl.tnfw_kappa_map(m, c, x0, y0, 400, pix, z, sim=RAW, axis_ratio=0.6, angle_deg=30)
+    kmap = simulate_skies.tnfw_kappa_map(m, c, x0, y0, 400, pix, z, sim=RAW, axis_ratio=0.6, angle_deg=30)
     # Total: a sphere truncated at r200 projects exactly M200.  0.3 %: the
     # un-oversampled pixels at the sharp truncation edge (Σ ∝ √(r_t − R)).
     assert kmap.sum() * sc * mpc_per_pix**2 == pytest.approx(m, rel=3e-3)
-    circ = wl.tnfw_kappa_map(m, c, x0, y0, 400, pix, z, sim=RAW)
+    circ = simulate_skies.tnfw_kappa_map(m, c, x0, y0, 400, pix, z, sim=RAW)
     jj, ii = np.meshgrid(np.arange(400) + 0.5, np.arange(400) + 0.5)
     rpix = np.hypot(jj - x0 / pix, ii - y0 / pix)
     for rad in (10.0, 40.0):
         inside = circ[rpix < rad].sum() * sc * mpc_per_pix**2
         r_mpc = rad * mpc_per_pix
-        exact = integrate.quad(lambda r: 2 * np.pi * r * wl.tnfw_sigma(r, m, c, z, COSMO),
+        exact = integrate.quad(lambda r: 2 * np.pi * r * simulate_skies.tnfw_sigma(r, m, c, z, COSMO),
                                0, r_mpc, limit=200, points=[r_mpc / 10])[0]
         # Pixels straddling the circle: ± (2πR pixel Σ(R)) / √N_edge ~ 0.5 %
         # at R = 10 pixels, less at 40.
@@ -92,14 +93,14 @@ def test_centre_pixel_is_the_pixel_mean():
     m, c, z = 5e14, 4.0, 0.5
     pix = wl.PAPER.pixel_arcsec
     x0, y0 = 10.3 * pix, 10.6 * pix
-    kmap = wl.tnfw_kappa_map(m, c, x0, y0, 21, pix, z, sim=RAW)
-    sc = float(wl._sigma_crit_many(z, wl.PAPER.z_source, COSMO))
+    kmap = simulate_skies.tnfw_kappa_map(m, c, x0, y0, 21, pix, z, sim=RAW)
+    sc = float(simulate_skies._sigma_crit_many(z, wl.PAPER.z_source, COSMO))
     mpp = COSMO.angular_diameter_distance(z).to_value(u.Mpc) * np.radians(pix / 3600)
-    _, rs, rho_s = (float(v) for v in wl.halo_scales(m, c, z, COSMO))
+    _, rs, rho_s = (float(v) for v in simulate_skies.halo_scales(m, c, z, COSMO))
 
     def f(y, x):  # κ at (x, y) pixels from the pixel's corner; the cusp is at (0.3, 0.6)
         r = max(np.hypot(x - 0.3, y - 0.6), 1e-12) * mpp / rs
-        return 2 * rho_s * rs * float(wl._tnfw_g(np.array([r]), c)[0]) / sc
+        return 2 * rho_s * rs * float(simulate_skies._tnfw_g(np.array([r]), c)[0]) / sc
 
     exact = integrate.dblquad(f, 0, 1, 0, 1, epsabs=1e-7)[0]
     assert kmap[10, 10] == pytest.approx(exact, rel=1e-2)
@@ -115,20 +116,20 @@ def test_isolated_halo_shear_on_the_torus_is_analytic():
     n, pix = 1000, wl.PAPER.pixel_arcsec
     m, c, z = 8e14, 4.0, 0.5
     kappa = np.zeros((n, n))
-    wl.paint_tnfw(kappa, n / 2 + 0.3, n / 2 - 0.2, m, c, z, wl.PAPER.z_source, COSMO, pix, sim=RAW)
+    simulate_skies.paint_tnfw(kappa, n / 2 + 0.3, n / 2 - 0.2, m, c, z, wl.PAPER.z_source, COSMO, pix, sim=RAW)
     g1, g2 = wl.shear_from_kappa(kappa, pad=False)
     jj, ii = np.meshgrid(np.arange(n) + 0.5 - (n / 2 + 0.3), np.arange(n) + 0.5 - (n / 2 - 0.2))
     r_arcmin = np.hypot(jj, ii) * pix / 60
     phi = np.arctan2(ii, jj)
     gt = -(g1 * np.cos(2 * phi) + g2 * np.sin(2 * phi))
-    sc = float(wl._sigma_crit_many(z, wl.PAPER.z_source, COSMO))
+    sc = float(simulate_skies._sigma_crit_many(z, wl.PAPER.z_source, COSMO))
     mpc_per_arcmin = COSMO.angular_diameter_distance(z).to_value(u.Mpc) * np.radians(1 / 60)
     for r in (0.5, 1.0, 2.0, 5.0, 10.0):
         ring = np.abs(r_arcmin - r) < 0.05
         rm = r * mpc_per_arcmin
-        m2d = integrate.quad(lambda s: 2 * np.pi * s * wl.tnfw_sigma(s, m, c, z, COSMO), 0, rm,
+        m2d = integrate.quad(lambda s: 2 * np.pi * s * simulate_skies.tnfw_sigma(s, m, c, z, COSMO), 0, rm,
                              limit=200, points=[rm / 10])[0]
-        expect = (m2d / (np.pi * rm**2) - wl.tnfw_sigma(rm, m, c, z, COSMO)) / sc
+        expect = (m2d / (np.pi * rm**2) - simulate_skies.tnfw_sigma(rm, m, c, z, COSMO)) / sc
         assert gt[ring].mean() == pytest.approx(expect, rel=0.02)
 
 
@@ -139,16 +140,16 @@ def test_halo_draw_reproduces_the_table_counts():
     # Expected counts from the table itself (bilinear in ln n, fine
     # trapezoid in z and ln M, astropy volumes), independent of the
     # simulator's cell grid; then a Pearson χ² over 4 z × 4 M bins.
-    t = wl.theory_tables()
+    t = simulate_skies.theory_tables()
     area = np.radians(3.0) ** 2  # 9 deg²: ~ 2,000 halos, fast to draw
     rng = np.random.default_rng(7)
-    halos = wl.draw_field_halos(area, rng)
+    halos = simulate_skies.draw_field_halos(area, rng)
     z_edges = np.array([0.02, 0.4, 0.7, 1.0, 1.5])
     lm_edges = np.log10([3e13, 6e13, 1.2e14, 3e14, 3e15])
     obs = np.histogram2d(halos["z"], np.log10(halos["m200_msun"]), [z_edges, lm_edges])[0]
     zf = np.linspace(0.02, 1.5, 600)
     lmf = np.linspace(lm_edges[0], lm_edges[-1], 600)
-    dens = wl._mass_function_at(t, zf[:, None], lmf[None, :]) * COSMO.differential_comoving_volume(
+    dens = simulate_skies._mass_function_at(t, zf[:, None], lmf[None, :]) * COSMO.differential_comoving_volume(
         zf).to_value(u.Mpc**3 / u.sr)[:, None] * area
     exp = np.zeros_like(obs)
     for a in range(4):
@@ -165,15 +166,15 @@ def test_halo_draw_reproduces_the_table_counts():
 
 def test_main_mass_and_concentration_draws():
     rng = np.random.default_rng(3)
-    m = wl.draw_main_mass(rng, size=4000)
-    assert m.min() >= wl.SIMULATOR.main_m200_min_msun and m.max() <= wl.SIMULATOR.main_m200_max_msun
+    m = simulate_skies.draw_main_mass(rng, size=4000)
+    assert m.min() >= simulate_skies.SIMULATOR.main_m200_min_msun and m.max() <= simulate_skies.SIMULATOR.main_m200_max_msun
     # The mass function falls steeply: most clusters sit near the low end.
-    assert np.median(m) < 2 * wl.SIMULATOR.main_m200_min_msun
-    c = wl.draw_concentration(np.full(4000, 1e14), 0.5, rng)
+    assert np.median(m) < 2 * simulate_skies.SIMULATOR.main_m200_min_msun
+    c = simulate_skies.draw_concentration(np.full(4000, 1e14), 0.5, rng)
     # ln c scatter 0.33 about Duffy08 (c = 3.50 at 1e14, z = 0.5); 4000
     # draws: the std of ln c is known to ±0.01 (3σ ≈ 0.011 rel).
     assert np.std(np.log(c)) == pytest.approx(0.33, abs=0.015)
-    assert np.median(c) == pytest.approx(wl.concentration_duffy08(1e14, 0.5), rel=0.03)
+    assert np.median(c) == pytest.approx(simulate_skies.concentration_duffy08(1e14, 0.5), rel=0.03)
 
 
 # ---------------------------------------------------------------------------
@@ -193,16 +194,16 @@ def _periodogram_bins(kappa, pix, edges):
 
 
 def test_lognormal_power_matches_its_input():
-    plan = wl.lognormal_plan(wl.PAPER, wl.SIMULATOR, n=1024)
+    plan = simulate_skies.lognormal_plan(wl.PAPER, simulate_skies.SIMULATOR, n=1024)
     rng = np.random.default_rng(11)
     edges = np.logspace(3, np.log10(2e4), 7)
     runs = []
     for _ in range(6):
-        kappa = wl.lognormal_lss(rng, plan)[0]
+        kappa = simulate_skies.lognormal_lss(rng, plan)[0]
         runs.append(_periodogram_bins(kappa, plan.pixel_rad, edges)[0])
     runs = np.array(runs)
     _, ell, w, ok = _periodogram_bins(kappa, plan.pixel_rad, edges)
-    target = wl.lss_cl(ell)
+    target = simulate_skies.lss_cl(ell)
     nb = edges.size - 1
     target = np.bincount(w[ok], target[ok], nb) / np.bincount(w[ok], minlength=nb)
     mean = runs.mean(0)
@@ -215,13 +216,13 @@ def test_lognormal_power_matches_its_input():
 
 def test_lognormal_zero_mean_and_grid_variance():
     n = 1024
-    plan = wl.lognormal_plan(wl.PAPER, wl.SIMULATOR, n=n)
+    plan = simulate_skies.lognormal_plan(wl.PAPER, simulate_skies.SIMULATOR, n=n)
     rng = np.random.default_rng(5)
-    maps = [wl.lognormal_lss(rng, plan)[0] for _ in range(6)]
+    maps = [simulate_skies.lognormal_lss(rng, plan)[0] for _ in range(6)]
     # Variance of the input spectrum over the grid's modes (k ≠ 0) plus the
     # large-scale modes of the k = 0 cell.
     l1 = 2 * np.pi * np.fft.fftfreq(n, d=plan.pixel_rad)
-    cgrid = wl.lss_cl(np.hypot(l1[:, None], l1[None, :]))
+    cgrid = simulate_skies.lss_cl(np.hypot(l1[:, None], l1[None, :]))
     cgrid[0, 0] = 0
     f = plan.large_factor
     var_large = plan.kappa0**2 * np.expm1(plan.var_g_large)
@@ -241,21 +242,21 @@ def test_lognormal_zero_mean_and_grid_variance():
     assert variances.mean() == pytest.approx(
         expect, abs=4 * variances.std(ddof=1) / np.sqrt(len(maps)) + 0.02 * expect)
     assert all(mp.min() >= -plan.kappa0 for mp in maps)
-    assert f == wl.SIMULATOR.large_scale_factor
+    assert f == simulate_skies.SIMULATOR.large_scale_factor
 
 
 def test_lss_shear_equals_exact_shear_on_the_large_torus():
     # On a small torus (256 px a side) the large-scale modes are periodic on
     # the 8× larger torus, where a plain FFT of the tiled field is exact.
     cfg = dataclasses.replace(wl.PAPER, npix=128, field_arcmin=128 * wl.PAPER.pixel_arcsec / 60)
-    plan = wl.lognormal_plan(cfg, wl.SIMULATOR, cl_func=lambda ell: wl.lss_cl(ell), kappa0=0.0464)
+    plan = simulate_skies.lognormal_plan(cfg, simulate_skies.SIMULATOR, cl_func=lambda ell: simulate_skies.lss_cl(ell), kappa0=0.0464)
     n, f = plan.n, plan.large_factor
-    kappa, k_large, g1_large, _ = wl.lognormal_lss(np.random.default_rng(1), plan)
-    g_small, coef = wl.lognormal_gaussians(np.random.default_rng(1), plan)
+    kappa, k_large, g1_large, _ = simulate_skies.lognormal_lss(np.random.default_rng(1), plan)
+    g_small, coef = simulate_skies.lognormal_gaussians(np.random.default_rng(1), plan)
     g1 = wl.shear_from_kappa(kappa - k_large, pad=False)[0] + g1_large
     x = np.arange(f * n) + 0.5
     k = 2 * np.pi / (f * n) * plan.large_m
-    big = plan.kappa0 * np.expm1(np.tile(g_small, (f, f)) + wl._fourier_sum(coef, k, k, x, x)
+    big = plan.kappa0 * np.expm1(np.tile(g_small, (f, f)) + simulate_skies._fourier_sum(coef, k, k, x, x)
                                  - 0.5 * (plan.var_g_small + plan.var_g_large))
     np.testing.assert_allclose(big[:n, :n], kappa, atol=1e-12)
     exact = wl.shear_from_kappa(big, pad=False)[0][:n, :n]
@@ -272,8 +273,8 @@ def test_lss_shear_equals_exact_shear_on_the_large_torus():
 # Whole fields
 # ---------------------------------------------------------------------------
 def test_simulate_cluster_field_reproducible_and_finite():
-    a = wl.simulate_cluster_field(wl.PAPER, np.random.default_rng(42))
-    b = wl.simulate_cluster_field(wl.PAPER, np.random.default_rng(42))
+    a = simulate_skies.simulate_cluster_field(wl.PAPER, np.random.default_rng(42))
+    b = simulate_skies.simulate_cluster_field(wl.PAPER, np.random.default_rng(42))
     npix = wl.PAPER.npix
     for key in ("kappa", "gamma1", "gamma2"):
         assert a[key].shape == (npix, npix) and a[key].dtype == np.float64
@@ -281,7 +282,7 @@ def test_simulate_cluster_field_reproducible_and_finite():
         np.testing.assert_array_equal(a[key], b[key])
     assert a["main"] == b["main"]
     main = a["main"]
-    sim = wl.SIMULATOR
+    sim = simulate_skies.SIMULATOR
     assert sim.main_m200_min_msun <= main["m200_msun"] <= sim.main_m200_max_msun
     centre = wl.PAPER.field_arcmin * 30
     assert np.hypot(main["x_arcsec"] - centre, main["y_arcsec"] - centre) <= (
@@ -290,6 +291,6 @@ def test_simulate_cluster_field_reproducible_and_finite():
     # κ of a cluster is ≥ 0.28 (5th percentile), the field's rms ~ 0.04.
     j, i = int(main["x_arcsec"] / wl.PAPER.pixel_arcsec), int(main["y_arcsec"] / wl.PAPER.pixel_arcsec)
     assert a["kappa"][i - 2:i + 3, j - 2:j + 3].mean() > 0.15
-    c = wl.simulate_cluster_field(wl.PAPER, np.random.default_rng(43), cluster=False)
+    c = simulate_skies.simulate_cluster_field(wl.PAPER, np.random.default_rng(43), cluster=False)
     assert c["main"] is None and c["companions"] == [] and np.all(np.isfinite(c["kappa"]))
     assert not np.array_equal(a["kappa"], c["kappa"])
