@@ -81,9 +81,8 @@ class WienerFilter:
 
 
 def _radial_mean(power, kmod, edges):
-    """Mean of ``power`` in annuli of |k| ``edges``, and the modes in each.
-
-    The rfft half-plane suffices: a mode and its conjugate carry the same power."""
+    """Mean of ``power`` in annuli of |k| ``edges``, and the modes in each (on the rfft
+    half-plane, which suffices: a mode and its conjugate carry the same power)."""
     idx = np.digitize(kmod.ravel(), edges) - 1
     ok = (idx >= 0) & (idx < len(edges) - 1)
     sums = np.bincount(idx[ok], power.ravel()[ok], minlength=len(edges) - 1)
@@ -117,7 +116,7 @@ def fit_wiener(clusters, config=PAPER, n_bins=40, limit=200, seed=0, progress=Fa
     s_sum, n_sum = np.zeros(n_bins), np.zeros(n_bins)
     bar = _Progress(limit, "wiener spectra") if progress and limit else None
     n = 0
-    for cluster in itertools.islice(clusters, limit):
+    for n, cluster in enumerate(itertools.islice(clusters, limit), start=1):
         kappa = np.asarray(cluster["kappa"], dtype=np.float64)
         power = np.abs(scipy.fft.rfft2(kappa - kappa.mean(), s=shape)) ** 2
         s_k, counts = _radial_mean(power, kmod, edges)
@@ -129,7 +128,6 @@ def fit_wiener(clusters, config=PAPER, n_bins=40, limit=200, seed=0, progress=Fa
         n_k, _ = _radial_mean(np.abs(_emode_spectrum(g[0], g[1], shape)) ** 2, kmod, edges)
         s_sum += np.nan_to_num(s_k)
         n_sum += np.nan_to_num(n_k)
-        n += 1
         if bar:
             bar.update()
     if n == 0:
@@ -152,8 +150,8 @@ def wiener_mosaic(grid, wiener, config=PAPER):
     grid = np.asarray(grid, dtype=np.float64)
     shape = tuple(wiener.shape)
     f = _emode_spectrum(grid[0], grid[1], shape) * wiener.transfer(_wavenumber(shape))
-    n = config.npix
-    return wlcnn.mosaic_truth(scipy.fft.irfft2(f, s=shape)[:n, :n], config)
+    kappa = scipy.fft.irfft2(f, s=shape)[:config.npix, :config.npix]
+    return wlcnn.mosaic_truth(kappa, config)
 
 
 SS95_TOL = 1e-4        # max |Δκ| between iterations: 0.1 % of a typical cluster κ
@@ -239,27 +237,23 @@ def write_table(rows, out_dir, name="table2", paper=wlcnn.PAPER_TABLE2, notes=()
     ``wlcnn.TABLE2_COLUMNS``; the Markdown is :func:`table_markdown`.
     Returns the paths of the two files.
     """
-    csv_path = os.path.join(out_dir, f"{name}.csv")
+    csv_path = _write_csv(rows, os.path.join(out_dir, f"{name}.csv"), wlcnn.TABLE2_COLUMNS)
     md_path = os.path.join(out_dir, f"{name}.md")
-    with open(csv_path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(wlcnn.TABLE2_COLUMNS)
-        for row in rows:
-            writer.writerow([row["method"]] + [int(row[c]) if c == "n_clusters" else f"{row[c]:.6g}"
-                                               for c in wlcnn.TABLE2_COLUMNS[1:]])
     with open(md_path, "w") as fh:
         fh.write(table_markdown(rows, paper, notes))
     return csv_path, md_path
 
 
-def _write_csv(rows, path):
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+def _write_csv(rows, path, columns=None):
+    """Rows (dicts) as CSV, floats to 6 digits; ``columns`` default: every key, first seen first."""
+    columns = list(dict.fromkeys(k for row in rows for k in row)) if columns is None else columns
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, keys)
+        writer = csv.DictWriter(fh, columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v
                              for k, v in row.items()})
+    return path
 
 
 def cluster_rows(results):
@@ -276,7 +270,6 @@ def cluster_rows(results):
 
 # ## Figures 2-8 and 10 (matplotlib, object-oriented: no pyplot state, no display)
 MAP_CMAP = "magma"
-METHOD_COLORS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6")
 CONTOUR_LEVELS = (0.683, 0.954, 0.997)  # "1σ, 2σ and 3σ" of the joint distributions (Fig. 4)
 N_MEDIAN_BINS = 5                       # equal-count bins of the binned medians (Figs. 4-6)
 KAPPA_TILDE_RANGE = (-2.0, 6.0)         # colour scale of κ̃ maps: a few σ below, the peaks above
@@ -314,14 +307,11 @@ def figure_maps(results, path, example=None, methods=None):
     methods = results.methods if methods is None else list(methods)
     cfg = results.config
     panels = [("Truth", results.truth[i])] + [(m, results.maps[m][i]) for m in methods]
-    finite = np.isfinite(results.truth[i])
-    rows = np.flatnonzero(finite.any(axis=1))
-    cols = np.flatnonzero(finite.any(axis=0))
-    rows, cols = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+    ys, xs = np.nonzero(np.isfinite(results.truth[i]))
+    rows, cols = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
     pix_arcmin = cfg.pixel_arcsec * cfg.pool / 60.0
     half = cfg.mosaic_npix / 2.0
-    extent = [(cols.start - half) * pix_arcmin, (cols.stop - half) * pix_arcmin,
-              (rows.start - half) * pix_arcmin, (rows.stop - half) * pix_arcmin]
+    extent = (np.array([cols.start, cols.stop, rows.start, rows.stop]) - half) * pix_arcmin
     fig, axes = _figure(len(panels), 2)
     kappa_range = (np.nanmin(results.truth[i]), np.nanmax(results.truth[i]))
     for col, (name, kappa) in enumerate(panels):
@@ -361,7 +351,7 @@ def figure_distributions(results, path):
     fig, axes = _figure(2)
     for ax, normalised, label in ((axes[0, 0], False, "κ"), (axes[0, 1], True, "κ̃")):
         data = [("Truth", _pooled(results, None, normalised), "k")]
-        data += [(m, _pooled(results, m, normalised), METHOD_COLORS[j % len(METHOD_COLORS)])
+        data += [(m, _pooled(results, m, normalised), f"C{j % 10}")
                  for j, m in enumerate(results.methods)]
         lo = min(np.percentile(d, PLOT_RANGE_PERCENTILES[0]) for _, d, _ in data)
         hi = max(np.percentile(d, PLOT_RANGE_PERCENTILES[1]) for _, d, _ in data)
@@ -477,7 +467,6 @@ def figure_centroid_mass(results, path):
 
 
 def _offsets_panel(fig, ax, dx, dy, m_t, x_method, y_method):
-    """Δ_peak of two methods for the same clusters, coloured by M_cl truth."""
     sc = ax.scatter(dx, dy, c=m_t, s=14, cmap="viridis")
     top = max(dx.max(), dy.max()) * 1.05 + 1
     ax.plot([0, top], [0, top], ":", color="0.5")
@@ -601,13 +590,11 @@ def write_report(results, out_dir, meta=None, notes=(), example=None, paper=wlcn
         with open(os.path.join(tmp, "report.json"), "w") as fh:
             json.dump(summary, fh, indent=1, default=str)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        old = None
+        old = tmp + ".old"  # as unique as tmp, and hidden beside out_dir like it
         if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "report"))
+            os.rename(out_dir, old)
         os.rename(tmp, out_dir)
-        if old:
-            shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
