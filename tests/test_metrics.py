@@ -1,6 +1,5 @@
 """§3 evaluation: mosaics, baselines, the paper's metrics (eq. 13-16, §3.3-3.4), the report."""
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -8,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import wlcnn
-import evaluate_table2
 
 
 CFG = wlcnn.PAPER
@@ -174,54 +172,6 @@ def test_smoothing_kernel_has_the_requested_fwhm():
     np.testing.assert_array_equal(wlcnn.smooth_map(delta, 0.0, CFG), delta)  # FWHM 0: unchanged
 
 
-def test_ss95_iteration_undoes_the_reduced_shear_bias_of_ks93():
-    """With g = γ/(1 − κ) of a κ = 0.4 blob, KS93(g) overshoots the core; the
-    Seitz & Schneider iteration converges and lands closer to the truth."""
-    kappa = _blob(0.4)
-    g1, g2 = wlcnn.shear_from_kappa(kappa)
-    grid = np.stack([g1 / (1 - kappa), g2 / (1 - kappa)])
-    truth = wlcnn.mosaic_truth(kappa)
-    ks = wlcnn.ks93_mosaic(grid, CFG)
-    ss, info = evaluate_table2.ks93_reduced_iterative(grid, CFG, return_info=True)
-    assert info["converged"] and info["n_iter"] < evaluate_table2.SS95_MAX_ITER
-    err_ks = np.abs((ks - ks.mean()) - (truth - truth.mean())).max()
-    err_ss = np.abs((ss - ss.mean()) - (truth - truth.mean())).max()
-    assert err_ss < 0.25 * err_ks
-
-
-def test_ss95_is_ks93_in_the_weak_limit():
-    kappa = _blob(1e-4)
-    g1, g2 = wlcnn.shear_from_kappa(kappa)
-    grid = np.stack([g1, g2])
-    # the correction g·κ is of order κ² = 1e-8, 1e-4 of the map's peak
-    np.testing.assert_allclose(evaluate_table2.ks93_reduced_iterative(grid, CFG), wlcnn.ks93_mosaic(grid, CFG),
-                               atol=kappa.max() ** 2)
-
-
-def _flat_wiener(signal, noise):
-    shape = wlcnn._padded_shape((CFG.npix, CFG.npix), True)
-    k = np.geomspace(1e-3, 0.8, 10)
-    return evaluate_table2.WienerFilter(k, np.full(10, signal), np.full(10, noise), shape, 1)
-
-
-def test_wiener_filter_without_noise_is_ks93_and_with_equal_powers_halves_it():
-    grid = np.random.default_rng(53).normal(0, 0.3, (2, CFG.npix, CFG.npix))
-    ks = wlcnn.ks93_mosaic(grid, CFG)
-    # 1e-12: the same FFTs, multiplied by exactly 1 or 0.5
-    np.testing.assert_allclose(evaluate_table2.wiener_mosaic(grid, _flat_wiener(1.0, 0.0), CFG), ks, atol=1e-12)
-    np.testing.assert_allclose(evaluate_table2.wiener_mosaic(grid, _flat_wiener(1.0, 1.0), CFG), ks / 2, atol=1e-12)
-
-
-def test_fitted_wiener_filter_passes_large_scales_and_damps_small_ones(tiny_dataset):
-    ds = wlcnn.ClusterDataset(tiny_dataset)
-    wf = evaluate_table2.fit_wiener(ds.clusters("train"), ds.config, limit=3)
-    assert wf.n_clusters == 3 and np.all(wf.signal_power >= 0) and np.all(wf.noise_power > 0)
-    w = wf.transfer(np.array([0.0, wf.k[0], wf.k[-1]]))
-    # k = 0 is the mass sheet; the largest scales hold signal comparable to the
-    # noise (W ≈ 0.4 for these small blobs); at the grid scale noise is all there is
-    assert w[0] == 0 and w[1] > 0.2 and w[2] < 0.01 and np.all((w >= 0) & (w <= 1))
-
-
 # ---------------------------------------------------------------------------
 # Metrics (eq. 13-16, §3.3, §3.4)
 # ---------------------------------------------------------------------------
@@ -383,38 +333,6 @@ def test_methods_are_scored_on_the_same_pixels(evaluation):
     assert set(evaluation.run_std) == {"CNN"} and evaluation.run_mass_std["CNN"].shape == (2,)
 
 
-def test_table2_rows_have_exactly_the_issue_columns(evaluation, tmp_path):
-    rows = wlcnn.table2(evaluation)
-    assert [r["method"] for r in rows] == ["KS93", "CNN"]
-    assert all(tuple(r) == wlcnn.TABLE2_COLUMNS for r in rows)
-    csv_path, md_path = evaluate_table2.write_table(rows, tmp_path)
-    lines = open(csv_path).read().splitlines()
-    assert lines[0] == ",".join(wlcnn.TABLE2_COLUMNS) and len(lines) == 3
-    md = open(md_path).read()
-    assert "KS93 (paper)" in md and "0.253 ± 0.131" in md and "3.10 (+25.64/−2.00)" in md
-
-
-def test_report_is_written_whole(evaluation, tmp_path):
-    out = evaluate_table2.write_report(evaluation, tmp_path / "report", meta={"stride": 12})
-    names = set(os.listdir(out))
-    assert {"table2.csv", "table2.md", "clusters.csv", "report.json", "fig2_maps.png", "fig3_distributions.png",
-            "fig4_joint_kappa.png", "fig5_joint_kappa_tilde.png", "fig6_mass.png", "fig7_centroid_mass.png",
-            "fig8_centroid_pair.png", "fig10_masked.png"} <= names  # the tiny dataset has star masks
-    with pytest.raises(ValueError, match="exists"):
-        evaluate_table2.write_report(evaluation, out, figures=False)
-    evaluate_table2.write_report(evaluation, out, figures=False, overwrite=True)
-    assert "fig2_maps.png" not in os.listdir(out) and os.listdir(tmp_path) == ["report"]
-
-
-def test_a_failed_report_leaves_nothing_behind(evaluation, tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("disk full")
-    monkeypatch.setattr(evaluate_table2, "figure_mass", broken)
-    with pytest.raises(RuntimeError):
-        evaluate_table2.write_report(evaluation, tmp_path / "report")
-    assert os.listdir(tmp_path) == []
-
-
 def test_ks93_smoothing_choice_follows_its_criterion(tiny_dataset):
     ds = wlcnn.ClusterDataset(tiny_dataset)
     fwhm, rows = wlcnn.choose_ks93_smoothing(ds.clusters("val"), config=ds.config, fwhm_grid=(0.5, 1.0, 2.0))
@@ -433,24 +351,3 @@ def test_star_masks_are_drawn_on_the_mosaic_grid():
     x = y = (3 * 80 + 2.5) * CFG.pixel_arcsec
     m = wlcnn.star_mask_mosaic({"x": [x], "y": [y], "radius": [20.0]}, CFG)
     assert m.sum() == 9 and m[79:82, 79:82].all()
-
-
-def test_evaluate_command_writes_table2_for_a_saved_model(tiny_dataset, tmp_path):
-    """End to end: a saved (untrained, 5×5-filter) model of the paper's grid is
-    evaluated against the baselines on the test split by the command line."""
-    import csv
-    cfg = dataclasses.replace(wlcnn.PAPER, filter_size=5)
-    wlcnn.save_model(wlcnn.build_model(cfg, "Fiducial"), tmp_path / "m.keras")
-    out = tmp_path / "report"
-    rc = evaluate_table2.main(["--data", str(tiny_dataset), "--models", str(tmp_path / "m.keras"),
-                     "--out", str(out), "--stride", "48", "--limit", "1", "--n-val-smoothing", "2",
-                     "--no-wiener"])
-    assert rc == 0
-    with open(out / "table2.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == ["KS93", "KS93-SS95", "CNN"]
-    assert list(rows[0]) == list(wlcnn.TABLE2_COLUMNS)
-    assert all(r["n_clusters"] == "1" for r in rows)
-    # a second run into the same directory is refused (the report is never overwritten by accident)
-    assert evaluate_table2.main(["--data", str(tiny_dataset), "--models", str(tmp_path / "m.keras"),
-                       "--out", str(out), "--limit", "1", "--no-wiener"]) == 2

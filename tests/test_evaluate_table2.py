@@ -1,0 +1,227 @@
+"""examples/evaluate_table2.py: the Wiener and Seitz & Schneider baselines, the report, the command."""
+import csv
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import wlcnn
+import evaluate_table2
+from conftest import blob_field
+
+
+CFG = wlcnn.PAPER
+FIGURES = {"fig2_maps.png", "fig3_distributions.png", "fig4_joint_kappa.png",
+           "fig5_joint_kappa_tilde.png", "fig6_mass.png", "fig7_centroid_mass.png",
+           "fig8_centroid_pair.png", "fig10_masked.png"}  # the tiny dataset has star masks
+TABLES = {"table2.csv", "table2.md", "clusters.csv", "report.json"}
+
+
+# ---------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------
+def _blob(peak=0.3, sigma_pix=25.0, n=CFG.npix):
+    yy, xx = np.mgrid[0:n, 0:n]
+    return peak * np.exp(-((xx - 250) ** 2 + (yy - 240) ** 2) / (2 * sigma_pix**2))
+
+
+def test_ss95_iteration_undoes_the_reduced_shear_bias_of_ks93():
+    """With g = γ/(1 − κ) of a κ = 0.4 blob, KS93(g) overshoots the core; the
+    Seitz & Schneider iteration converges and lands closer to the truth."""
+    kappa = _blob(0.4)
+    g1, g2 = wlcnn.shear_from_kappa(kappa)
+    grid = np.stack([g1 / (1 - kappa), g2 / (1 - kappa)])
+    truth = wlcnn.mosaic_truth(kappa)
+    ks = wlcnn.ks93_mosaic(grid, CFG)
+    ss, info = evaluate_table2.ks93_reduced_iterative(grid, CFG, return_info=True)
+    assert info["converged"] and info["n_iter"] < evaluate_table2.SS95_MAX_ITER
+    err_ks = np.abs((ks - ks.mean()) - (truth - truth.mean())).max()
+    err_ss = np.abs((ss - ss.mean()) - (truth - truth.mean())).max()
+    assert err_ss < 0.25 * err_ks
+
+
+def test_ss95_is_ks93_in_the_weak_limit():
+    kappa = _blob(1e-4)
+    g1, g2 = wlcnn.shear_from_kappa(kappa)
+    grid = np.stack([g1, g2])
+    # the correction g·κ is of order κ² = 1e-8, 1e-4 of the map's peak
+    np.testing.assert_allclose(evaluate_table2.ks93_reduced_iterative(grid, CFG),
+                               wlcnn.ks93_mosaic(grid, CFG), atol=kappa.max() ** 2)
+
+
+def _flat_wiener(signal, noise):
+    shape = wlcnn._padded_shape((CFG.npix, CFG.npix), True)
+    k = np.geomspace(1e-3, 0.8, 10)
+    return evaluate_table2.WienerFilter(k, np.full(10, signal), np.full(10, noise), shape, 1)
+
+
+def test_wiener_filter_without_noise_is_ks93_and_with_equal_powers_halves_it():
+    grid = np.random.default_rng(53).normal(0, 0.3, (2, CFG.npix, CFG.npix))
+    ks = wlcnn.ks93_mosaic(grid, CFG)
+    # 1e-12: the same FFTs, multiplied by exactly 1 or 0.5
+    np.testing.assert_allclose(evaluate_table2.wiener_mosaic(grid, _flat_wiener(1.0, 0.0), CFG), ks,
+                               atol=1e-12)
+    np.testing.assert_allclose(evaluate_table2.wiener_mosaic(grid, _flat_wiener(1.0, 1.0), CFG),
+                               ks / 2, atol=1e-12)
+
+
+def test_fitted_wiener_filter_passes_large_scales_and_damps_small_ones(tiny_dataset):
+    ds = wlcnn.ClusterDataset(tiny_dataset)
+    wf = evaluate_table2.fit_wiener(ds.clusters("train"), ds.config, limit=3)
+    assert wf.n_clusters == 3 and np.all(wf.signal_power >= 0) and np.all(wf.noise_power > 0)
+    w = wf.transfer(np.array([0.0, wf.k[0], wf.k[-1]]))
+    # k = 0 is the mass sheet; the largest scales hold signal comparable to the
+    # noise (W ≈ 0.4 for these small blobs); at the grid scale noise is all there is
+    assert w[0] == 0 and w[1] > 0.2 and w[2] < 0.01 and np.all((w >= 0) & (w <= 1))
+
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def evaluation(tiny_dataset):
+    ds = wlcnn.ClusterDataset(tiny_dataset)
+    region = wlcnn.mosaic_coverage(ds.config) > 0
+
+    def cnn(grid):  # stand-in "runs": KS93 at two smoothings, cut to the CNN's region
+        return np.stack([np.where(region, wlcnn.ks93_mosaic(grid, ds.config, f), np.nan)
+                         for f in (1.0, 1.5)])
+    methods = {"KS93": lambda grid: wlcnn.ks93_mosaic(grid, ds.config, 1.0), "CNN": cnn}
+    return wlcnn.evaluate_methods(ds.clusters("test"), methods, ds.config, total=ds.count("test"),
+                                  progress=False)
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib as in an environment without the plot extra: every import of it fails."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def _report_json(out):
+    with open(os.path.join(out, "report.json")) as fh:
+        return json.load(fh)
+
+
+def test_table2_csv_has_one_row_a_method_with_exactly_the_table2_columns(evaluation, tmp_path):
+    rows = wlcnn.table2(evaluation)
+    assert [r["method"] for r in rows] == ["KS93", "CNN"]
+    assert all(tuple(r) == wlcnn.TABLE2_COLUMNS for r in rows)
+    csv_path, md_path = evaluate_table2.write_table(rows, tmp_path)
+    lines = open(csv_path).read().splitlines()
+    assert lines[0] == ",".join(wlcnn.TABLE2_COLUMNS) and len(lines) == 3
+    md = open(md_path).read()
+    assert "KS93 (paper)" in md and "0.253 ± 0.131" in md and "3.10 (+25.64/−2.00)" in md
+
+
+def test_report_is_written_whole(evaluation, tmp_path):
+    out = evaluate_table2.write_report(evaluation, tmp_path / "report", meta={"stride": 12})
+    assert TABLES | FIGURES <= set(os.listdir(out))
+    assert _report_json(out)["figures"] == dict.fromkeys(FIGURES, "written")
+    with pytest.raises(ValueError, match="exists"):
+        evaluate_table2.write_report(evaluation, out, figures=False)
+    evaluate_table2.write_report(evaluation, out, figures=False, overwrite=True)
+    assert "fig2_maps.png" not in os.listdir(out) and os.listdir(tmp_path) == ["report"]
+
+
+def test_a_failed_table_leaves_nothing_behind(evaluation, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(evaluate_table2, "cluster_rows", broken)
+    with pytest.raises(RuntimeError):
+        evaluate_table2.write_report(evaluation, tmp_path / "report")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failing_figure_costs_only_itself(evaluation, tmp_path, monkeypatch):
+    """Fig. 6 raises: the tables and the other figures are published, the error is in
+    report.json and a warning."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(evaluate_table2, "figure_mass", broken)
+    with pytest.warns(UserWarning, match="fig6_mass.png not drawn: RuntimeError: disk full"):
+        out = evaluate_table2.write_report(evaluation, tmp_path / "report")
+    assert set(os.listdir(out)) == TABLES | FIGURES - {"fig6_mass.png"}
+    drawn = _report_json(out)["figures"]
+    assert drawn.pop("fig6_mass.png") == "RuntimeError: disk full"
+    assert drawn == dict.fromkeys(FIGURES - {"fig6_mass.png"}, "written")
+    assert os.listdir(tmp_path) == ["report"]  # no temporary directory left
+
+
+def test_without_matplotlib_the_report_keeps_the_tables_and_says_why(evaluation, tmp_path,
+                                                                     no_matplotlib):
+    with pytest.raises(ImportError):
+        evaluate_table2.figure_mass(evaluation, tmp_path / "f.png")  # the patch works
+    with pytest.warns(UserWarning, match=r'pip install -e "\.\[plot\]"'):
+        out = evaluate_table2.write_report(evaluation, tmp_path / "report")
+    assert set(os.listdir(out)) == TABLES
+    report = _report_json(out)
+    assert report["figures"] == {} and "Figures not drawn" in report["notes"][0]
+    assert "Figures not drawn" in open(os.path.join(out, "table2.md")).read()
+
+
+def test_evaluate_warns_about_matplotlib_before_opening_the_dataset(tmp_path, no_matplotlib):
+    """The warning comes first, so a user without the plot extra learns it before the long
+    work; the run would go on without figures (here it stops: there is no dataset)."""
+    with pytest.warns(UserWarning, match="Figures not drawn"):
+        with pytest.raises(ValueError, match="not a complete wlcnn dataset"):
+            evaluate_table2.evaluate_directory(tmp_path / "none", [], tmp_path / "report")
+
+
+def test_evaluate_refuses_an_existing_report_before_the_long_work(tmp_path):
+    (tmp_path / "report").mkdir()
+    with pytest.raises(ValueError, match="exists"):  # the dataset is not even opened
+        evaluate_table2.evaluate_directory(tmp_path / "none", [], tmp_path / "report")
+
+
+# ---------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """An untrained Table 1 model of the paper's grid (5×5 filters, to be quick), saved."""
+    path = tmp_path_factory.mktemp("model") / "m.keras"
+    wlcnn.save_model(wlcnn.build_model(dataclasses.replace(CFG, filter_size=5), "Fiducial"), path)
+    return path
+
+
+def _table(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_command_writes_table2_for_a_saved_model(tiny_dataset, saved_model, tmp_path):
+    """End to end: a saved model is evaluated against the baselines on the test split."""
+    out = tmp_path / "report"
+    rc = evaluate_table2.main(["--data", str(tiny_dataset), "--models", str(saved_model),
+                               "--out", str(out), "--stride", "48", "--limit", "1",
+                               "--n-val-smoothing", "2", "--no-wiener"])
+    assert rc == 0
+    rows = _table(out / "table2.csv")
+    assert [r["method"] for r in rows] == ["KS93", "KS93-SS95", "CNN"]
+    assert list(rows[0]) == list(wlcnn.TABLE2_COLUMNS)
+    assert all(r["n_clusters"] == "1" for r in rows)
+    assert "--no-wiener" in _report_json(out)["meta"]["command"]
+    # a second run into the same directory is refused (the report is never overwritten by accident)
+    assert evaluate_table2.main(["--data", str(tiny_dataset), "--models", str(saved_model),
+                                 "--out", str(out), "--limit", "1", "--no-wiener"]) == 2
+
+
+def test_evaluate_without_a_training_split_fits_wiener_on_validation_and_says_so(saved_model,
+                                                                                 tmp_path):
+    data = tmp_path / "data"
+    wlcnn.write_dataset(data, {"val": 2, "test": 1}, seed=3, field_fn=blob_field, progress=False)
+    out = tmp_path / "report"
+    with pytest.warns(UserWarning, match="no training split"):
+        rows = evaluate_table2.evaluate_directory(data, [saved_model], out, stride=48,
+                                                  n_val_smoothing=2, ss95=False, figures=False,
+                                                  progress=False)
+    assert [r["method"] for r in rows] == ["KS93", "Wiener", "CNN"]
+    report = _report_json(out)
+    assert report["meta"]["wiener_split"] == "val"
+    assert any("validation clusters" in note for note in report["notes"])
+    assert "no training split" in open(out / "table2.md").read()
