@@ -634,16 +634,19 @@ def test_weights_off_by_ten_are_rescaled_with_a_warning_or_kept_on_request(tmp_p
     with pytest.warns(reconstruct_catalog.CatalogWarning, match="weights multiplied by"):
         fixed = reconstruct_catalog.reconstruct(wrong, models[:1], tmp_path / "fixed.fits", **kw)
     # The factor is the right catalog's over ``off`` (round-off only), and the maps agree
-    # to float32 round-off of the network's inputs.
+    # to the float32 round-off of the network's inputs (relative 1e-7; 1e-4 of the map's
+    # range is ample, the untrained network's κ being ~1e-7 in all).
     assert fixed.weights["factor"] == pytest.approx(right.weights["factor"] / off, rel=1e-12)
     assert fits.getheader(tmp_path / "fixed.fits")["WFACTOR"] == pytest.approx(1 / off, rel=0.1)
-    np.testing.assert_allclose(fixed.kappa_cnn, right.kappa_cnn, rtol=0, atol=1e-5)
+    size = np.max(np.abs(right.kappa_cnn))
+    np.testing.assert_allclose(fixed.kappa_cnn, right.kappa_cnn, rtol=0, atol=1e-4 * size)
     kept = reconstruct_catalog.reconstruct(wrong, models[:1], tmp_path / "kept.fits",
                                            rescale_weights=False, **kw)
     h = fits.getheader(tmp_path / "kept.fits")
     assert h["WFACTOR"] == 1.0 and h["WSCALE"] == pytest.approx(off * right.weights["scale"])
-    assert np.max(np.abs(kept.kappa_cnn - right.kappa_cnn)) > 1e-3  # the network reads σ
-    np.testing.assert_array_equal(kept.kappa_ks93, right.kappa_ks93)  # KS93 does not
+    assert np.max(np.abs(kept.kappa_cnn - right.kappa_cnn)) > 0.5 * size  # the network reads σ
+    # KS93 does not: its weighted means ignore the scale (to round-off).
+    np.testing.assert_allclose(kept.kappa_ks93, right.kappa_ks93, rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------
