@@ -176,18 +176,10 @@ def read_catalog(catalog, ra_col="ra", dec_col="dec", e1_col="e1", e2_col="e2",
                  weight_col="weight", sigma_col=None, coordinate_system="euclidean"):
     """Read a shear catalog in sky coordinates and drop unusable rows (§4.2).
 
-    Parameters
-    ----------
-    catalog : str, os.PathLike or astropy.table.Table
-        FITS, CSV or ECSV (other ASCII layouts are guessed), or a Table.
-    ra_col, dec_col, e1_col, e2_col : str
-        Columns (matched case-insensitively); RA, Dec in degrees or with an angle unit.
-    weight_col : str or None
-        Inverse-variance weight w, σ = 1/√w per component (unless ``sigma_col``).
-    sigma_col : str, optional
-        Per-component ellipticity error instead of a weight.
-    coordinate_system : {"euclidean", "celestial"}
-        Frame of (e1, e2): x towards West, or towards East (e2 negated here).
+    ``catalog``: FITS, CSV or ECSV (other ASCII layouts are guessed), or a
+    Table.  Columns match case-insensitively; RA, Dec in degrees or with an
+    angle unit; ``weight_col`` w = 1/σ², or ``sigma_col`` σ per component;
+    ``coordinate_system`` "euclidean" (x West) or "celestial" (x East: e2 negated).
 
     Returns
     -------
@@ -424,9 +416,8 @@ def field_geometry(size_arcmin, config=PAPER, stride=12, border_pix=None):
     tile and axis), so every subfield is predicted once and the tiles leave
     no seam; the lattice is centred on the field.
     """
-    if isinstance(size_arcmin, bool) or not isinstance(size_arcmin, (int, float, np.number)):
-        raise TypeError(f"size_arcmin must be a number, got {type(size_arcmin).__name__}")
-    if not (np.isfinite(size_arcmin) and size_arcmin > 0):
+    if not (isinstance(size_arcmin, (int, float, np.number)) and np.isfinite(size_arcmin)
+            and size_arcmin > 0):
         raise ValueError(f"size_arcmin must be positive and finite, got {size_arcmin}")
     stride = int(stride)
     offsets = mosaic_offsets(config, stride)
@@ -983,14 +974,10 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
 
     Notes
     -----
-    Every catalog source inside a network input is gridded for the CNN, also
-    beyond the field; KAPPA_KS93 and DENSITY see the field's own gridding.
-    Where the catalog has no source (beyond its footprint, or in a hole) the
-    network sees, by default, shear-free noise at the catalog's density: on
-    no-data pixels, which the training skies never contain, it answers with
-    artefacts (on the El Gordo-like catalog a lumpy +0.1 sheet and several
-    spurious 3σ peaks, the same on a shear-free catalog).  A tile that no fill
-    reaches runs once; the header counts the passes (NPASSES).
+    Catalog sources beyond the field but inside a network input are given to
+    the CNN too.  Where the catalog has none, the network sees shear-free
+    noise by default: no-data pixels, absent from the training skies, draw
+    artefacts from it (examples/el_gordo_like.py).
     """
     out_path = os.fspath(out_path)
     if os.path.exists(out_path) and not overwrite:
