@@ -1020,6 +1020,11 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
         warnings.warn(f"{sky.source}: {counts['unused']} sources lie beyond every network input "
                       f"of the {geometry.side_arcmin:.2f}′ field and are not used", CatalogWarning,
                       stacklevel=2)
+    # The CNN's sources: those seen plus a margin, so that the fill cells on the
+    # inputs' edges are counted whole (a clipped cell would look like a hole).
+    margin = 0.1 * (hi - lo)
+    with np.errstate(invalid="ignore"):
+        seen = (x > lo - margin) & (x < hi + margin) & (y > lo - margin) & (y < hi + margin)
     sigma = sky.sigma[seen]
     scale = weight_scale(e1[seen], e2[seen], sigma)
     factor = 1.0 / scale if rescale_weights else 1.0
