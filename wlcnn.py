@@ -1,31 +1,54 @@
 """wlcnn: weak-lensing mass reconstruction of galaxy clusters with a CNN.
 
-A single-module reference implementation of Hong, Park, Jee, Bak & Cha (2021),
-"Weak-lensing Mass Reconstruction of Galaxy Clusters with Convolutional Neural
-Network" (ApJ 923, 266).  The module reads in the paper's order:
+The reference implementation of Hong, Park, Jee, Bak & Cha (2021), "Weak-lensing Mass
+Reconstruction of Galaxy Clusters with Convolutional Neural Network" (ApJ 923, 266).
 
-* the paper's numbers (``Config``);
-* §2.1   weak-lensing basics: Σ_c (eq. 4), reduced shear (eq. 2), lensed
-         ellipticity (eq. 7);
-* §2.2   shear from convergence (eq. 8-9) and the Kaiser & Squires (1993)
-         inversion (eq. 10);
-* §2.3.1 training data: NFW halos, the simulated cluster fields (ΛCDM theory
-         tables, halos along the line of sight, a log-normal large-scale
-         field), clusters cut from ray-traced maps, source catalogs with shape
-         and measurement noise, bright-star masks, dataset files;
-* §2.3.2 gridding of a catalog onto the network's input pixels (the Cython
-         extension ``_grid``), augmentation and the tf.data input pipeline,
-         the CNN of Table 1 with FFT convolutions, its loss (eq. 11-12, A1),
-         and training;
-* §3     evaluation: mosaics, the baselines, the metrics R, D, M_cl and
-         Δ_peak (eq. 13-16), Table 2 and the figures;
-* the command line (``python -m wlcnn --help``).
+Reading list: the method, in the paper's order
+----------------------------------------------
+* ``Config``: every number the paper fixes.
+* §2.1 ``sigma_crit`` (eq. 4), ``reduced_shear`` (eq. 2), ``lens_ellipticity`` (eq. 7).
+* §2.2 ``shear_from_kappa`` (eq. 8; its kernel, eq. 9, in ``_ks_kernel``) and its inverse,
+  ``ks93`` (eq. 10, Kaiser & Squires 1993).
+* §2.3.1 training skies: ``nfw_kappa_map`` (NFW halos), ``simulate_catalog`` (sources with
+  shape and measurement noise), ``draw_star_masks`` (§3.5), ``mosaic_truth`` (the target).
+* §2.3.2 the network: ``grid_catalog`` (the 7″ Gaussian gridding of a catalog),
+  ``subfield`` and ``orient_shear`` (crops and the six orientations), ``build_model``
+  (Table 1 and the variants of Appendix A), ``FFTConv2D`` and ``FFTConv2DTranspose`` (its
+  large convolutions), ``KappaLoss`` (eq. 11, eq. 12, eq. A1), ``compile_model``, ``train``.
+* §3 evaluation: ``predict_mosaic``, ``ks93_mosaic``, ``normalized_kappa`` (eq. 13),
+  ``metric_R`` (eq. 14), ``metric_D`` (eq. 15), ``_histogram_weights`` (eq. 16),
+  ``mass_ratio`` (§3.3), ``peak_centroid`` (§3.4), ``table2``.
 
-Conventions (``DESIGN.md``): arrays are indexed ``[row, col] = [y, x]``; pixel
-``(i, j)`` has its centre at ``x = (j + 1/2) * pixel``, ``y = (i + 1/2) * pixel``
-arcsec from the field's lower-left corner; x grows to the right (West on the
-sky), y grows up (North).  Complex shear ``g = g1 + i g2``: ``g1 > 0`` stretches
-along x, ``g2 > 0`` along the line x = y.
+The rest is machinery around them: dataset files (``write_dataset``, ``ClusterDataset``),
+the tf.data input pipeline (``training_data``), a start of the weights from KS93
+(``initialize_as_ks93``, beyond the paper), saving and loading, the files of training runs,
+the choice of the KS93 smoothing and ``evaluate_methods``.
+
+Conventions (everywhere below)
+------------------------------
+* Frames: arrays are indexed ``[row, col] = [y, x]``; pixel (i, j) of side p has its centre
+  at x = (j + 1/2) p, y = (i + 1/2) p, positions in arcsec from the field's lower-left
+  corner. x grows to the right (West on the sky), y grows up (North).
+* Signs: shear and ellipticity are complex, g = g1 + i g2, with g1 > 0 stretching along x
+  and g2 > 0 along the line x = y; ellipticity is (a − b)/(a + b) (eq. 5). Around a mass
+  (κ > 0) the shear is tangential: γ1 < 0 on the x axis through it. Rotating a field by φ
+  multiplies g by e^{2iφ} (90° flips both components, 180° keeps them); a mirror flips g2.
+* Grids: a field is 32′ × 32′ on 500 × 500 input pixels of 3.84″. The network reads the
+  386 × 386 subfield at input pixel o = 3m (m = 0..37 on each axis: 1,444 offsets) and
+  returns 128 × 128 output pixels of 11.52″ (a 3 × 3 valid convolution, then a 3 × 3 pool):
+  output pixel k covers input pixels [o + 1 + 3k, o + 4 + 3k). The full-field output grid,
+  the mosaic, is 166 × 166: mosaic pixel J covers input pixels [3J + 1, 3J + 4), and output
+  pixel k of subfield m lands on mosaic pixel m + k. The truth at output resolution is the
+  mean of the truth κ over those 3 × 3 blocks. The loss and the mosaics leave out the 14
+  outer output pixels on each side.
+* FFTs: ``shear_from_kappa`` and ``ks93`` zero-pad each side to an odd length of at least
+  twice the map, so the mass outside the field is zero and nothing wraps around (``pad=
+  False``: the periodic transform of the classic implementations).
+* Mass-sheet degeneracy: shear fixes κ only up to κ → λκ + (1 − λ). KS93 sets the k = 0 mode
+  to zero (a zero-mean padded field); the CNN takes the level from its training skies. Of
+  the metrics, D normalises each map to (κ − ⟨κ⟩)/Δκ and so ignores both the sheet and the
+  amplitude; R and M_cl compare κ itself, so a missing sheet lowers them; Δ_peak depends
+  on positions alone.
 """
 from __future__ import annotations
 
@@ -75,11 +98,9 @@ __version__ = "0.1.0"
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
-    """Every number the paper fixes, in one place (frozen; use
-    ``dataclasses.replace`` to change one).
+    """Every number of Hong et al. (2021), with the section it comes from.
 
-    Each default names the section of Hong et al. (2021) or the DESIGN.md
-    choice it comes from.  Angles are in arcsec or arcmin as the name says.
+    Frozen: change one with ``dataclasses.replace``. Angles in arcsec or arcmin as named.
     """
 
     # -- cosmology and redshifts (§1, §2.3.1) --------------------------------
@@ -91,43 +112,43 @@ class Config:
     field_arcmin: float = 32.0          # side of a cluster field, §2.3.1
     npix: int = 500                     # input grid 500 x 500, §2.3.2
     fwhm_arcsec: float = 7.0            # Gaussian gridding kernel, §2.3.2
-    kernel_cut_sigma: float = 4.0       # truncation radius in σ_W (DESIGN "Gridding")
-    empty_pixel_error: float = 1.0      # Δε of a pixel with no source (DESIGN "Gridding")
-    # -- sources and noise (§2.3.1, DESIGN "Sources and noise") ---------------
+    kernel_cut_sigma: float = 4.0       # kernel cut (ours): W is 3e-4 of its peak there
+    empty_pixel_error: float = 1.0      # Δε of a pixel with no source (ours): ~4 σ_e
+    # -- sources and noise (§2.3.1; the forms are ours, the paper gives none) --
     source_density_arcmin2: float = 25.0  # §2.3.1 (25,600 in 32' x 32')
     sigma_e: float = 0.24               # intrinsic shape noise per component, §2.3.1
     mag_min: float = 21.5               # V-band distribution starts, §2.3.1 (Kim+2019)
     mag_peak: float = 25.5              # ... peaks, §2.3.1
     mag_max: float = 27.5               # ... is cut, §2.3.1
-    count_slope: float = 0.3            # d log10 N / dm of faint galaxy counts (our choice)
-    completeness_width_mag: float = 0.5  # width of the completeness roll-off (our choice)
-    sigma_meas_floor: float = 0.03      # measurement error of bright sources (our choice)
-    sigma_meas_at_cut: float = 0.25     # extra error at mag_max; scales as flux^-1 (our choice)
+    count_slope: float = 0.3            # d log10 N / dm of faint galaxy counts
+    completeness_width_mag: float = 0.5  # width of the completeness roll-off
+    sigma_meas_floor: float = 0.03      # measurement error of bright sources
+    sigma_meas_at_cut: float = 0.25     # extra error at mag_max; scales as flux^-1
     # -- bright-star masks (§3.5) --------------------------------------------
     stars_per_400arcmin2: tuple = (1, 2)   # 1-2 per 20' x 20', §3.5
     star_radius_arcmin: tuple = (0.5, 2.0)  # uniform radius, §3.5
     star_near_peak_arcmin: float = 1.0  # one mask within 1' of the peak, §3.5
     # -- subfields, network output and mosaic (§2.3.2, Table 1) ---------------
     subfield_npix: int = 386            # network input, §2.3.2
-    offset_step: int = 3                # offsets 0, 3, ..., 111 (DESIGN "Grids")
+    offset_step: int = 3                # offsets 0, 3, ..., 111: one output pixel
     n_offsets: int = 38                 # 38 x 38 = 1,444 offsets, §2.3.2
     first_kernel: int = 3               # Table 1 Conv2D-1
     pool: int = 3                       # Table 1 AvgPool
     output_npix: int = 128              # Table 1 output
-    mosaic_npix: int = 166              # full-field output grid (DESIGN "Grids")
+    mosaic_npix: int = 166              # full-field output grid: (500 - 2) // 3
     # -- network (§2.3.2, Table 1, Appendix A) --------------------------------
     filter_size: int = 49               # TransConv2D-# / Conv2D-# filters, §2.3.2
     n_filters: int = 8                  # channels of every block, Table 1
     n_filters_final: int = 16           # TransConv2D-5, Table 1
     loss_border_pix: int = 14           # outer output pixels not scored, §2.3.2
-    focal_floor: float = 0.01           # guard of eq. 12's denominator (DESIGN "Lessons")
+    focal_floor: float = 0.01           # floor of the focal weights' denominator (KappaLoss)
     # -- training (§2.3.2) -----------------------------------------------------
     learning_rate: float = 1e-5         # Adam, §2.3.2
     batch_size: int = 50                # §2.3.2
     steps_per_epoch: int = 20           # §2.3.2
     epochs: int = 200                   # §2.3.2
     n_runs: int = 10                    # independent runs, §2.3.2
-    clipnorm: float = 1.0               # gradient-norm clipping (DESIGN "Lessons")
+    clipnorm: float = 1.0               # gradient-norm clipping (ours): the focal loss needs it
 
     @property
     def pixel_arcsec(self) -> float:
@@ -160,24 +181,9 @@ def cosmology(config: Config = PAPER) -> FlatLambdaCDM:
 # §2.1 Basic weak-lensing theory (eq. 1-7)
 # ---------------------------------------------------------------------------
 def sigma_crit(z_l, z_s, cosmo=None):
-    """Critical surface mass density Σ_c.
+    """Critical surface density Σ_c = c² D_s / (4π G D_l D_ls) in M☉/Mpc² (eq. 4).
 
-    Parameters
-    ----------
-    z_l, z_s : float
-        Lens and source redshifts; ``z_s`` must exceed ``z_l``.
-    cosmo : astropy.cosmology.FLRW, optional
-        Defaults to the paper's flat ΛCDM (H0 = 70, Ωm = 0.3).
-
-    Returns
-    -------
-    astropy.units.Quantity
-        Σ_c in M☉ / Mpc².
-
-    Notes
-    -----
-    Eq. 4 of the paper: Σ_c = c² D_s / (4 π G D_l D_ls), with angular-diameter
-    distances; D_ls is the lens-to-source distance of a flat universe.
+    D are angular-diameter distances; ``cosmo`` defaults to the paper's flat ΛCDM.
     """
     z_l = float(z_l)
     z_s = float(z_s)
@@ -193,18 +199,9 @@ def sigma_crit(z_l, z_s, cosmo=None):
 
 
 def reduced_shear(gamma1, gamma2, kappa):
-    """Reduced shear g = γ / (1 − κ) (eq. 2), as a complex array.
+    """Reduced shear g = (γ1 + i γ2) / (1 − κ) as a complex array (eq. 2).
 
-    Parameters
-    ----------
-    gamma1, gamma2, kappa : array_like
-        Shear components and convergence, same shape.
-
-    Returns
-    -------
-    numpy.ndarray of complex128
-        g = (γ1 + i γ2) / (1 − κ).  Where κ = 1 exactly (a critical curve)
-        g is undefined: a ValueError is raised rather than returning inf.
+    κ = 1 exactly (a critical curve) raises ValueError: g is undefined there.
     """
     gamma = np.asarray(gamma1, dtype=np.float64) + 1j * np.asarray(gamma2, dtype=np.float64)
     kappa = np.asarray(kappa, dtype=np.float64)
@@ -214,27 +211,15 @@ def reduced_shear(gamma1, gamma2, kappa):
 
 
 def lens_ellipticity(e, g):
-    """Lensed ellipticity ε of a source with intrinsic ellipticity e.
+    """Lensed ellipticity ε = (e + g) / (1 + g* e) of intrinsic ellipticity e (eq. 7).
 
-    Parameters
-    ----------
-    e : array_like of complex
-        Intrinsic ellipticity e1 + i e2, |e| < 1, with the (a − b)/(a + b)
-        definition (eq. 5).
-    g : array_like of complex
-        Reduced shear g1 + i g2 at the source, broadcastable to ``e``.
-
-    Returns
-    -------
-    numpy.ndarray of complex128
-        ε = (e + g) / (1 + g* e) where |g| ≤ 1 (eq. 7), and
-        ε = (1 + g e*) / (e* + g*) where |g| > 1 (inside the critical curve;
-        Seitz & Schneider 1997).
+    Where |g| > 1 (inside the critical curve) ε = (1 + g e*) / (e* + g*) (Seitz & Schneider
+    1997). ``e`` and ``g`` are complex and broadcast; |e| < 1.
     """
     e = np.asarray(e)
     g = np.asarray(g)
     for name, a in (("e", e), ("g", g)):
-        if not (np.issubdtype(a.dtype, np.complexfloating) or np.issubdtype(a.dtype, np.number)):
+        if not np.issubdtype(a.dtype, np.number):
             raise TypeError(f"{name} must be a numeric (complex) array, got dtype {a.dtype}")
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{name} contains NaN or inf")
@@ -242,48 +227,44 @@ def lens_ellipticity(e, g):
     g = g.astype(np.complex128)
     if np.any(np.abs(e) >= 1.0):
         raise ValueError("intrinsic ellipticity must satisfy |e| < 1")
-    weak = np.abs(g) <= 1.0
     with np.errstate(divide="ignore", invalid="ignore"):
         eps_weak = (e + g) / (1.0 + np.conj(g) * e)
         eps_strong = (1.0 + g * np.conj(e)) / (np.conj(e) + np.conj(g))
-    return np.where(weak, eps_weak, eps_strong)
+    return np.where(np.abs(g) <= 1.0, eps_weak, eps_strong)
 
 
 # ---------------------------------------------------------------------------
 # §2.2 Shear from convergence (eq. 8-9) and Kaiser & Squires (eq. 10)
 # ---------------------------------------------------------------------------
-def _odd_fast_len(n):
-    """The smallest odd length ≥ n whose factors are 3, 5 and 7 (a fast FFT)."""
-    m = n + 1 - n % 2
-    while True:
-        r = m
-        for p in (3, 5, 7):
-            while r % p == 0:
-                r //= p
-        if r == 1:
-            return m
-        m += 2
-
-
 def _padded_shape(shape, pad):
-    """FFT grid for a map of ``shape``: itself, or at least twice each side.
+    """FFT grid of a map: itself, or the smallest odd 3-5-7-smooth lengths ≥ twice each side.
 
-    Padded grids are odd (e.g. 1,029 for 500 pixels), so they have no Nyquist
-    mode: the inversion is then exact and exactly equivariant under 90°
-    rotations and mirrors (an even grid's Nyquist modes have no sign of k).
+    Odd grids have no Nyquist mode, so the inversion is exact and commutes exactly with
+    90° rotations and mirrors (an even grid's Nyquist mode has no sign of k).
     """
     if not pad:
         return tuple(shape)
-    return tuple(_odd_fast_len(2 * n) for n in shape)
+    out = []
+    for n in shape:
+        m = 2 * n + 1
+        while True:
+            r = m
+            for p in (3, 5, 7):
+                while r % p == 0:
+                    r //= p
+            if r == 1:
+                break
+            m += 2
+        out.append(m)
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=8)
 def _ks_kernel(shape):
-    """Fourier multipliers (cos 2φ_k, sin 2φ_k) on an rfft2 grid of ``shape``.
+    """The kernel D (eq. 9) in Fourier space: (cos 2φ_k, sin 2φ_k) on an rfft2 grid.
 
-    With k1 along x (axis 1) and k2 along y (axis 0):
-    D̂ = [(k1² − k2²) + 2i k1 k2] / k².  The k = 0 mode is set to zero: the
-    mean convergence is not constrained by shear (mass-sheet degeneracy, §2.2).
+    With k1 along x (axis 1), k2 along y (axis 0): D̂ = [(k1² − k2²) + 2i k1 k2] / k².
+    D̂(0) = 0: the mean convergence makes no shear (the mass-sheet degeneracy).
     """
     k2 = scipy.fft.fftfreq(shape[0])[:, None]
     k1 = scipy.fft.rfftfreq(shape[1])[None, :]
@@ -293,10 +274,9 @@ def _ks_kernel(shape):
     s = 2.0 * k1 * k2 / ksq
     c[0, 0] = 0.0
     s[0, 0] = 0.0
-    # On an even grid the Nyquist row and column have an ambiguous sign of k,
-    # so sin 2φ_k (odd in k) is set to zero there -- what taking the real part
-    # of a complex inverse FFT does in the classic implementations (lenspack),
-    # whose numbers ``pad=False`` reproduces.  Those modes are not invertible.
+    # An even grid's Nyquist row and column have no sign of k, so sin 2φ_k (odd in k) is
+    # zero there, as taking the real part of a complex inverse FFT makes it in the classic
+    # implementations (lenspack), whose numbers ``pad=False`` reproduces.
     if shape[0] % 2 == 0:
         s[shape[0] // 2, :] = 0.0
     if shape[1] % 2 == 0:
@@ -322,26 +302,10 @@ def _check_map(name, a):
 
 
 def shear_from_kappa(kappa, pad=True):
-    """Shear (γ1, γ2) of a convergence map.
+    """Shear (γ1, γ2) of a convergence map, γ = (1/π) D * κ (eq. 8).
 
-    Parameters
-    ----------
-    kappa : array_like, shape (ny, nx)
-        Convergence on a regular grid [y, x].
-    pad : bool
-        If True (default) the map is zero-padded to at least twice each side,
-        i.e. the mass outside the map is taken to be zero (the isolated-field
-        reading).  If False the map is treated as periodic.
-
-    Returns
-    -------
-    gamma1, gamma2 : numpy.ndarray, shape (ny, nx)
-
-    Notes
-    -----
-    Eq. 8-9 of the paper, γ = (1/π) D * κ with D = −1/(x1 − i x2)², evaluated
-    in Fourier space as γ̂ = [(k1² − k2²) + 2i k1 k2] / k² κ̂ (Kaiser & Squires
-    1993).  The mean of κ (k = 0) produces no shear.
+    In Fourier space γ̂ = D̂ κ̂ (:func:`_ks_kernel`). ``pad``: zero-pad (no mass outside the
+    map); False treats the map as periodic.
     """
     kappa = _check_map("kappa", kappa)
     shape = _padded_shape(kappa.shape, pad)
@@ -354,34 +318,13 @@ def shear_from_kappa(kappa, pad=True):
 
 
 def ks93(g1, g2, pad=True, return_bmode=False):
-    """Kaiser & Squires (1993) convergence from a shear map.
+    """Kaiser & Squires (1993) convergence κ = (1/π) D* * γ of a shear map (eq. 10).
 
-    Parameters
-    ----------
-    g1, g2 : array_like, shape (ny, nx)
-        Shear (or, in the weak limit, reduced shear / mean ellipticity) [y, x].
-    pad : bool
-        True (default): zero-pad to at least twice each side against the
-        periodic wrap-around of the FFT (§2.2's finite-field problem).  False:
-        the plain periodic inversion, the same numbers as the classic
-        reference implementations (e.g. lenspack's ``ks93``).
-    return_bmode : bool
-        Also return the B mode (curl part), a noise diagnostic.
-
-    Returns
-    -------
-    kappa_e : numpy.ndarray, shape (ny, nx)
-        E-mode convergence.
-    kappa_b : numpy.ndarray, shape (ny, nx)
-        Only if ``return_bmode``.
-
-    Notes
-    -----
-    Eq. 10 of the paper, κ = (1/π) D* * γ, i.e. κ̂ = D̂* γ̂ in Fourier space.
-    The k = 0 mode is set to zero, so the mean of the (padded) field is zero:
-    KS93 fixes κ only up to the mass-sheet degeneracy κ → λκ + (1 − λ), and we
-    choose the zero-mean sheet.  With ``pad=True`` it is the padded field that
-    has zero mean, so the unpadded map keeps a small non-zero mean.
+    κ̂ = D̂* γ̂ in Fourier space. ``pad=True`` zero-pads against the wrap-around of the FFT
+    (§2.2's finite field); ``pad=False`` gives the periodic inversion of the classic
+    implementations (lenspack's ``ks93``). ``return_bmode`` also returns the B mode (the
+    curl part, a noise diagnostic). With padding it is the padded field that has zero mean,
+    so the map keeps a small non-zero mean.
     """
     g1 = _check_map("g1", g1)
     g2 = _check_map("g2", g2)
@@ -403,25 +346,10 @@ def ks93(g1, g2, pad=True, return_bmode=False):
 # §2.3.1 Training data: NFW clusters (Navarro, Frenk & White 1997)
 # ---------------------------------------------------------------------------
 def nfw_scale(m200_msun, c200, z, cosmo=None):
-    """Scale radius and characteristic surface density of an NFW halo.
+    """Scale radius r_s (physical Mpc) and r_s δ_c ρ_c (M☉/Mpc²) of an NFW halo.
 
-    Parameters
-    ----------
-    m200_msun : float
-        Mass within r200, the radius enclosing 200 times the critical density
-        at ``z`` (M200c), in M☉.
-    c200 : float
-        Concentration r200 / r_s.
-    z : float
-        Halo redshift.
-    cosmo : astropy.cosmology.FLRW, optional
-
-    Returns
-    -------
-    r_s_mpc : float
-        Scale radius in physical Mpc.
-    sigma_s : float
-        r_s δ_c ρ_c in M☉/Mpc², the unit of the Wright & Brainerd profiles.
+    ``m200_msun`` is M200c (the mass within 200 times the critical density at z), ``c200``
+    the concentration r200 / r_s; r_s δ_c ρ_c is the unit of Wright & Brainerd (2000).
     """
     if not (m200_msun > 0 and c200 > 0):
         raise ValueError(f"m200_msun and c200 must be positive, got {m200_msun}, {c200}")
@@ -444,85 +372,46 @@ def _nfw_f(x):
     return out
 
 
-def nfw_sigma(r_mpc, m200_msun, c200, z, cosmo=None):
-    """Projected surface density Σ(R) of an NFW halo.
-
-    Parameters
-    ----------
-    r_mpc : array_like
-        Projected radius in physical Mpc (> 0).
-    m200_msun, c200, z, cosmo
-        As in :func:`nfw_scale`.
-
-    Returns
-    -------
-    numpy.ndarray
-        Σ(R) in M☉/Mpc².
-
-    Notes
-    -----
-    Wright & Brainerd (2000) eq. 11: Σ = 2 r_s δ_c ρ_c [1 − F(x)] / (x² − 1),
-    x = R / r_s; at x = 1 the limit is 2 r_s δ_c ρ_c / 3 (a series is used
-    within 1e-3 of it to avoid 0/0).
-    """
+def _nfw_x(r_mpc, m200_msun, c200, z, cosmo):
     r_s, sigma_s = nfw_scale(m200_msun, c200, z, cosmo)
     x = np.asarray(r_mpc, dtype=np.float64) / r_s
     if np.any(x <= 0):
         raise ValueError("r_mpc must be positive")
+    return x, sigma_s
+
+
+def nfw_sigma(r_mpc, m200_msun, c200, z, cosmo=None):
+    """NFW surface density Σ(R) in M☉/Mpc², R in physical Mpc (Wright & Brainerd eq. 11).
+
+    Σ = 2 r_s δ_c ρ_c [1 − F(x)] / (x² − 1), x = R / r_s; within 1e-3 of x = 1 a first-order
+    series replaces the 0/0.
+    """
+    x, sigma_s = _nfw_x(r_mpc, m200_msun, c200, z, cosmo)
     near = np.abs(x - 1.0) < 1e-3
     xs = np.where(near, 2.0, x)
     val = (1.0 - _nfw_f(xs)) / (xs**2 - 1.0)
-    # d/dx [(1 - F)/(x^2 - 1)] at x = 1 is -2/5: first-order series.
-    series = 1.0 / 3.0 - 0.4 * (x - 1.0)
+    series = 1.0 / 3.0 - 0.4 * (x - 1.0)  # the derivative at x = 1 is -2/5
     return 2.0 * sigma_s * np.where(near, series, val)
 
 
 def nfw_mean_sigma(r_mpc, m200_msun, c200, z, cosmo=None):
-    """Mean surface density Σ̄(<R) inside projected radius R of an NFW halo.
+    """NFW mean surface density Σ̄(<R) in M☉/Mpc² (Wright & Brainerd eq. 13).
 
-    Notes
-    -----
-    Wright & Brainerd (2000) eq. 13: Σ̄ = 4 r_s δ_c ρ_c [F(x) + ln(x/2)] / x².
-    The NFW tangential shear is γ_t = [Σ̄(<R) − Σ(R)] / Σ_c.
+    Σ̄ = 4 r_s δ_c ρ_c [F(x) + ln(x/2)] / x²; the tangential shear is γ_t = (Σ̄ − Σ) / Σ_c.
     """
-    r_s, sigma_s = nfw_scale(m200_msun, c200, z, cosmo)
-    x = np.asarray(r_mpc, dtype=np.float64) / r_s
-    if np.any(x <= 0):
-        raise ValueError("r_mpc must be positive")
+    x, sigma_s = _nfw_x(r_mpc, m200_msun, c200, z, cosmo)
     return 4.0 * sigma_s * (_nfw_f(x) + np.log(x / 2.0)) / x**2
 
 
 def nfw_kappa_map(m200_msun, c200, x0_arcsec, y0_arcsec, npix, pixel_arcsec,
                   z_l=PAPER.z_lens, z_s=PAPER.z_source, cosmo=None,
                   axis_ratio=1.0, angle_deg=0.0, oversample=4, core_oversample=32):
-    """Pixel-averaged convergence map of an (elliptical) NFW halo.
+    """Pixel-averaged convergence κ = Σ / Σ_c of an elliptical NFW halo, (npix, npix).
 
-    Parameters
-    ----------
-    m200_msun, c200 : float
-        Halo mass M200c in M☉ and concentration.
-    x0_arcsec, y0_arcsec : float
-        Halo centre, arcsec from the lower-left corner of the map.
-    npix : int
-        Map side in pixels (the map is square, [y, x]).
-    pixel_arcsec : float
-        Pixel side in arcsec.
-    z_l, z_s : float
-        Halo and source redshifts.
-    axis_ratio : float
-        Projected minor/major axis ratio q ∈ (0, 1]; the elliptical radius
-        r² = q x'² + y'²/q keeps the area inside an isodensity contour.
-    angle_deg : float
-        Position angle of the major axis, counter-clockwise from +x.
-    oversample, core_oversample : int
-        Sub-pixel samples per side everywhere and in the 7 × 7 pixels around
-        the centre, so the cusp is averaged over the pixel rather than sampled
-        at a pixel centre.
-
-    Returns
-    -------
-    numpy.ndarray, shape (npix, npix)
-        κ = Σ / Σ_c averaged over each pixel.
+    The halo is centred at (x0, y0) arcsec. The elliptical radius r² = q x'² + y'²/q keeps
+    the area inside a contour (q = ``axis_ratio`` ≤ 1, major axis ``angle_deg`` counter-
+    clockwise from +x). Each pixel averages ``oversample``² samples, the 7 × 7 pixels about
+    the centre ``core_oversample``², so the cusp is averaged rather than sampled.
     """
     if not 0 < axis_ratio <= 1:
         raise ValueError(f"axis_ratio must be in (0, 1], got {axis_ratio}")
@@ -532,26 +421,21 @@ def nfw_kappa_map(m200_msun, c200, x0_arcsec, y0_arcsec, npix, pixel_arcsec,
                       * (1 * u.arcsec).to_value(u.rad))
     cos_t, sin_t = np.cos(np.radians(angle_deg)), np.sin(np.radians(angle_deg))
 
-    def kappa_at(x, y):
-        dx, dy = x - x0_arcsec, y - y0_arcsec
-        xp = dx * cos_t + dy * sin_t
-        yp = -dx * sin_t + dy * cos_t
-        r = np.sqrt(axis_ratio * xp**2 + yp**2 / axis_ratio) * mpc_per_arcsec
-        return nfw_sigma(np.maximum(r, 1e-9), m200_msun, c200, z_l, cosmo) / sc
-
     def averaged(i0, j0, n_i, n_j, s):
         sub = (np.arange(s) + 0.5) / s
-        y = ((i0 + np.arange(n_i))[:, None] + sub[None, :]).ravel() * pixel_arcsec
-        x = ((j0 + np.arange(n_j))[:, None] + sub[None, :]).ravel() * pixel_arcsec
-        k = kappa_at(x[None, :], y[:, None])
+        y = ((i0 + np.arange(n_i))[:, None] + sub[None, :]).ravel() * pixel_arcsec - y0_arcsec
+        x = ((j0 + np.arange(n_j))[:, None] + sub[None, :]).ravel() * pixel_arcsec - x0_arcsec
+        xp = x[None, :] * cos_t + y[:, None] * sin_t
+        yp = -x[None, :] * sin_t + y[:, None] * cos_t
+        r = np.sqrt(axis_ratio * xp**2 + yp**2 / axis_ratio) * mpc_per_arcsec
+        k = nfw_sigma(np.maximum(r, 1e-9), m200_msun, c200, z_l, cosmo) / sc
         return k.reshape(n_i, s, n_j, s).mean(axis=(1, 3))
 
     kappa = averaged(0, 0, npix, npix, oversample)
     ic = int(np.floor(y0_arcsec / pixel_arcsec))
     jc = int(np.floor(x0_arcsec / pixel_arcsec))
-    half = 3
-    i0, i1 = max(ic - half, 0), min(ic + half + 1, npix)
-    j0, j1 = max(jc - half, 0), min(jc + half + 1, npix)
+    i0, i1 = max(ic - 3, 0), min(ic + 4, npix)
+    j0, j1 = max(jc - 3, 0), min(jc + 4, npix)
     if i1 > i0 and j1 > j0:
         kappa[i0:i1, j0:j1] = averaged(i0, j0, i1 - i0, j1 - j0, core_oversample)
     return kappa
@@ -567,14 +451,9 @@ def _check_rng(rng):
 
 
 def draw_intrinsic_ellipticity(n, sigma_e, rng):
-    """Intrinsic ellipticities e = e1 + i e2 of ``n`` sources.
+    """``n`` complex intrinsic ellipticities, N(0, σ_e) per component, redrawn until |e| < 1.
 
-    Each component is drawn from N(0, σ_e) and a source is redrawn until
-    |e| < 1 (§2.3.1), since |e| ≥ 1 is no ellipse under eq. 5.
-
-    Returns
-    -------
-    numpy.ndarray of complex128, shape (n,)
+    |e| ≥ 1 is no ellipse under the (a − b)/(a + b) definition (§2.3.1).
     """
     _check_rng(rng)
     e = rng.normal(0.0, sigma_e, n) + 1j * rng.normal(0.0, sigma_e, n)
@@ -587,16 +466,11 @@ def draw_intrinsic_ellipticity(n, sigma_e, rng):
 
 
 def magnitude_pdf(mag, config=PAPER):
-    """Unnormalised V-band magnitude distribution of the sources.
+    """Unnormalised V-band magnitude distribution of the sources (§2.3.1).
 
-    Notes
-    -----
-    The paper (§2.3.1) adopts Kim et al. (2019): it starts at 21.5, peaks at
-    25.5 and is cut at 27.5 mag, without giving the form.  We take galaxy
-    number counts rising as 10^(a m) (a = ``count_slope``) times a logistic
-    completeness 1 / (1 + exp((m − m_c)/w)); m_c is solved so that the peak
-    falls at ``mag_peak``, and the distribution is zero outside
-    [``mag_min``, ``mag_max``].
+    The paper (after Kim et al. 2019) says only: it starts at 21.5, peaks at 25.5 and is cut
+    at 27.5 mag. We take counts rising as 10^(a m) (a = ``count_slope``) times a logistic
+    completeness 1 / (1 + exp((m − m_c)/w)), with m_c placing the peak at ``mag_peak``.
     """
     a, w = config.count_slope * np.log(10.0), config.completeness_width_mag
     s_peak = a * w  # the logistic's value at the peak, from d ln p / dm = 0
@@ -610,49 +484,36 @@ def magnitude_pdf(mag, config=PAPER):
 
 @functools.lru_cache(maxsize=8)
 def _magnitude_cdf(config):
+    # 1,025 points: 0.006-mag steps, far below any photometric error
     grid = np.linspace(config.mag_min, config.mag_max, 1025)
-    cdf = np.concatenate([[0.0], np.cumsum(0.5 * np.diff(grid) * (
-        magnitude_pdf(grid[1:], config) + magnitude_pdf(grid[:-1], config)))])
+    p = magnitude_pdf(grid, config)
+    cdf = np.concatenate([[0.0], np.cumsum(0.5 * np.diff(grid) * (p[1:] + p[:-1]))])
     return grid, cdf / cdf[-1]
 
 
 def draw_magnitudes(n, config, rng):
-    """``n`` V-band magnitudes from :func:`magnitude_pdf` (inverse CDF on a
-    1,025-point grid: 0.006-mag steps, far below any photometric error)."""
+    """``n`` V-band magnitudes from :func:`magnitude_pdf` (by its inverse CDF)."""
     grid, cdf = _magnitude_cdf(config)
     return np.interp(rng.uniform(0.0, 1.0, n), cdf, grid)
 
 
 def measurement_error(mag, config=PAPER):
-    """Per-component ellipticity measurement error σ_meas of a source.
+    """Per-component ellipticity measurement error σ_meas of a source of magnitude ``mag``.
 
-    Notes
-    -----
-    Monotonic in magnitude (§2.3.1 uses the relation of Kim et al. 2019, not
-    given in numbers).  We take a floor plus a term ∝ 1/flux, the scaling of a
-    background-limited shape measurement: σ_meas = σ_floor + σ_cut 10^{0.4 (m −
+    The paper uses Kim et al. (2019)'s relation without giving it. We take a floor plus a
+    term ∝ 1/flux (a background-limited shape measurement): σ_floor + σ_cut 10^{0.4 (m −
     m_max)}, i.e. 0.03 at 21.5, ≈0.07 at the 25.5 peak, 0.28 at the 27.5 cut.
     """
     mag = np.asarray(mag, dtype=np.float64)
-    return config.sigma_meas_floor + config.sigma_meas_at_cut * 10.0 ** (0.4 * (mag - config.mag_max))
+    flux_term = 10.0 ** (0.4 * (mag - config.mag_max))
+    return config.sigma_meas_floor + config.sigma_meas_at_cut * flux_term
 
 
 def draw_star_masks(config, rng, peak_xy_arcsec):
-    """Bright-star masks of a field (§3.5).
+    """Bright-star masks of a field (§3.5): a Table of ``x``, ``y``, ``radius`` in arcsec.
 
-    Parameters
-    ----------
-    config : Config
-    rng : numpy.random.Generator
-    peak_xy_arcsec : (float, float)
-        Position of the cluster's mass peak (arcsec from the lower-left corner);
-        the first mask lies within ``star_near_peak_arcmin`` of it.
-
-    Returns
-    -------
-    astropy.table.Table
-        Columns ``x``, ``y``, ``radius`` in arcsec.  1-2 masks per 20′ × 20′,
-        scaled by the field's area; radii uniform in 0.5′-2′.
+    1-2 masks per 20′ × 20′ (scaled by area), radii uniform in 0.5′-2′; the first lies
+    within ``star_near_peak_arcmin`` of the cluster's mass peak ``peak_xy_arcsec``.
     """
     _check_rng(rng)
     side = config.field_arcmin * 60.0
@@ -664,49 +525,29 @@ def draw_star_masks(config, rng, peak_xy_arcsec):
     x = np.concatenate([[peak_xy_arcsec[0] + r_near * np.cos(phi)], rng.uniform(0, side, n - 1)])
     y = np.concatenate([[peak_xy_arcsec[1] + r_near * np.sin(phi)], rng.uniform(0, side, n - 1)])
     radius = rng.uniform(*config.star_radius_arcmin, n) * 60.0
-    return Table({"x": x, "y": y, "radius": radius}, units={"x": u.arcsec, "y": u.arcsec, "radius": u.arcsec})
-
-
-def sample_map(field, x_arcsec, y_arcsec, pixel_arcsec):
-    """Bilinear interpolation of a [y, x] map at positions in arcsec."""
-    coords = np.vstack([np.asarray(y_arcsec) / pixel_arcsec - 0.5,
-                        np.asarray(x_arcsec) / pixel_arcsec - 0.5])
-    return scipy.ndimage.map_coordinates(field, coords, order=1, mode="nearest")
+    return Table({"x": x, "y": y, "radius": radius},
+                 units={"x": u.arcsec, "y": u.arcsec, "radius": u.arcsec})
 
 
 def simulate_catalog(kappa, gamma1, gamma2, config=PAPER, rng=None, masks=None):
-    """Simulate an observed source catalog behind a lens (§2.3.1).
+    """An observed source catalog behind truth maps κ, γ1, γ2 on the input grid (§2.3.1).
 
-    Parameters
-    ----------
-    kappa, gamma1, gamma2 : array_like, shape (npix, npix)
-        Truth convergence and shear of the field on the input grid [y, x].
-    config : Config
-        Field size, source density, σ_e and the magnitude / error model.
-    rng : numpy.random.Generator
-        Source of every random draw (required: catalogs are reproducible).
-    masks : astropy.table.Table, optional
-        Bright-star masks with columns ``x``, ``y``, ``radius`` (arcsec);
-        sources inside any mask are removed (§3.5).
+    Positions are uniform, a Poisson number of mean density × area; κ and γ are interpolated
+    bilinearly at each source, the intrinsic ellipticity (:func:`draw_intrinsic_ellipticity`)
+    is lensed by :func:`reduced_shear` and :func:`lens_ellipticity`, and Gaussian measurement
+    noise of σ_meas (:func:`measurement_error`) is added to each component. Sources inside
+    ``masks`` (:func:`draw_star_masks`) are removed. ``rng`` is required.
 
     Returns
     -------
     astropy.table.Table
-        Columns ``x``, ``y`` (arcsec from the lower-left corner), ``mag``
-        (V band), ``sigma`` (per-component ellipticity error,
-        sqrt(σ_e² + σ_meas²)), ``e1``, ``e2`` (observed lensed ellipticity).
-
-    Notes
-    -----
-    Positions are uniform with a Poisson number of mean density × area.  κ and γ
-    are interpolated (bilinearly) at each source, g = γ/(1 − κ) (eq. 2), the
-    intrinsic e (N(0, σ_e) per component, |e| < 1) is lensed by eq. 7 (or its
-    |g| > 1 branch), and Gaussian measurement noise N(0, σ_meas) is added to
-    each component (DESIGN.md "Sources and noise").
+        ``x``, ``y`` (arcsec), ``mag``, ``sigma`` = sqrt(σ_e² + σ_meas²) per component, and
+        the observed ``e1``, ``e2``.
     """
     _check_rng(rng)
-    maps = [_check_map(n, a) for n, a in (("kappa", kappa), ("gamma1", gamma1), ("gamma2", gamma2))]
-    for name, a in zip(("kappa", "gamma1", "gamma2"), maps):
+    names = ("kappa", "gamma1", "gamma2")
+    maps = [_check_map(n, a) for n, a in zip(names, (kappa, gamma1, gamma2))]
+    for name, a in zip(names, maps):
         if a.shape != (config.npix, config.npix):
             raise ValueError(f"{name} has shape {a.shape}; the config's grid is "
                              f"({config.npix}, {config.npix})")
@@ -716,7 +557,9 @@ def simulate_catalog(kappa, gamma1, gamma2, config=PAPER, rng=None, masks=None):
     y = rng.uniform(0.0, side, n)
     mag = draw_magnitudes(n, config, rng)
     sigma_meas = measurement_error(mag, config)
-    k, g1, g2 = (sample_map(a, x, y, config.pixel_arcsec) for a in maps)
+    coords = np.vstack([y, x]) / config.pixel_arcsec - 0.5  # pixel centres at (i + 1/2) p
+    k, g1, g2 = (scipy.ndimage.map_coordinates(a, coords, order=1, mode="nearest")
+                 for a in maps)
     g = reduced_shear(g1, g2, k)
     eps = lens_ellipticity(draw_intrinsic_ellipticity(n, config.sigma_e, rng), g)
     e1 = eps.real + rng.normal(0.0, 1.0, n) * sigma_meas
@@ -738,8 +581,7 @@ def simulate_catalog(kappa, gamma1, gamma2, config=PAPER, rng=None, masks=None):
 # ---------------------------------------------------------------------------
 #: Splits of a dataset, in the order their seeds and shards are numbered.
 SPLITS = ("train", "val", "test")
-#: Config fields that define a dataset's content; a reader with other values
-#: would misread it (the network's fields do not matter to the data).
+#: Config fields that define a dataset's content (the network's fields do not).
 DATA_FIELDS = ("H0", "Om0", "z_lens", "z_source", "field_arcmin", "npix", "fwhm_arcsec",
                "kernel_cut_sigma", "empty_pixel_error", "source_density_arcmin2", "sigma_e",
                "mag_min", "mag_peak", "mag_max", "count_slope", "completeness_width_mag",
@@ -748,6 +590,7 @@ DATA_FIELDS = ("H0", "Om0", "z_lens", "z_source", "field_arcmin", "npix", "fwhm_
 DATASET_FORMAT = "wlcnn-dataset"
 DATASET_VERSION = 1
 CATALOG_COLUMNS = ("x", "y", "mag", "sigma", "e1", "e2")
+MASK_COLUMNS = ("x", "y", "radius")
 
 
 def _data_config(config):
@@ -764,74 +607,52 @@ def _check_split(split):
 def cluster_rng(seed, split, index):
     """The random generator of cluster ``index`` of ``split``.
 
-    Derived from (seed, split, index) alone, so a cluster is the same whichever
-    shard, job or worker makes it (numpy SeedSequence spawn keys).
+    It depends on (seed, split, index) alone, so a cluster is the same whichever shard, job
+    or worker makes it.
     """
     key = (SPLITS.index(_check_split(split)), int(index))
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
 
 
-def mosaic_truth(kappa, config=PAPER):
-    """Truth κ at the network's output resolution, on the mosaic grid.
+def _block_mean(a, n, config):
+    """Mean of the last two axes over 3 × 3 blocks [3J + 1, 3J + 4), J < n: the footprint of
+    an output pixel through Conv2D-1 (3 × 3, valid) and the 3 × 3 AvgPool of Table 1."""
+    p, lo = config.pool, (config.first_kernel - 1) // 2
+    block = a[..., lo:lo + p * n, lo:lo + p * n]
+    return block.reshape(block.shape[:-2] + (n, p, n, p)).mean(axis=(-3, -1))
 
-    Parameters
-    ----------
-    kappa : array_like, shape (..., npix, npix)
 
-    Returns
-    -------
-    numpy.ndarray, shape (..., mosaic_npix, mosaic_npix)
-        Mosaic pixel J is the mean of input pixels [3J + 1, 3J + 4) on each
-        axis: the footprint of an output pixel through Table 1's 3×3 valid
-        Conv2D-1 and 3×3 AvgPool (DESIGN.md "Grids").
-    """
-    kappa = np.asarray(kappa)
-    p, m = config.pool, config.mosaic_npix
+def _mosaic_centres(config):
+    """Centres of the mosaic pixels along one axis, in arcsec from the field's corner."""
     lo = (config.first_kernel - 1) // 2
-    block = kappa[..., lo:lo + p * m, lo:lo + p * m]
-    return block.reshape(block.shape[:-2] + (m, p, m, p)).mean(axis=(-3, -1))
+    n = np.arange(config.mosaic_npix)
+    return (lo + config.pool * (n + 0.5)) * config.pixel_arcsec
+
+
+def mosaic_truth(kappa, config=PAPER):
+    """Truth κ (..., npix, npix) at output resolution on the mosaic grid (the target)."""
+    return _block_mean(np.asarray(kappa), config.mosaic_npix, config)
 
 
 def make_cluster(field, config, rng, masks=False):
-    """One cluster record: truth maps, star masks and the fixed catalog.
+    """One cluster record: the truth maps of ``field``, its star masks and its catalog.
 
-    Parameters
-    ----------
-    field : dict
-        ``kappa``, ``gamma1``, ``gamma2`` arrays (npix, npix) and optional
-        ``meta`` (JSON-serialisable dict).
-    config : Config
-    rng : numpy.random.Generator
-        Draws the masks and the catalog (after whatever drew the field).
-    masks : bool
-        Draw bright-star masks (§3.5) around the truth's peak.
+    ``field`` holds ``kappa``, ``gamma1``, ``gamma2`` (npix, npix) and an optional JSON
+    ``meta``; ``rng`` draws the masks (if ``masks``, around the truth's peak) and the catalog.
     """
     kappa = _check_map("kappa", field["kappa"])
     mosaic = mosaic_truth(kappa, config)
-    j_peak = np.unravel_index(np.argmax(mosaic), mosaic.shape)
-    pix = config.pixel_arcsec * config.pool
-    lo = (config.first_kernel - 1) // 2 * config.pixel_arcsec
-    peak_xy = (lo + (j_peak[1] + 0.5) * pix, lo + (j_peak[0] + 0.5) * pix)
-    mask_table = draw_star_masks(config, rng, peak_xy) if masks else Table(
-        {"x": np.zeros(0), "y": np.zeros(0), "radius": np.zeros(0)})
+    i, j = np.unravel_index(np.argmax(mosaic), mosaic.shape)
+    centres = _mosaic_centres(config)
+    if masks:
+        mask_table = draw_star_masks(config, rng, (centres[j], centres[i]))
+    else:
+        mask_table = Table({c: np.zeros(0) for c in MASK_COLUMNS})
     catalog = simulate_catalog(kappa, field["gamma1"], field["gamma2"], config, rng,
                                mask_table if masks else None)
-    return {"kappa": kappa, "gamma1": np.asarray(field["gamma1"]), "gamma2": np.asarray(field["gamma2"]),
-            "catalog": catalog, "masks": mask_table, "meta": dict(field.get("meta", {}))}
-
-
-def _pack_shard(clusters):
-    """Arrays of a shard: maps stacked (float32), catalogs and masks ragged."""
-    out = {k: np.stack([c[k] for c in clusters]).astype(np.float32) for k in ("kappa", "gamma1", "gamma2")}
-    for prefix, key, cols in (("cat", "catalog", CATALOG_COLUMNS), ("mask", "masks", ("x", "y", "radius"))):
-        lengths = [len(c[key]) for c in clusters]
-        out[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        for col in cols:
-            out[f"{prefix}_{col}"] = np.concatenate(
-                [np.asarray(c[key][col], dtype=np.float64) for c in clusters]).astype(
-                np.float32 if prefix == "cat" and col not in ("x", "y") else np.float64)
-    out["meta"] = np.array([json.dumps(c["meta"], sort_keys=True) for c in clusters])
-    return out
+    return {"kappa": kappa, "gamma1": np.asarray(field["gamma1"]),
+            "gamma2": np.asarray(field["gamma2"]), "catalog": catalog, "masks": mask_table,
+            "meta": dict(field.get("meta", {}))}
 
 
 def _atomic_write(path, write):
@@ -853,48 +674,37 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def _shard_plan(counts, shard_size):
-    """[(split, shard_index, first, n)] over all splits, in a fixed order."""
-    plan = []
-    for split in SPLITS:
-        n = int(counts.get(split, 0))
-        for k, first in enumerate(range(0, n, shard_size)):
-            plan.append((split, k, first, min(shard_size, n - first)))
-    return plan
-
-
 def _shard_name(split, k):
     return f"{split}/shard-{k:05d}.npz"
 
 
-def _write_one_shard(task):
-    """Make and write one shard (a worker's unit of work); returns its sidecar."""
+def _write_shard(task):
+    """Make clusters first, ..., first + n - 1 of a split and write them as one shard."""
     out_dir, split, k, first, n, config, seed, masks, field_fn = task
-    path = Path(out_dir) / _shard_name(split, k)
     clusters = []
     for i in range(first, first + n):
         rng = cluster_rng(seed, split, i)
         clusters.append(make_cluster(field_fn(config, rng, split, i), config, rng, masks))
-    arrays = _pack_shard(clusters)
-    arrays["index"] = np.arange(first, first + n, dtype=np.int64)
-    # np.savez_compressed stamps zip entries with a fixed date: same seed, same bytes.
+    arrays = {"index": np.arange(first, first + n, dtype=np.int64)}
+    for key in ("kappa", "gamma1", "gamma2"):
+        arrays[key] = np.stack([c[key] for c in clusters]).astype(np.float32)
+    # catalogs and masks are ragged: concatenated, with offsets
+    for prefix, key, cols in (("cat", "catalog", CATALOG_COLUMNS), ("mask", "masks", MASK_COLUMNS)):
+        lengths = [len(c[key]) for c in clusters]
+        arrays[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        for col in cols:
+            # positions and masks keep float64; magnitudes and shapes need no more than float32
+            dtype = np.float32 if prefix == "cat" and col not in ("x", "y") else np.float64
+            values = [np.asarray(c[key][col], dtype=np.float64) for c in clusters]
+            arrays[f"{prefix}_{col}"] = np.concatenate(values).astype(dtype)
+    arrays["meta"] = np.array([json.dumps(c["meta"], sort_keys=True) for c in clusters])
+
     def write(tmp):
+        # np.savez_compressed stamps zip entries with a fixed date: same seed, same bytes
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
 
-    _atomic_write(path, write)
-    side = {"file": _shard_name(split, k), "split": split, "first": first, "n": n, "sha256": _sha256(path)}
-    _atomic_write_text(f"{path}.json", json.dumps(side))
-    return side
-
-
-def _shard_done(out_dir, split, k):
-    side = Path(out_dir) / (_shard_name(split, k) + ".json")
-    shard = Path(out_dir) / _shard_name(split, k)
-    if not (side.exists() and shard.exists()):
-        return None
-    info = json.loads(side.read_text())
-    return info if info.get("sha256") == _sha256(shard) else None
+    _atomic_write(Path(out_dir) / _shard_name(split, k), write)
 
 
 class _Progress:
@@ -918,47 +728,16 @@ class _Progress:
 
 def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=False,
                   shard_size=25, workers=1, shard=None, generator="simulate", progress=True):
-    """Simulate clusters and write them as a sharded dataset with a manifest.
+    """Simulate clusters into ``out_dir`` as ``{split}/shard-NNNNN.npz`` files and a manifest.
 
-    Parameters
-    ----------
-    out_dir : path
-        Dataset directory: ``{split}/shard-NNNNN.npz`` (+ ``.json`` sidecars)
-        and ``manifest.json``.
-    counts : dict
-        Clusters per split, e.g. ``{"train": 5000, "val": 1800, "test": 200}``
-        (the paper's split, §2.3.1).
-    config : Config
-    seed : int
-        Everything random derives from it through :func:`cluster_rng`.
-    field_fn : callable, optional
-        ``field_fn(config, rng, split, index) -> {"kappa", "gamma1", "gamma2",
-        "meta"}``: the sky simulator (``examples/simulate_skies.py``) or the
-        ray-traced fields (``examples/ingest_raytraced.py``).
-    masks : bool
-        Bright-star masks (§3.5, the paper's BS case).
-    shard_size : int
-        Clusters per shard file.
-    workers : int
-        Processes making shards in parallel.
-    shard : (int, int), optional
-        ``(i, n)``: make only the shards whose position in the plan is i mod n
-        (one job of a batch-scheduler array).  The manifest is written by
-        whichever run finds every shard finished.
-    generator : str
-        Recorded in the manifest (``simulate`` or ``ingest``).
-
-    Returns
-    -------
-    dict or None
-        The manifest if the dataset is complete, else None.
-
-    Notes
-    -----
-    Each shard is written to a temporary file and renamed, then its sidecar
-    (with its SHA-256) likewise: a rerun skips every shard whose sidecar
-    matches and redoes the rest, so an interrupted run resumes without losing
-    or half-writing anything.
+    ``counts``: clusters per split (the paper's: train 5,000, val 1,800, test 200, §2.3.1).
+    ``field_fn(config, rng, split, index)`` returns a cluster's ``kappa``, ``gamma1``,
+    ``gamma2`` and ``meta`` (``examples/simulate_skies.py``, ``examples/ingest_raytraced.py``);
+    ``masks``: bright-star masks (§3.5). Every draw derives from ``seed`` (:func:`cluster_rng`):
+    the same seed writes the same bytes. A shard is written under a temporary name and
+    renamed, so a rerun makes only the missing shards. ``shard=(i, n)`` makes the shards
+    numbered i mod n (one job of a batch array). The run that finds every shard written adds
+    ``manifest.json`` (with each shard's SHA-256) and returns it; the others return None.
     """
     if not callable(field_fn):
         raise TypeError("write_dataset needs field_fn(config, rng, split, index), e.g. "
@@ -970,56 +749,55 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
     if shard_size < 1 or workers < 1:
         raise ValueError("shard_size and workers must be positive")
     out = Path(out_dir)
-    plan = _shard_plan(counts, shard_size)
+    plan = [(split, k, first, min(shard_size, int(counts.get(split, 0)) - first))
+            for split in SPLITS
+            for k, first in enumerate(range(0, int(counts.get(split, 0)), shard_size))]
     if not plan:
         raise ValueError("no clusters requested: every split count is zero")
     manifest_path = out / "manifest.json"
     header = {"format": DATASET_FORMAT, "version": DATASET_VERSION, "generator": generator,
               "seed": int(seed), "masks": bool(masks), "shard_size": int(shard_size),
-              "counts": {s: int(counts.get(s, 0)) for s in SPLITS}, "config": _data_config(config)}
+              "counts": {s: int(counts.get(s, 0)) for s in SPLITS},
+              "config": _data_config(config)}
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if {k: old.get(k) for k in header} != header:
             raise ValueError(f"{out} holds a dataset made with other settings; use another --out")
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
-    mine = [t for j, t in enumerate(plan) if shard is None or j % shard[1] == shard[0]]
-    todo = [t for t in mine if _shard_done(out, t[0], t[1]) is None]
-    tasks = [(str(out), s, k, first, n, config, seed, masks, field_fn) for s, k, first, n in todo]
+    tasks = [(str(out), s, k, first, n, config, seed, masks, field_fn)
+             for j, (s, k, first, n) in enumerate(plan)
+             if (shard is None or j % shard[1] == shard[0])
+             and not (out / _shard_name(s, k)).exists()]
     bar = _Progress(len(tasks), "simulate shards") if progress and tasks else None
     if workers == 1 or len(tasks) <= 1:
         for t in tasks:
-            _write_one_shard(t)
+            _write_shard(t)
             bar and bar.update()
     else:
-        # "spawn": forking a process that has imported TensorFlow can deadlock.
+        # "spawn": forking a process that has imported TensorFlow can deadlock
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for _ in pool.map(_write_one_shard, tasks):
+            for _ in pool.map(_write_shard, tasks):
                 bar and bar.update()
-    sides = [_shard_done(out, s, k) for s, k, _, _ in plan]
-    if any(side is None for side in sides):
+    if not all((out / _shard_name(s, k)).exists() for s, k, _, _ in plan):
         return None
-    manifest = dict(header, shards={s: [d for d in sides if d["split"] == s] for s in SPLITS},
-                    packages={"wlcnn": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
-                              "astropy": astropy.__version__})
+    shards = {s: [] for s in SPLITS}
+    for s, k, first, n in plan:
+        shards[s].append({"file": _shard_name(s, k), "split": s, "first": first, "n": n,
+                          "sha256": _sha256(out / _shard_name(s, k))})
+    packages = {"wlcnn": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
+                "astropy": astropy.__version__}
+    manifest = dict(header, shards=shards, packages=packages)
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
 
 class ClusterDataset:
-    """Read access to a dataset written by :func:`write_dataset`.
+    """Read access to a dataset of :func:`write_dataset`.
 
-    Parameters
-    ----------
-    path : path
-        The dataset directory.
-    config : Config, optional
-        If given, the dataset must have been made with the same data fields
-        (grid, redshifts, noise model), else ValueError.
-    verify : bool
-        Check each shard's SHA-256 when it is loaded (a corrupt or truncated
-        shard raises ValueError rather than being read).
+    With ``config``, the dataset must have been made with the same data fields (ValueError
+    otherwise); ``verify`` checks each shard's SHA-256 as it is loaded.
     """
 
     def __init__(self, path, config=None, verify=True):
@@ -1031,12 +809,16 @@ class ClusterDataset:
             self.manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{mpath} is corrupt: {exc}") from None
-        if self.manifest.get("format") != DATASET_FORMAT or self.manifest.get("version") != DATASET_VERSION:
-            raise ValueError(f"{self.path}: not a wlcnn dataset of format version {DATASET_VERSION}")
-        self.config = dataclasses.replace(PAPER, **dataclasses.asdict(config_from_dict(self.manifest["config"])))
-        if config is not None and _data_config(config) != self.manifest["config"]:
-            diff = [k for k in DATA_FIELDS if _data_config(config)[k] != self.manifest["config"][k]]
-            raise ValueError(f"{self.path} was made with another config (differs in {', '.join(diff)})")
+        if (self.manifest.get("format") != DATASET_FORMAT
+                or self.manifest.get("version") != DATASET_VERSION):
+            raise ValueError(f"{self.path}: not a wlcnn dataset of format version "
+                             f"{DATASET_VERSION}")
+        stored = self.manifest["config"]
+        self.config = config_from_dict(stored)  # the other fields: the paper's
+        if config is not None and _data_config(config) != stored:
+            diff = [k for k in DATA_FIELDS if _data_config(config)[k] != stored[k]]
+            raise ValueError(f"{self.path} was made with another config "
+                             f"(differs in {', '.join(diff)})")
         self.verify = verify
 
     def count(self, split):
@@ -1062,21 +844,19 @@ class ClusterDataset:
             raise ValueError(f"corrupt shard {path}: {exc}") from None
 
     def clusters(self, split, shard_ids=None):
-        """Iterate over the clusters of ``split`` (one shard in memory at a time)."""
-        ids = range(len(self.shards(split))) if shard_ids is None else shard_ids
-        for k in ids:
-            yield from unpack_shard(self.load_shard(split, k))
-
-
-def unpack_shard(arrays):
-    """The cluster records (dicts as :func:`make_cluster`) of a loaded shard."""
-    co, mo = arrays["cat_offsets"], arrays["mask_offsets"]
-    for i in range(len(arrays["kappa"])):
-        cat = Table({c: arrays[f"cat_{c}"][co[i]:co[i + 1]].astype(np.float64) for c in CATALOG_COLUMNS})
-        masks = Table({c: arrays[f"mask_{c}"][mo[i]:mo[i + 1]] for c in ("x", "y", "radius")})
-        yield {"index": int(arrays["index"][i]), "kappa": arrays["kappa"][i], "gamma1": arrays["gamma1"][i],
-               "gamma2": arrays["gamma2"][i], "catalog": cat, "masks": masks,
-               "meta": json.loads(str(arrays["meta"][i]))}
+        """The records of ``split`` (as :func:`make_cluster`, plus ``index``), one shard in
+        memory at a time."""
+        for k in range(len(self.shards(split))) if shard_ids is None else shard_ids:
+            a = self.load_shard(split, k)
+            co, mo = a["cat_offsets"], a["mask_offsets"]
+            for i in range(len(a["kappa"])):
+                cat = {c: a[f"cat_{c}"][co[i]:co[i + 1]].astype(np.float64)
+                       for c in CATALOG_COLUMNS}
+                masks = {c: a[f"mask_{c}"][mo[i]:mo[i + 1]] for c in MASK_COLUMNS}
+                yield {"index": int(a["index"][i]), "kappa": a["kappa"][i],
+                       "gamma1": a["gamma1"][i], "gamma2": a["gamma2"][i],
+                       "catalog": Table(cat), "masks": Table(masks),
+                       "meta": json.loads(str(a["meta"][i]))}
 
 
 # ---------------------------------------------------------------------------
