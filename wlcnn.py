@@ -864,7 +864,8 @@ class ClusterDataset:
 # ---------------------------------------------------------------------------
 def _as_1d(name, a):
     a = np.asarray(a)
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.integer)
+                                 or np.issubdtype(a.dtype, np.floating)
                                  or np.issubdtype(a.dtype, np.bool_)):
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     if a.ndim != 1:
@@ -876,31 +877,33 @@ def _as_1d(name, a):
 
 
 def _positive(name, value):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be positive and finite, got {value}")
     return float(value)
 
 
-#: Accepted ranges of per-source values: outside them a source is no
-#: ellipticity measurement (and its weight 1/σ² would overflow float64 sums).
+#: Accepted σ of a source: outside it a source is no ellipticity measurement (and its
+#: weight 1/σ² would overflow float64 sums).
 SIGMA_RANGE = (1e-6, 1e6)
-MAX_ABS_ELLIPTICITY = 1e3
 
 
-def _check_grid_args(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error):
-    cols = [_as_1d(n, a) for n, a in (("x", x), ("y", y), ("e1", e1), ("e2", e2), ("sigma", sigma))]
-    lengths = {len(c) for c in cols}
-    if len(lengths) != 1:
+def _check_grid_args(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma,
+                     empty_error):
+    cols = [_as_1d(n, a) for n, a in
+            (("x", x), ("y", y), ("e1", e1), ("e2", e2), ("sigma", sigma))]
+    if len({len(c) for c in cols}) != 1:
         raise ValueError("x, y, e1, e2, sigma must have the same length, got "
                          + ", ".join(str(len(c)) for c in cols))
     if np.any(cols[4] <= 0):
         raise ValueError("sigma must be positive for every source")
     if np.any((cols[4] < SIGMA_RANGE[0]) | (cols[4] > SIGMA_RANGE[1])):
-        raise ValueError(f"sigma must lie in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}] for every source")
-    if np.any(np.abs(cols[2]) > MAX_ABS_ELLIPTICITY) or np.any(np.abs(cols[3]) > MAX_ABS_ELLIPTICITY):
-        raise ValueError(f"|e1|, |e2| above {MAX_ABS_ELLIPTICITY:g}: not an ellipticity")
+        raise ValueError(f"sigma must lie in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}] "
+                         "for every source")
+    if np.any(np.abs(cols[2]) > 1e3) or np.any(np.abs(cols[3]) > 1e3):
+        raise ValueError("|e1|, |e2| above 1000: not an ellipticity")
     if isinstance(npix, (bool, np.bool_)) or not isinstance(npix, (int, np.integer)):
         raise TypeError(f"npix must be an integer, got {type(npix).__name__}")
     if npix <= 0:
@@ -911,33 +914,32 @@ def _check_grid_args(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_s
     empty_error = _positive("empty_error", empty_error)
     s_pix = fwhm_arcsec / FWHM_PER_SIGMA / pixel_arcsec
     if not 0.05 <= s_pix <= npix:
-        raise ValueError(f"the kernel's σ is {s_pix:g} pixels; it must lie between 0.05 pixel and "
-                         f"the grid's side ({npix}): check fwhm_arcsec and pixel_arcsec")
+        raise ValueError(f"the kernel's σ is {s_pix:g} pixels; it must lie between 0.05 pixel "
+                         f"and the grid's side ({npix}): check fwhm_arcsec and pixel_arcsec")
     if cut_sigma > 10:
-        raise ValueError(f"cut_sigma={cut_sigma} is beyond 10 σ, where the Gaussian is below e^-50")
-    return cols, int(npix), pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error
+        raise ValueError(f"cut_sigma={cut_sigma} is beyond 10 σ, where the Gaussian is "
+                         "below e^-50")
+    return cols, int(npix), pixel_arcsec, s_pix, cut_sigma * s_pix, empty_error
 
 
-def _within_reach(xp, yp, npix, rcut):
-    """Sources within the kernel's reach of the grid (the rest add nothing)."""
-    return (xp >= -rcut - 1) & (xp <= npix + rcut) & (yp >= -rcut - 1) & (yp <= npix + rcut)
+def _density_norm(fwhm_arcsec):
+    """1 / (2π σ_W²) in arcmin⁻²: Σ W times this is sources per arcmin²."""
+    s_arcmin = fwhm_arcsec / FWHM_PER_SIGMA / 60.0
+    return 1.0 / (2.0 * np.pi * s_arcmin**2)
 
 
 def grid_catalog_numpy(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.pixel_arcsec,
                        fwhm_arcsec=PAPER.fwhm_arcsec, cut_sigma=PAPER.kernel_cut_sigma,
                        empty_error=PAPER.empty_pixel_error):
-    """NumPy reference of :func:`grid_catalog` (same maths; slow).
+    """NumPy reference of :func:`grid_catalog` (same sums; slow; the fallback).
 
-    A vectorised stencil: for each offset (di, dj) of the truncated kernel,
-    every source adds to the pixel at that offset from its nearest pixel with
-    ``np.bincount``.  Kept for tests and as the fallback without the extension.
+    For each tap (di, dj) of the truncated kernel, every source adds to the pixel at that
+    offset from its nearest pixel with ``np.bincount``.
     """
-    (x, y, e1, e2, sigma), npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error = _check_grid_args(
+    (x, y, e1, e2, sigma), npix, pixel_arcsec, s_pix, rcut, empty_error = _check_grid_args(
         x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error)
-    s_pix = fwhm_arcsec / FWHM_PER_SIGMA / pixel_arcsec
-    rcut = cut_sigma * s_pix
-    xp, yp = x / pixel_arcsec - 0.5, y / pixel_arcsec - 0.5
-    near = _within_reach(xp, yp, npix, rcut)
+    xp, yp = x / pixel_arcsec - 0.5, y / pixel_arcsec - 0.5  # in pixels, centres at integers
+    near = (xp >= -rcut - 1) & (xp <= npix + rcut) & (yp >= -rcut - 1) & (yp <= npix + rcut)
     xp, yp, e1, e2 = xp[near], yp[near], e1[near], e2[near]
     w = 1.0 / sigma[near] ** 2
     ic, jc = np.rint(yp).astype(np.int64), np.rint(xp).astype(np.int64)
@@ -946,12 +948,12 @@ def grid_catalog_numpy(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.
     for di in range(-half, half + 1):
         for dj in range(-half, half + 1):
             i, j = ic + di, jc + dj
-            d2 = (i - yp) ** 2 + (j - xp) ** 2
-            ok = (np.abs(i - yp) <= rcut) & (np.abs(j - xp) <= rcut) & (i >= 0) & (i < npix) & (j >= 0) & (j < npix)
+            ok = ((np.abs(i - yp) <= rcut) & (np.abs(j - xp) <= rcut)
+                  & (i >= 0) & (i < npix) & (j >= 0) & (j < npix))
             if not ok.any():
                 continue
             idx = (i * npix + j)[ok]
-            ww = np.exp(-0.5 * d2[ok] / s_pix**2)
+            ww = np.exp(-0.5 * ((i - yp) ** 2 + (j - xp) ** 2)[ok] / s_pix**2)
             wu = ww * w[ok]
             for k, vals in enumerate((wu, wu * e1[ok], wu * e2[ok], ww * wu, ww)):
                 acc[k] += np.bincount(idx, vals, minlength=npix * npix)
@@ -966,88 +968,44 @@ def grid_catalog_numpy(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.
     return out
 
 
-def _density_norm(fwhm_arcsec):
-    """1 / (2π σ_W²) in arcmin⁻²: Σ W times this is sources per arcmin²."""
-    s_arcmin = fwhm_arcsec / FWHM_PER_SIGMA / 60.0
-    return 1.0 / (2.0 * np.pi * s_arcmin**2)
-
-
 def grid_catalog(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.pixel_arcsec,
                  fwhm_arcsec=PAPER.fwhm_arcsec, cut_sigma=PAPER.kernel_cut_sigma,
                  empty_error=PAPER.empty_pixel_error, out=None):
-    """Grid a source catalog onto the network's input pixels.
+    """Grid a source catalog onto the network's input pixels (§2.3.2).
 
-    Parameters
-    ----------
-    x, y : array_like, shape (n,)
-        Source positions in arcsec from the field's lower-left corner.
-        Sources outside the field are allowed: each adds to the pixels whose
-        centres lie within the kernel's truncation radius, so a source just
-        beyond an edge still informs the edge pixels, and one further away
-        contributes nothing.
-    e1, e2 : array_like, shape (n,)
-        Observed ellipticity components (|ε| may exceed 1 after measurement
-        noise; it is not clipped).
-    sigma : array_like, shape (n,)
-        Per-component ellipticity error σ_i > 0; weights are u_i = 1/σ_i².
-    npix : int
-        Output grid side (500 for the paper).
-    pixel_arcsec : float
-        Pixel side in arcsec (3.84″).
-    fwhm_arcsec : float
-        FWHM of the Gaussian kernel W in arcsec (7″, §2.3.2).
-    cut_sigma : float
-        W is set to zero where |Δx| or |Δy| exceeds ``cut_sigma`` σ_W (4σ_W =
-        11.9″ for the paper, where W is e^{-8} ≈ 3e-4 of its peak).  The cut is
-        square: W stays separable (one exp per source and axis, not per tap)
-        and keeps the symmetries of the pixel grid (90° rotations, mirrors),
-        all that the augmentations need.
-    empty_error : float
-        Δε of a pixel with no source within the truncation radius (its ε̄ is 0).
-    out : numpy.ndarray, shape (4, npix, npix), float64, optional
-        Buffer to write into (saves an allocation per call).
+    Sources at ``x``, ``y`` (arcsec; outside the field too: they inform the pixels within
+    the kernel's reach) with ellipticities ``e1``, ``e2`` (not clipped) and per-component
+    errors ``sigma`` (weights u = 1/σ²) are smoothed by a Gaussian W of FWHM ``fwhm_arcsec``
+    (7″), cut where |Δx| or |Δy| exceeds ``cut_sigma`` σ_W. The cut is square: W stays
+    separable and keeps the symmetries of the pixel grid that the augmentations need.
 
     Returns
     -------
     numpy.ndarray, shape (4, npix, npix), float64
-        ``[ε̄1, ε̄2, Δε, n]``:
-        ε̄_k = Σ W u ε_k / Σ W u; Δε = sqrt(Σ W² u² σ²) / Σ W u, the standard
-        error of ε̄_k; n = Σ W / (2π σ_W²) in sources per arcmin².
-
-    Notes
-    -----
-    DESIGN.md "Gridding"; §2.3.2 of the paper ("smoothing the source catalogs
-    with a FWHM = 7″ Gaussian kernel").  An empty catalog is valid: every pixel
-    is empty.  Computed by the compiled ``_grid`` extension when it is built,
-    else by :func:`grid_catalog_numpy`.
+        [ε̄1, ε̄2, Δε, n]: ε̄_k = Σ W u ε_k / Σ W u; Δε = sqrt(Σ W² u² σ²) / Σ W u, the
+        standard error of ε̄_k; n = Σ W / (2π σ_W²) in sources per arcmin². A pixel with no
+        source in reach has ε̄ = 0 and Δε = ``empty_error``. Written into ``out`` if given.
     """
-    (x, y, e1, e2, sigma), npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error = _check_grid_args(
+    (x, y, e1, e2, sigma), npix, pixel_arcsec, s_pix, rcut, empty_error = _check_grid_args(
         x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error)
-    if _grid is None:
-        result = grid_catalog_numpy(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec,
-                                    cut_sigma, empty_error)
-        if out is not None:
-            out[...] = result
-            return out
-        return result
+    if out is not None and not (isinstance(out, np.ndarray) and out.shape == (4, npix, npix)
+                                and out.dtype == np.float64 and out.flags.c_contiguous):
+        raise ValueError(f"out must be a C-contiguous float64 array of shape (4, {npix}, {npix})")
     if out is None:
         out = np.empty((4, npix, npix))
-    elif not (isinstance(out, np.ndarray) and out.shape == (4, npix, npix)
-              and out.dtype == np.float64 and out.flags.c_contiguous):
-        raise ValueError(f"out must be a C-contiguous float64 array of shape (4, {npix}, {npix})")
-    s_pix = fwhm_arcsec / FWHM_PER_SIGMA / pixel_arcsec
-    # The footprints, the first tap's W and the recurrence's ratios are
-    # per-source arithmetic inside the extension: as separate NumPy passes
-    # over the catalog (clip, ceil, masks, casts) they cost more than its loop.
-    _grid.grid(x, y, e1, e2, sigma, pixel_arcsec, cut_sigma * s_pix, 0.5 / s_pix**2, empty_error,
+    if _grid is None:
+        out[...] = grid_catalog_numpy(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec,
+                                      cut_sigma, empty_error)
+        return out
+    _grid.grid(x, y, e1, e2, sigma, pixel_arcsec, rcut, 0.5 / s_pix**2, empty_error,
                _density_norm(fwhm_arcsec), out)
     return out
 
 
 def grid_table(catalog, config=PAPER, out=None):
     """:func:`grid_catalog` of a catalog table from :func:`simulate_catalog`."""
-    return grid_catalog(catalog["x"], catalog["y"], catalog["e1"], catalog["e2"], catalog["sigma"],
-                        config.npix, config.pixel_arcsec, config.fwhm_arcsec,
+    return grid_catalog(catalog["x"], catalog["y"], catalog["e1"], catalog["e2"],
+                        catalog["sigma"], config.npix, config.pixel_arcsec, config.fwhm_arcsec,
                         config.kernel_cut_sigma, config.empty_pixel_error, out=out)
 
 
@@ -1058,14 +1016,15 @@ def grid_table(catalog, config=PAPER, out=None):
 ORIENTATIONS = ("rot0", "rot90", "rot180", "rot270", "flip_x", "flip_y")
 
 
-def orient_map(a, orientation):
-    """Rotate or mirror the last two axes [y, x] of a scalar map.
-
-    ``rotK`` is ``np.rot90(a, K/90)``; ``flip_x`` mirrors x (columns),
-    ``flip_y`` mirrors y (rows).  Returns a view where NumPy can.
-    """
+def _check_orientation(orientation):
     if orientation not in ORIENTATIONS:
         raise ValueError(f"unknown orientation {orientation!r}; expected one of {ORIENTATIONS}")
+
+
+def orient_map(a, orientation):
+    """Rotate (``rotK``: ``np.rot90`` K/90 times) or mirror (``flip_x``: columns, ``flip_y``:
+    rows) the last two axes [y, x] of a scalar map; a view where NumPy can."""
+    _check_orientation(orientation)
     if orientation == "flip_x":
         return a[..., :, ::-1]
     if orientation == "flip_y":
@@ -1074,43 +1033,25 @@ def orient_map(a, orientation):
 
 
 def spin2_sign(orientation):
-    """(s1, s2) with (g1, g2) → (s1 g1, s2 g2) under ``orientation``.
-
-    Notes
-    -----
-    A spin-2 field rotated by φ is multiplied by e^{2iφ}: 90° and 270° flip
-    both components, 180° keeps them; a mirror flips g2 (DESIGN.md
-    "Lensing").
-    """
-    if orientation not in ORIENTATIONS:
-        raise ValueError(f"unknown orientation {orientation!r}; expected one of {ORIENTATIONS}")
+    """(s1, s2): a spin-2 field's (g1, g2) becomes (s1 g1, s2 g2) under ``orientation``."""
+    _check_orientation(orientation)
     return {"rot0": (1, 1), "rot90": (-1, -1), "rot180": (1, 1), "rot270": (-1, -1),
             "flip_x": (1, -1), "flip_y": (1, -1)}[orientation]
 
 
 def orient_shear(g1, g2, orientation):
-    """Rotate or mirror a shear field: positions as :func:`orient_map`,
-    components by the spin-2 rule of :func:`spin2_sign`."""
+    """Rotate or mirror a shear field: positions by :func:`orient_map`, components by
+    :func:`spin2_sign`."""
     s1, s2 = spin2_sign(orientation)
     return s1 * orient_map(g1, orientation), s2 * orient_map(g2, orientation)
 
 
 def subfield(grid, mosaic, m_y, m_x, orientation="rot0", config=PAPER, channels=3):
-    """One network sample: a 386² input crop and its 128² target (§2.3.2).
+    """One network sample: the 386² input crop at offset index (m_y, m_x) and its 128² target.
 
-    Parameters
-    ----------
-    grid : array_like, shape (4, npix, npix)
-        Gridded catalog (ε̄1, ε̄2, Δε, n) from :func:`grid_catalog`.
-    mosaic : array_like, shape (mosaic_npix, mosaic_npix)
-        Truth on the mosaic grid (:func:`mosaic_truth`); None for no target.
-    m_y, m_x : int
-        Offset index, 0 ≤ m < n_offsets: the crop starts at input pixel
-        o = 3m and its output pixel k lands on mosaic pixel m + k.
-    orientation : str
-        One of :data:`ORIENTATIONS`, applied to input and target alike.
-    channels : int
-        3 (ε̄1, ε̄2, Δε) or 4 (+ n / nominal density: the 4Channel variant).
+    ``grid`` is a gridded catalog (:func:`grid_catalog`), ``mosaic`` the truth on the mosaic
+    grid (:func:`mosaic_truth`) or None; ``orientation`` applies to both. ``channels``: 3
+    (ε̄1, ε̄2, Δε) or 4 (+ n / the nominal density: the 4Channel variant).
 
     Returns
     -------
@@ -1137,67 +1078,57 @@ def subfield(grid, mosaic, m_y, m_x, orientation="rot0", config=PAPER, channels=
 
 
 def cluster_grid(cluster, config=PAPER, rng=None, fresh=False):
-    """Gridded input of a cluster: its stored catalog, or a fresh draw.
+    """Gridded input of a cluster record: its stored catalog, or with ``fresh`` a new draw
+    from its κ, γ and masks (augmentation beyond the paper, which had one catalog each)."""
+    if not fresh:
+        return grid_table(cluster["catalog"], config)
+    masks = cluster["masks"] if len(cluster["masks"]) else None
+    maps = [cluster[k].astype(np.float64) for k in ("kappa", "gamma1", "gamma2")]
+    return grid_table(simulate_catalog(*maps, config, rng, masks), config)
 
-    With ``fresh=True`` a new catalog (positions, magnitudes, shape and
-    measurement noise) is drawn from the stored κ, γ with the stored masks —
-    augmentation beyond the paper, which used one catalog per cluster.
-    """
-    if fresh:
-        masks = cluster["masks"] if len(cluster["masks"]) else None
-        cat = simulate_catalog(cluster["kappa"].astype(np.float64), cluster["gamma1"].astype(np.float64),
-                               cluster["gamma2"].astype(np.float64), config, rng, masks)
-    else:
-        cat = cluster["catalog"]
-    return grid_table(cat, config)
+
+def _random_sample(grid, mosaic, rng, config, channels):
+    """The subfield of a random offset and orientation, and its target."""
+    m_y, m_x = rng.integers(0, config.n_offsets, 2)
+    t = ORIENTATIONS[rng.integers(len(ORIENTATIONS))]
+    return subfield(grid, mosaic, m_y, m_x, t, config, channels)
 
 
 def _sample_stream(dataset, split, shard_id, seed, channels, fresh, samples_per_visit):
-    """Samples of one shard: every cluster visited once, in random order,
-    ``samples_per_visit`` random (offset, orientation) subfields each."""
-    config = dataset.config
-    # Two streams, so that fresh catalogs leave the clusters, offsets and
-    # orientations drawn unchanged.
-    rng, cat_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(
-        int(seed) & 0x7FFFFFFFFFFFFFFF, spawn_key=(int(shard_id),)).spawn(2))
+    """Samples of one shard: each cluster once, in random order, ``samples_per_visit``
+    random subfields of one gridding each."""
+    # two streams, so that fresh catalogs leave the clusters, offsets and orientations alone
+    seq = np.random.SeedSequence(int(seed) & 0x7FFFFFFFFFFFFFFF, spawn_key=(int(shard_id),))
+    rng, cat_rng = (np.random.default_rng(s) for s in seq.spawn(2))
     clusters = list(dataset.clusters(split, [int(shard_id)]))
     for i in rng.permutation(len(clusters)):
-        c = clusters[i]
-        grid = cluster_grid(c, config, cat_rng, fresh)
-        mosaic = mosaic_truth(c["kappa"], config)
+        grid = cluster_grid(clusters[i], dataset.config, cat_rng, fresh)
+        mosaic = mosaic_truth(clusters[i]["kappa"], dataset.config)
         for _ in range(samples_per_visit):
-            m_y, m_x = rng.integers(0, config.n_offsets, 2)
-            t = ORIENTATIONS[rng.integers(len(ORIENTATIONS))]
-            yield subfield(grid, mosaic, m_y, m_x, t, config, channels)
+            yield _random_sample(grid, mosaic, rng, dataset.config, channels)
+
+
+def _dataset(data_dir, config=None):
+    return data_dir if isinstance(data_dir, ClusterDataset) else ClusterDataset(data_dir, config)
 
 
 def fixed_subfields(data_dir, split="val", n=64, seed=0, channels=3, config=None):
-    """A fixed set of subfields (the validation set of §2.3.2).
-
-    Draws ``n`` (cluster, offset, orientation) triples with ``seed`` from the
-    stored catalogs of ``split``; the same arguments give the same arrays.
-
-    Returns
-    -------
-    x : numpy.ndarray, float32, shape (n, 386, 386, channels)
-    y : numpy.ndarray, float32, shape (n, 128, 128, 1)
-    """
-    ds = data_dir if isinstance(data_dir, ClusterDataset) else ClusterDataset(data_dir, config)
+    """``n`` subfields of random (cluster, offset, orientation) of ``split``, the same for
+    the same arguments: the validation set (§2.3.2). Returns x (n, 386, 386, channels) and
+    y (n, 128, 128, 1), float32."""
+    ds = _dataset(data_dir, config)
     total = ds.count(split)
     if total == 0 or n < 1:
         raise ValueError(f"no {split} clusters (or n < 1) for a validation set in {ds.path}")
-    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(SPLITS.index(split), 7)))
+    key = (SPLITS.index(split), 7)
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
     which = np.sort(rng.integers(0, total, n))
-    xs, ys = [], []
+    samples = []
     for c in ds.clusters(split):
         for _ in range(int(np.sum(which == c["index"]))):
-            grid = cluster_grid(c, ds.config)
-            m_y, m_x = rng.integers(0, ds.config.n_offsets, 2)
-            t = ORIENTATIONS[rng.integers(len(ORIENTATIONS))]
-            x, y = subfield(grid, mosaic_truth(c["kappa"], ds.config), m_y, m_x, t, ds.config, channels)
-            xs.append(x)
-            ys.append(y)
-    return np.stack(xs), np.stack(ys)
+            grid, mosaic = cluster_grid(c, ds.config), mosaic_truth(c["kappa"], ds.config)
+            samples.append(_random_sample(grid, mosaic, rng, ds.config, channels))
+    return np.stack([s[0] for s in samples]), np.stack([s[1] for s in samples])
 
 
 def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False, n_val=64,
@@ -1205,40 +1136,21 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
                   parallel=2, config=None, val_seed=0):
     """The tf.data input pipeline of training (§2.3.2).
 
-    Parameters
-    ----------
-    data_dir : path or ClusterDataset
-    batch_size : int
-    seed : int
-        Fixes the shard order, clusters, offsets, orientations and fresh
-        catalogs of the stream.
-    channels : int
-        3, or 4 for the 4Channel variant.
-    fresh_catalogs : bool
-        Draw a new source catalog at every cluster visit (see :func:`cluster_grid`).
-    n_val : int
-        Size of the fixed validation set from ``val_split``.
-    val_seed : int
-        Seed of that set, apart from ``seed``: every run and every resumption
-        validates on the same subfields.
-    samples_per_visit : int
-        Subfields cut from one gridding of a cluster.
-    shuffle_buffer : int
-        Samples mixed across clusters and shards (1.8 MB each).
-    parallel : int
-        Shards read and gridded at once (the Cython gridder runs without the
-        GIL, so these overlap on several cores).
+    Shards are read in a random order (``seed``), ``parallel`` at once (the gridder runs
+    without the GIL, so they overlap on several cores); each cluster visit grids its catalog
+    once (a fresh draw with ``fresh_catalogs``) and cuts ``samples_per_visit`` random
+    subfields, mixed across clusters in a buffer of ``shuffle_buffer`` samples (1.8 MB each).
+    Memory never holds the whole dataset.
 
     Returns
     -------
     train : tf.data.Dataset
-        Infinite stream of batches (x (B, 386, 386, C), y (B, 128, 128, 1)),
-        float32.  Memory holds ``parallel`` shards and the shuffle buffer, never
-        the whole dataset.
+        Infinite stream of float32 batches x (B, 386, 386, C), y (B, 128, 128, 1).
     val : (numpy.ndarray, numpy.ndarray)
-        :func:`fixed_subfields` of ``val_split``.
+        :func:`fixed_subfields` of ``val_split``, ``n_val`` of them, drawn with ``val_seed``
+        (not ``seed``): every run and resumption validates on the same subfields.
     """
-    ds = data_dir if isinstance(data_dir, ClusterDataset) else ClusterDataset(data_dir, config)
+    ds = _dataset(data_dir, config)
     _check_split(split)
     n_shards = len(ds.shards(split))
     if ds.count(split) == 0 or n_shards == 0:
@@ -1255,11 +1167,13 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
                                   fresh_catalogs, samples_per_visit)
 
     def shard_samples(shard_id, stream_seed):
-        return tf.data.Dataset.from_generator(generate, output_signature=sig, args=(shard_id, stream_seed))
+        return tf.data.Dataset.from_generator(generate, output_signature=sig,
+                                              args=(shard_id, stream_seed))
 
-    shard_ids = tf.data.Dataset.range(n_shards).shuffle(n_shards, seed=seed, reshuffle_each_iteration=True)
+    shard_ids = tf.data.Dataset.range(n_shards).shuffle(n_shards, seed=seed,
+                                                        reshuffle_each_iteration=True)
     stream = tf.data.Dataset.zip(shard_ids.repeat(), tf.data.Dataset.random(seed=seed))
-    train = (stream.interleave(lambda i, s: shard_samples(i, s), cycle_length=parallel,
+    train = (stream.interleave(shard_samples, cycle_length=parallel,
                                num_parallel_calls=parallel, deterministic=True)
              .shuffle(shuffle_buffer, seed=seed)
              .batch(batch_size, drop_remainder=True)
