@@ -1396,9 +1396,8 @@ class FFTConv2DTranspose(_FFTConvBase):
 # ---------------------------------------------------------------------------
 FORMAT_VERSION = 1  # of the description stored in every saved model
 
-# Appendix A. ``filter_size`` None: Config.filter_size (§2.3.2). Input
-# channels: (eps1, eps2, delta eps) of §2.3.2, plus the smoothed source
-# density for 4Channel.
+# Appendix A. ``filter_size`` None: Config.filter_size (§2.3.2). Input channels: (ε̄1, ε̄2,
+# Δε) of §2.3.2, plus the smoothed source density for 4Channel.
 VARIANTS = {
     "FocalLoss": dict(channels=3, filter_size=None, skip=True, focal=True),
     "Fiducial":  dict(channels=3, filter_size=None, skip=True, focal=False),
@@ -1408,54 +1407,32 @@ VARIANTS = {
     "NoSkip":    dict(channels=3, filter_size=None, skip=False, focal=False),
 }
 
-# Table 1, column "Multiplied to". Multiply-4 takes Multiply-1, not
-# Multiply-3 as the pattern of the rows above it would suggest; we follow
-# the table. The skip tensor is the raw Multiply-# output, not its batch-
-# normalised copy: the table names Multiply-# layers and lists no BN layer,
-# so BN (§2.3.2: "batch normalization to the output of each Multiply-#")
-# sits on the main path only, as in the Keras code the table reads like.
-MULTIPLIED_TO = {1: "avgpool", 2: "multiply_1", 3: "multiply_2",
-                 4: "multiply_1"}
+# Table 1, column "Multiplied to". Multiply-4 takes Multiply-1, not Multiply-3 as the
+# pattern of the rows above it would suggest; we follow the table. The skip tensor is the
+# raw Multiply-# output, not its batch-normalised copy: the table names Multiply-# layers
+# and lists no BN layer, so BN (§2.3.2: "batch normalization to the output of each
+# Multiply-#") sits on the main path only, as in the Keras code the table reads like.
+MULTIPLIED_TO = {1: "avgpool", 2: "multiply_1", 3: "multiply_2", 4: "multiply_1"}
+
+INFO_LAYER = "wlcnn_info"
 
 
 def resolve_conv(conv="auto"):
-    """Which convolution implementation ``build_model`` uses.
+    """The convolutions of :func:`build_model`: "fft" (FFTConv2D) or "direct" (Keras's).
 
-    Parameters
-    ----------
-    conv : {"auto", "fft", "direct"}
-
-    Returns
-    -------
-    str
-        "fft" or "direct".
-
-    Notes
-    -----
-    "auto" is "fft" on every device. On this project's 2-core CPU a Table 1
-    training step at batch 2 took 164 s direct and 0.50 s by FFT
-    (bench_train.py; the direct backward pass of a 49x49 layer is ~200x its
-    forward pass). On a GPU it was not measured here; the FFT cost does not
-    grow with the filter area while cuDNN's does, so FFT is the default
-    there too; pass "direct" to use Keras's own layers.
+    "auto" is "fft" on every device: by FFT the cost of a 49 × 49 filter does not grow with
+    its area, while a direct layer's backward pass costs ~200 times its forward pass on a
+    CPU (``examples/bench_train.py`` times a training step both ways).
     """
     if conv not in ("auto", "fft", "direct"):
-        raise ValueError(
-            f"conv must be 'auto', 'fft' or 'direct', got {conv!r}")
+        raise ValueError(f"conv must be 'auto', 'fft' or 'direct', got {conv!r}")
     return "fft" if conv == "auto" else conv
 
 
 @keras.saving.register_keras_serializable(package="wlcnn")
 class ModelInfo(keras.layers.Layer):
-    """Weightless pass-through layer whose config is the model's description
-    (variant, input channels, filter size, grids, format version), so that
-    it travels inside every ``.keras`` file.
-
-    Parameters
-    ----------
-    info : dict
-        JSON-serialisable description, see ``build_model``.
-    """
+    """Weightless pass-through layer whose config, ``info``, describes the model (see
+    :func:`model_info`), so that the description travels inside every ``.keras`` file."""
 
     def __init__(self, info, **kwargs):
         super().__init__(**kwargs)
@@ -1471,73 +1448,49 @@ class ModelInfo(keras.layers.Layer):
         return {**super().get_config(), "info": self.info}
 
 
-INFO_LAYER = "wlcnn_info"
-
-
 def build_model(config=PAPER, variant="FocalLoss", conv="auto"):
-    """The CNN of Table 1 (channels last), or one of its Appendix A variants.
+    """The uncompiled CNN of Table 1 (channels last), or an Appendix A variant.
 
-    Parameters
-    ----------
-    config : Config
-        Grids, filter counts and filter size (``filter_size`` is overridden
-        by the 19Filter/29Filter variants).
-    variant : str
-        A key of ``VARIANTS``: "FocalLoss" (the paper's model), "Fiducial",
-        "4Channel", "19Filter", "29Filter" or "NoSkip".
-    conv : {"auto", "fft", "direct"}
-        FFT layers or Keras's Conv2D/Conv2DTranspose (same weights), see
-        ``resolve_conv``.
-
-    Returns
-    -------
-    keras.Model
-        Uncompiled; input (B, subfield_npix, subfield_npix, channels) of
-        gridded (eps1, eps2, delta eps[, n]), output (B, output_npix,
-        output_npix, 1) of kappa. ``model_info(model)`` gives its description.
+    ``variant``: a key of :data:`VARIANTS` ("FocalLoss" is the paper's model); ``conv``: see
+    :func:`resolve_conv` (the same weights either way). Input (B, 386, 386, channels) of
+    gridded (ε̄1, ε̄2, Δε[, n]), output (B, 128, 128, 1) of κ.
 
     Notes
     -----
-    Table 1: Conv2D-1 (3x3) -> AvgPool (3x3) -> four blocks of
-    TransConv2D-# -> Conv2D-# -> Multiply-# -> BatchNorm -> TransConv2D-5 ->
-    Output. tanh on every Conv2D-# and TransConv2D-# (§2.3.2). The Output
-    layer is linear: the table names it apart from the Conv2D-# layers, and
-    kappa exceeds 1 in cluster cores, beyond tanh's range. NoSkip drops the
+    Conv2D-1 (3 × 3) → AvgPool (3 × 3) → four blocks of TransConv2D-# → Conv2D-# →
+    Multiply-# → BatchNorm → TransConv2D-5 → Output, with tanh on every Conv2D-# and
+    TransConv2D-# (§2.3.2). The Output layer is linear: the table names it apart from the
+    Conv2D-# layers, and κ exceeds 1 in cluster cores, beyond tanh's range. NoSkip drops the
     Multiply layers and keeps the batch normalisation.
     """
     if variant not in VARIANTS:
-        raise ValueError(
-            f"unknown variant {variant!r}; one of {list(VARIANTS)}")
+        raise ValueError(f"unknown variant {variant!r}; one of {list(VARIANTS)}")
     spec = VARIANTS[variant]
     f = spec["filter_size"] or config.filter_size
     n_conv1 = config.subfield_npix - config.first_kernel + 1
     if n_conv1 % config.pool or n_conv1 // config.pool != config.output_npix:
-        raise ValueError(
-            f"subfield_npix={config.subfield_npix}, first_kernel="
-            f"{config.first_kernel} and pool={config.pool} give no "
-            f"{config.output_npix}^2 output grid")
+        raise ValueError(f"subfield_npix={config.subfield_npix}, first_kernel="
+                         f"{config.first_kernel} and pool={config.pool} give no "
+                         f"{config.output_npix}^2 output grid")
     conv = resolve_conv(conv)
     Conv, TransConv = ((FFTConv2D, FFTConv2DTranspose) if conv == "fft" else
                        (keras.layers.Conv2D, keras.layers.Conv2DTranspose))
-    info = dict(format_version=FORMAT_VERSION, variant=variant,
-                channels=spec["channels"], filter_size=f, skip=spec["skip"],
-                loss="focal" if spec["focal"] else "mse", conv=conv,
-                config=dataclasses.asdict(config))
+    info = dict(format_version=FORMAT_VERSION, variant=variant, channels=spec["channels"],
+                filter_size=f, skip=spec["skip"], loss="focal" if spec["focal"] else "mse",
+                conv=conv, config=dataclasses.asdict(config))
 
     L = keras.layers
-    inputs = keras.Input((config.subfield_npix, config.subfield_npix,
-                          spec["channels"]), name="input")
+    n = config.n_filters
+    inputs = keras.Input((config.subfield_npix, config.subfield_npix, spec["channels"]),
+                         name="input")
     x = ModelInfo(info, name=INFO_LAYER)(inputs)
-    # A 3x3 filter is cheap directly, and by FFT would need 386^2 transforms.
-    x = L.Conv2D(config.n_filters, config.first_kernel, activation="tanh",
-                 name="conv2d_1")(x)
+    # a 3 × 3 filter is cheap directly, and by FFT would need 386² transforms
+    x = L.Conv2D(n, config.first_kernel, activation="tanh", name="conv2d_1")(x)
     x = L.AveragePooling2D(config.pool, name="avgpool")(x)
     skips = {"avgpool": x}
     for i in range(1, len(MULTIPLIED_TO) + 1):
-        x = TransConv(config.n_filters, f, activation="tanh",
-                      name=f"transconv2d_{i}")(x)
-        x = Conv(config.n_filters, f, activation="tanh",
-                 name=f"conv2d_{i + 1}")(x)
+        x = TransConv(n, f, activation="tanh", name=f"transconv2d_{i}")(x)
+        x = Conv(n, f, activation="tanh", name=f"conv2d_{i + 1}")(x)
         if spec["skip"]:
             x = L.Multiply(name=f"multiply_{i}")([x, skips[MULTIPLIED_TO[i]]])
             skips[f"multiply_{i}"] = x
@@ -1549,24 +1502,8 @@ def build_model(config=PAPER, variant="FocalLoss", conv="auto"):
 
 
 def model_info(model):
-    """The description stored in a model by ``build_model``.
-
-    Parameters
-    ----------
-    model : keras.Model
-
-    Returns
-    -------
-    dict
-        Keys format_version, variant, channels, filter_size, skip, loss
-        ("focal" or "mse"), conv ("fft" or "direct") and config (the
-        ``Config`` fields as a dict).
-
-    Raises
-    ------
-    ValueError
-        If the model carries no description or one of another format.
-    """
+    """The description :func:`build_model` stored in ``model``: format_version, variant,
+    channels, filter_size, skip, loss ("focal" or "mse"), conv and config (a dict)."""
     try:
         info = model.get_layer(INFO_LAYER).info
     except ValueError:
@@ -1587,31 +1524,18 @@ def _check_version(version, where):
 # ---------------------------------------------------------------------------
 @keras.saving.register_keras_serializable(package="wlcnn")
 class KappaLoss(keras.losses.Loss):
-    """Focal-weighted (eq. 11-12) or plain (eq. A1) squared error of kappa,
-    without the outer ``border_pix`` pixels of each side (§2.3.2).
+    """Squared error of κ (eq. 11) with the focal weights (eq. 12), or plain (eq. A1).
 
-    Parameters
-    ----------
-    border_pix : int
-        Output pixels left out on each side.
-    focal : bool
-        True: eq. 11 with the weights of eq. 12 (FocalLoss); False: eq. A1.
-    focal_floor : float
-        Smallest denominator of eq. 12 (dimensionless kappa).
-
-    Notes
-    -----
-    ``call(y_true, y_pred)`` takes (B, N, N) or (B, N, N, 1) kappa maps and
-    returns one value per sample: the *mean* over the N - 2 border_pix squared
-    pixels rather than eq. 11's sum, so the value does not depend on the grid
-    size; Adam is invariant to the constant factor (up to its epsilon and the
-    gradient-norm clipping of Config.clipnorm, which were set for the mean).
+    The outer ``border_pix`` output pixels of each side are not scored (§2.3.2).
+    ``call(y_true, y_pred)`` takes (B, N, N[, 1]) maps and returns one value a sample: the
+    mean over the scored pixels rather than eq. 11's sum, so that it does not depend on the
+    grid; Adam is invariant to the factor (up to its epsilon and ``Config.clipnorm``, which
+    are set for the mean).
     """
 
     def __init__(self, border_pix=PAPER.loss_border_pix, focal=True,
                  focal_floor=PAPER.focal_floor, name=None, **kwargs):
-        super().__init__(name=name or ("focal_loss" if focal else "mse_loss"),
-                         **kwargs)
+        super().__init__(name=name or ("focal_loss" if focal else "mse_loss"), **kwargs)
         self.border_pix = int(border_pix)
         self.focal = bool(focal)
         self.focal_floor = float(focal_floor)
@@ -1620,11 +1544,10 @@ class KappaLoss(keras.losses.Loss):
         t, p = _inner(y_true, self.border_pix), _inner(y_pred, self.border_pix)
         err = tf.square(p - tf.cast(t, p.dtype))
         if self.focal:
-            # eq. 12: w = 1 + |kappa| / max(kappa) over the sample's scored
-            # window. A 128^2 window that misses the cluster has max(kappa)
-            # near zero or negative, and the literal weights blow up (a
-            # sketch run diverged, DESIGN.md "Lessons"): the denominator is
-            # max(max|kappa|, focal_floor), so 1 <= w <= 2.
+            # eq. 12: w = 1 + |κ| / max(κ) over the sample's scored window. A window that
+            # misses the cluster has max(κ) near zero or negative, and the literal weights
+            # blow up and make training diverge: the denominator is max(max|κ|,
+            # focal_floor), so 1 <= w <= 2.
             a = tf.abs(tf.cast(t, p.dtype))
             peak = tf.reduce_max(a, axis=(1, 2), keepdims=True)
             err = (1.0 + a / tf.maximum(peak, self.focal_floor)) * err
@@ -1645,32 +1568,15 @@ def _inner(maps, border):
 
 
 def make_loss(config=PAPER, variant="FocalLoss"):
-    """The loss of ``variant``: eq. 11-12 for FocalLoss, eq. A1 otherwise
-    (Appendix A), both over the pixels inside ``config.loss_border_pix``."""
-    return KappaLoss(config.loss_border_pix, VARIANTS[variant]["focal"],
-                     config.focal_floor)
+    """The :class:`KappaLoss` of ``variant``: focal for FocalLoss, plain for the others."""
+    return KappaLoss(config.loss_border_pix, VARIANTS[variant]["focal"], config.focal_floor)
 
 
 def compile_model(model, config=PAPER, variant=None, learning_rate=None):
-    """Compile with Adam (§2.3.2) and the variant's loss.
+    """Compile ``model`` with Adam (§2.3.2) and the loss of ``variant`` (default: the model's).
 
-    Parameters
-    ----------
-    model : keras.Model
-        From ``build_model``.
-    config : Config
-        ``learning_rate`` and ``clipnorm`` (gradient-norm clipping, needed
-        by eq. 12 in practice, DESIGN.md "Lessons"), ``loss_border_pix`` and
-        ``focal_floor``.
-    variant : str, optional
-        Default: the one stored in the model.
-    learning_rate : float or keras.optimizers.schedules.LearningRateSchedule, optional
-        Default: ``config.learning_rate``, constant (§2.3.2).
-
-    Returns
-    -------
-    keras.Model
-        The same model, compiled.
+    ``learning_rate`` (a number or a Keras schedule) defaults to ``config.learning_rate``;
+    the gradient norm is clipped at ``config.clipnorm``, which the focal loss needs.
     """
     variant = variant or model_info(model)["variant"]
     lr = config.learning_rate if learning_rate is None else learning_rate
@@ -1680,77 +1586,48 @@ def compile_model(model, config=PAPER, variant=None, learning_rate=None):
 
 
 # ---------------------------------------------------------------------------
-# §2.3.2 Training: starting from KS93 (eq. 10) instead of random weights
-# (beyond the paper)
+# §2.3.2 Training: starting from KS93 instead of random weights (beyond the paper)
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KS93Start:
-    """How ``initialize_as_ks93`` sets a Table 1 network (not in the paper).
+    """How :func:`initialize_as_ks93` sets a Table 1 network."""
 
-    Parameters
-    ----------
-    fwhm_arcmin : float
-        Gaussian smoothing (FWHM, arcmin) folded into the KS93 kernel of the
-        Output layer.
-    input_gain : float
-        Conv2D-1 passes ``input_gain`` x eps1, eps2 (its centre tap) to its
-        channels 0 and 1: small enough that tanh stays linear (|eps| ~ 0.3
-        a pixel gives tanh(0.15) = 0.149, 1 % short).
-    final_gain : float
-        TransConv2D-5 passes ``final_gain`` x the standardised channels 0
-        and 1 (rms 1) on: again tanh's linear range (2 % short at 1 sigma).
-    gate : float
-        tanh value of the Conv2D-2..5 gates: each block multiplies its skip
-        tensor by ~``gate`` (bias arctanh(gate)), and batch normalisation
-        removes the factor, so the four blocks start as the identity.
-    random_scale : float
-        Every other weight is Glorot-uniform times this: small enough to
-        leave the KS93 map alone (0.1 and 0.02 give the same correlation
-        with :func:`truncated_ks93`, 0.99994, in tests/test_model.py's
-        network), non-zero so that gradients reach every layer from the
-        first step.
-    """
-
+    # Gaussian smoothing (FWHM) folded into the KS93 kernels of the Output layer
     fwhm_arcmin: float = 1.0
+    # Conv2D-1 passes input_gain × ε̄1, ε̄2 to its channels 0, 1, small enough for tanh to
+    # stay linear (|ε| ~ 0.3 in a pixel: tanh(0.15) = 0.149, 1 % short)
     input_gain: float = 0.5
+    # TransConv2D-5 passes final_gain × the standardised channels 0, 1 (2 % short at 1 σ)
     final_gain: float = 0.2
+    # tanh of the Conv2D-2..5 gates (bias arctanh(gate)): each block scales its skip tensor
+    # by ~gate and batch normalisation undoes it, so the blocks start as the identity
     gate: float = 0.5
+    # every other weight is Glorot-uniform × random_scale: small enough to leave the KS93 map
+    # alone (0.1 and 0.02 give the same correlation with truncated_ks93, 0.99994), non-zero
+    # so that gradients reach every layer from the first step
     random_scale: float = 0.1
 
 
 def ks93_kernels(filter_size, fwhm_arcmin=0.0, pixel_arcmin=PAPER.pixel_arcsec * PAPER.pool / 60.0):
-    """The KS93 inversion (eq. 10) as two real-space convolution kernels.
+    """The :func:`ks93` inversion as two real-space kernels k1, k2 (filter_size², odd).
 
-    Parameters
-    ----------
-    filter_size : int
-        Odd side of the kernels in pixels.
-    fwhm_arcmin : float
-        Gaussian smoothing (FWHM, arcmin) applied to the inversion; 0: none.
-    pixel_arcmin : float
-        Pixel scale (default: the network's output pixel, 0.192').
-
-    Returns
-    -------
-    k1, k2 : numpy.ndarray, float64, shape (filter_size, filter_size)
-        Cross-correlation kernels (the layout of Keras's Conv2D):
-        ``kappa[j] = sum_u k1[u] g1[j + u - h] + k2[u] g2[j + u - h]`` with
-        h = filter_size // 2, [row (y), column (x)] axes as everywhere.
+    Cross-correlation kernels, as Keras's Conv2D: κ[j] = Σ_u k1[u] g1[j + u − h] + k2[u]
+    g2[j + u − h], h = filter_size // 2, optionally smoothed by a Gaussian of FWHM
+    ``fwhm_arcmin`` (pixels of ``pixel_arcmin``, default the output pixel, 0.192′).
 
     Notes
     -----
-    Each kernel is the response of :func:`ks93` to a unit shear at one pixel
-    of a field 4x the kernel's side, so it carries exactly the conventions
-    and the discrete k-space kernel of eq. 10; far from its centre it is
-    D1 = (y^2 - x^2) / (pi r^4), D2 = -2xy / (pi r^4) in pixel units. It is
-    cut at the kernel's edge: a truncated inversion, blind to the mass-sheet
-    and to structures wider than the kernel (its k = 0 mode is not zero).
+    Each kernel is the response of :func:`ks93` to a unit shear at one pixel of a field four
+    times its side, so it carries ks93's conventions exactly; far from its centre it is D1 =
+    (y² − x²) / (π r⁴), D2 = −2xy / (π r⁴). The cut at its edge makes a truncated
+    inversion, blind to structures wider than the kernel (its k = 0 mode is not zero).
     """
     filter_size = int(filter_size)
     if filter_size < 1 or filter_size % 2 == 0:
         raise ValueError(f"filter_size must be a positive odd integer, got {filter_size}")
     if not fwhm_arcmin >= 0 or not pixel_arcmin > 0:
-        raise ValueError(f"need fwhm_arcmin >= 0 and pixel_arcmin > 0, got {fwhm_arcmin}, {pixel_arcmin}")
+        raise ValueError(f"need fwhm_arcmin >= 0 and pixel_arcmin > 0, got {fwhm_arcmin}, "
+                         f"{pixel_arcmin}")
     n = 4 * filter_size + 1
     c, h = n // 2, filter_size // 2
     kernels = []
@@ -1767,40 +1644,15 @@ def ks93_kernels(filter_size, fwhm_arcmin=0.0, pixel_arcmin=PAPER.pixel_arcsec *
 
 
 def pooled_input(x, config=PAPER):
-    """The input's channels on the output grid, as Conv2D-1 + AvgPool see them.
-
-    Parameters
-    ----------
-    x : array_like, shape (B, subfield_npix, subfield_npix, C)
-
-    Returns
-    -------
-    numpy.ndarray, shape (B, output_npix, output_npix, C)
-        Output pixel k is the mean of input pixels [3k + 1, 3k + 4) on each
-        axis (the footprint of :func:`mosaic_truth`).
-    """
-    x = np.asarray(x)
-    p, o = config.pool, config.output_npix
-    lo = (config.first_kernel - 1) // 2
-    b = x[:, lo:lo + p * o, lo:lo + p * o]
-    return b.reshape(b.shape[0], o, p, o, p, -1).mean(axis=(2, 4))
+    """Network inputs (B, 386, 386, C) averaged on the output grid (B, 128, 128, C), over the
+    blocks of :func:`mosaic_truth`: what Conv2D-1's centre tap and the pool see."""
+    x = np.moveaxis(np.asarray(x), -1, 1)
+    return np.moveaxis(_block_mean(x, config.output_npix, config), 1, -1)
 
 
 def truncated_ks93(x, filter_size, fwhm_arcmin=0.0, config=PAPER):
-    """KS93 of a batch of network inputs with the truncated kernels of
-    :func:`ks93_kernels`, on the output grid (zero shear outside the input):
-    the map a KS93-initialised network computes.
-
-    Parameters
-    ----------
-    x : array_like, shape (B, subfield_npix, subfield_npix, ≥2)
-    filter_size : int
-    fwhm_arcmin : float
-
-    Returns
-    -------
-    numpy.ndarray, shape (B, output_npix, output_npix, 1)
-    """
+    """The map a KS93-started network computes: :func:`ks93_kernels` applied to the pooled
+    ε̄1, ε̄2 of inputs x (B, 386, 386, ≥2), zero outside them; (B, 128, 128, 1)."""
     g = pooled_input(x, config)
     k1, k2 = ks93_kernels(filter_size, fwhm_arcmin, config.pixel_arcsec * config.pool / 60.0)
     h = filter_size // 2
@@ -1813,40 +1665,21 @@ def truncated_ks93(x, filter_size, fwhm_arcmin=0.0, config=PAPER):
 
 
 def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
-    """Set a Table 1 network's weights so that it computes a smoothed KS93.
+    """Set a Table 1 network's weights so that it computes a smoothed, truncated KS93.
 
-    Parameters
-    ----------
-    model : keras.Model
-        From :func:`build_model` with skips (not NoSkip); changed in place.
-    x : array_like, shape (B, subfield_npix, subfield_npix, channels)
-        Training inputs that calibrate the batch-normalisation statistics
-        and the output gain (a few tens of subfields).
-    start : KS93Start
-    seed : int
-        Seed of the small random weights.
-    batch_size : int
-
-    Returns
-    -------
-    numpy.ndarray, shape (2,)
-        The output gains of the eps1 and eps2 paths (fitted by least squares
-        to :func:`truncated_ks93` of ``x`` over the scored pixels).
+    ``model`` (with skips) is changed in place; ``x``, a few tens of training inputs,
+    calibrates the batch normalisation and the output gains; ``seed`` draws the small random
+    weights. Returns the gains of the ε̄1 and ε̄2 paths, fitted by least squares to
+    :func:`truncated_ks93` of ``x`` over the scored pixels.
 
     Notes
     -----
-    Beyond the paper, which starts from random weights. The architecture is
-    untouched; the weights are: Conv2D-1 copies eps1, eps2 (x input_gain)
-    into channels 0, 1 (so that with the pool it sees :func:`pooled_input`);
-    each block's gate is ~constant, so that Multiply-# scales its skip
-    tensor and batch normalisation (moving statistics set from ``x``)
-    standardises it again; TransConv2D-5 passes channels 0, 1 on
-    through a delta at its centre; the Output layer holds the two kernels of
-    :func:`ks93_kernels`. The network then returns eq. 10 truncated to the
-    Output layer's 49 x 49 pixels (9.4') and smoothed by ``fwhm_arcmin``;
-    training starts from there. Other channels and weights are small random
-    numbers, so the gates, the Delta-eps channel and the extra features learn
-    from the first step.
+    The architecture is untouched. Conv2D-1 copies ε̄1, ε̄2 into channels 0, 1 (with the
+    pool: :func:`pooled_input`); each block's gate is ~constant, so Multiply-# scales its skip
+    tensor and batch normalisation (moving statistics from ``x``) standardises it again;
+    TransConv2D-5 passes channels 0, 1 on through its centre tap; the Output layer holds the
+    kernels of :func:`ks93_kernels`. Other weights are small and random, so that the gates,
+    the Δε channel and the other features learn from the first step.
     """
     info = model_info(model)
     if not info["skip"]:
@@ -1861,7 +1694,8 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
     rng = np.random.default_rng(seed)
     layer = model.get_layer
 
-    def small_random(shape):  # Glorot-uniform x random_scale
+    def small_random(name):  # Glorot-uniform × random_scale
+        shape = layer(name).kernel.shape
         limit = np.sqrt(6.0 / (shape[0] * shape[1] * (shape[2] + shape[3])))
         return start.random_scale * rng.uniform(-limit, limit, shape)
 
@@ -1870,23 +1704,22 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
         ly.kernel.assign(kernel.astype(np.float32))
         ly.bias.assign(np.broadcast_to(bias, ly.bias.shape).astype(np.float32))
 
-    k = small_random(layer("conv2d_1").kernel.shape)  # (h, w, in, out)
+    k = small_random("conv2d_1")  # (h, w, in, out)
     k[:, :, :, :2] = 0.0
-    # the centre tap alone: with the 3 x 3 pool it averages exactly the
-    # input pixels [3k + 1, 3k + 4) of output pixel k (pooled_input)
+    # the centre tap alone: with the 3 × 3 pool it averages exactly the input pixels
+    # [3k + 1, 3k + 4) of output pixel k
     c = k.shape[0] // 2
     k[c, c, 0, 0] = k[c, c, 1, 1] = start.input_gain
     set_conv("conv2d_1", k, 0.0)
     for i in range(1, len(MULTIPLIED_TO) + 1):
-        set_conv(f"transconv2d_{i}", small_random(layer(f"transconv2d_{i}").kernel.shape), 0.0)
-        set_conv(f"conv2d_{i + 1}", small_random(layer(f"conv2d_{i + 1}").kernel.shape),
-                 np.arctanh(start.gate))
+        set_conv(f"transconv2d_{i}", small_random(f"transconv2d_{i}"), 0.0)
+        set_conv(f"conv2d_{i + 1}", small_random(f"conv2d_{i + 1}"), np.arctanh(start.gate))
     last = f"transconv2d_{len(MULTIPLIED_TO) + 1}"
-    k = small_random(layer(last).kernel.shape)  # (h, w, out, in)
+    k = small_random(last)  # (h, w, out, in)
     k[:, :, :2, :] = 0.0
     k[:, :, :, :2] = 0.0
-    h = k.shape[0] // 2
-    k[h, h, 0, 0] = k[h, h, 1, 1] = start.final_gain
+    c = k.shape[0] // 2
+    k[c, c, 0, 0] = k[c, c, 1, 1] = start.final_gain
     set_conv(last, k, 0.0)
     # batch-normalisation statistics in order: each depends on those before
     for i in range(1, len(MULTIPLIED_TO) + 1):
@@ -1896,9 +1729,8 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
             x, batch_size=batch_size, verbose=0).astype(np.float64)
         bn.moving_mean.assign(t.mean(axis=(0, 1, 2)).astype(np.float32))
         bn.moving_variance.assign(t.var(axis=(0, 1, 2)).astype(np.float32))
-    f = layer("output").kernel.shape[0]
-    kernels = ks93_kernels(f, start.fwhm_arcmin, config.pixel_arcsec * config.pool / 60.0)
     shape = layer("output").kernel.shape
+    kernels = ks93_kernels(shape[0], start.fwhm_arcmin, config.pixel_arcsec * config.pool / 60.0)
     b, o = config.loss_border_pix, config.output_npix
     inner = (slice(None), slice(b, o - b), slice(b, o - b), 0)  # the scored pixels
     parts = []
@@ -1908,7 +1740,7 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
         set_conv("output", k, 0.0)
         parts.append(model.predict(x, batch_size=batch_size, verbose=0)[inner]
                      .ravel().astype(np.float64))
-    ref = truncated_ks93(x, f, start.fwhm_arcmin, config)[inner].ravel()
+    ref = truncated_ks93(x, shape[0], start.fwhm_arcmin, config)[inner].ravel()
     gains = np.linalg.lstsq(np.stack(parts, axis=1), ref, rcond=None)[0]
     k = np.zeros(shape)
     for c in (0, 1):
