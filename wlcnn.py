@@ -2622,65 +2622,45 @@ def load_runs(path):
 # ---------------------------------------------------------------------------
 # §3 Mosaics: every subfield's prediction on the full-field output grid
 # ---------------------------------------------------------------------------
-#: The orientation that undoes each of :data:`ORIENTATIONS`: a rotation is
-#: undone by the opposite rotation (90° ↔ 270°), a mirror by itself.
-INVERSE_ORIENTATION = {"rot0": "rot0", "rot90": "rot270", "rot180": "rot180", "rot270": "rot90",
-                       "flip_x": "flip_x", "flip_y": "flip_y"}
+#: The orientation that undoes each of :data:`ORIENTATIONS` (90° ↔ 270°; a mirror itself).
+INVERSE_ORIENTATION = {"rot0": "rot0", "rot90": "rot270", "rot180": "rot180",
+                       "rot270": "rot90", "flip_x": "flip_x", "flip_y": "flip_y"}
 
-#: Subfields predicted at once unless told otherwise.  On the 2-core CPU the
-#: Table 1 model took 0.082 s a subfield one at a time, 0.027 at 8, 0.024 at 16
-#: and 0.022 at 32 (examples/bench_inference.py); 16 wastes less on the
+#: Subfields predicted at once by default: on a CPU a batch of 16 predicts ~3× faster a
+#: subfield than one at a time (``examples/bench_inference.py``), and wastes little on the
 #: zero-padded last batch of a 100-subfield mosaic.
 MOSAIC_BATCH = 16
 
 
 def mosaic_offsets(config=PAPER, stride=None):
-    """Offset indices m (one axis) of the subfields a mosaic averages.
+    """Offset indices m (one axis) of a mosaic's subfields, one every ``stride`` input pixels.
 
-    Parameters
-    ----------
-    config : Config
-    stride : int, optional
-        Step between subfield origins in input pixels, a multiple of
-        ``config.offset_step`` (3).  Default: ``offset_step``, the paper's set
-        (§2.3.2: all 38 per axis, 1,444 in all); 12 gives 10 per axis (100).
-
-    Returns
-    -------
-    numpy.ndarray of int
-        m = 0, s, 2s, ... < n_offsets with s = stride / offset_step; the
-        subfield starts at input pixel o = offset_step · m.
+    ``stride`` is a multiple of ``offset_step``; the default, ``offset_step``, gives the
+    paper's 38 a side (1,444 in all, §2.3.2); 12 gives 10 a side.
     """
     step = config.offset_step
     stride = step if stride is None else int(stride)
     if stride < step or stride % step:
-        raise ValueError(f"stride must be a positive multiple of {step} input pixels, got {stride}")
+        raise ValueError(f"stride must be a positive multiple of {step} input pixels, "
+                         f"got {stride}")
     return np.arange(0, config.n_offsets, stride // step)
 
 
 def mosaic_orientations(orientations=6):
-    """The orientations a mosaic averages.
-
-    Parameters
-    ----------
-    orientations : int, str or sequence of str
-        1: ``("rot0",)``, the catalog as observed; 6: all of
-        :data:`ORIENTATIONS` (the paper, §2.3.2); or names from it.
-
-    Returns
-    -------
-    tuple of str
-    """
+    """The orientations a mosaic averages, from 1 (as observed), 6 (the paper's, §2.3.2) or
+    distinct names of :data:`ORIENTATIONS`."""
     if isinstance(orientations, (int, np.integer)) and not isinstance(orientations, bool):
         if orientations == 1:
             return ("rot0",)
         if orientations == len(ORIENTATIONS):
             return ORIENTATIONS
-        raise ValueError(f"orientations must be 1 or {len(ORIENTATIONS)} (or names), got {orientations}")
+        raise ValueError(f"orientations must be 1 or {len(ORIENTATIONS)} (or names), "
+                         f"got {orientations}")
     names = (orientations,) if isinstance(orientations, str) else tuple(orientations)
     bad = [t for t in names if t not in ORIENTATIONS]
     if bad or not names or len(set(names)) != len(names):
-        raise ValueError(f"orientations must be distinct names from {ORIENTATIONS}, got {names}")
+        raise ValueError(f"orientations must be distinct names from {ORIENTATIONS}, "
+                         f"got {names}")
     return names
 
 
@@ -2692,119 +2672,66 @@ def _check_border(border_pix, config):
 
 
 def mosaic_coverage(config=PAPER, stride=None, border_pix=None):
-    """How many subfields of one orientation predict each mosaic pixel.
-
-    Parameters
-    ----------
-    config : Config
-    stride : int, optional
-        As :func:`mosaic_offsets`.
-    border_pix : int, optional
-        Output pixels left out on each side of every prediction; default
-        ``config.loss_border_pix`` (see :func:`predict_mosaic`).
-
-    Returns
-    -------
-    numpy.ndarray of int, shape (mosaic_npix, mosaic_npix)
-        Zero where no subfield reaches.  With the paper's offsets and a
-        14-pixel border the covered square is mosaic pixels [14, 151) on each
-        axis, 137 pixels = 26.3′ (the paper shows "the central 26.6′", Fig. 2).
-    """
+    """How many subfields of one orientation predict each mosaic pixel (see
+    :func:`predict_mosaic`). With the paper's offsets and border the covered square is
+    mosaic pixels [14, 151), 26.3′ a side (the paper shows "the central 26.6′", Fig. 2)."""
     border = _check_border(border_pix, config)
-    n = config.mosaic_npix
-    line = np.zeros(n, dtype=np.int64)
+    line = np.zeros(config.mosaic_npix, dtype=np.int64)
     for m in mosaic_offsets(config, stride):
         line[m + border:m + config.output_npix - border] += 1
     return np.outer(line, line)
 
 
 def _predictor(predict_fn, batch_size):
-    """A callable (B, n, n, C) -> (B, N, N[, 1]) from a Keras model or a callable.
-
-    A Keras model is run with ``predict_on_batch`` (its compiled predict
-    function) on batches zero-padded to ``batch_size``, so that the last,
-    shorter batch does not trace the graph a second time.
-    """
+    """A batch predictor from a Keras model or a callable. A model runs ``predict_on_batch``
+    on batches zero-padded to ``batch_size``, so a shorter last batch traces no new graph."""
     if isinstance(predict_fn, keras.Model):
-        model = predict_fn
-
         def run(x):
             b = len(x)
             if b < batch_size:
                 x = np.concatenate([x, np.zeros((batch_size - b,) + x.shape[1:], x.dtype)])
-            return np.asarray(model.predict_on_batch(x))[:b]
+            return np.asarray(predict_fn.predict_on_batch(x))[:b]
         return run
     if not callable(predict_fn):
-        raise TypeError("predict_fn must be a keras.Model or a callable on batches of subfields")
+        raise TypeError("predict_fn must be a keras.Model or a callable on batches of "
+                        "subfields")
     return predict_fn
-
-
-def _model_channels(predict_fn, channels):
-    if channels is not None:
-        return int(channels)
-    if isinstance(predict_fn, keras.Model):
-        return int(predict_fn.input_shape[-1])
-    return 3
 
 
 def predict_mosaic(predict_fn, grid, config=PAPER, stride=None, orientations=6, channels=None,
                    batch_size=MOSAIC_BATCH, border_pix=None):
-    """Average the predictions of every (offset, orientation) subfield on the mosaic grid.
+    """Average the predictions of every (offset, orientation) subfield on the mosaic grid (§3).
 
-    Parameters
-    ----------
-    predict_fn : keras.Model or callable
-        Maps a batch of subfields, float32 (B, 386, 386, C), to κ (B, 128, 128,
-        1) or (B, 128, 128).
-    grid : array_like, shape (≥C, npix, npix)
-        Gridded catalog (ε̄1, ε̄2, Δε, n) from :func:`grid_catalog`.
-    config : Config
-    stride : int, optional
-        Offset step in input pixels, a multiple of 3 (:func:`mosaic_offsets`).
-        Default 3: the paper's 1,444 offsets; 12 gives 100.
-    orientations : int, str or sequence of str
-        1 (as observed), 6 (the paper's set) or names (:func:`mosaic_orientations`).
-    channels : int, optional
-        Input channels, 3 or 4 (4Channel).  Default: the model's, else 3.
-    batch_size : int
-        Subfields per call of ``predict_fn``.
-    border_pix : int, optional
-        Output pixels left out on each side of every prediction.  Default
-        ``config.loss_border_pix`` (14): training never scored them, "the
-        convergence estimates near the field boundary can easily be
-        influenced by the nonvanishing filter size" (§2.3.2).  0 averages
-        every pixel.
+    ``predict_fn`` is a Keras model or a callable from float32 subfields (B, 386, 386, C) to
+    κ (B, 128, 128[, 1]); ``grid`` a gridded catalog (:func:`grid_catalog`). ``stride`` and
+    ``orientations``: :func:`mosaic_offsets`, :func:`mosaic_orientations`. ``channels``:
+    default the model's, else 3. ``border_pix``: output pixels left out on each side, default
+    the loss's, since "the convergence estimates near the field boundary can easily be
+    influenced by the nonvanishing filter size" (§2.3.2).
 
-    Returns
-    -------
-    mean : numpy.ndarray, float64, shape (mosaic_npix, mosaic_npix)
-        Mean κ over the contributions to each mosaic pixel; NaN where none.
-    count : numpy.ndarray, int, shape (mosaic_npix, mosaic_npix)
-        Number of contributions (:func:`mosaic_coverage` × orientations).
-
-    Notes
-    -----
-    §3: "one mosaic convergence image for each cluster by taking average of
-    the multiple mass maps".  Output pixel k of the subfield at offset index m
-    lands on mosaic pixel m + k (DESIGN.md "Grids"), after the orientation the
-    input was given is undone (:data:`INVERSE_ORIENTATION`).  The paper's
-    mosaic is 1,444 × 6 = 8,664 predictions; the mean has no less noise than
-    one prediction would, since all come from one catalog (§3, footnote 2).
+    Returns the mean κ (NaN where no subfield reaches) and the number of predictions in each
+    pixel. Each prediction's orientation is undone first. The paper's 8,664 predictions all
+    come from one catalog: their mean has no less noise than one of them (§3, footnote 2).
     """
-    means, count = _mosaics([predict_fn], grid, config, stride, orientations, channels, batch_size, border_pix)
+    means, count = _mosaics([predict_fn], grid, config, stride, orientations, channels,
+                            batch_size, border_pix)
     return means[0], count
 
 
-def _mosaics(predict_fns, grid, config, stride, orientations, channels, batch_size, border_pix):
-    """Mosaics of several predictors from one pass over the subfields (each crop is cut once)."""
+def _mosaics(predict_fns, grid, config, stride, orientations, channels, batch_size,
+             border_pix):
+    """Mosaics of several predictors in one pass over the subfields (each cut once)."""
     offsets = mosaic_offsets(config, stride)
     orients = mosaic_orientations(orientations)
     border = _check_border(border_pix, config)
-    channels = _model_channels(predict_fns[0], channels)
+    if channels is None:
+        first = predict_fns[0]
+        channels = first.input_shape[-1] if isinstance(first, keras.Model) else 3
+    channels = int(channels)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     grid = np.asarray(grid)
-    if grid.ndim != 3 or grid.shape[0] < channels or grid.shape[1:] != (config.npix, config.npix):
+    if grid.ndim != 3 or grid.shape[0] < channels or grid.shape[1:] != (config.npix,) * 2:
         raise ValueError(f"grid must have shape (>={channels}, {config.npix}, {config.npix}), "
                          f"got {grid.shape}")
     runs = [_predictor(fn, batch_size) for fn in predict_fns]
@@ -2815,12 +2742,13 @@ def _mosaics(predict_fns, grid, config, stride, orientations, channels, batch_si
     tasks = [(my, mx, t) for t in orients for my in offsets for mx in offsets]
     for start in range(0, len(tasks), batch_size):
         chunk = tasks[start:start + batch_size]
-        x = np.stack([subfield(grid, None, my, mx, t, config, channels)[0] for my, mx, t in chunk])
+        x = np.stack([subfield(grid, None, my, mx, t, config, channels)[0]
+                      for my, mx, t in chunk])
         for r, run in enumerate(runs):
             y = np.asarray(run(x), dtype=np.float64)
             if y.shape[:3] != (len(chunk), o, o) or y.ndim not in (3, 4):
-                raise ValueError(f"predict_fn returned shape {y.shape} for {len(chunk)} subfields; "
-                                 f"expected ({len(chunk)}, {o}, {o}, 1)")
+                raise ValueError(f"predict_fn returned shape {y.shape} for {len(chunk)} "
+                                 f"subfields; expected ({len(chunk)}, {o}, {o}, 1)")
             for (my, mx, t), pred in zip(chunk, y.reshape(len(chunk), o, o)):
                 window = (slice(my + border, my + o - border), slice(mx + border, mx + o - border))
                 total[r][window] += orient_map(pred, INVERSE_ORIENTATION[t])[keep, keep]
@@ -2841,41 +2769,23 @@ class MosaicRuns(NamedTuple):
 
 
 def _mosaic_runs(runs, count):
-    """MosaicRuns of K runs' maps (K, n, n): their mean and spread (ddof = 1; 0 for
-    one run), NaN where no subfield reached."""
+    """MosaicRuns of K runs' maps (K, n, n); the spread of one run is 0 (NaN uncovered)."""
     std = runs.std(axis=0, ddof=1) if len(runs) > 1 else np.where(np.isnan(runs[0]), np.nan, 0.0)
     return MosaicRuns(runs.mean(axis=0), std, count, runs)
 
 
 def predict_mosaic_runs(models, grid, config=PAPER, **kwargs):
-    """Mosaics of K runs, their mean and standard deviation (§2.3.2).
+    """Mosaics of the K independently trained runs, their mean and standard deviation.
 
-    Parameters
-    ----------
-    models : sequence of keras.Model or callable
-        The K independently trained runs (the paper: 10).
-    grid : array_like, shape (≥C, npix, npix)
-    config : Config
-    **kwargs
-        stride, orientations, channels, batch_size, border_pix, as
-        :func:`predict_mosaic`.  Each subfield is cut once and given to every
-        run.
-
-    Returns
-    -------
-    MosaicRuns
-        ``std`` is the sample standard deviation (ddof = 1); with one run it
-        is 0 wherever the mosaic is covered (one run shows no spread).
-
-    Notes
-    -----
-    §2.3.2: "the standard deviations from the 10 runs are used as error
-    estimates"; Fig. 11 shows such a mean and standard deviation.
+    §2.3.2: "the standard deviations from the 10 runs are used as error estimates" (Fig. 11).
+    ``kwargs``: stride, orientations, channels, batch_size, border_pix of
+    :func:`predict_mosaic`; each subfield is cut once for every run.
     """
     models = list(models)
     if not models:
         raise ValueError("no models")
-    kw = dict(stride=None, orientations=6, channels=None, batch_size=MOSAIC_BATCH, border_pix=None)
+    kw = dict(stride=None, orientations=6, channels=None, batch_size=MOSAIC_BATCH,
+              border_pix=None)
     unknown = set(kwargs) - set(kw)
     if unknown:
         raise TypeError(f"unknown arguments {sorted(unknown)}")
@@ -2884,32 +2794,16 @@ def predict_mosaic_runs(models, grid, config=PAPER, **kwargs):
 
 
 # ---------------------------------------------------------------------------
-# §3 Baselines on the same gridded catalogs: KS93, Wiener, Seitz & Schneider
+# §3 The KS93 baseline on the same gridded catalogs
 # ---------------------------------------------------------------------------
 #: FWHMs (arcmin) offered to the validation choice of the KS93 smoothing.
 KS93_FWHM_GRID = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 
 
 def smooth_map(kappa, fwhm_arcmin, config=PAPER):
-    """Gaussian smoothing of an input-resolution map.
+    """Gaussian smoothing of an input-grid map (FWHM in arcmin; 0: unchanged).
 
-    Parameters
-    ----------
-    kappa : array_like, shape (npix, npix)
-    fwhm_arcmin : float
-        FWHM of the Gaussian in arcmin; 0 returns the map unchanged.
-    config : Config
-        ``pixel_arcsec`` converts the FWHM to pixels.
-
-    Returns
-    -------
-    numpy.ndarray, float64, shape (npix, npix)
-
-    Notes
-    -----
-    Mirror boundary (``mode="reflect"``): near the field edge the kernel
-    averages the map with its own reflection instead of with zeros, so the
-    edge is not diluted towards κ = 0.
+    The boundary mirrors the map, so that the edge is not diluted towards κ = 0.
     """
     if fwhm_arcmin < 0:
         raise ValueError(f"fwhm_arcmin must be >= 0, got {fwhm_arcmin}")
@@ -2921,30 +2815,9 @@ def smooth_map(kappa, fwhm_arcmin, config=PAPER):
 
 
 def ks93_mosaic(grid, config=PAPER, fwhm_arcmin=0.0):
-    """KS93 of the gridded catalog, smoothed and block-averaged onto the mosaic grid.
-
-    Parameters
-    ----------
-    grid : array_like, shape (≥2, npix, npix)
-        Gridded catalog; channels 0 and 1 are ε̄1, ε̄2 (the reduced-shear
-        estimate the network sees).
-    config : Config
-    fwhm_arcmin : float
-        Gaussian smoothing FWHM (0: none).  The paper does not give its KS93
-        smoothing; choose it on the validation set with
-        :func:`choose_ks93_smoothing`.
-
-    Returns
-    -------
-    numpy.ndarray, float64, shape (mosaic_npix, mosaic_npix)
-
-    Notes
-    -----
-    Eq. 10 with zero padding (:func:`ks93`), then :func:`smooth_map`, then
-    the 3 × 3 block mean of :func:`mosaic_truth`, so that KS93, the truth and
-    the CNN share the mosaic's pixels (DESIGN.md "Evaluation").  The k = 0
-    mode is zero (mass-sheet degeneracy).
-    """
+    """The KS93 baseline on the mosaic grid: :func:`ks93` of the gridded ε̄1, ε̄2, smoothed
+    (:func:`smooth_map`; the paper gives no FWHM: :func:`choose_ks93_smoothing`), then
+    averaged over the blocks of :func:`mosaic_truth`, so it shares the truth's pixels."""
     grid = np.asarray(grid)
     return mosaic_truth(smooth_map(ks93(grid[0], grid[1]), fwhm_arcmin, config), config)
 
@@ -2952,8 +2825,8 @@ def ks93_mosaic(grid, config=PAPER, fwhm_arcmin=0.0):
 # ---------------------------------------------------------------------------
 # §3.2-3.4 The paper's metrics: R, D (eq. 13-16), M_cl and Δ_peak
 # ---------------------------------------------------------------------------
-METRIC_BINS = 50            # histogram bins of the weights, eq. 16 (§3.2)
-CLIP_SIGMA = 3.0            # clipping of eq. 14 (§3.2)
+METRIC_BINS = 50            # histogram bins of the weights (§3.2)
+CLIP_SIGMA = 3.0            # clipping of R (§3.2)
 CLIP_MAX_ITER = 100         # cap on the clipping iterations
 MASS_RADIUS_PIX = 10        # aperture of M_cl: 10 mosaic pixels = 1.92′ (§3.3)
 CENTROID_WINDOW_PIX = 21    # top-hat window of the centroid, 21 × 21 pixels (§3.4)
@@ -2981,20 +2854,27 @@ def _stack_maps(maps, name):
     if a.ndim == 2:
         a = a[None]
     if a.ndim != 3 or a.shape[0] == 0:
-        raise ValueError(f"{name} must be a map (ny, nx) or a list of maps (n, ny, nx), got shape {a.shape}")
+        raise ValueError(f"{name} must be a map (ny, nx) or a list of maps (n, ny, nx), "
+                         f"got shape {a.shape}")
     return a
 
 
 def _pairs(truth_maps, pred_maps):
+    """Truth and prediction maps (n, ny, nx), both NaN where either is: every metric uses
+    only the pixels evaluated in both."""
     t = _stack_maps(truth_maps, "truth_maps")
     p = _stack_maps(pred_maps, "pred_maps")
     if t.shape != p.shape:
         raise ValueError(f"truth and prediction maps differ in shape: {t.shape} vs {p.shape}")
-    return t, p
+    ok = np.isfinite(t) & np.isfinite(p)
+    return np.where(ok, t, np.nan), np.where(ok, p, np.nan)
 
 
 def _histogram_weights(values, bins=METRIC_BINS):
-    """ω = 1 / f(value): f the ``bins``-bin histogram density of ``values`` (eq. 16)."""
+    """Weights ω = 1 / f(value), f the ``bins``-bin histogram density of ``values`` (eq. 16).
+
+    The histogram keeps ω finite where the density of the truth is noisy (§3.2).
+    """
     density, edges = np.histogram(values, bins=bins, density=True)
     idx = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
     return 1.0 / density[idx]  # every occupied bin has density > 0
@@ -3005,39 +2885,18 @@ def _weighted_mean_std(x, w):
     return mean, np.sqrt(np.sum(w * (x - mean) ** 2) / np.sum(w))
 
 
-def metric_R(truth_maps, pred_maps, bins=METRIC_BINS, clip_sigma=CLIP_SIGMA, max_iter=CLIP_MAX_ITER):
-    """The weighted, clipped mean ratio R of predicted to true κ (eq. 14, 16).
+def metric_R(truth_maps, pred_maps, bins=METRIC_BINS, clip_sigma=CLIP_SIGMA,
+             max_iter=CLIP_MAX_ITER):
+    """R, the weighted mean of κ_pred/κ_truth, clipped at 3σ, and its weighted std (eq. 14).
 
-    Parameters
-    ----------
-    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
-        Truth and prediction on the same mosaic pixels; NaN marks pixels not
-        evaluated (they are left out of both).
-    bins : int
-        Histogram bins of the weights (50, §3.2).
-    clip_sigma : float
-        Clipping threshold in weighted standard deviations (3, §3.2).
-    max_iter : int
-        Cap on the clipping iterations.
-
-    Returns
-    -------
-    WeightedStat
-        R and its weighted standard deviation (Table 2: "0.407 ± 0.288").
-
-    Notes
-    -----
-    ω_p = 1 / f(κ_truth) with f the 50-bin histogram density of κ_truth over
-    every evaluated pixel of every map, pooled (eq. 16), so that each range
-    of κ_truth counts alike rather than the many pixels near zero.  R is the
-    ω-weighted mean of κ_pred/κ_truth (eq. 14), iterated: the pixels within
-    ``clip_sigma`` weighted standard deviations of the previous step's
-    weighted mean are kept, until the kept set no longer changes (§3.2).
-    Pixels with κ_truth = 0 exactly have no ratio and are left out.  1 is
-    perfect.
+    Over every pixel evaluated in both maps (NaN: not evaluated) of every cluster, pooled,
+    with :func:`_histogram_weights` of κ_truth, so that each range of κ_truth counts alike
+    rather than the many pixels near zero. The pixels within ``clip_sigma`` weighted stds of
+    the previous weighted mean are kept until the kept set no longer changes (§3.2). Pixels
+    with κ_truth = 0 have no ratio. 1 is perfect; Table 2: "0.407 ± 0.288".
     """
     t, p = _pairs(truth_maps, pred_maps)
-    ok = np.isfinite(t) & np.isfinite(p)
+    ok = np.isfinite(t)
     t, p = t[ok], p[ok]
     if t.size == 0:
         raise ValueError("no pixel is evaluated in both maps")
@@ -3061,18 +2920,9 @@ def metric_R(truth_maps, pred_maps, bins=METRIC_BINS, clip_sigma=CLIP_SIGMA, max
 
 
 def normalized_kappa(kappa):
-    """κ̃ = (κ − ⟨κ⟩) / Δκ over the finite pixels of one map (eq. 13).
+    """κ̃ = (κ − ⟨κ⟩) / Δκ, mean and std (ddof = 0) over the finite pixels of a map (eq. 13).
 
-    Parameters
-    ----------
-    kappa : array_like, shape (ny, nx)
-        NaN marks pixels not evaluated (they stay NaN).
-
-    Returns
-    -------
-    numpy.ndarray, float64, shape (ny, nx)
-        ⟨κ⟩ and Δκ are the mean and standard deviation (ddof = 0) within the
-        field.  A constant map has no scale: its κ̃ is 0.
+    NaN pixels stay NaN; a constant map has no scale, and its κ̃ is 0.
     """
     kappa = np.asarray(kappa, dtype=np.float64)
     mean, std = np.nanmean(kappa), np.nanstd(kappa)
@@ -3080,33 +2930,17 @@ def normalized_kappa(kappa):
 
 
 def metric_D(truth_maps, pred_maps, bins=METRIC_BINS):
-    """The weighted mean absolute difference D of normalised κ (eq. 13, 15, 16).
+    """D, the weighted mean of |κ̃_pred − κ̃_truth|, and its weighted std (eq. 15).
 
-    Parameters
-    ----------
-    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
-        As :func:`metric_R`.
-    bins : int
-        Histogram bins of the weights (50, §3.2).
-
-    Returns
-    -------
-    WeightedStat
-        D and its weighted standard deviation (Table 2: "4.36 ± 3.77").
-
-    Notes
-    -----
-    Each map is normalised by :func:`normalized_kappa` over the pixels
-    evaluated in both of its pair (eq. 13); ω̃_p = 1 / f(κ̃_truth) with f
-    the 50-bin histogram density of κ̃_truth pooled over all maps (eq. 16);
-    D = Σ ω̃ |κ̃_pred − κ̃_truth| / Σ ω̃ (eq. 15), without clipping (§3.2
-    clips eq. 14 only).  κ̃ is invariant under κ → aκ + b (a > 0), so D
-    ignores the amplitude and the mass sheet: 0 is perfect.
+    Each map is normalised (:func:`normalized_kappa`) over the pixels evaluated in both maps
+    of its pair; the weights are :func:`_histogram_weights` of κ̃_truth over all clusters;
+    no clipping (§3.2 clips R only). D ignores the amplitude and the mass sheet: 0 is
+    perfect; Table 2: "4.36 ± 3.77".
     """
     t, p = _pairs(truth_maps, pred_maps)
     tt, pp = [], []
     for ti, pi in zip(t, p):
-        ok = np.isfinite(ti) & np.isfinite(pi)
+        ok = np.isfinite(ti)
         if ok.any():
             tt.append(normalized_kappa(ti[ok]))
             pp.append(normalized_kappa(pi[ok]))
@@ -3127,23 +2961,8 @@ def peak_pixel(kappa):
 
 
 def aperture_mass(kappa, centre, radius_pix=MASS_RADIUS_PIX):
-    """Sum of κ over the pixels within ``radius_pix`` of ``centre`` (M_cl, §3.3).
-
-    Parameters
-    ----------
-    kappa : array_like, shape (ny, nx)
-        Mosaic map; NaN pixels (not evaluated) add nothing.
-    centre : (float, float)
-        (row, col) of the aperture centre, in pixels.
-    radius_pix : float
-        Aperture radius in mosaic pixels (10 = 1.92′, §3.3).
-
-    Returns
-    -------
-    float
-        Σ κ over pixels whose centre is at distance ≤ ``radius_pix``
-        (dimensionless; × Σ_c × pixel area gives a projected mass).
-    """
+    """M_cl (§3.3): Σ κ over the pixels whose centre lies within ``radius_pix`` of ``centre``
+    (row, col); NaN pixels add nothing. × Σ_c × pixel area gives a projected mass."""
     kappa = np.asarray(kappa, dtype=np.float64)
     yy, xx = np.indices(kappa.shape)
     inside = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius_pix ** 2
@@ -3157,73 +2976,30 @@ def _percentile_stat(values, percentiles=PERCENTILES):
 
 
 def cluster_masses(truth_maps, pred_maps, radius_pix=MASS_RADIUS_PIX):
-    """M_cl of truth and prediction for each cluster, both about the truth's peak (§3.3).
-
-    Parameters
-    ----------
-    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
-    radius_pix : float
-
-    Returns
-    -------
-    m_truth, m_pred : numpy.ndarray, shape (n,)
-        Aperture sums (:func:`aperture_mass`) over the pixels evaluated in
-        both maps, centred on the highest pixel of the truth.
-    """
+    """M_cl of truth and prediction of each cluster, both about the truth's highest pixel,
+    over the pixels evaluated in both maps (§3.3): two arrays (n,)."""
     t, p = _pairs(truth_maps, pred_maps)
-    m_t, m_p = np.empty(len(t)), np.empty(len(t))
-    for i, (ti, pi) in enumerate(zip(t, p)):
-        ok = np.isfinite(ti) & np.isfinite(pi)
-        ti, pi = np.where(ok, ti, np.nan), np.where(ok, pi, np.nan)
-        centre = peak_pixel(ti)
-        m_t[i], m_p[i] = aperture_mass(ti, centre, radius_pix), aperture_mass(pi, centre, radius_pix)
+    centres = [peak_pixel(ti) for ti in t]
+    m_t = np.array([aperture_mass(ti, c, radius_pix) for ti, c in zip(t, centres)])
+    m_p = np.array([aperture_mass(pi, c, radius_pix) for pi, c in zip(p, centres)])
     return m_t, m_p
 
 
 def mass_ratio(truth_maps, pred_maps, radius_pix=MASS_RADIUS_PIX, percentiles=PERCENTILES):
-    """Median of M_pred / M_truth with its 16th and 84th percentiles (§3.3).
-
-    Parameters
-    ----------
-    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
-    radius_pix : float
-        Aperture radius in mosaic pixels (10, §3.3).
-    percentiles : (float, float)
-
-    Returns
-    -------
-    PercentileStat
-        Table 2: "0.867 +0.327 −0.296"; ``values`` holds each cluster's ratio.
-    """
+    """Median of M_pred / M_truth over clusters with its 16th and 84th percentiles (§3.3;
+    Table 2: "0.867 +0.327 −0.296")."""
     m_t, m_p = cluster_masses(truth_maps, pred_maps, radius_pix)
     return _percentile_stat(m_p / m_t, percentiles)
 
 
 def peak_centroid(kappa, window_pix=CENTROID_WINDOW_PIX):
-    """Centroid of the highest peak: its pixel, then the first moment around it (§3.4).
+    """(row, col) of a map's peak: the first moment of κ in the ``window_pix``² top-hat
+    window about its highest pixel (§3.4).
 
-    Parameters
-    ----------
-    kappa : array_like, shape (ny, nx)
-        Mosaic map; NaN pixels weigh nothing.
-    window_pix : int
-        Side of the square top-hat window (21, odd), centred on the highest
-        pixel and clipped to the map where the peak is near an edge.
-
-    Returns
-    -------
-    (float, float)
-        (row, col) of the centroid in pixel units of the map.
-
-    Notes
-    -----
-    §3.4: the pixel with the largest κ, then the first moment of κ in the
-    21 × 21 window about it.  Where the window holds negative κ (KS93 noise),
-    its minimum is subtracted first ("rescaled ... such that the minimum
-    value within the window becomes zero"), so that every weight is ≥ 0 and
-    the centroid cannot leave the window.  A window clipped by the map edge
-    is no longer centred on the peak, which pulls the centroid inwards.  If
-    every weight is zero (a flat window) the peak pixel is returned.
+    Where the window holds negative κ its minimum is subtracted first ("rescaled ... such
+    that the minimum value within the window becomes zero"), so every weight is ≥ 0 and the
+    centroid stays in the window. NaN pixels weigh nothing. A window clipped by the map's
+    edge pulls the centroid inwards. A window with no weight returns the highest pixel.
     """
     if window_pix < 1 or window_pix % 2 == 0:
         raise ValueError(f"window_pix must be a positive odd integer, got {window_pix}")
@@ -3245,57 +3021,36 @@ def peak_centroid(kappa, window_pix=CENTROID_WINDOW_PIX):
 
 
 def centroid_offsets(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX):
-    """Δ_peak of each cluster: distance between the predicted and true centroids (§3.4).
-
-    Parameters
-    ----------
-    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
-    window_pix : int
-
-    Returns
-    -------
-    numpy.ndarray, shape (n,)
-        Distances in mosaic pixels (0.192′ each).  Each map's centroid is
-        found over the pixels evaluated in both maps (:func:`peak_centroid`).
-    """
+    """Δ_peak of each cluster (§3.4): the distance in mosaic pixels between the centroids
+    (:func:`peak_centroid`) of prediction and truth, over the pixels evaluated in both."""
     t, p = _pairs(truth_maps, pred_maps)
     out = np.empty(len(t))
     for i, (ti, pi) in enumerate(zip(t, p)):
-        ok = np.isfinite(ti) & np.isfinite(pi)
-        ct = peak_centroid(np.where(ok, ti, np.nan), window_pix)
-        cp = peak_centroid(np.where(ok, pi, np.nan), window_pix)
+        ct, cp = peak_centroid(ti, window_pix), peak_centroid(pi, window_pix)
         out[i] = np.hypot(ct[0] - cp[0], ct[1] - cp[1])
     return out
 
 
-def centroid_offset(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX, percentiles=PERCENTILES):
-    """Median Δ_peak with its 16th and 84th percentiles (§3.4, Table 2).
-
-    Returns
-    -------
-    PercentileStat
-        In mosaic pixels (Table 2: "3.10 +25.64 −2.00"); ``values`` holds
-        each cluster's Δ_peak (:func:`centroid_offsets`).
-    """
-    return _percentile_stat(centroid_offsets(truth_maps, pred_maps, window_pix), percentiles)
-
-
 def paper_metrics(truth_maps, pred_maps):
-    """The four metrics of Table 2 as a row dict (see :data:`TABLE2_COLUMNS`)."""
+    """The four metrics of Table 2 as a row dict (see :data:`TABLE2_COLUMNS`).
+
+    Δ_peak is summarised as the median of :func:`centroid_offsets` with its 16th and 84th
+    percentiles (Table 2: "3.10 +25.64 −2.00" pixels).
+    """
     t, p = _pairs(truth_maps, pred_maps)
     r, d = metric_R(t, p), metric_D(t, p)
-    m, dp = mass_ratio(t, p), centroid_offset(t, p)
+    m, dp = mass_ratio(t, p), _percentile_stat(centroid_offsets(t, p))
     return {"R": r.value, "R_err": r.err, "D": d.value, "D_err": d.err,
             "M_ratio": m.value, "M_minus": m.minus, "M_plus": m.plus,
-            "dpeak": dp.value, "dpeak_minus": dp.minus, "dpeak_plus": dp.plus, "n_clusters": len(t)}
+            "dpeak": dp.value, "dpeak_minus": dp.minus, "dpeak_plus": dp.plus,
+            "n_clusters": len(t)}
 
 
 # ---------------------------------------------------------------------------
 # §3 The KS93 smoothing, chosen on the validation set
 # ---------------------------------------------------------------------------
-#: How each metric is turned into a loss (0 is perfect) by the "rank_sum"
-#: criterion: R and M_cl are ratios whose ideal is 1, so their distance from
-#: 1 counts in log (×2 and ×½ are equally wrong); D and Δ_peak are 0 at best.
+#: Each metric as a loss (0 is perfect) for the "rank_sum" criterion: R and M_cl are ratios
+#: whose ideal is 1, so their distance from 1 counts in log (×2 and ×½ are equally wrong).
 SMOOTHING_LOSSES = {
     "R": lambda row: abs(np.log(row["R"])) if row["R"] > 0 else np.inf,
     "D": lambda row: row["D"],
@@ -3304,67 +3059,29 @@ SMOOTHING_LOSSES = {
 }
 
 
-def _rank(values):
-    """Ranks 1..n (ties share the mean rank)."""
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for v in np.unique(values):
-        ranks[values == v] = ranks[values == v].mean()
-    return ranks
+def _default_grid_fn(grid_fn, config):
+    return (lambda c: grid_table(c["catalog"], config)) if grid_fn is None else grid_fn
 
 
-def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID, criterion="rank_sum",
-                          config=PAPER, mask=None, limit=None, progress=False):
-    """Choose the KS93 smoothing FWHM on the validation set by the paper's metrics.
+def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID,
+                          criterion="rank_sum", config=PAPER, mask=None, limit=None,
+                          progress=False):
+    """Choose the KS93 smoothing FWHM (arcmin) on validation clusters by Table 2's metrics.
 
-    Parameters
-    ----------
-    val_clusters : iterable of dict
-        Cluster records (``ClusterDataset.clusters("val")``).
-    grid_fn : callable, optional
-        ``grid_fn(cluster) -> grid``; default: :func:`grid_table` of the
-        stored catalog.
-    fwhm_grid : sequence of float
-        Candidate FWHMs in arcmin (0 = unsmoothed).
-    criterion : {"rank_sum", "R", "D", "M_ratio", "dpeak"}
-        "rank_sum" (default): rank the candidates on each of the four metrics
-        of Table 2 (:data:`SMOOTHING_LOSSES`) and take the smallest sum of
-        ranks; ties go to the smaller D.  A metric name: minimise that
-        metric's loss alone.
-    config : Config
-    mask : array_like of bool, shape (mosaic_npix, mosaic_npix), optional
-        Mosaic pixels evaluated; default the paper mosaic's coverage
-        (:func:`mosaic_coverage` > 0), the pixels the CNN is scored on.
-    limit : int, optional
-        Use the first ``limit`` clusters.  Memory: 8 bytes × 166² × (1 +
-        len(fwhm_grid)) a cluster (2.2 MB for the default grid).
-    progress : bool
-
-    Returns
-    -------
-    fwhm : float
-        The chosen FWHM in arcmin.
-    rows : list of dict
-        One per candidate: ``fwhm_arcmin``, the Table 2 columns, the rank of
-        each metric, ``rank_sum`` and ``chosen``.
+    ``grid_fn(cluster)`` grids a cluster (default: its stored catalog); ``mask``: the
+    mosaic pixels scored, default those the CNN's mosaic covers; ``limit``: use the first
+    ``limit`` clusters (each holds 8 × 166² × (1 + len(fwhm_grid)) bytes). "rank_sum" ranks
+    the candidates on each metric's loss (:data:`SMOOTHING_LOSSES`) and takes the smallest
+    sum of ranks, ties to the smaller D; a metric's name minimises that loss alone. Returns
+    the FWHM and one row a candidate (its metrics, ranks and ``chosen``).
 
     Notes
     -----
-    Why not pixel correlation: it rewards the removal of noise and never
-    penalises the loss of the peak, so it picks the widest kernel offered
-    (DESIGN.md "Lessons").  The paper's four metrics pull apart instead:
-    smoothing flattens the cluster (R and M_cl fall away from 1) and removes
-    noise peaks (Δ_peak and D improve, until D, whose weights stress the rare
-    high-κ̃ pixels, sees the peak flattened too).  Ranks put the four on one
-    footing without choosing relative units for a ratio, a normalised
-    difference and a distance in pixels; the smallest sum of ranks (a Borda
-    count) is the candidate best overall.  Were R and M_cl best unsmoothed
-    and D and Δ_peak best at the widest kernel, every candidate would tie and
-    D alone would decide.  On 100 simulated validation clusters R was best at
-    0.5′, M_cl unsmoothed, D at 1.0′ and Δ_peak at 0.75′; 0.5′ and 0.75′
-    tied on ranks and D chose 0.75′.
+    Pixel correlation would reward the removal of noise and never the peak, and so pick the
+    widest kernel offered. The paper's metrics pull apart instead: smoothing flattens the
+    cluster (R and M_cl fall away from 1) and removes noise peaks (Δ_peak and D improve,
+    until D sees the peak flattened too). Ranks put a ratio, a normalised difference and a
+    distance on one footing without choosing units between them.
     """
     if criterion != "rank_sum" and criterion not in SMOOTHING_LOSSES:
         raise ValueError(f"criterion must be 'rank_sum' or one of {list(SMOOTHING_LOSSES)}, "
@@ -3372,7 +3089,7 @@ def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID, 
     fwhm_grid = [float(f) for f in fwhm_grid]
     if not fwhm_grid:
         raise ValueError("empty fwhm_grid")
-    grid_fn = (lambda c: grid_table(c["catalog"], config)) if grid_fn is None else grid_fn
+    grid_fn = _default_grid_fn(grid_fn, config)
     mask = (mosaic_coverage(config) > 0) if mask is None else np.asarray(mask, dtype=bool)
     truths, maps = [], {f: [] for f in fwhm_grid}
     bar = _Progress(limit, "ks93 smoothing") if progress and limit else None
@@ -3381,24 +3098,28 @@ def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID, 
             break
         grid = np.asarray(grid_fn(cluster))
         kappa_e = ks93(grid[0], grid[1])  # once; only the smoothing changes
-        truths.append(np.where(mask, mosaic_truth(np.asarray(cluster["kappa"], np.float64), config), np.nan))
+        truth = mosaic_truth(np.asarray(cluster["kappa"], np.float64), config)
+        truths.append(np.where(mask, truth, np.nan))
         for f in fwhm_grid:
-            maps[f].append(np.where(mask, mosaic_truth(smooth_map(kappa_e, f, config), config), np.nan))
+            kappa = mosaic_truth(smooth_map(kappa_e, f, config), config)
+            maps[f].append(np.where(mask, kappa, np.nan))
         if bar:
             bar.update()
     if not truths:
         raise ValueError("no validation clusters")
     rows = [{"fwhm_arcmin": f, **paper_metrics(truths, maps[f])} for f in fwhm_grid]
-    losses = {name: [fn(row) for row in rows] for name, fn in SMOOTHING_LOSSES.items()}
-    for name, values in losses.items():
-        for row, rank in zip(rows, _rank(values)):
+    for name, fn in SMOOTHING_LOSSES.items():
+        v = np.nan_to_num([fn(row) for row in rows], nan=np.inf, posinf=np.inf)
+        # rank 1 is the smallest loss; ties share the mean of their ranks
+        ranks = (v[:, None] > v).sum(axis=1) + ((v[:, None] == v).sum(axis=1) + 1) / 2
+        for row, rank in zip(rows, ranks):
             row[f"rank_{name}"] = float(rank)
     for row in rows:
         row["rank_sum"] = sum(row[f"rank_{name}"] for name in SMOOTHING_LOSSES)
     if criterion == "rank_sum":
         key = [(row["rank_sum"], row["D"]) for row in rows]
     else:
-        key = [(v, 0.0) for v in losses[criterion]]
+        key = [(SMOOTHING_LOSSES[criterion](row), 0.0) for row in rows]
     best = min(range(len(rows)), key=lambda i: key[i])
     for i, row in enumerate(rows):
         row["chosen"] = i == best
@@ -3408,14 +3129,15 @@ def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID, 
 # ---------------------------------------------------------------------------
 # §3 Evaluating methods on a test set; Table 2
 # ---------------------------------------------------------------------------
-#: Columns of table2.csv, in order (issue "Evaluation").
+#: Columns of table2.csv, in order.
 TABLE2_COLUMNS = ("method", "R", "R_err", "D", "D_err", "M_ratio", "M_minus", "M_plus",
                   "dpeak", "dpeak_minus", "dpeak_plus", "n_clusters")
 
 
 def _paper_row(r, r_err, d, d_err, m, m_plus, m_minus, dp, dp_plus, dp_minus):
     return {"R": r, "R_err": r_err, "D": d, "D_err": d_err, "M_ratio": m, "M_minus": m_minus,
-            "M_plus": m_plus, "dpeak": dp, "dpeak_minus": dp_minus, "dpeak_plus": dp_plus, "n_clusters": 200}
+            "M_plus": m_plus, "dpeak": dp, "dpeak_minus": dp_minus, "dpeak_plus": dp_plus,
+            "n_clusters": 200}
 
 
 #: Table 2 of the paper (200 test clusters of MassiveNuS; ours differ in truth).
@@ -3428,31 +3150,14 @@ PAPER_TABLE2 = {
 
 @dataclass
 class Evaluation:
-    """Truth and every method's mosaics for a set of clusters (:func:`evaluate_methods`).
-
-    Attributes
-    ----------
-    truth : numpy.ndarray, shape (n, mosaic_npix, mosaic_npix)
-        :func:`mosaic_truth` of each cluster; NaN outside the evaluated pixels.
-    maps : dict of str -> numpy.ndarray, shape (n, mosaic_npix, mosaic_npix)
-        Each method's mosaic (the mean over runs where it has several), NaN
-        on the same pixels as ``truth``.
-    run_std : dict of str -> numpy.ndarray, shape (n, mosaic_npix, mosaic_npix)
-        Standard deviation over runs, for methods that returned runs.
-    run_mass_std : dict of str -> numpy.ndarray, shape (n,)
-        Standard deviation over runs of M_cl (Fig. 6's error bars).
-    star_mask : numpy.ndarray of bool, shape (n, mosaic_npix, mosaic_npix)
-        Mosaic pixels whose centre lies in a bright-star mask (§3.5).
-    index : numpy.ndarray of int, shape (n,)
-        The clusters' indices in their split.
-    config : Config
-    """
-    truth: np.ndarray
-    maps: dict
-    run_std: dict
-    run_mass_std: dict
-    star_mask: np.ndarray
-    index: np.ndarray
+    """Truth and every method's mosaics of a set of clusters (:func:`evaluate_methods`),
+    each (n, mosaic_npix, mosaic_npix) and NaN outside the pixels evaluated."""
+    truth: np.ndarray       # :func:`mosaic_truth` of each cluster
+    maps: dict              # method -> its mosaics (the mean over runs where it has several)
+    run_std: dict           # method -> std over runs, for the methods that return runs
+    run_mass_std: dict      # method -> std over runs of M_cl, (n,) (Fig. 6's error bars)
+    star_mask: np.ndarray   # bool: mosaic pixels inside a bright-star mask (§3.5)
+    index: np.ndarray       # (n,) the clusters' indices in their split
     config: object = PAPER
 
     @property
@@ -3462,75 +3167,37 @@ class Evaluation:
 
 
 def star_mask_mosaic(masks, config=PAPER):
-    """Mosaic pixels whose centre lies inside any bright-star mask.
-
-    Parameters
-    ----------
-    masks : table-like with columns x, y, radius (arcsec, field frame)
-    config : Config
-
-    Returns
-    -------
-    numpy.ndarray of bool, shape (mosaic_npix, mosaic_npix)
-        Mosaic pixel J is centred on input pixel 3J + 2, i.e. at
-        (3J + 2.5) × 3.84″ from the field's lower-left corner.
-    """
+    """Mosaic pixels (bool, mosaic_npix²) whose centre lies inside any bright-star mask
+    (columns x, y, radius in arcsec)."""
     n = config.mosaic_npix
     out = np.zeros((n, n), dtype=bool)
     if masks is None or len(masks) == 0:
         return out
-    lo = (config.first_kernel - 1) // 2
-    centres = (lo + config.pool * np.arange(n) + config.pool / 2.0) * config.pixel_arcsec
+    centres = _mosaic_centres(config)
     for x, y, r in zip(masks["x"], masks["y"], masks["radius"]):
         out |= (centres[:, None] - y) ** 2 + (centres[None, :] - x) ** 2 <= r**2
     return out
 
 
 def evaluate_methods(clusters, methods, config=PAPER, grid_fn=None, total=None, progress=True):
-    """Truth and every method's mosaic for each cluster, on common pixels.
+    """Truth and every method's mosaic of each cluster, on common pixels.
 
-    Parameters
-    ----------
-    clusters : iterable of dict
-        Cluster records (``ClusterDataset.clusters("test")``); read once,
-        one at a time.
-    methods : dict of str -> callable
-        ``fn(grid) -> map`` with ``grid`` the gridded catalog (4, npix, npix)
-        and ``map`` a mosaic (mosaic_npix, mosaic_npix), NaN where it has no
-        estimate, or (K, mosaic_npix, mosaic_npix) for K runs (see
-        :func:`cnn_method`).  The keys name the rows of Table 2 ("KS93",
-        "CNN", ...).
-    config : Config
-    grid_fn : callable, optional
-        ``grid_fn(cluster) -> grid``; default :func:`grid_table` of the
-        stored catalog, gridded once and given to every method.
-    total : int, optional
-        Number of clusters, for the progress bar (default ``len(clusters)``
-        where it has one).
-    progress : bool
-
-    Returns
-    -------
-    Evaluation
-
-    Notes
-    -----
-    "Over the same pixels" (DESIGN.md "Evaluation"): a pixel is evaluated
-    for every method if every method and the truth have a finite value
-    there; elsewhere every map is NaN.  The CNN's mosaic fixes the region
-    (:func:`mosaic_coverage`); KS93 and the other baselines are cut to it.
+    ``clusters``: records (``ClusterDataset.clusters("test")``), read once, one at a time;
+    ``methods``: name → ``fn(grid)``, the gridded catalog to a mosaic (NaN where it has no
+    estimate) or to K runs' mosaics (:func:`cnn_method`); ``grid_fn``: as
+    :func:`choose_ks93_smoothing`; ``total``: the number of clusters, for the progress bar.
+    A pixel is evaluated where the truth and every method are finite, and NaN in every map
+    elsewhere: the CNN's mosaic fixes the region, and the baselines are cut to it.
     """
     if not methods:
         raise ValueError("no methods to evaluate")
-    grid_fn = (lambda c: grid_table(c["catalog"], config)) if grid_fn is None else grid_fn
+    grid_fn = _default_grid_fn(grid_fn, config)
     if total is None and hasattr(clusters, "__len__"):
         total = len(clusters)
     bar = _Progress(total, "evaluate") if progress and total else None
     n = config.mosaic_npix
     truths, index, stars = [], [], []
-    maps = {name: [] for name in methods}
-    stds = {name: [] for name in methods}
-    mass_std = {name: [] for name in methods}
+    maps, stds, mass_std = ({name: [] for name in methods} for _ in range(3))
     for cluster in clusters:
         grid = grid_fn(cluster)
         truth = mosaic_truth(np.asarray(cluster["kappa"], dtype=np.float64), config)
@@ -3545,67 +3212,43 @@ def evaluate_methods(clusters, methods, config=PAPER, grid_fn=None, total=None, 
         for out in outs.values():
             ok &= np.all(np.isfinite(out), axis=0) if out.ndim == 3 else np.isfinite(out)
         if not ok.any():
-            raise ValueError(f"cluster {cluster.get('index')}: no pixel is evaluated by every method")
+            raise ValueError(f"cluster {cluster.get('index')}: no pixel is evaluated by "
+                             "every method")
         truth = np.where(ok, truth, np.nan)
         centre = peak_pixel(truth)
         for name, out in outs.items():
+            runs = out if out.ndim == 3 else out[None]
+            maps[name].append(np.where(ok, runs.mean(axis=0), np.nan))
             if out.ndim == 3:
-                maps[name].append(np.where(ok, out.mean(axis=0), np.nan))
-                spread = out.std(axis=0, ddof=1) if len(out) > 1 else np.zeros((n, n))
+                spread = runs.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros((n, n))
                 stds[name].append(np.where(ok, spread, np.nan))
-                masses = [aperture_mass(np.where(ok, run, np.nan), centre) for run in out]
-                mass_std[name].append(np.std(masses, ddof=1) if len(out) > 1 else 0.0)
-            else:
-                maps[name].append(np.where(ok, out, np.nan))
-                stds[name].append(None)
-                mass_std[name].append(None)
+                masses = [aperture_mass(np.where(ok, run, np.nan), centre) for run in runs]
+                mass_std[name].append(np.std(masses, ddof=1) if len(runs) > 1 else 0.0)
         truths.append(truth)
         index.append(int(cluster.get("index", len(index))))
-        masks = cluster.get("masks")
-        stars.append(star_mask_mosaic(masks, config))
+        stars.append(star_mask_mosaic(cluster.get("masks"), config))
         if bar:
             bar.update()
     if not truths:
         raise ValueError("no clusters to evaluate")
-    has_runs = {name: all(s is not None for s in stds[name]) for name in methods}
+    has_runs = [name for name in methods if len(stds[name]) == len(truths)]
     return Evaluation(
-        truth=np.stack(truths),
-        maps={name: np.stack(v) for name, v in maps.items()},
-        run_std={name: np.stack(stds[name]) for name in methods if has_runs[name]},
-        run_mass_std={name: np.asarray(mass_std[name]) for name in methods if has_runs[name]},
+        truth=np.stack(truths), maps={name: np.stack(v) for name, v in maps.items()},
+        run_std={name: np.stack(stds[name]) for name in has_runs},
+        run_mass_std={name: np.asarray(mass_std[name]) for name in has_runs},
         star_mask=np.stack(stars), index=np.asarray(index), config=config)
 
 
 def cnn_method(models, config=PAPER, **kwargs):
-    """A method for :func:`evaluate_methods`: the mosaics of K runs (:func:`predict_mosaic_runs`).
-
-    Parameters
-    ----------
-    models : sequence of keras.Model or callable
-    config : Config
-    **kwargs
-        stride, orientations, batch_size, border_pix (:func:`predict_mosaic`).
-    """
+    """A method for :func:`evaluate_methods`: the K runs' mosaics of
+    :func:`predict_mosaic_runs` (``kwargs`` as there)."""
     models = list(models)
     return lambda grid: predict_mosaic_runs(models, grid, config, **kwargs).runs
 
 
 def table2(results, methods=None):
-    """Table 2: the four metrics of each method over the evaluated clusters.
-
-    Parameters
-    ----------
-    results : Evaluation
-    methods : sequence of str, optional
-        Rows, in order; default every method of ``results``.
-
-    Returns
-    -------
-    list of dict
-        One per method, with exactly the keys :data:`TABLE2_COLUMNS`: R and
-        R_err (eq. 14), D and D_err (eq. 15), M_ratio with M_minus/M_plus
-        (median − 16th, 84th − median percentile, §3.3), dpeak with
-        dpeak_minus/dpeak_plus (mosaic pixels, §3.4), n_clusters.
-    """
+    """Table 2: one row (:data:`TABLE2_COLUMNS`) of the four metrics for each of ``methods``
+    (default all) of an :class:`Evaluation`."""
     methods = results.methods if methods is None else list(methods)
-    return [{"method": name, **paper_metrics(results.truth, results.maps[name])} for name in methods]
+    return [{"method": name, **paper_metrics(results.truth, results.maps[name])}
+            for name in methods]
