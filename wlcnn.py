@@ -42,13 +42,13 @@ Conventions (everywhere below)
   mean of the truth κ over those 3 × 3 blocks. The loss and the mosaics leave out the 14
   outer output pixels on each side.
 * FFTs: ``shear_from_kappa`` and ``ks93`` zero-pad each side to an odd length of at least
-  twice the map, so the mass outside the field is zero and nothing wraps around (``pad=
-  False``: the periodic transform of the classic implementations).
+  twice the map, so the mass outside the field is zero and nothing wraps around; with
+  ``pad=False`` they are the periodic transforms of the classic implementations.
 * Mass-sheet degeneracy: shear fixes κ only up to κ → λκ + (1 − λ). KS93 sets the k = 0 mode
   to zero (a zero-mean padded field); the CNN takes the level from its training skies. Of
   the metrics, D normalises each map to (κ − ⟨κ⟩)/Δκ and so ignores both the sheet and the
-  amplitude; R and M_cl compare κ itself, so a missing sheet lowers them; Δ_peak depends
-  on positions alone.
+  amplitude; R and M_cl compare κ itself, so a sheet missing from a prediction biases them;
+  Δ_peak depends on positions alone.
 """
 from __future__ import annotations
 
