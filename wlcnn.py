@@ -1,31 +1,54 @@
 """wlcnn: weak-lensing mass reconstruction of galaxy clusters with a CNN.
 
-A single-module reference implementation of Hong, Park, Jee, Bak & Cha (2021),
-"Weak-lensing Mass Reconstruction of Galaxy Clusters with Convolutional Neural
-Network" (ApJ 923, 266).  The module reads in the paper's order:
+The reference implementation of Hong, Park, Jee, Bak & Cha (2021), "Weak-lensing Mass
+Reconstruction of Galaxy Clusters with Convolutional Neural Network" (ApJ 923, 266).
 
-* the paper's numbers (``Config``);
-* §2.1   weak-lensing basics: Σ_c (eq. 4), reduced shear (eq. 2), lensed
-         ellipticity (eq. 7);
-* §2.2   shear from convergence (eq. 8-9) and the Kaiser & Squires (1993)
-         inversion (eq. 10);
-* §2.3.1 training data: NFW halos, the simulated cluster fields (ΛCDM theory
-         tables, halos along the line of sight, a log-normal large-scale
-         field), clusters cut from ray-traced maps, source catalogs with shape
-         and measurement noise, bright-star masks, dataset files;
-* §2.3.2 gridding of a catalog onto the network's input pixels (the Cython
-         extension ``_grid``), augmentation and the tf.data input pipeline,
-         the CNN of Table 1 with FFT convolutions, its loss (eq. 11-12, A1),
-         and training;
-* §3     evaluation: mosaics, the baselines, the metrics R, D, M_cl and
-         Δ_peak (eq. 13-16), Table 2 and the figures;
-* the command line (``python -m wlcnn --help``).
+Reading list: the method, in the paper's order
+----------------------------------------------
+* ``Config``: every number the paper fixes.
+* §2.1 ``sigma_crit`` (eq. 4), ``reduced_shear`` (eq. 2), ``lens_ellipticity`` (eq. 7).
+* §2.2 ``shear_from_kappa`` (eq. 8; its kernel, eq. 9, in ``_ks_kernel``) and its inverse,
+  ``ks93`` (eq. 10, Kaiser & Squires 1993).
+* §2.3.1 training skies: ``nfw_kappa_map`` (NFW halos), ``simulate_catalog`` (sources with
+  shape and measurement noise), ``draw_star_masks`` (§3.5), ``mosaic_truth`` (the target).
+* §2.3.2 the network: ``grid_catalog`` (the 7″ Gaussian gridding of a catalog),
+  ``subfield`` and ``orient_shear`` (crops and the six orientations), ``build_model``
+  (Table 1 and the variants of Appendix A), ``FFTConv2D`` and ``FFTConv2DTranspose`` (its
+  large convolutions), ``KappaLoss`` (eq. 11, eq. 12, eq. A1), ``compile_model``, ``train``.
+* §3 evaluation: ``predict_mosaic``, ``ks93_mosaic``, ``normalized_kappa`` (eq. 13),
+  ``metric_R`` (eq. 14), ``metric_D`` (eq. 15), ``_histogram_weights`` (eq. 16),
+  ``mass_ratio`` (§3.3), ``peak_centroid`` (§3.4), ``table2``.
 
-Conventions (``DESIGN.md``): arrays are indexed ``[row, col] = [y, x]``; pixel
-``(i, j)`` has its centre at ``x = (j + 1/2) * pixel``, ``y = (i + 1/2) * pixel``
-arcsec from the field's lower-left corner; x grows to the right (West on the
-sky), y grows up (North).  Complex shear ``g = g1 + i g2``: ``g1 > 0`` stretches
-along x, ``g2 > 0`` along the line x = y.
+The rest is machinery around them: dataset files (``write_dataset``, ``ClusterDataset``),
+the tf.data input pipeline (``training_data``), a start of the weights from KS93
+(``initialize_as_ks93``, beyond the paper), saving and loading, the files of training runs,
+the choice of the KS93 smoothing and ``evaluate_methods``.
+
+Conventions (everywhere below)
+------------------------------
+* Frames: arrays are indexed ``[row, col] = [y, x]``; pixel (i, j) of side p has its centre
+  at x = (j + 1/2) p, y = (i + 1/2) p, positions in arcsec from the field's lower-left
+  corner. x grows to the right (West on the sky), y grows up (North).
+* Signs: shear and ellipticity are complex, g = g1 + i g2, with g1 > 0 stretching along x
+  and g2 > 0 along the line x = y; ellipticity is (a − b)/(a + b) (eq. 5). Around a mass
+  (κ > 0) the shear is tangential: γ1 < 0 on the x axis through it. Rotating a field by φ
+  multiplies g by e^{2iφ} (90° flips both components, 180° keeps them); a mirror flips g2.
+* Grids: a field is 32′ × 32′ on 500 × 500 input pixels of 3.84″. The network reads the
+  386 × 386 subfield at input pixel o = 3m (m = 0..37 on each axis: 1,444 offsets) and
+  returns 128 × 128 output pixels of 11.52″ (a 3 × 3 valid convolution, then a 3 × 3 pool):
+  output pixel k covers input pixels [o + 1 + 3k, o + 4 + 3k). The full-field output grid,
+  the mosaic, is 166 × 166: mosaic pixel J covers input pixels [3J + 1, 3J + 4), and output
+  pixel k of subfield m lands on mosaic pixel m + k. The truth at output resolution is the
+  mean of the truth κ over those 3 × 3 blocks. The loss and the mosaics leave out the 14
+  outer output pixels on each side.
+* FFTs: ``shear_from_kappa`` and ``ks93`` zero-pad each side to an odd length of at least
+  twice the map, so the mass outside the field is zero and nothing wraps around; with
+  ``pad=False`` they are the periodic transforms of the classic implementations.
+* Mass-sheet degeneracy: shear fixes κ only up to κ → λκ + (1 − λ). KS93 sets the k = 0 mode
+  to zero (a zero-mean padded field); the CNN takes the level from its training skies. Of
+  the metrics, D normalises each map to (κ − ⟨κ⟩)/Δκ and so ignores both the sheet and the
+  amplitude; R and M_cl compare κ itself, so a sheet missing from a prediction biases them;
+  Δ_peak depends on positions alone.
 """
 from __future__ import annotations
 
@@ -75,11 +98,9 @@ __version__ = "0.1.0"
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
-    """Every number the paper fixes, in one place (frozen; use
-    ``dataclasses.replace`` to change one).
+    """Every number of Hong et al. (2021), with the section it comes from.
 
-    Each default names the section of Hong et al. (2021) or the DESIGN.md
-    choice it comes from.  Angles are in arcsec or arcmin as the name says.
+    Frozen: change one with ``dataclasses.replace``. Angles in arcsec or arcmin as named.
     """
 
     # -- cosmology and redshifts (§1, §2.3.1) --------------------------------
@@ -91,43 +112,43 @@ class Config:
     field_arcmin: float = 32.0          # side of a cluster field, §2.3.1
     npix: int = 500                     # input grid 500 x 500, §2.3.2
     fwhm_arcsec: float = 7.0            # Gaussian gridding kernel, §2.3.2
-    kernel_cut_sigma: float = 4.0       # truncation radius in σ_W (DESIGN "Gridding")
-    empty_pixel_error: float = 1.0      # Δε of a pixel with no source (DESIGN "Gridding")
-    # -- sources and noise (§2.3.1, DESIGN "Sources and noise") ---------------
+    kernel_cut_sigma: float = 4.0       # kernel cut (ours): W is 3e-4 of its peak there
+    empty_pixel_error: float = 1.0      # Δε of a pixel with no source (ours): ~4 σ_e
+    # -- sources and noise (§2.3.1; the forms are ours, the paper gives none) --
     source_density_arcmin2: float = 25.0  # §2.3.1 (25,600 in 32' x 32')
     sigma_e: float = 0.24               # intrinsic shape noise per component, §2.3.1
     mag_min: float = 21.5               # V-band distribution starts, §2.3.1 (Kim+2019)
     mag_peak: float = 25.5              # ... peaks, §2.3.1
     mag_max: float = 27.5               # ... is cut, §2.3.1
-    count_slope: float = 0.3            # d log10 N / dm of faint galaxy counts (our choice)
-    completeness_width_mag: float = 0.5  # width of the completeness roll-off (our choice)
-    sigma_meas_floor: float = 0.03      # measurement error of bright sources (our choice)
-    sigma_meas_at_cut: float = 0.25     # extra error at mag_max; scales as flux^-1 (our choice)
+    count_slope: float = 0.3            # d log10 N / dm of faint galaxy counts
+    completeness_width_mag: float = 0.5  # width of the completeness roll-off
+    sigma_meas_floor: float = 0.03      # measurement error of bright sources
+    sigma_meas_at_cut: float = 0.25     # extra error at mag_max; scales as flux^-1
     # -- bright-star masks (§3.5) --------------------------------------------
     stars_per_400arcmin2: tuple = (1, 2)   # 1-2 per 20' x 20', §3.5
     star_radius_arcmin: tuple = (0.5, 2.0)  # uniform radius, §3.5
     star_near_peak_arcmin: float = 1.0  # one mask within 1' of the peak, §3.5
     # -- subfields, network output and mosaic (§2.3.2, Table 1) ---------------
     subfield_npix: int = 386            # network input, §2.3.2
-    offset_step: int = 3                # offsets 0, 3, ..., 111 (DESIGN "Grids")
+    offset_step: int = 3                # offsets 0, 3, ..., 111: one output pixel
     n_offsets: int = 38                 # 38 x 38 = 1,444 offsets, §2.3.2
     first_kernel: int = 3               # Table 1 Conv2D-1
     pool: int = 3                       # Table 1 AvgPool
     output_npix: int = 128              # Table 1 output
-    mosaic_npix: int = 166              # full-field output grid (DESIGN "Grids")
+    mosaic_npix: int = 166              # full-field output grid: (500 - 2) // 3
     # -- network (§2.3.2, Table 1, Appendix A) --------------------------------
     filter_size: int = 49               # TransConv2D-# / Conv2D-# filters, §2.3.2
     n_filters: int = 8                  # channels of every block, Table 1
     n_filters_final: int = 16           # TransConv2D-5, Table 1
     loss_border_pix: int = 14           # outer output pixels not scored, §2.3.2
-    focal_floor: float = 0.01           # guard of eq. 12's denominator (DESIGN "Lessons")
+    focal_floor: float = 0.01           # floor of the focal weights' denominator (KappaLoss)
     # -- training (§2.3.2) -----------------------------------------------------
     learning_rate: float = 1e-5         # Adam, §2.3.2
     batch_size: int = 50                # §2.3.2
     steps_per_epoch: int = 20           # §2.3.2
     epochs: int = 200                   # §2.3.2
     n_runs: int = 10                    # independent runs, §2.3.2
-    clipnorm: float = 1.0               # gradient-norm clipping (DESIGN "Lessons")
+    clipnorm: float = 1.0               # gradient-norm clipping (ours): the focal loss needs it
 
     @property
     def pixel_arcsec(self) -> float:
@@ -160,24 +181,9 @@ def cosmology(config: Config = PAPER) -> FlatLambdaCDM:
 # §2.1 Basic weak-lensing theory (eq. 1-7)
 # ---------------------------------------------------------------------------
 def sigma_crit(z_l, z_s, cosmo=None):
-    """Critical surface mass density Σ_c.
+    """Critical surface density Σ_c = c² D_s / (4π G D_l D_ls) in M☉/Mpc² (eq. 4).
 
-    Parameters
-    ----------
-    z_l, z_s : float
-        Lens and source redshifts; ``z_s`` must exceed ``z_l``.
-    cosmo : astropy.cosmology.FLRW, optional
-        Defaults to the paper's flat ΛCDM (H0 = 70, Ωm = 0.3).
-
-    Returns
-    -------
-    astropy.units.Quantity
-        Σ_c in M☉ / Mpc².
-
-    Notes
-    -----
-    Eq. 4 of the paper: Σ_c = c² D_s / (4 π G D_l D_ls), with angular-diameter
-    distances; D_ls is the lens-to-source distance of a flat universe.
+    D are angular-diameter distances; ``cosmo`` defaults to the paper's flat ΛCDM.
     """
     z_l = float(z_l)
     z_s = float(z_s)
@@ -193,18 +199,9 @@ def sigma_crit(z_l, z_s, cosmo=None):
 
 
 def reduced_shear(gamma1, gamma2, kappa):
-    """Reduced shear g = γ / (1 − κ) (eq. 2), as a complex array.
+    """Reduced shear g = (γ1 + i γ2) / (1 − κ) as a complex array (eq. 2).
 
-    Parameters
-    ----------
-    gamma1, gamma2, kappa : array_like
-        Shear components and convergence, same shape.
-
-    Returns
-    -------
-    numpy.ndarray of complex128
-        g = (γ1 + i γ2) / (1 − κ).  Where κ = 1 exactly (a critical curve)
-        g is undefined: a ValueError is raised rather than returning inf.
+    κ = 1 exactly (a critical curve) raises ValueError: g is undefined there.
     """
     gamma = np.asarray(gamma1, dtype=np.float64) + 1j * np.asarray(gamma2, dtype=np.float64)
     kappa = np.asarray(kappa, dtype=np.float64)
@@ -214,27 +211,15 @@ def reduced_shear(gamma1, gamma2, kappa):
 
 
 def lens_ellipticity(e, g):
-    """Lensed ellipticity ε of a source with intrinsic ellipticity e.
+    """Lensed ellipticity ε = (e + g) / (1 + g* e) of intrinsic ellipticity e (eq. 7).
 
-    Parameters
-    ----------
-    e : array_like of complex
-        Intrinsic ellipticity e1 + i e2, |e| < 1, with the (a − b)/(a + b)
-        definition (eq. 5).
-    g : array_like of complex
-        Reduced shear g1 + i g2 at the source, broadcastable to ``e``.
-
-    Returns
-    -------
-    numpy.ndarray of complex128
-        ε = (e + g) / (1 + g* e) where |g| ≤ 1 (eq. 7), and
-        ε = (1 + g e*) / (e* + g*) where |g| > 1 (inside the critical curve;
-        Seitz & Schneider 1997).
+    Where |g| > 1 (inside the critical curve) ε = (1 + g e*) / (e* + g*) (Seitz & Schneider
+    1997). ``e`` and ``g`` are complex and broadcast; |e| < 1.
     """
     e = np.asarray(e)
     g = np.asarray(g)
     for name, a in (("e", e), ("g", g)):
-        if not (np.issubdtype(a.dtype, np.complexfloating) or np.issubdtype(a.dtype, np.number)):
+        if not np.issubdtype(a.dtype, np.number):
             raise TypeError(f"{name} must be a numeric (complex) array, got dtype {a.dtype}")
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{name} contains NaN or inf")
@@ -242,48 +227,44 @@ def lens_ellipticity(e, g):
     g = g.astype(np.complex128)
     if np.any(np.abs(e) >= 1.0):
         raise ValueError("intrinsic ellipticity must satisfy |e| < 1")
-    weak = np.abs(g) <= 1.0
     with np.errstate(divide="ignore", invalid="ignore"):
         eps_weak = (e + g) / (1.0 + np.conj(g) * e)
         eps_strong = (1.0 + g * np.conj(e)) / (np.conj(e) + np.conj(g))
-    return np.where(weak, eps_weak, eps_strong)
+    return np.where(np.abs(g) <= 1.0, eps_weak, eps_strong)
 
 
 # ---------------------------------------------------------------------------
 # §2.2 Shear from convergence (eq. 8-9) and Kaiser & Squires (eq. 10)
 # ---------------------------------------------------------------------------
-def _odd_fast_len(n):
-    """The smallest odd length ≥ n whose factors are 3, 5 and 7 (a fast FFT)."""
-    m = n + 1 - n % 2
-    while True:
-        r = m
-        for p in (3, 5, 7):
-            while r % p == 0:
-                r //= p
-        if r == 1:
-            return m
-        m += 2
-
-
 def _padded_shape(shape, pad):
-    """FFT grid for a map of ``shape``: itself, or at least twice each side.
+    """FFT grid of a map: itself, or the smallest odd 3-5-7-smooth lengths ≥ twice each side.
 
-    Padded grids are odd (e.g. 1,029 for 500 pixels), so they have no Nyquist
-    mode: the inversion is then exact and exactly equivariant under 90°
-    rotations and mirrors (an even grid's Nyquist modes have no sign of k).
+    Odd grids have no Nyquist mode, so the inversion is exact and commutes exactly with
+    90° rotations and mirrors (an even grid's Nyquist mode has no sign of k).
     """
     if not pad:
         return tuple(shape)
-    return tuple(_odd_fast_len(2 * n) for n in shape)
+    out = []
+    for n in shape:
+        m = 2 * n + 1
+        while True:
+            r = m
+            for p in (3, 5, 7):
+                while r % p == 0:
+                    r //= p
+            if r == 1:
+                break
+            m += 2
+        out.append(m)
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=8)
 def _ks_kernel(shape):
-    """Fourier multipliers (cos 2φ_k, sin 2φ_k) on an rfft2 grid of ``shape``.
+    """The kernel D (eq. 9) in Fourier space: (cos 2φ_k, sin 2φ_k) on an rfft2 grid.
 
-    With k1 along x (axis 1) and k2 along y (axis 0):
-    D̂ = [(k1² − k2²) + 2i k1 k2] / k².  The k = 0 mode is set to zero: the
-    mean convergence is not constrained by shear (mass-sheet degeneracy, §2.2).
+    With k1 along x (axis 1), k2 along y (axis 0): D̂ = [(k1² − k2²) + 2i k1 k2] / k².
+    D̂(0) = 0: the mean convergence makes no shear (the mass-sheet degeneracy).
     """
     k2 = scipy.fft.fftfreq(shape[0])[:, None]
     k1 = scipy.fft.rfftfreq(shape[1])[None, :]
@@ -293,10 +274,9 @@ def _ks_kernel(shape):
     s = 2.0 * k1 * k2 / ksq
     c[0, 0] = 0.0
     s[0, 0] = 0.0
-    # On an even grid the Nyquist row and column have an ambiguous sign of k,
-    # so sin 2φ_k (odd in k) is set to zero there -- what taking the real part
-    # of a complex inverse FFT does in the classic implementations (lenspack),
-    # whose numbers ``pad=False`` reproduces.  Those modes are not invertible.
+    # An even grid's Nyquist row and column have no sign of k, so sin 2φ_k (odd in k) is
+    # zero there, as taking the real part of a complex inverse FFT makes it in the classic
+    # implementations (lenspack), whose numbers ``pad=False`` reproduces.
     if shape[0] % 2 == 0:
         s[shape[0] // 2, :] = 0.0
     if shape[1] % 2 == 0:
@@ -322,26 +302,10 @@ def _check_map(name, a):
 
 
 def shear_from_kappa(kappa, pad=True):
-    """Shear (γ1, γ2) of a convergence map.
+    """Shear (γ1, γ2) of a convergence map, γ = (1/π) D * κ (eq. 8).
 
-    Parameters
-    ----------
-    kappa : array_like, shape (ny, nx)
-        Convergence on a regular grid [y, x].
-    pad : bool
-        If True (default) the map is zero-padded to at least twice each side,
-        i.e. the mass outside the map is taken to be zero (the isolated-field
-        reading).  If False the map is treated as periodic.
-
-    Returns
-    -------
-    gamma1, gamma2 : numpy.ndarray, shape (ny, nx)
-
-    Notes
-    -----
-    Eq. 8-9 of the paper, γ = (1/π) D * κ with D = −1/(x1 − i x2)², evaluated
-    in Fourier space as γ̂ = [(k1² − k2²) + 2i k1 k2] / k² κ̂ (Kaiser & Squires
-    1993).  The mean of κ (k = 0) produces no shear.
+    In Fourier space γ̂ = D̂ κ̂ (:func:`_ks_kernel`). ``pad``: zero-pad (no mass outside the
+    map); False treats the map as periodic.
     """
     kappa = _check_map("kappa", kappa)
     shape = _padded_shape(kappa.shape, pad)
@@ -354,34 +318,13 @@ def shear_from_kappa(kappa, pad=True):
 
 
 def ks93(g1, g2, pad=True, return_bmode=False):
-    """Kaiser & Squires (1993) convergence from a shear map.
+    """Kaiser & Squires (1993) convergence κ = (1/π) D* * γ of a shear map (eq. 10).
 
-    Parameters
-    ----------
-    g1, g2 : array_like, shape (ny, nx)
-        Shear (or, in the weak limit, reduced shear / mean ellipticity) [y, x].
-    pad : bool
-        True (default): zero-pad to at least twice each side against the
-        periodic wrap-around of the FFT (§2.2's finite-field problem).  False:
-        the plain periodic inversion, the same numbers as the classic
-        reference implementations (e.g. lenspack's ``ks93``).
-    return_bmode : bool
-        Also return the B mode (curl part), a noise diagnostic.
-
-    Returns
-    -------
-    kappa_e : numpy.ndarray, shape (ny, nx)
-        E-mode convergence.
-    kappa_b : numpy.ndarray, shape (ny, nx)
-        Only if ``return_bmode``.
-
-    Notes
-    -----
-    Eq. 10 of the paper, κ = (1/π) D* * γ, i.e. κ̂ = D̂* γ̂ in Fourier space.
-    The k = 0 mode is set to zero, so the mean of the (padded) field is zero:
-    KS93 fixes κ only up to the mass-sheet degeneracy κ → λκ + (1 − λ), and we
-    choose the zero-mean sheet.  With ``pad=True`` it is the padded field that
-    has zero mean, so the unpadded map keeps a small non-zero mean.
+    κ̂ = D̂* γ̂ in Fourier space. ``pad=True`` zero-pads against the wrap-around of the FFT
+    (§2.2's finite field); ``pad=False`` gives the periodic inversion of the classic
+    implementations (lenspack's ``ks93``). ``return_bmode`` also returns the B mode (the
+    curl part, a noise diagnostic). With padding it is the padded field that has zero mean,
+    so the map keeps a small non-zero mean.
     """
     g1 = _check_map("g1", g1)
     g2 = _check_map("g2", g2)
@@ -403,25 +346,10 @@ def ks93(g1, g2, pad=True, return_bmode=False):
 # §2.3.1 Training data: NFW clusters (Navarro, Frenk & White 1997)
 # ---------------------------------------------------------------------------
 def nfw_scale(m200_msun, c200, z, cosmo=None):
-    """Scale radius and characteristic surface density of an NFW halo.
+    """Scale radius r_s (physical Mpc) and r_s δ_c ρ_c (M☉/Mpc²) of an NFW halo.
 
-    Parameters
-    ----------
-    m200_msun : float
-        Mass within r200, the radius enclosing 200 times the critical density
-        at ``z`` (M200c), in M☉.
-    c200 : float
-        Concentration r200 / r_s.
-    z : float
-        Halo redshift.
-    cosmo : astropy.cosmology.FLRW, optional
-
-    Returns
-    -------
-    r_s_mpc : float
-        Scale radius in physical Mpc.
-    sigma_s : float
-        r_s δ_c ρ_c in M☉/Mpc², the unit of the Wright & Brainerd profiles.
+    ``m200_msun`` is M200c (the mass within 200 times the critical density at z), ``c200``
+    the concentration r200 / r_s; r_s δ_c ρ_c is the unit of Wright & Brainerd (2000).
     """
     if not (m200_msun > 0 and c200 > 0):
         raise ValueError(f"m200_msun and c200 must be positive, got {m200_msun}, {c200}")
@@ -444,85 +372,46 @@ def _nfw_f(x):
     return out
 
 
-def nfw_sigma(r_mpc, m200_msun, c200, z, cosmo=None):
-    """Projected surface density Σ(R) of an NFW halo.
-
-    Parameters
-    ----------
-    r_mpc : array_like
-        Projected radius in physical Mpc (> 0).
-    m200_msun, c200, z, cosmo
-        As in :func:`nfw_scale`.
-
-    Returns
-    -------
-    numpy.ndarray
-        Σ(R) in M☉/Mpc².
-
-    Notes
-    -----
-    Wright & Brainerd (2000) eq. 11: Σ = 2 r_s δ_c ρ_c [1 − F(x)] / (x² − 1),
-    x = R / r_s; at x = 1 the limit is 2 r_s δ_c ρ_c / 3 (a series is used
-    within 1e-3 of it to avoid 0/0).
-    """
+def _nfw_x(r_mpc, m200_msun, c200, z, cosmo):
     r_s, sigma_s = nfw_scale(m200_msun, c200, z, cosmo)
     x = np.asarray(r_mpc, dtype=np.float64) / r_s
     if np.any(x <= 0):
         raise ValueError("r_mpc must be positive")
+    return x, sigma_s
+
+
+def nfw_sigma(r_mpc, m200_msun, c200, z, cosmo=None):
+    """NFW surface density Σ(R) in M☉/Mpc², R in physical Mpc (Wright & Brainerd eq. 11).
+
+    Σ = 2 r_s δ_c ρ_c [1 − F(x)] / (x² − 1), x = R / r_s; within 1e-3 of x = 1 a first-order
+    series replaces the 0/0.
+    """
+    x, sigma_s = _nfw_x(r_mpc, m200_msun, c200, z, cosmo)
     near = np.abs(x - 1.0) < 1e-3
     xs = np.where(near, 2.0, x)
     val = (1.0 - _nfw_f(xs)) / (xs**2 - 1.0)
-    # d/dx [(1 - F)/(x^2 - 1)] at x = 1 is -2/5: first-order series.
-    series = 1.0 / 3.0 - 0.4 * (x - 1.0)
+    series = 1.0 / 3.0 - 0.4 * (x - 1.0)  # the derivative at x = 1 is -2/5
     return 2.0 * sigma_s * np.where(near, series, val)
 
 
 def nfw_mean_sigma(r_mpc, m200_msun, c200, z, cosmo=None):
-    """Mean surface density Σ̄(<R) inside projected radius R of an NFW halo.
+    """NFW mean surface density Σ̄(<R) in M☉/Mpc² (Wright & Brainerd eq. 13).
 
-    Notes
-    -----
-    Wright & Brainerd (2000) eq. 13: Σ̄ = 4 r_s δ_c ρ_c [F(x) + ln(x/2)] / x².
-    The NFW tangential shear is γ_t = [Σ̄(<R) − Σ(R)] / Σ_c.
+    Σ̄ = 4 r_s δ_c ρ_c [F(x) + ln(x/2)] / x²; the tangential shear is γ_t = (Σ̄ − Σ) / Σ_c.
     """
-    r_s, sigma_s = nfw_scale(m200_msun, c200, z, cosmo)
-    x = np.asarray(r_mpc, dtype=np.float64) / r_s
-    if np.any(x <= 0):
-        raise ValueError("r_mpc must be positive")
+    x, sigma_s = _nfw_x(r_mpc, m200_msun, c200, z, cosmo)
     return 4.0 * sigma_s * (_nfw_f(x) + np.log(x / 2.0)) / x**2
 
 
 def nfw_kappa_map(m200_msun, c200, x0_arcsec, y0_arcsec, npix, pixel_arcsec,
                   z_l=PAPER.z_lens, z_s=PAPER.z_source, cosmo=None,
                   axis_ratio=1.0, angle_deg=0.0, oversample=4, core_oversample=32):
-    """Pixel-averaged convergence map of an (elliptical) NFW halo.
+    """Pixel-averaged convergence κ = Σ / Σ_c of an elliptical NFW halo, (npix, npix).
 
-    Parameters
-    ----------
-    m200_msun, c200 : float
-        Halo mass M200c in M☉ and concentration.
-    x0_arcsec, y0_arcsec : float
-        Halo centre, arcsec from the lower-left corner of the map.
-    npix : int
-        Map side in pixels (the map is square, [y, x]).
-    pixel_arcsec : float
-        Pixel side in arcsec.
-    z_l, z_s : float
-        Halo and source redshifts.
-    axis_ratio : float
-        Projected minor/major axis ratio q ∈ (0, 1]; the elliptical radius
-        r² = q x'² + y'²/q keeps the area inside an isodensity contour.
-    angle_deg : float
-        Position angle of the major axis, counter-clockwise from +x.
-    oversample, core_oversample : int
-        Sub-pixel samples per side everywhere and in the 7 × 7 pixels around
-        the centre, so the cusp is averaged over the pixel rather than sampled
-        at a pixel centre.
-
-    Returns
-    -------
-    numpy.ndarray, shape (npix, npix)
-        κ = Σ / Σ_c averaged over each pixel.
+    The halo is centred at (x0, y0) arcsec. The elliptical radius r² = q x'² + y'²/q keeps
+    the area inside a contour (q = ``axis_ratio`` ≤ 1, major axis ``angle_deg`` counter-
+    clockwise from +x). Each pixel averages ``oversample``² samples, the 7 × 7 pixels about
+    the centre ``core_oversample``², so the cusp is averaged rather than sampled.
     """
     if not 0 < axis_ratio <= 1:
         raise ValueError(f"axis_ratio must be in (0, 1], got {axis_ratio}")
@@ -532,26 +421,21 @@ def nfw_kappa_map(m200_msun, c200, x0_arcsec, y0_arcsec, npix, pixel_arcsec,
                       * (1 * u.arcsec).to_value(u.rad))
     cos_t, sin_t = np.cos(np.radians(angle_deg)), np.sin(np.radians(angle_deg))
 
-    def kappa_at(x, y):
-        dx, dy = x - x0_arcsec, y - y0_arcsec
-        xp = dx * cos_t + dy * sin_t
-        yp = -dx * sin_t + dy * cos_t
-        r = np.sqrt(axis_ratio * xp**2 + yp**2 / axis_ratio) * mpc_per_arcsec
-        return nfw_sigma(np.maximum(r, 1e-9), m200_msun, c200, z_l, cosmo) / sc
-
     def averaged(i0, j0, n_i, n_j, s):
         sub = (np.arange(s) + 0.5) / s
-        y = ((i0 + np.arange(n_i))[:, None] + sub[None, :]).ravel() * pixel_arcsec
-        x = ((j0 + np.arange(n_j))[:, None] + sub[None, :]).ravel() * pixel_arcsec
-        k = kappa_at(x[None, :], y[:, None])
+        y = ((i0 + np.arange(n_i))[:, None] + sub[None, :]).ravel() * pixel_arcsec - y0_arcsec
+        x = ((j0 + np.arange(n_j))[:, None] + sub[None, :]).ravel() * pixel_arcsec - x0_arcsec
+        xp = x[None, :] * cos_t + y[:, None] * sin_t
+        yp = -x[None, :] * sin_t + y[:, None] * cos_t
+        r = np.sqrt(axis_ratio * xp**2 + yp**2 / axis_ratio) * mpc_per_arcsec
+        k = nfw_sigma(np.maximum(r, 1e-9), m200_msun, c200, z_l, cosmo) / sc
         return k.reshape(n_i, s, n_j, s).mean(axis=(1, 3))
 
     kappa = averaged(0, 0, npix, npix, oversample)
     ic = int(np.floor(y0_arcsec / pixel_arcsec))
     jc = int(np.floor(x0_arcsec / pixel_arcsec))
-    half = 3
-    i0, i1 = max(ic - half, 0), min(ic + half + 1, npix)
-    j0, j1 = max(jc - half, 0), min(jc + half + 1, npix)
+    i0, i1 = max(ic - 3, 0), min(ic + 4, npix)
+    j0, j1 = max(jc - 3, 0), min(jc + 4, npix)
     if i1 > i0 and j1 > j0:
         kappa[i0:i1, j0:j1] = averaged(i0, j0, i1 - i0, j1 - j0, core_oversample)
     return kappa
@@ -567,14 +451,9 @@ def _check_rng(rng):
 
 
 def draw_intrinsic_ellipticity(n, sigma_e, rng):
-    """Intrinsic ellipticities e = e1 + i e2 of ``n`` sources.
+    """``n`` complex intrinsic ellipticities, N(0, σ_e) per component, redrawn until |e| < 1.
 
-    Each component is drawn from N(0, σ_e) and a source is redrawn until
-    |e| < 1 (§2.3.1), since |e| ≥ 1 is no ellipse under eq. 5.
-
-    Returns
-    -------
-    numpy.ndarray of complex128, shape (n,)
+    |e| ≥ 1 is no ellipse under the (a − b)/(a + b) definition (§2.3.1).
     """
     _check_rng(rng)
     e = rng.normal(0.0, sigma_e, n) + 1j * rng.normal(0.0, sigma_e, n)
@@ -587,16 +466,11 @@ def draw_intrinsic_ellipticity(n, sigma_e, rng):
 
 
 def magnitude_pdf(mag, config=PAPER):
-    """Unnormalised V-band magnitude distribution of the sources.
+    """Unnormalised V-band magnitude distribution of the sources (§2.3.1).
 
-    Notes
-    -----
-    The paper (§2.3.1) adopts Kim et al. (2019): it starts at 21.5, peaks at
-    25.5 and is cut at 27.5 mag, without giving the form.  We take galaxy
-    number counts rising as 10^(a m) (a = ``count_slope``) times a logistic
-    completeness 1 / (1 + exp((m − m_c)/w)); m_c is solved so that the peak
-    falls at ``mag_peak``, and the distribution is zero outside
-    [``mag_min``, ``mag_max``].
+    The paper (after Kim et al. 2019) says only: it starts at 21.5, peaks at 25.5 and is cut
+    at 27.5 mag. We take counts rising as 10^(a m) (a = ``count_slope``) times a logistic
+    completeness 1 / (1 + exp((m − m_c)/w)), with m_c placing the peak at ``mag_peak``.
     """
     a, w = config.count_slope * np.log(10.0), config.completeness_width_mag
     s_peak = a * w  # the logistic's value at the peak, from d ln p / dm = 0
@@ -610,49 +484,36 @@ def magnitude_pdf(mag, config=PAPER):
 
 @functools.lru_cache(maxsize=8)
 def _magnitude_cdf(config):
+    # 1,025 points: 0.006-mag steps, far below any photometric error
     grid = np.linspace(config.mag_min, config.mag_max, 1025)
-    cdf = np.concatenate([[0.0], np.cumsum(0.5 * np.diff(grid) * (
-        magnitude_pdf(grid[1:], config) + magnitude_pdf(grid[:-1], config)))])
+    p = magnitude_pdf(grid, config)
+    cdf = np.concatenate([[0.0], np.cumsum(0.5 * np.diff(grid) * (p[1:] + p[:-1]))])
     return grid, cdf / cdf[-1]
 
 
 def draw_magnitudes(n, config, rng):
-    """``n`` V-band magnitudes from :func:`magnitude_pdf` (inverse CDF on a
-    1,025-point grid: 0.006-mag steps, far below any photometric error)."""
+    """``n`` V-band magnitudes from :func:`magnitude_pdf` (by its inverse CDF)."""
     grid, cdf = _magnitude_cdf(config)
     return np.interp(rng.uniform(0.0, 1.0, n), cdf, grid)
 
 
 def measurement_error(mag, config=PAPER):
-    """Per-component ellipticity measurement error σ_meas of a source.
+    """Per-component ellipticity measurement error σ_meas of a source of magnitude ``mag``.
 
-    Notes
-    -----
-    Monotonic in magnitude (§2.3.1 uses the relation of Kim et al. 2019, not
-    given in numbers).  We take a floor plus a term ∝ 1/flux, the scaling of a
-    background-limited shape measurement: σ_meas = σ_floor + σ_cut 10^{0.4 (m −
+    The paper uses Kim et al. (2019)'s relation without giving it. We take a floor plus a
+    term ∝ 1/flux (a background-limited shape measurement): σ_floor + σ_cut 10^{0.4 (m −
     m_max)}, i.e. 0.03 at 21.5, ≈0.07 at the 25.5 peak, 0.28 at the 27.5 cut.
     """
     mag = np.asarray(mag, dtype=np.float64)
-    return config.sigma_meas_floor + config.sigma_meas_at_cut * 10.0 ** (0.4 * (mag - config.mag_max))
+    flux_term = 10.0 ** (0.4 * (mag - config.mag_max))
+    return config.sigma_meas_floor + config.sigma_meas_at_cut * flux_term
 
 
 def draw_star_masks(config, rng, peak_xy_arcsec):
-    """Bright-star masks of a field (§3.5).
+    """Bright-star masks of a field (§3.5): a Table of ``x``, ``y``, ``radius`` in arcsec.
 
-    Parameters
-    ----------
-    config : Config
-    rng : numpy.random.Generator
-    peak_xy_arcsec : (float, float)
-        Position of the cluster's mass peak (arcsec from the lower-left corner);
-        the first mask lies within ``star_near_peak_arcmin`` of it.
-
-    Returns
-    -------
-    astropy.table.Table
-        Columns ``x``, ``y``, ``radius`` in arcsec.  1-2 masks per 20′ × 20′,
-        scaled by the field's area; radii uniform in 0.5′-2′.
+    1-2 masks per 20′ × 20′ (scaled by area), radii uniform in 0.5′-2′; the first lies
+    within ``star_near_peak_arcmin`` of the cluster's mass peak ``peak_xy_arcsec``.
     """
     _check_rng(rng)
     side = config.field_arcmin * 60.0
@@ -664,49 +525,29 @@ def draw_star_masks(config, rng, peak_xy_arcsec):
     x = np.concatenate([[peak_xy_arcsec[0] + r_near * np.cos(phi)], rng.uniform(0, side, n - 1)])
     y = np.concatenate([[peak_xy_arcsec[1] + r_near * np.sin(phi)], rng.uniform(0, side, n - 1)])
     radius = rng.uniform(*config.star_radius_arcmin, n) * 60.0
-    return Table({"x": x, "y": y, "radius": radius}, units={"x": u.arcsec, "y": u.arcsec, "radius": u.arcsec})
-
-
-def sample_map(field, x_arcsec, y_arcsec, pixel_arcsec):
-    """Bilinear interpolation of a [y, x] map at positions in arcsec."""
-    coords = np.vstack([np.asarray(y_arcsec) / pixel_arcsec - 0.5,
-                        np.asarray(x_arcsec) / pixel_arcsec - 0.5])
-    return scipy.ndimage.map_coordinates(field, coords, order=1, mode="nearest")
+    return Table({"x": x, "y": y, "radius": radius},
+                 units={"x": u.arcsec, "y": u.arcsec, "radius": u.arcsec})
 
 
 def simulate_catalog(kappa, gamma1, gamma2, config=PAPER, rng=None, masks=None):
-    """Simulate an observed source catalog behind a lens (§2.3.1).
+    """An observed source catalog behind truth maps κ, γ1, γ2 on the input grid (§2.3.1).
 
-    Parameters
-    ----------
-    kappa, gamma1, gamma2 : array_like, shape (npix, npix)
-        Truth convergence and shear of the field on the input grid [y, x].
-    config : Config
-        Field size, source density, σ_e and the magnitude / error model.
-    rng : numpy.random.Generator
-        Source of every random draw (required: catalogs are reproducible).
-    masks : astropy.table.Table, optional
-        Bright-star masks with columns ``x``, ``y``, ``radius`` (arcsec);
-        sources inside any mask are removed (§3.5).
+    Positions are uniform, a Poisson number of mean density × area; κ and γ are interpolated
+    bilinearly at each source, the intrinsic ellipticity (:func:`draw_intrinsic_ellipticity`)
+    is lensed by :func:`reduced_shear` and :func:`lens_ellipticity`, and Gaussian measurement
+    noise of σ_meas (:func:`measurement_error`) is added to each component. Sources inside
+    ``masks`` (:func:`draw_star_masks`) are removed. ``rng`` is required.
 
     Returns
     -------
     astropy.table.Table
-        Columns ``x``, ``y`` (arcsec from the lower-left corner), ``mag``
-        (V band), ``sigma`` (per-component ellipticity error,
-        sqrt(σ_e² + σ_meas²)), ``e1``, ``e2`` (observed lensed ellipticity).
-
-    Notes
-    -----
-    Positions are uniform with a Poisson number of mean density × area.  κ and γ
-    are interpolated (bilinearly) at each source, g = γ/(1 − κ) (eq. 2), the
-    intrinsic e (N(0, σ_e) per component, |e| < 1) is lensed by eq. 7 (or its
-    |g| > 1 branch), and Gaussian measurement noise N(0, σ_meas) is added to
-    each component (DESIGN.md "Sources and noise").
+        ``x``, ``y`` (arcsec), ``mag``, ``sigma`` = sqrt(σ_e² + σ_meas²) per component, and
+        the observed ``e1``, ``e2``.
     """
     _check_rng(rng)
-    maps = [_check_map(n, a) for n, a in (("kappa", kappa), ("gamma1", gamma1), ("gamma2", gamma2))]
-    for name, a in zip(("kappa", "gamma1", "gamma2"), maps):
+    names = ("kappa", "gamma1", "gamma2")
+    maps = [_check_map(n, a) for n, a in zip(names, (kappa, gamma1, gamma2))]
+    for name, a in zip(names, maps):
         if a.shape != (config.npix, config.npix):
             raise ValueError(f"{name} has shape {a.shape}; the config's grid is "
                              f"({config.npix}, {config.npix})")
@@ -716,7 +557,9 @@ def simulate_catalog(kappa, gamma1, gamma2, config=PAPER, rng=None, masks=None):
     y = rng.uniform(0.0, side, n)
     mag = draw_magnitudes(n, config, rng)
     sigma_meas = measurement_error(mag, config)
-    k, g1, g2 = (sample_map(a, x, y, config.pixel_arcsec) for a in maps)
+    coords = np.vstack([y, x]) / config.pixel_arcsec - 0.5  # pixel centres at (i + 1/2) p
+    k, g1, g2 = (scipy.ndimage.map_coordinates(a, coords, order=1, mode="nearest")
+                 for a in maps)
     g = reduced_shear(g1, g2, k)
     eps = lens_ellipticity(draw_intrinsic_ellipticity(n, config.sigma_e, rng), g)
     e1 = eps.real + rng.normal(0.0, 1.0, n) * sigma_meas
@@ -738,8 +581,7 @@ def simulate_catalog(kappa, gamma1, gamma2, config=PAPER, rng=None, masks=None):
 # ---------------------------------------------------------------------------
 #: Splits of a dataset, in the order their seeds and shards are numbered.
 SPLITS = ("train", "val", "test")
-#: Config fields that define a dataset's content; a reader with other values
-#: would misread it (the network's fields do not matter to the data).
+#: Config fields that define a dataset's content (the network's fields do not).
 DATA_FIELDS = ("H0", "Om0", "z_lens", "z_source", "field_arcmin", "npix", "fwhm_arcsec",
                "kernel_cut_sigma", "empty_pixel_error", "source_density_arcmin2", "sigma_e",
                "mag_min", "mag_peak", "mag_max", "count_slope", "completeness_width_mag",
@@ -748,6 +590,7 @@ DATA_FIELDS = ("H0", "Om0", "z_lens", "z_source", "field_arcmin", "npix", "fwhm_
 DATASET_FORMAT = "wlcnn-dataset"
 DATASET_VERSION = 1
 CATALOG_COLUMNS = ("x", "y", "mag", "sigma", "e1", "e2")
+MASK_COLUMNS = ("x", "y", "radius")
 
 
 def _data_config(config):
@@ -764,74 +607,52 @@ def _check_split(split):
 def cluster_rng(seed, split, index):
     """The random generator of cluster ``index`` of ``split``.
 
-    Derived from (seed, split, index) alone, so a cluster is the same whichever
-    shard, job or worker makes it (numpy SeedSequence spawn keys).
+    It depends on (seed, split, index) alone, so a cluster is the same whichever shard, job
+    or worker makes it.
     """
     key = (SPLITS.index(_check_split(split)), int(index))
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
 
 
-def mosaic_truth(kappa, config=PAPER):
-    """Truth κ at the network's output resolution, on the mosaic grid.
+def _block_mean(a, n, config):
+    """Mean of the last two axes over 3 × 3 blocks [3J + 1, 3J + 4), J < n: the footprint of
+    an output pixel through Conv2D-1 (3 × 3, valid) and the 3 × 3 AvgPool of Table 1."""
+    p, lo = config.pool, (config.first_kernel - 1) // 2
+    block = a[..., lo:lo + p * n, lo:lo + p * n]
+    return block.reshape(block.shape[:-2] + (n, p, n, p)).mean(axis=(-3, -1))
 
-    Parameters
-    ----------
-    kappa : array_like, shape (..., npix, npix)
 
-    Returns
-    -------
-    numpy.ndarray, shape (..., mosaic_npix, mosaic_npix)
-        Mosaic pixel J is the mean of input pixels [3J + 1, 3J + 4) on each
-        axis: the footprint of an output pixel through Table 1's 3×3 valid
-        Conv2D-1 and 3×3 AvgPool (DESIGN.md "Grids").
-    """
-    kappa = np.asarray(kappa)
-    p, m = config.pool, config.mosaic_npix
+def _mosaic_centres(config):
+    """Centres of the mosaic pixels along one axis, in arcsec from the field's corner."""
     lo = (config.first_kernel - 1) // 2
-    block = kappa[..., lo:lo + p * m, lo:lo + p * m]
-    return block.reshape(block.shape[:-2] + (m, p, m, p)).mean(axis=(-3, -1))
+    n = np.arange(config.mosaic_npix)
+    return (lo + config.pool * (n + 0.5)) * config.pixel_arcsec
+
+
+def mosaic_truth(kappa, config=PAPER):
+    """Truth κ (..., npix, npix) at output resolution on the mosaic grid (the target)."""
+    return _block_mean(np.asarray(kappa), config.mosaic_npix, config)
 
 
 def make_cluster(field, config, rng, masks=False):
-    """One cluster record: truth maps, star masks and the fixed catalog.
+    """One cluster record: the truth maps of ``field``, its star masks and its catalog.
 
-    Parameters
-    ----------
-    field : dict
-        ``kappa``, ``gamma1``, ``gamma2`` arrays (npix, npix) and optional
-        ``meta`` (JSON-serialisable dict).
-    config : Config
-    rng : numpy.random.Generator
-        Draws the masks and the catalog (after whatever drew the field).
-    masks : bool
-        Draw bright-star masks (§3.5) around the truth's peak.
+    ``field`` holds ``kappa``, ``gamma1``, ``gamma2`` (npix, npix) and an optional JSON
+    ``meta``; ``rng`` draws the masks (if ``masks``, around the truth's peak) and the catalog.
     """
     kappa = _check_map("kappa", field["kappa"])
     mosaic = mosaic_truth(kappa, config)
-    j_peak = np.unravel_index(np.argmax(mosaic), mosaic.shape)
-    pix = config.pixel_arcsec * config.pool
-    lo = (config.first_kernel - 1) // 2 * config.pixel_arcsec
-    peak_xy = (lo + (j_peak[1] + 0.5) * pix, lo + (j_peak[0] + 0.5) * pix)
-    mask_table = draw_star_masks(config, rng, peak_xy) if masks else Table(
-        {"x": np.zeros(0), "y": np.zeros(0), "radius": np.zeros(0)})
+    i, j = np.unravel_index(np.argmax(mosaic), mosaic.shape)
+    centres = _mosaic_centres(config)
+    if masks:
+        mask_table = draw_star_masks(config, rng, (centres[j], centres[i]))
+    else:
+        mask_table = Table({c: np.zeros(0) for c in MASK_COLUMNS})
     catalog = simulate_catalog(kappa, field["gamma1"], field["gamma2"], config, rng,
                                mask_table if masks else None)
-    return {"kappa": kappa, "gamma1": np.asarray(field["gamma1"]), "gamma2": np.asarray(field["gamma2"]),
-            "catalog": catalog, "masks": mask_table, "meta": dict(field.get("meta", {}))}
-
-
-def _pack_shard(clusters):
-    """Arrays of a shard: maps stacked (float32), catalogs and masks ragged."""
-    out = {k: np.stack([c[k] for c in clusters]).astype(np.float32) for k in ("kappa", "gamma1", "gamma2")}
-    for prefix, key, cols in (("cat", "catalog", CATALOG_COLUMNS), ("mask", "masks", ("x", "y", "radius"))):
-        lengths = [len(c[key]) for c in clusters]
-        out[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        for col in cols:
-            out[f"{prefix}_{col}"] = np.concatenate(
-                [np.asarray(c[key][col], dtype=np.float64) for c in clusters]).astype(
-                np.float32 if prefix == "cat" and col not in ("x", "y") else np.float64)
-    out["meta"] = np.array([json.dumps(c["meta"], sort_keys=True) for c in clusters])
-    return out
+    return {"kappa": kappa, "gamma1": np.asarray(field["gamma1"]),
+            "gamma2": np.asarray(field["gamma2"]), "catalog": catalog, "masks": mask_table,
+            "meta": dict(field.get("meta", {}))}
 
 
 def _atomic_write(path, write):
@@ -853,48 +674,37 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def _shard_plan(counts, shard_size):
-    """[(split, shard_index, first, n)] over all splits, in a fixed order."""
-    plan = []
-    for split in SPLITS:
-        n = int(counts.get(split, 0))
-        for k, first in enumerate(range(0, n, shard_size)):
-            plan.append((split, k, first, min(shard_size, n - first)))
-    return plan
-
-
 def _shard_name(split, k):
     return f"{split}/shard-{k:05d}.npz"
 
 
-def _write_one_shard(task):
-    """Make and write one shard (a worker's unit of work); returns its sidecar."""
+def _write_shard(task):
+    """Make clusters first, ..., first + n - 1 of a split and write them as one shard."""
     out_dir, split, k, first, n, config, seed, masks, field_fn = task
-    path = Path(out_dir) / _shard_name(split, k)
     clusters = []
     for i in range(first, first + n):
         rng = cluster_rng(seed, split, i)
         clusters.append(make_cluster(field_fn(config, rng, split, i), config, rng, masks))
-    arrays = _pack_shard(clusters)
-    arrays["index"] = np.arange(first, first + n, dtype=np.int64)
-    # np.savez_compressed stamps zip entries with a fixed date: same seed, same bytes.
+    arrays = {"index": np.arange(first, first + n, dtype=np.int64)}
+    for key in ("kappa", "gamma1", "gamma2"):
+        arrays[key] = np.stack([c[key] for c in clusters]).astype(np.float32)
+    # catalogs and masks are ragged: concatenated, with offsets
+    for prefix, key, cols in (("cat", "catalog", CATALOG_COLUMNS), ("mask", "masks", MASK_COLUMNS)):
+        lengths = [len(c[key]) for c in clusters]
+        arrays[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        for col in cols:
+            # positions and masks keep float64; magnitudes and shapes need no more than float32
+            dtype = np.float32 if prefix == "cat" and col not in ("x", "y") else np.float64
+            values = [np.asarray(c[key][col], dtype=np.float64) for c in clusters]
+            arrays[f"{prefix}_{col}"] = np.concatenate(values).astype(dtype)
+    arrays["meta"] = np.array([json.dumps(c["meta"], sort_keys=True) for c in clusters])
+
     def write(tmp):
+        # np.savez_compressed stamps zip entries with a fixed date: same seed, same bytes
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
 
-    _atomic_write(path, write)
-    side = {"file": _shard_name(split, k), "split": split, "first": first, "n": n, "sha256": _sha256(path)}
-    _atomic_write_text(f"{path}.json", json.dumps(side))
-    return side
-
-
-def _shard_done(out_dir, split, k):
-    side = Path(out_dir) / (_shard_name(split, k) + ".json")
-    shard = Path(out_dir) / _shard_name(split, k)
-    if not (side.exists() and shard.exists()):
-        return None
-    info = json.loads(side.read_text())
-    return info if info.get("sha256") == _sha256(shard) else None
+    _atomic_write(Path(out_dir) / _shard_name(split, k), write)
 
 
 class _Progress:
@@ -918,47 +728,16 @@ class _Progress:
 
 def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=False,
                   shard_size=25, workers=1, shard=None, generator="simulate", progress=True):
-    """Simulate clusters and write them as a sharded dataset with a manifest.
+    """Simulate clusters into ``out_dir`` as ``{split}/shard-NNNNN.npz`` files and a manifest.
 
-    Parameters
-    ----------
-    out_dir : path
-        Dataset directory: ``{split}/shard-NNNNN.npz`` (+ ``.json`` sidecars)
-        and ``manifest.json``.
-    counts : dict
-        Clusters per split, e.g. ``{"train": 5000, "val": 1800, "test": 200}``
-        (the paper's split, §2.3.1).
-    config : Config
-    seed : int
-        Everything random derives from it through :func:`cluster_rng`.
-    field_fn : callable, optional
-        ``field_fn(config, rng, split, index) -> {"kappa", "gamma1", "gamma2",
-        "meta"}``: the sky simulator (``examples/simulate_skies.py``) or the
-        ray-traced fields (``examples/ingest_raytraced.py``).
-    masks : bool
-        Bright-star masks (§3.5, the paper's BS case).
-    shard_size : int
-        Clusters per shard file.
-    workers : int
-        Processes making shards in parallel.
-    shard : (int, int), optional
-        ``(i, n)``: make only the shards whose position in the plan is i mod n
-        (one job of a batch-scheduler array).  The manifest is written by
-        whichever run finds every shard finished.
-    generator : str
-        Recorded in the manifest (``simulate`` or ``ingest``).
-
-    Returns
-    -------
-    dict or None
-        The manifest if the dataset is complete, else None.
-
-    Notes
-    -----
-    Each shard is written to a temporary file and renamed, then its sidecar
-    (with its SHA-256) likewise: a rerun skips every shard whose sidecar
-    matches and redoes the rest, so an interrupted run resumes without losing
-    or half-writing anything.
+    ``counts``: clusters per split (the paper's: train 5,000, val 1,800, test 200, §2.3.1).
+    ``field_fn(config, rng, split, index)`` returns a cluster's ``kappa``, ``gamma1``,
+    ``gamma2`` and ``meta`` (``examples/simulate_skies.py``, ``examples/ingest_raytraced.py``);
+    ``masks``: bright-star masks (§3.5). Every draw derives from ``seed`` (:func:`cluster_rng`):
+    the same seed writes the same bytes. A shard is written under a temporary name and
+    renamed, so a rerun makes only the missing shards. ``shard=(i, n)`` makes the shards
+    numbered i mod n (one job of a batch array). The run that finds every shard written adds
+    ``manifest.json`` (with each shard's SHA-256) and returns it; the others return None.
     """
     if not callable(field_fn):
         raise TypeError("write_dataset needs field_fn(config, rng, split, index), e.g. "
@@ -970,56 +749,55 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
     if shard_size < 1 or workers < 1:
         raise ValueError("shard_size and workers must be positive")
     out = Path(out_dir)
-    plan = _shard_plan(counts, shard_size)
+    plan = [(split, k, first, min(shard_size, int(counts.get(split, 0)) - first))
+            for split in SPLITS
+            for k, first in enumerate(range(0, int(counts.get(split, 0)), shard_size))]
     if not plan:
         raise ValueError("no clusters requested: every split count is zero")
     manifest_path = out / "manifest.json"
     header = {"format": DATASET_FORMAT, "version": DATASET_VERSION, "generator": generator,
               "seed": int(seed), "masks": bool(masks), "shard_size": int(shard_size),
-              "counts": {s: int(counts.get(s, 0)) for s in SPLITS}, "config": _data_config(config)}
+              "counts": {s: int(counts.get(s, 0)) for s in SPLITS},
+              "config": _data_config(config)}
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if {k: old.get(k) for k in header} != header:
             raise ValueError(f"{out} holds a dataset made with other settings; use another --out")
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
-    mine = [t for j, t in enumerate(plan) if shard is None or j % shard[1] == shard[0]]
-    todo = [t for t in mine if _shard_done(out, t[0], t[1]) is None]
-    tasks = [(str(out), s, k, first, n, config, seed, masks, field_fn) for s, k, first, n in todo]
+    tasks = [(str(out), s, k, first, n, config, seed, masks, field_fn)
+             for j, (s, k, first, n) in enumerate(plan)
+             if (shard is None or j % shard[1] == shard[0])
+             and not (out / _shard_name(s, k)).exists()]
     bar = _Progress(len(tasks), "simulate shards") if progress and tasks else None
     if workers == 1 or len(tasks) <= 1:
         for t in tasks:
-            _write_one_shard(t)
+            _write_shard(t)
             bar and bar.update()
     else:
-        # "spawn": forking a process that has imported TensorFlow can deadlock.
+        # "spawn": forking a process that has imported TensorFlow can deadlock
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for _ in pool.map(_write_one_shard, tasks):
+            for _ in pool.map(_write_shard, tasks):
                 bar and bar.update()
-    sides = [_shard_done(out, s, k) for s, k, _, _ in plan]
-    if any(side is None for side in sides):
+    if not all((out / _shard_name(s, k)).exists() for s, k, _, _ in plan):
         return None
-    manifest = dict(header, shards={s: [d for d in sides if d["split"] == s] for s in SPLITS},
-                    packages={"wlcnn": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
-                              "astropy": astropy.__version__})
+    shards = {s: [] for s in SPLITS}
+    for s, k, first, n in plan:
+        shards[s].append({"file": _shard_name(s, k), "split": s, "first": first, "n": n,
+                          "sha256": _sha256(out / _shard_name(s, k))})
+    packages = {"wlcnn": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
+                "astropy": astropy.__version__}
+    manifest = dict(header, shards=shards, packages=packages)
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
 
 class ClusterDataset:
-    """Read access to a dataset written by :func:`write_dataset`.
+    """Read access to a dataset of :func:`write_dataset`.
 
-    Parameters
-    ----------
-    path : path
-        The dataset directory.
-    config : Config, optional
-        If given, the dataset must have been made with the same data fields
-        (grid, redshifts, noise model), else ValueError.
-    verify : bool
-        Check each shard's SHA-256 when it is loaded (a corrupt or truncated
-        shard raises ValueError rather than being read).
+    With ``config``, the dataset must have been made with the same data fields (ValueError
+    otherwise); ``verify`` checks each shard's SHA-256 as it is loaded.
     """
 
     def __init__(self, path, config=None, verify=True):
@@ -1031,12 +809,16 @@ class ClusterDataset:
             self.manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{mpath} is corrupt: {exc}") from None
-        if self.manifest.get("format") != DATASET_FORMAT or self.manifest.get("version") != DATASET_VERSION:
-            raise ValueError(f"{self.path}: not a wlcnn dataset of format version {DATASET_VERSION}")
-        self.config = dataclasses.replace(PAPER, **dataclasses.asdict(config_from_dict(self.manifest["config"])))
-        if config is not None and _data_config(config) != self.manifest["config"]:
-            diff = [k for k in DATA_FIELDS if _data_config(config)[k] != self.manifest["config"][k]]
-            raise ValueError(f"{self.path} was made with another config (differs in {', '.join(diff)})")
+        if (self.manifest.get("format") != DATASET_FORMAT
+                or self.manifest.get("version") != DATASET_VERSION):
+            raise ValueError(f"{self.path}: not a wlcnn dataset of format version "
+                             f"{DATASET_VERSION}")
+        stored = self.manifest["config"]
+        self.config = config_from_dict(stored)  # the other fields: the paper's
+        if config is not None and _data_config(config) != stored:
+            diff = [k for k in DATA_FIELDS if _data_config(config)[k] != stored[k]]
+            raise ValueError(f"{self.path} was made with another config "
+                             f"(differs in {', '.join(diff)})")
         self.verify = verify
 
     def count(self, split):
@@ -1062,21 +844,19 @@ class ClusterDataset:
             raise ValueError(f"corrupt shard {path}: {exc}") from None
 
     def clusters(self, split, shard_ids=None):
-        """Iterate over the clusters of ``split`` (one shard in memory at a time)."""
-        ids = range(len(self.shards(split))) if shard_ids is None else shard_ids
-        for k in ids:
-            yield from unpack_shard(self.load_shard(split, k))
-
-
-def unpack_shard(arrays):
-    """The cluster records (dicts as :func:`make_cluster`) of a loaded shard."""
-    co, mo = arrays["cat_offsets"], arrays["mask_offsets"]
-    for i in range(len(arrays["kappa"])):
-        cat = Table({c: arrays[f"cat_{c}"][co[i]:co[i + 1]].astype(np.float64) for c in CATALOG_COLUMNS})
-        masks = Table({c: arrays[f"mask_{c}"][mo[i]:mo[i + 1]] for c in ("x", "y", "radius")})
-        yield {"index": int(arrays["index"][i]), "kappa": arrays["kappa"][i], "gamma1": arrays["gamma1"][i],
-               "gamma2": arrays["gamma2"][i], "catalog": cat, "masks": masks,
-               "meta": json.loads(str(arrays["meta"][i]))}
+        """The records of ``split`` (as :func:`make_cluster`, plus ``index``), one shard in
+        memory at a time."""
+        for k in range(len(self.shards(split))) if shard_ids is None else shard_ids:
+            a = self.load_shard(split, k)
+            co, mo = a["cat_offsets"], a["mask_offsets"]
+            for i in range(len(a["kappa"])):
+                cat = {c: a[f"cat_{c}"][co[i]:co[i + 1]].astype(np.float64)
+                       for c in CATALOG_COLUMNS}
+                masks = {c: a[f"mask_{c}"][mo[i]:mo[i + 1]] for c in MASK_COLUMNS}
+                yield {"index": int(a["index"][i]), "kappa": a["kappa"][i],
+                       "gamma1": a["gamma1"][i], "gamma2": a["gamma2"][i],
+                       "catalog": Table(cat), "masks": Table(masks),
+                       "meta": json.loads(str(a["meta"][i]))}
 
 
 # ---------------------------------------------------------------------------
@@ -1084,7 +864,8 @@ def unpack_shard(arrays):
 # ---------------------------------------------------------------------------
 def _as_1d(name, a):
     a = np.asarray(a)
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.integer)
+                                 or np.issubdtype(a.dtype, np.floating)
                                  or np.issubdtype(a.dtype, np.bool_)):
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     if a.ndim != 1:
@@ -1096,31 +877,33 @@ def _as_1d(name, a):
 
 
 def _positive(name, value):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be positive and finite, got {value}")
     return float(value)
 
 
-#: Accepted ranges of per-source values: outside them a source is no
-#: ellipticity measurement (and its weight 1/σ² would overflow float64 sums).
+#: Accepted σ of a source: outside it a source is no ellipticity measurement (and its
+#: weight 1/σ² would overflow float64 sums).
 SIGMA_RANGE = (1e-6, 1e6)
-MAX_ABS_ELLIPTICITY = 1e3
 
 
-def _check_grid_args(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error):
-    cols = [_as_1d(n, a) for n, a in (("x", x), ("y", y), ("e1", e1), ("e2", e2), ("sigma", sigma))]
-    lengths = {len(c) for c in cols}
-    if len(lengths) != 1:
+def _check_grid_args(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma,
+                     empty_error):
+    cols = [_as_1d(n, a) for n, a in
+            (("x", x), ("y", y), ("e1", e1), ("e2", e2), ("sigma", sigma))]
+    if len({len(c) for c in cols}) != 1:
         raise ValueError("x, y, e1, e2, sigma must have the same length, got "
                          + ", ".join(str(len(c)) for c in cols))
     if np.any(cols[4] <= 0):
         raise ValueError("sigma must be positive for every source")
     if np.any((cols[4] < SIGMA_RANGE[0]) | (cols[4] > SIGMA_RANGE[1])):
-        raise ValueError(f"sigma must lie in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}] for every source")
-    if np.any(np.abs(cols[2]) > MAX_ABS_ELLIPTICITY) or np.any(np.abs(cols[3]) > MAX_ABS_ELLIPTICITY):
-        raise ValueError(f"|e1|, |e2| above {MAX_ABS_ELLIPTICITY:g}: not an ellipticity")
+        raise ValueError(f"sigma must lie in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}] "
+                         "for every source")
+    if np.any(np.abs(cols[2]) > 1e3) or np.any(np.abs(cols[3]) > 1e3):
+        raise ValueError("|e1|, |e2| above 1000: not an ellipticity")
     if isinstance(npix, (bool, np.bool_)) or not isinstance(npix, (int, np.integer)):
         raise TypeError(f"npix must be an integer, got {type(npix).__name__}")
     if npix <= 0:
@@ -1131,33 +914,32 @@ def _check_grid_args(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_s
     empty_error = _positive("empty_error", empty_error)
     s_pix = fwhm_arcsec / FWHM_PER_SIGMA / pixel_arcsec
     if not 0.05 <= s_pix <= npix:
-        raise ValueError(f"the kernel's σ is {s_pix:g} pixels; it must lie between 0.05 pixel and "
-                         f"the grid's side ({npix}): check fwhm_arcsec and pixel_arcsec")
+        raise ValueError(f"the kernel's σ is {s_pix:g} pixels; it must lie between 0.05 pixel "
+                         f"and the grid's side ({npix}): check fwhm_arcsec and pixel_arcsec")
     if cut_sigma > 10:
-        raise ValueError(f"cut_sigma={cut_sigma} is beyond 10 σ, where the Gaussian is below e^-50")
-    return cols, int(npix), pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error
+        raise ValueError(f"cut_sigma={cut_sigma} is beyond 10 σ, where the Gaussian is "
+                         "below e^-50")
+    return cols, int(npix), pixel_arcsec, s_pix, cut_sigma * s_pix, empty_error
 
 
-def _within_reach(xp, yp, npix, rcut):
-    """Sources within the kernel's reach of the grid (the rest add nothing)."""
-    return (xp >= -rcut - 1) & (xp <= npix + rcut) & (yp >= -rcut - 1) & (yp <= npix + rcut)
+def _density_norm(fwhm_arcsec):
+    """1 / (2π σ_W²) in arcmin⁻²: Σ W times this is sources per arcmin²."""
+    s_arcmin = fwhm_arcsec / FWHM_PER_SIGMA / 60.0
+    return 1.0 / (2.0 * np.pi * s_arcmin**2)
 
 
 def grid_catalog_numpy(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.pixel_arcsec,
                        fwhm_arcsec=PAPER.fwhm_arcsec, cut_sigma=PAPER.kernel_cut_sigma,
                        empty_error=PAPER.empty_pixel_error):
-    """NumPy reference of :func:`grid_catalog` (same maths; slow).
+    """NumPy reference of :func:`grid_catalog` (same sums; slow; the fallback).
 
-    A vectorised stencil: for each offset (di, dj) of the truncated kernel,
-    every source adds to the pixel at that offset from its nearest pixel with
-    ``np.bincount``.  Kept for tests and as the fallback without the extension.
+    For each tap (di, dj) of the truncated kernel, every source adds to the pixel at that
+    offset from its nearest pixel with ``np.bincount``.
     """
-    (x, y, e1, e2, sigma), npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error = _check_grid_args(
+    (x, y, e1, e2, sigma), npix, pixel_arcsec, s_pix, rcut, empty_error = _check_grid_args(
         x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error)
-    s_pix = fwhm_arcsec / FWHM_PER_SIGMA / pixel_arcsec
-    rcut = cut_sigma * s_pix
-    xp, yp = x / pixel_arcsec - 0.5, y / pixel_arcsec - 0.5
-    near = _within_reach(xp, yp, npix, rcut)
+    xp, yp = x / pixel_arcsec - 0.5, y / pixel_arcsec - 0.5  # in pixels, centres at integers
+    near = (xp >= -rcut - 1) & (xp <= npix + rcut) & (yp >= -rcut - 1) & (yp <= npix + rcut)
     xp, yp, e1, e2 = xp[near], yp[near], e1[near], e2[near]
     w = 1.0 / sigma[near] ** 2
     ic, jc = np.rint(yp).astype(np.int64), np.rint(xp).astype(np.int64)
@@ -1166,12 +948,12 @@ def grid_catalog_numpy(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.
     for di in range(-half, half + 1):
         for dj in range(-half, half + 1):
             i, j = ic + di, jc + dj
-            d2 = (i - yp) ** 2 + (j - xp) ** 2
-            ok = (np.abs(i - yp) <= rcut) & (np.abs(j - xp) <= rcut) & (i >= 0) & (i < npix) & (j >= 0) & (j < npix)
+            ok = ((np.abs(i - yp) <= rcut) & (np.abs(j - xp) <= rcut)
+                  & (i >= 0) & (i < npix) & (j >= 0) & (j < npix))
             if not ok.any():
                 continue
             idx = (i * npix + j)[ok]
-            ww = np.exp(-0.5 * d2[ok] / s_pix**2)
+            ww = np.exp(-0.5 * ((i - yp) ** 2 + (j - xp) ** 2)[ok] / s_pix**2)
             wu = ww * w[ok]
             for k, vals in enumerate((wu, wu * e1[ok], wu * e2[ok], ww * wu, ww)):
                 acc[k] += np.bincount(idx, vals, minlength=npix * npix)
@@ -1186,88 +968,44 @@ def grid_catalog_numpy(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.
     return out
 
 
-def _density_norm(fwhm_arcsec):
-    """1 / (2π σ_W²) in arcmin⁻²: Σ W times this is sources per arcmin²."""
-    s_arcmin = fwhm_arcsec / FWHM_PER_SIGMA / 60.0
-    return 1.0 / (2.0 * np.pi * s_arcmin**2)
-
-
 def grid_catalog(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.pixel_arcsec,
                  fwhm_arcsec=PAPER.fwhm_arcsec, cut_sigma=PAPER.kernel_cut_sigma,
                  empty_error=PAPER.empty_pixel_error, out=None):
-    """Grid a source catalog onto the network's input pixels.
+    """Grid a source catalog onto the network's input pixels (§2.3.2).
 
-    Parameters
-    ----------
-    x, y : array_like, shape (n,)
-        Source positions in arcsec from the field's lower-left corner.
-        Sources outside the field are allowed: each adds to the pixels whose
-        centres lie within the kernel's truncation radius, so a source just
-        beyond an edge still informs the edge pixels, and one further away
-        contributes nothing.
-    e1, e2 : array_like, shape (n,)
-        Observed ellipticity components (|ε| may exceed 1 after measurement
-        noise; it is not clipped).
-    sigma : array_like, shape (n,)
-        Per-component ellipticity error σ_i > 0; weights are u_i = 1/σ_i².
-    npix : int
-        Output grid side (500 for the paper).
-    pixel_arcsec : float
-        Pixel side in arcsec (3.84″).
-    fwhm_arcsec : float
-        FWHM of the Gaussian kernel W in arcsec (7″, §2.3.2).
-    cut_sigma : float
-        W is set to zero where |Δx| or |Δy| exceeds ``cut_sigma`` σ_W (4σ_W =
-        11.9″ for the paper, where W is e^{-8} ≈ 3e-4 of its peak).  The cut is
-        square: W stays separable (one exp per source and axis, not per tap)
-        and keeps the symmetries of the pixel grid (90° rotations, mirrors),
-        all that the augmentations need.
-    empty_error : float
-        Δε of a pixel with no source within the truncation radius (its ε̄ is 0).
-    out : numpy.ndarray, shape (4, npix, npix), float64, optional
-        Buffer to write into (saves an allocation per call).
+    Sources at ``x``, ``y`` (arcsec; outside the field too: they inform the pixels within
+    the kernel's reach) with ellipticities ``e1``, ``e2`` (not clipped) and per-component
+    errors ``sigma`` (weights u = 1/σ²) are smoothed by a Gaussian W of FWHM ``fwhm_arcsec``
+    (7″), cut where |Δx| or |Δy| exceeds ``cut_sigma`` σ_W. The cut is square: W stays
+    separable and keeps the symmetries of the pixel grid that the augmentations need.
 
     Returns
     -------
     numpy.ndarray, shape (4, npix, npix), float64
-        ``[ε̄1, ε̄2, Δε, n]``:
-        ε̄_k = Σ W u ε_k / Σ W u; Δε = sqrt(Σ W² u² σ²) / Σ W u, the standard
-        error of ε̄_k; n = Σ W / (2π σ_W²) in sources per arcmin².
-
-    Notes
-    -----
-    DESIGN.md "Gridding"; §2.3.2 of the paper ("smoothing the source catalogs
-    with a FWHM = 7″ Gaussian kernel").  An empty catalog is valid: every pixel
-    is empty.  Computed by the compiled ``_grid`` extension when it is built,
-    else by :func:`grid_catalog_numpy`.
+        [ε̄1, ε̄2, Δε, n]: ε̄_k = Σ W u ε_k / Σ W u; Δε = sqrt(Σ W² u² σ²) / Σ W u, the
+        standard error of ε̄_k; n = Σ W / (2π σ_W²) in sources per arcmin². A pixel with no
+        source in reach has ε̄ = 0 and Δε = ``empty_error``. Written into ``out`` if given.
     """
-    (x, y, e1, e2, sigma), npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error = _check_grid_args(
+    (x, y, e1, e2, sigma), npix, pixel_arcsec, s_pix, rcut, empty_error = _check_grid_args(
         x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error)
-    if _grid is None:
-        result = grid_catalog_numpy(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec,
-                                    cut_sigma, empty_error)
-        if out is not None:
-            out[...] = result
-            return out
-        return result
+    if out is not None and not (isinstance(out, np.ndarray) and out.shape == (4, npix, npix)
+                                and out.dtype == np.float64 and out.flags.c_contiguous):
+        raise ValueError(f"out must be a C-contiguous float64 array of shape (4, {npix}, {npix})")
     if out is None:
         out = np.empty((4, npix, npix))
-    elif not (isinstance(out, np.ndarray) and out.shape == (4, npix, npix)
-              and out.dtype == np.float64 and out.flags.c_contiguous):
-        raise ValueError(f"out must be a C-contiguous float64 array of shape (4, {npix}, {npix})")
-    s_pix = fwhm_arcsec / FWHM_PER_SIGMA / pixel_arcsec
-    # The footprints, the first tap's W and the recurrence's ratios are
-    # per-source arithmetic inside the extension: as separate NumPy passes
-    # over the catalog (clip, ceil, masks, casts) they cost more than its loop.
-    _grid.grid(x, y, e1, e2, sigma, pixel_arcsec, cut_sigma * s_pix, 0.5 / s_pix**2, empty_error,
+    if _grid is None:
+        out[...] = grid_catalog_numpy(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec,
+                                      cut_sigma, empty_error)
+        return out
+    _grid.grid(x, y, e1, e2, sigma, pixel_arcsec, rcut, 0.5 / s_pix**2, empty_error,
                _density_norm(fwhm_arcsec), out)
     return out
 
 
 def grid_table(catalog, config=PAPER, out=None):
     """:func:`grid_catalog` of a catalog table from :func:`simulate_catalog`."""
-    return grid_catalog(catalog["x"], catalog["y"], catalog["e1"], catalog["e2"], catalog["sigma"],
-                        config.npix, config.pixel_arcsec, config.fwhm_arcsec,
+    return grid_catalog(catalog["x"], catalog["y"], catalog["e1"], catalog["e2"],
+                        catalog["sigma"], config.npix, config.pixel_arcsec, config.fwhm_arcsec,
                         config.kernel_cut_sigma, config.empty_pixel_error, out=out)
 
 
@@ -1278,14 +1016,15 @@ def grid_table(catalog, config=PAPER, out=None):
 ORIENTATIONS = ("rot0", "rot90", "rot180", "rot270", "flip_x", "flip_y")
 
 
-def orient_map(a, orientation):
-    """Rotate or mirror the last two axes [y, x] of a scalar map.
-
-    ``rotK`` is ``np.rot90(a, K/90)``; ``flip_x`` mirrors x (columns),
-    ``flip_y`` mirrors y (rows).  Returns a view where NumPy can.
-    """
+def _check_orientation(orientation):
     if orientation not in ORIENTATIONS:
         raise ValueError(f"unknown orientation {orientation!r}; expected one of {ORIENTATIONS}")
+
+
+def orient_map(a, orientation):
+    """Rotate (``rotK``: ``np.rot90`` K/90 times) or mirror (``flip_x``: columns, ``flip_y``:
+    rows) the last two axes [y, x] of a scalar map; a view where NumPy can."""
+    _check_orientation(orientation)
     if orientation == "flip_x":
         return a[..., :, ::-1]
     if orientation == "flip_y":
@@ -1294,43 +1033,25 @@ def orient_map(a, orientation):
 
 
 def spin2_sign(orientation):
-    """(s1, s2) with (g1, g2) → (s1 g1, s2 g2) under ``orientation``.
-
-    Notes
-    -----
-    A spin-2 field rotated by φ is multiplied by e^{2iφ}: 90° and 270° flip
-    both components, 180° keeps them; a mirror flips g2 (DESIGN.md
-    "Lensing").
-    """
-    if orientation not in ORIENTATIONS:
-        raise ValueError(f"unknown orientation {orientation!r}; expected one of {ORIENTATIONS}")
+    """(s1, s2): a spin-2 field's (g1, g2) becomes (s1 g1, s2 g2) under ``orientation``."""
+    _check_orientation(orientation)
     return {"rot0": (1, 1), "rot90": (-1, -1), "rot180": (1, 1), "rot270": (-1, -1),
             "flip_x": (1, -1), "flip_y": (1, -1)}[orientation]
 
 
 def orient_shear(g1, g2, orientation):
-    """Rotate or mirror a shear field: positions as :func:`orient_map`,
-    components by the spin-2 rule of :func:`spin2_sign`."""
+    """Rotate or mirror a shear field: positions by :func:`orient_map`, components by
+    :func:`spin2_sign`."""
     s1, s2 = spin2_sign(orientation)
     return s1 * orient_map(g1, orientation), s2 * orient_map(g2, orientation)
 
 
 def subfield(grid, mosaic, m_y, m_x, orientation="rot0", config=PAPER, channels=3):
-    """One network sample: a 386² input crop and its 128² target (§2.3.2).
+    """One network sample: the 386² input crop at offset index (m_y, m_x) and its 128² target.
 
-    Parameters
-    ----------
-    grid : array_like, shape (4, npix, npix)
-        Gridded catalog (ε̄1, ε̄2, Δε, n) from :func:`grid_catalog`.
-    mosaic : array_like, shape (mosaic_npix, mosaic_npix)
-        Truth on the mosaic grid (:func:`mosaic_truth`); None for no target.
-    m_y, m_x : int
-        Offset index, 0 ≤ m < n_offsets: the crop starts at input pixel
-        o = 3m and its output pixel k lands on mosaic pixel m + k.
-    orientation : str
-        One of :data:`ORIENTATIONS`, applied to input and target alike.
-    channels : int
-        3 (ε̄1, ε̄2, Δε) or 4 (+ n / nominal density: the 4Channel variant).
+    ``grid`` is a gridded catalog (:func:`grid_catalog`), ``mosaic`` the truth on the mosaic
+    grid (:func:`mosaic_truth`) or None; ``orientation`` applies to both. ``channels``: 3
+    (ε̄1, ε̄2, Δε) or 4 (+ n / the nominal density: the 4Channel variant).
 
     Returns
     -------
@@ -1357,67 +1078,57 @@ def subfield(grid, mosaic, m_y, m_x, orientation="rot0", config=PAPER, channels=
 
 
 def cluster_grid(cluster, config=PAPER, rng=None, fresh=False):
-    """Gridded input of a cluster: its stored catalog, or a fresh draw.
+    """Gridded input of a cluster record: its stored catalog, or with ``fresh`` a new draw
+    from its κ, γ and masks (augmentation beyond the paper, which had one catalog each)."""
+    if not fresh:
+        return grid_table(cluster["catalog"], config)
+    masks = cluster["masks"] if len(cluster["masks"]) else None
+    maps = [cluster[k].astype(np.float64) for k in ("kappa", "gamma1", "gamma2")]
+    return grid_table(simulate_catalog(*maps, config, rng, masks), config)
 
-    With ``fresh=True`` a new catalog (positions, magnitudes, shape and
-    measurement noise) is drawn from the stored κ, γ with the stored masks —
-    augmentation beyond the paper, which used one catalog per cluster.
-    """
-    if fresh:
-        masks = cluster["masks"] if len(cluster["masks"]) else None
-        cat = simulate_catalog(cluster["kappa"].astype(np.float64), cluster["gamma1"].astype(np.float64),
-                               cluster["gamma2"].astype(np.float64), config, rng, masks)
-    else:
-        cat = cluster["catalog"]
-    return grid_table(cat, config)
+
+def _random_sample(grid, mosaic, rng, config, channels):
+    """The subfield of a random offset and orientation, and its target."""
+    m_y, m_x = rng.integers(0, config.n_offsets, 2)
+    t = ORIENTATIONS[rng.integers(len(ORIENTATIONS))]
+    return subfield(grid, mosaic, m_y, m_x, t, config, channels)
 
 
 def _sample_stream(dataset, split, shard_id, seed, channels, fresh, samples_per_visit):
-    """Samples of one shard: every cluster visited once, in random order,
-    ``samples_per_visit`` random (offset, orientation) subfields each."""
-    config = dataset.config
-    # Two streams, so that fresh catalogs leave the clusters, offsets and
-    # orientations drawn unchanged.
-    rng, cat_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(
-        int(seed) & 0x7FFFFFFFFFFFFFFF, spawn_key=(int(shard_id),)).spawn(2))
+    """Samples of one shard: each cluster once, in random order, ``samples_per_visit``
+    random subfields of one gridding each."""
+    # two streams, so that fresh catalogs leave the clusters, offsets and orientations alone
+    seq = np.random.SeedSequence(int(seed) & 0x7FFFFFFFFFFFFFFF, spawn_key=(int(shard_id),))
+    rng, cat_rng = (np.random.default_rng(s) for s in seq.spawn(2))
     clusters = list(dataset.clusters(split, [int(shard_id)]))
     for i in rng.permutation(len(clusters)):
-        c = clusters[i]
-        grid = cluster_grid(c, config, cat_rng, fresh)
-        mosaic = mosaic_truth(c["kappa"], config)
+        grid = cluster_grid(clusters[i], dataset.config, cat_rng, fresh)
+        mosaic = mosaic_truth(clusters[i]["kappa"], dataset.config)
         for _ in range(samples_per_visit):
-            m_y, m_x = rng.integers(0, config.n_offsets, 2)
-            t = ORIENTATIONS[rng.integers(len(ORIENTATIONS))]
-            yield subfield(grid, mosaic, m_y, m_x, t, config, channels)
+            yield _random_sample(grid, mosaic, rng, dataset.config, channels)
+
+
+def _dataset(data_dir, config=None):
+    return data_dir if isinstance(data_dir, ClusterDataset) else ClusterDataset(data_dir, config)
 
 
 def fixed_subfields(data_dir, split="val", n=64, seed=0, channels=3, config=None):
-    """A fixed set of subfields (the validation set of §2.3.2).
-
-    Draws ``n`` (cluster, offset, orientation) triples with ``seed`` from the
-    stored catalogs of ``split``; the same arguments give the same arrays.
-
-    Returns
-    -------
-    x : numpy.ndarray, float32, shape (n, 386, 386, channels)
-    y : numpy.ndarray, float32, shape (n, 128, 128, 1)
-    """
-    ds = data_dir if isinstance(data_dir, ClusterDataset) else ClusterDataset(data_dir, config)
+    """``n`` subfields of random (cluster, offset, orientation) of ``split``, the same for
+    the same arguments: the validation set (§2.3.2). Returns x (n, 386, 386, channels) and
+    y (n, 128, 128, 1), float32."""
+    ds = _dataset(data_dir, config)
     total = ds.count(split)
     if total == 0 or n < 1:
         raise ValueError(f"no {split} clusters (or n < 1) for a validation set in {ds.path}")
-    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(SPLITS.index(split), 7)))
+    key = (SPLITS.index(split), 7)
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
     which = np.sort(rng.integers(0, total, n))
-    xs, ys = [], []
+    samples = []
     for c in ds.clusters(split):
         for _ in range(int(np.sum(which == c["index"]))):
-            grid = cluster_grid(c, ds.config)
-            m_y, m_x = rng.integers(0, ds.config.n_offsets, 2)
-            t = ORIENTATIONS[rng.integers(len(ORIENTATIONS))]
-            x, y = subfield(grid, mosaic_truth(c["kappa"], ds.config), m_y, m_x, t, ds.config, channels)
-            xs.append(x)
-            ys.append(y)
-    return np.stack(xs), np.stack(ys)
+            grid, mosaic = cluster_grid(c, ds.config), mosaic_truth(c["kappa"], ds.config)
+            samples.append(_random_sample(grid, mosaic, rng, ds.config, channels))
+    return np.stack([s[0] for s in samples]), np.stack([s[1] for s in samples])
 
 
 def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False, n_val=64,
@@ -1425,40 +1136,21 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
                   parallel=2, config=None, val_seed=0):
     """The tf.data input pipeline of training (§2.3.2).
 
-    Parameters
-    ----------
-    data_dir : path or ClusterDataset
-    batch_size : int
-    seed : int
-        Fixes the shard order, clusters, offsets, orientations and fresh
-        catalogs of the stream.
-    channels : int
-        3, or 4 for the 4Channel variant.
-    fresh_catalogs : bool
-        Draw a new source catalog at every cluster visit (see :func:`cluster_grid`).
-    n_val : int
-        Size of the fixed validation set from ``val_split``.
-    val_seed : int
-        Seed of that set, apart from ``seed``: every run and every resumption
-        validates on the same subfields.
-    samples_per_visit : int
-        Subfields cut from one gridding of a cluster.
-    shuffle_buffer : int
-        Samples mixed across clusters and shards (1.8 MB each).
-    parallel : int
-        Shards read and gridded at once (the Cython gridder runs without the
-        GIL, so these overlap on several cores).
+    Shards are read in a random order (``seed``), ``parallel`` at once (the gridder runs
+    without the GIL, so they overlap on several cores); each cluster visit grids its catalog
+    once (a fresh draw with ``fresh_catalogs``) and cuts ``samples_per_visit`` random
+    subfields, mixed across clusters in a buffer of ``shuffle_buffer`` samples (1.8 MB each).
+    Memory never holds the whole dataset.
 
     Returns
     -------
     train : tf.data.Dataset
-        Infinite stream of batches (x (B, 386, 386, C), y (B, 128, 128, 1)),
-        float32.  Memory holds ``parallel`` shards and the shuffle buffer, never
-        the whole dataset.
+        Infinite stream of float32 batches x (B, 386, 386, C), y (B, 128, 128, 1).
     val : (numpy.ndarray, numpy.ndarray)
-        :func:`fixed_subfields` of ``val_split``.
+        :func:`fixed_subfields` of ``val_split``, ``n_val`` of them, drawn with ``val_seed``
+        (not ``seed``): every run and resumption validates on the same subfields.
     """
-    ds = data_dir if isinstance(data_dir, ClusterDataset) else ClusterDataset(data_dir, config)
+    ds = _dataset(data_dir, config)
     _check_split(split)
     n_shards = len(ds.shards(split))
     if ds.count(split) == 0 or n_shards == 0:
@@ -1475,11 +1167,13 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
                                   fresh_catalogs, samples_per_visit)
 
     def shard_samples(shard_id, stream_seed):
-        return tf.data.Dataset.from_generator(generate, output_signature=sig, args=(shard_id, stream_seed))
+        return tf.data.Dataset.from_generator(generate, output_signature=sig,
+                                              args=(shard_id, stream_seed))
 
-    shard_ids = tf.data.Dataset.range(n_shards).shuffle(n_shards, seed=seed, reshuffle_each_iteration=True)
+    shard_ids = tf.data.Dataset.range(n_shards).shuffle(n_shards, seed=seed,
+                                                        reshuffle_each_iteration=True)
     stream = tf.data.Dataset.zip(shard_ids.repeat(), tf.data.Dataset.random(seed=seed))
-    train = (stream.interleave(lambda i, s: shard_samples(i, s), cycle_length=parallel,
+    train = (stream.interleave(shard_samples, cycle_length=parallel,
                                num_parallel_calls=parallel, deterministic=True)
              .shuffle(shuffle_buffer, seed=seed)
              .batch(batch_size, drop_remainder=True)
@@ -1702,9 +1396,8 @@ class FFTConv2DTranspose(_FFTConvBase):
 # ---------------------------------------------------------------------------
 FORMAT_VERSION = 1  # of the description stored in every saved model
 
-# Appendix A. ``filter_size`` None: Config.filter_size (§2.3.2). Input
-# channels: (eps1, eps2, delta eps) of §2.3.2, plus the smoothed source
-# density for 4Channel.
+# Appendix A. ``filter_size`` None: Config.filter_size (§2.3.2). Input channels: (ε̄1, ε̄2,
+# Δε) of §2.3.2, plus the smoothed source density for 4Channel.
 VARIANTS = {
     "FocalLoss": dict(channels=3, filter_size=None, skip=True, focal=True),
     "Fiducial":  dict(channels=3, filter_size=None, skip=True, focal=False),
@@ -1714,54 +1407,32 @@ VARIANTS = {
     "NoSkip":    dict(channels=3, filter_size=None, skip=False, focal=False),
 }
 
-# Table 1, column "Multiplied to". Multiply-4 takes Multiply-1, not
-# Multiply-3 as the pattern of the rows above it would suggest; we follow
-# the table. The skip tensor is the raw Multiply-# output, not its batch-
-# normalised copy: the table names Multiply-# layers and lists no BN layer,
-# so BN (§2.3.2: "batch normalization to the output of each Multiply-#")
-# sits on the main path only, as in the Keras code the table reads like.
-MULTIPLIED_TO = {1: "avgpool", 2: "multiply_1", 3: "multiply_2",
-                 4: "multiply_1"}
+# Table 1, column "Multiplied to". Multiply-4 takes Multiply-1, not Multiply-3 as the
+# pattern of the rows above it would suggest; we follow the table. The skip tensor is the
+# raw Multiply-# output, not its batch-normalised copy: the table names Multiply-# layers
+# and lists no BN layer, so BN (§2.3.2: "batch normalization to the output of each
+# Multiply-#") sits on the main path only, as in the Keras code the table reads like.
+MULTIPLIED_TO = {1: "avgpool", 2: "multiply_1", 3: "multiply_2", 4: "multiply_1"}
+
+INFO_LAYER = "wlcnn_info"
 
 
 def resolve_conv(conv="auto"):
-    """Which convolution implementation ``build_model`` uses.
+    """The convolutions of :func:`build_model`: "fft" (FFTConv2D) or "direct" (Keras's).
 
-    Parameters
-    ----------
-    conv : {"auto", "fft", "direct"}
-
-    Returns
-    -------
-    str
-        "fft" or "direct".
-
-    Notes
-    -----
-    "auto" is "fft" on every device. On this project's 2-core CPU a Table 1
-    training step at batch 2 took 164 s direct and 0.50 s by FFT
-    (bench_train.py; the direct backward pass of a 49x49 layer is ~200x its
-    forward pass). On a GPU it was not measured here; the FFT cost does not
-    grow with the filter area while cuDNN's does, so FFT is the default
-    there too; pass "direct" to use Keras's own layers.
+    "auto" is "fft" on every device: by FFT the cost of a 49 × 49 filter does not grow with
+    its area, while a direct layer's backward pass costs ~200 times its forward pass on a
+    CPU (``examples/bench_train.py`` times a training step both ways).
     """
     if conv not in ("auto", "fft", "direct"):
-        raise ValueError(
-            f"conv must be 'auto', 'fft' or 'direct', got {conv!r}")
+        raise ValueError(f"conv must be 'auto', 'fft' or 'direct', got {conv!r}")
     return "fft" if conv == "auto" else conv
 
 
 @keras.saving.register_keras_serializable(package="wlcnn")
 class ModelInfo(keras.layers.Layer):
-    """Weightless pass-through layer whose config is the model's description
-    (variant, input channels, filter size, grids, format version), so that
-    it travels inside every ``.keras`` file.
-
-    Parameters
-    ----------
-    info : dict
-        JSON-serialisable description, see ``build_model``.
-    """
+    """Weightless pass-through layer whose config, ``info``, describes the model (see
+    :func:`model_info`), so that the description travels inside every ``.keras`` file."""
 
     def __init__(self, info, **kwargs):
         super().__init__(**kwargs)
@@ -1777,73 +1448,49 @@ class ModelInfo(keras.layers.Layer):
         return {**super().get_config(), "info": self.info}
 
 
-INFO_LAYER = "wlcnn_info"
-
-
 def build_model(config=PAPER, variant="FocalLoss", conv="auto"):
-    """The CNN of Table 1 (channels last), or one of its Appendix A variants.
+    """The uncompiled CNN of Table 1 (channels last), or an Appendix A variant.
 
-    Parameters
-    ----------
-    config : Config
-        Grids, filter counts and filter size (``filter_size`` is overridden
-        by the 19Filter/29Filter variants).
-    variant : str
-        A key of ``VARIANTS``: "FocalLoss" (the paper's model), "Fiducial",
-        "4Channel", "19Filter", "29Filter" or "NoSkip".
-    conv : {"auto", "fft", "direct"}
-        FFT layers or Keras's Conv2D/Conv2DTranspose (same weights), see
-        ``resolve_conv``.
-
-    Returns
-    -------
-    keras.Model
-        Uncompiled; input (B, subfield_npix, subfield_npix, channels) of
-        gridded (eps1, eps2, delta eps[, n]), output (B, output_npix,
-        output_npix, 1) of kappa. ``model_info(model)`` gives its description.
+    ``variant``: a key of :data:`VARIANTS` ("FocalLoss" is the paper's model); ``conv``: see
+    :func:`resolve_conv` (the same weights either way). Input (B, 386, 386, channels) of
+    gridded (ε̄1, ε̄2, Δε[, n]), output (B, 128, 128, 1) of κ.
 
     Notes
     -----
-    Table 1: Conv2D-1 (3x3) -> AvgPool (3x3) -> four blocks of
-    TransConv2D-# -> Conv2D-# -> Multiply-# -> BatchNorm -> TransConv2D-5 ->
-    Output. tanh on every Conv2D-# and TransConv2D-# (§2.3.2). The Output
-    layer is linear: the table names it apart from the Conv2D-# layers, and
-    kappa exceeds 1 in cluster cores, beyond tanh's range. NoSkip drops the
+    Conv2D-1 (3 × 3) → AvgPool (3 × 3) → four blocks of TransConv2D-# → Conv2D-# →
+    Multiply-# → BatchNorm → TransConv2D-5 → Output, with tanh on every Conv2D-# and
+    TransConv2D-# (§2.3.2). The Output layer is linear: the table names it apart from the
+    Conv2D-# layers, and κ exceeds 1 in cluster cores, beyond tanh's range. NoSkip drops the
     Multiply layers and keeps the batch normalisation.
     """
     if variant not in VARIANTS:
-        raise ValueError(
-            f"unknown variant {variant!r}; one of {list(VARIANTS)}")
+        raise ValueError(f"unknown variant {variant!r}; one of {list(VARIANTS)}")
     spec = VARIANTS[variant]
     f = spec["filter_size"] or config.filter_size
     n_conv1 = config.subfield_npix - config.first_kernel + 1
     if n_conv1 % config.pool or n_conv1 // config.pool != config.output_npix:
-        raise ValueError(
-            f"subfield_npix={config.subfield_npix}, first_kernel="
-            f"{config.first_kernel} and pool={config.pool} give no "
-            f"{config.output_npix}^2 output grid")
+        raise ValueError(f"subfield_npix={config.subfield_npix}, first_kernel="
+                         f"{config.first_kernel} and pool={config.pool} give no "
+                         f"{config.output_npix}^2 output grid")
     conv = resolve_conv(conv)
     Conv, TransConv = ((FFTConv2D, FFTConv2DTranspose) if conv == "fft" else
                        (keras.layers.Conv2D, keras.layers.Conv2DTranspose))
-    info = dict(format_version=FORMAT_VERSION, variant=variant,
-                channels=spec["channels"], filter_size=f, skip=spec["skip"],
-                loss="focal" if spec["focal"] else "mse", conv=conv,
-                config=dataclasses.asdict(config))
+    info = dict(format_version=FORMAT_VERSION, variant=variant, channels=spec["channels"],
+                filter_size=f, skip=spec["skip"], loss="focal" if spec["focal"] else "mse",
+                conv=conv, config=dataclasses.asdict(config))
 
     L = keras.layers
-    inputs = keras.Input((config.subfield_npix, config.subfield_npix,
-                          spec["channels"]), name="input")
+    n = config.n_filters
+    inputs = keras.Input((config.subfield_npix, config.subfield_npix, spec["channels"]),
+                         name="input")
     x = ModelInfo(info, name=INFO_LAYER)(inputs)
-    # A 3x3 filter is cheap directly, and by FFT would need 386^2 transforms.
-    x = L.Conv2D(config.n_filters, config.first_kernel, activation="tanh",
-                 name="conv2d_1")(x)
+    # a 3 × 3 filter is cheap directly, and by FFT would need 386² transforms
+    x = L.Conv2D(n, config.first_kernel, activation="tanh", name="conv2d_1")(x)
     x = L.AveragePooling2D(config.pool, name="avgpool")(x)
     skips = {"avgpool": x}
     for i in range(1, len(MULTIPLIED_TO) + 1):
-        x = TransConv(config.n_filters, f, activation="tanh",
-                      name=f"transconv2d_{i}")(x)
-        x = Conv(config.n_filters, f, activation="tanh",
-                 name=f"conv2d_{i + 1}")(x)
+        x = TransConv(n, f, activation="tanh", name=f"transconv2d_{i}")(x)
+        x = Conv(n, f, activation="tanh", name=f"conv2d_{i + 1}")(x)
         if spec["skip"]:
             x = L.Multiply(name=f"multiply_{i}")([x, skips[MULTIPLIED_TO[i]]])
             skips[f"multiply_{i}"] = x
@@ -1855,24 +1502,8 @@ def build_model(config=PAPER, variant="FocalLoss", conv="auto"):
 
 
 def model_info(model):
-    """The description stored in a model by ``build_model``.
-
-    Parameters
-    ----------
-    model : keras.Model
-
-    Returns
-    -------
-    dict
-        Keys format_version, variant, channels, filter_size, skip, loss
-        ("focal" or "mse"), conv ("fft" or "direct") and config (the
-        ``Config`` fields as a dict).
-
-    Raises
-    ------
-    ValueError
-        If the model carries no description or one of another format.
-    """
+    """The description :func:`build_model` stored in ``model``: format_version, variant,
+    channels, filter_size, skip, loss ("focal" or "mse"), conv and config (a dict)."""
     try:
         info = model.get_layer(INFO_LAYER).info
     except ValueError:
@@ -1893,31 +1524,18 @@ def _check_version(version, where):
 # ---------------------------------------------------------------------------
 @keras.saving.register_keras_serializable(package="wlcnn")
 class KappaLoss(keras.losses.Loss):
-    """Focal-weighted (eq. 11-12) or plain (eq. A1) squared error of kappa,
-    without the outer ``border_pix`` pixels of each side (§2.3.2).
+    """Squared error of κ (eq. 11) with the focal weights (eq. 12), or plain (eq. A1).
 
-    Parameters
-    ----------
-    border_pix : int
-        Output pixels left out on each side.
-    focal : bool
-        True: eq. 11 with the weights of eq. 12 (FocalLoss); False: eq. A1.
-    focal_floor : float
-        Smallest denominator of eq. 12 (dimensionless kappa).
-
-    Notes
-    -----
-    ``call(y_true, y_pred)`` takes (B, N, N) or (B, N, N, 1) kappa maps and
-    returns one value per sample: the *mean* over the N - 2 border_pix squared
-    pixels rather than eq. 11's sum, so the value does not depend on the grid
-    size; Adam is invariant to the constant factor (up to its epsilon and the
-    gradient-norm clipping of Config.clipnorm, which were set for the mean).
+    The outer ``border_pix`` output pixels of each side are not scored (§2.3.2).
+    ``call(y_true, y_pred)`` takes (B, N, N[, 1]) maps and returns one value a sample: the
+    mean over the scored pixels rather than eq. 11's sum, so that it does not depend on the
+    grid; Adam is invariant to the factor (up to its epsilon and ``Config.clipnorm``, which
+    are set for the mean).
     """
 
     def __init__(self, border_pix=PAPER.loss_border_pix, focal=True,
                  focal_floor=PAPER.focal_floor, name=None, **kwargs):
-        super().__init__(name=name or ("focal_loss" if focal else "mse_loss"),
-                         **kwargs)
+        super().__init__(name=name or ("focal_loss" if focal else "mse_loss"), **kwargs)
         self.border_pix = int(border_pix)
         self.focal = bool(focal)
         self.focal_floor = float(focal_floor)
@@ -1926,11 +1544,10 @@ class KappaLoss(keras.losses.Loss):
         t, p = _inner(y_true, self.border_pix), _inner(y_pred, self.border_pix)
         err = tf.square(p - tf.cast(t, p.dtype))
         if self.focal:
-            # eq. 12: w = 1 + |kappa| / max(kappa) over the sample's scored
-            # window. A 128^2 window that misses the cluster has max(kappa)
-            # near zero or negative, and the literal weights blow up (a
-            # sketch run diverged, DESIGN.md "Lessons"): the denominator is
-            # max(max|kappa|, focal_floor), so 1 <= w <= 2.
+            # eq. 12: w = 1 + |κ| / max(κ) over the sample's scored window. A window that
+            # misses the cluster has max(κ) near zero or negative, and the literal weights
+            # blow up and make training diverge: the denominator is max(max|κ|,
+            # focal_floor), so 1 <= w <= 2.
             a = tf.abs(tf.cast(t, p.dtype))
             peak = tf.reduce_max(a, axis=(1, 2), keepdims=True)
             err = (1.0 + a / tf.maximum(peak, self.focal_floor)) * err
@@ -1951,32 +1568,15 @@ def _inner(maps, border):
 
 
 def make_loss(config=PAPER, variant="FocalLoss"):
-    """The loss of ``variant``: eq. 11-12 for FocalLoss, eq. A1 otherwise
-    (Appendix A), both over the pixels inside ``config.loss_border_pix``."""
-    return KappaLoss(config.loss_border_pix, VARIANTS[variant]["focal"],
-                     config.focal_floor)
+    """The :class:`KappaLoss` of ``variant``: focal for FocalLoss, plain for the others."""
+    return KappaLoss(config.loss_border_pix, VARIANTS[variant]["focal"], config.focal_floor)
 
 
 def compile_model(model, config=PAPER, variant=None, learning_rate=None):
-    """Compile with Adam (§2.3.2) and the variant's loss.
+    """Compile ``model`` with Adam (§2.3.2) and the loss of ``variant`` (default: the model's).
 
-    Parameters
-    ----------
-    model : keras.Model
-        From ``build_model``.
-    config : Config
-        ``learning_rate`` and ``clipnorm`` (gradient-norm clipping, needed
-        by eq. 12 in practice, DESIGN.md "Lessons"), ``loss_border_pix`` and
-        ``focal_floor``.
-    variant : str, optional
-        Default: the one stored in the model.
-    learning_rate : float or keras.optimizers.schedules.LearningRateSchedule, optional
-        Default: ``config.learning_rate``, constant (§2.3.2).
-
-    Returns
-    -------
-    keras.Model
-        The same model, compiled.
+    ``learning_rate`` (a number or a Keras schedule) defaults to ``config.learning_rate``;
+    the gradient norm is clipped at ``config.clipnorm``, which the focal loss needs.
     """
     variant = variant or model_info(model)["variant"]
     lr = config.learning_rate if learning_rate is None else learning_rate
@@ -1986,77 +1586,48 @@ def compile_model(model, config=PAPER, variant=None, learning_rate=None):
 
 
 # ---------------------------------------------------------------------------
-# §2.3.2 Training: starting from KS93 (eq. 10) instead of random weights
-# (beyond the paper)
+# §2.3.2 Training: starting from KS93 instead of random weights (beyond the paper)
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KS93Start:
-    """How ``initialize_as_ks93`` sets a Table 1 network (not in the paper).
+    """How :func:`initialize_as_ks93` sets a Table 1 network."""
 
-    Parameters
-    ----------
-    fwhm_arcmin : float
-        Gaussian smoothing (FWHM, arcmin) folded into the KS93 kernel of the
-        Output layer.
-    input_gain : float
-        Conv2D-1 passes ``input_gain`` x eps1, eps2 (its centre tap) to its
-        channels 0 and 1: small enough that tanh stays linear (|eps| ~ 0.3
-        a pixel gives tanh(0.15) = 0.149, 1 % short).
-    final_gain : float
-        TransConv2D-5 passes ``final_gain`` x the standardised channels 0
-        and 1 (rms 1) on: again tanh's linear range (2 % short at 1 sigma).
-    gate : float
-        tanh value of the Conv2D-2..5 gates: each block multiplies its skip
-        tensor by ~``gate`` (bias arctanh(gate)), and batch normalisation
-        removes the factor, so the four blocks start as the identity.
-    random_scale : float
-        Every other weight is Glorot-uniform times this: small enough to
-        leave the KS93 map alone (0.1 and 0.02 give the same correlation
-        with :func:`truncated_ks93`, 0.99994, in tests/test_model.py's
-        network), non-zero so that gradients reach every layer from the
-        first step.
-    """
-
+    # Gaussian smoothing (FWHM) folded into the KS93 kernels of the Output layer
     fwhm_arcmin: float = 1.0
+    # Conv2D-1 passes input_gain × ε̄1, ε̄2 to its channels 0, 1, small enough for tanh to
+    # stay linear (|ε| ~ 0.3 in a pixel: tanh(0.15) = 0.149, 1 % short)
     input_gain: float = 0.5
+    # TransConv2D-5 passes final_gain × the standardised channels 0, 1 (2 % short at 1 σ)
     final_gain: float = 0.2
+    # tanh of the Conv2D-2..5 gates (bias arctanh(gate)): each block scales its skip tensor
+    # by ~gate and batch normalisation undoes it, so the blocks start as the identity
     gate: float = 0.5
+    # every other weight is Glorot-uniform × random_scale: small enough to leave the KS93 map
+    # alone (0.1 and 0.02 give the same correlation with truncated_ks93, 0.99994), non-zero
+    # so that gradients reach every layer from the first step
     random_scale: float = 0.1
 
 
 def ks93_kernels(filter_size, fwhm_arcmin=0.0, pixel_arcmin=PAPER.pixel_arcsec * PAPER.pool / 60.0):
-    """The KS93 inversion (eq. 10) as two real-space convolution kernels.
+    """The :func:`ks93` inversion as two real-space kernels k1, k2 (filter_size², odd).
 
-    Parameters
-    ----------
-    filter_size : int
-        Odd side of the kernels in pixels.
-    fwhm_arcmin : float
-        Gaussian smoothing (FWHM, arcmin) applied to the inversion; 0: none.
-    pixel_arcmin : float
-        Pixel scale (default: the network's output pixel, 0.192').
-
-    Returns
-    -------
-    k1, k2 : numpy.ndarray, float64, shape (filter_size, filter_size)
-        Cross-correlation kernels (the layout of Keras's Conv2D):
-        ``kappa[j] = sum_u k1[u] g1[j + u - h] + k2[u] g2[j + u - h]`` with
-        h = filter_size // 2, [row (y), column (x)] axes as everywhere.
+    Cross-correlation kernels, as Keras's Conv2D: κ[j] = Σ_u k1[u] g1[j + u − h] + k2[u]
+    g2[j + u − h], h = filter_size // 2, optionally smoothed by a Gaussian of FWHM
+    ``fwhm_arcmin`` (pixels of ``pixel_arcmin``, default the output pixel, 0.192′).
 
     Notes
     -----
-    Each kernel is the response of :func:`ks93` to a unit shear at one pixel
-    of a field 4x the kernel's side, so it carries exactly the conventions
-    and the discrete k-space kernel of eq. 10; far from its centre it is
-    D1 = (y^2 - x^2) / (pi r^4), D2 = -2xy / (pi r^4) in pixel units. It is
-    cut at the kernel's edge: a truncated inversion, blind to the mass-sheet
-    and to structures wider than the kernel (its k = 0 mode is not zero).
+    Each kernel is the response of :func:`ks93` to a unit shear at one pixel of a field four
+    times its side, so it carries ks93's conventions exactly; far from its centre it is D1 =
+    (y² − x²) / (π r⁴), D2 = −2xy / (π r⁴). The cut at its edge makes a truncated
+    inversion, blind to structures wider than the kernel (its k = 0 mode is not zero).
     """
     filter_size = int(filter_size)
     if filter_size < 1 or filter_size % 2 == 0:
         raise ValueError(f"filter_size must be a positive odd integer, got {filter_size}")
     if not fwhm_arcmin >= 0 or not pixel_arcmin > 0:
-        raise ValueError(f"need fwhm_arcmin >= 0 and pixel_arcmin > 0, got {fwhm_arcmin}, {pixel_arcmin}")
+        raise ValueError(f"need fwhm_arcmin >= 0 and pixel_arcmin > 0, got {fwhm_arcmin}, "
+                         f"{pixel_arcmin}")
     n = 4 * filter_size + 1
     c, h = n // 2, filter_size // 2
     kernels = []
@@ -2073,40 +1644,15 @@ def ks93_kernels(filter_size, fwhm_arcmin=0.0, pixel_arcmin=PAPER.pixel_arcsec *
 
 
 def pooled_input(x, config=PAPER):
-    """The input's channels on the output grid, as Conv2D-1 + AvgPool see them.
-
-    Parameters
-    ----------
-    x : array_like, shape (B, subfield_npix, subfield_npix, C)
-
-    Returns
-    -------
-    numpy.ndarray, shape (B, output_npix, output_npix, C)
-        Output pixel k is the mean of input pixels [3k + 1, 3k + 4) on each
-        axis (the footprint of :func:`mosaic_truth`).
-    """
-    x = np.asarray(x)
-    p, o = config.pool, config.output_npix
-    lo = (config.first_kernel - 1) // 2
-    b = x[:, lo:lo + p * o, lo:lo + p * o]
-    return b.reshape(b.shape[0], o, p, o, p, -1).mean(axis=(2, 4))
+    """Network inputs (B, 386, 386, C) averaged on the output grid (B, 128, 128, C), over the
+    blocks of :func:`mosaic_truth`: what Conv2D-1's centre tap and the pool see."""
+    x = np.moveaxis(np.asarray(x), -1, 1)
+    return np.moveaxis(_block_mean(x, config.output_npix, config), 1, -1)
 
 
 def truncated_ks93(x, filter_size, fwhm_arcmin=0.0, config=PAPER):
-    """KS93 of a batch of network inputs with the truncated kernels of
-    :func:`ks93_kernels`, on the output grid (zero shear outside the input):
-    the map a KS93-initialised network computes.
-
-    Parameters
-    ----------
-    x : array_like, shape (B, subfield_npix, subfield_npix, ≥2)
-    filter_size : int
-    fwhm_arcmin : float
-
-    Returns
-    -------
-    numpy.ndarray, shape (B, output_npix, output_npix, 1)
-    """
+    """The map a KS93-started network computes: :func:`ks93_kernels` applied to the pooled
+    ε̄1, ε̄2 of inputs x (B, 386, 386, ≥2), zero outside them; (B, 128, 128, 1)."""
     g = pooled_input(x, config)
     k1, k2 = ks93_kernels(filter_size, fwhm_arcmin, config.pixel_arcsec * config.pool / 60.0)
     h = filter_size // 2
@@ -2119,40 +1665,21 @@ def truncated_ks93(x, filter_size, fwhm_arcmin=0.0, config=PAPER):
 
 
 def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
-    """Set a Table 1 network's weights so that it computes a smoothed KS93.
+    """Set a Table 1 network's weights so that it computes a smoothed, truncated KS93.
 
-    Parameters
-    ----------
-    model : keras.Model
-        From :func:`build_model` with skips (not NoSkip); changed in place.
-    x : array_like, shape (B, subfield_npix, subfield_npix, channels)
-        Training inputs that calibrate the batch-normalisation statistics
-        and the output gain (a few tens of subfields).
-    start : KS93Start
-    seed : int
-        Seed of the small random weights.
-    batch_size : int
-
-    Returns
-    -------
-    numpy.ndarray, shape (2,)
-        The output gains of the eps1 and eps2 paths (fitted by least squares
-        to :func:`truncated_ks93` of ``x`` over the scored pixels).
+    ``model`` (with skips) is changed in place; ``x``, a few tens of training inputs,
+    calibrates the batch normalisation and the output gains; ``seed`` draws the small random
+    weights. Returns the gains of the ε̄1 and ε̄2 paths, fitted by least squares to
+    :func:`truncated_ks93` of ``x`` over the scored pixels.
 
     Notes
     -----
-    Beyond the paper, which starts from random weights. The architecture is
-    untouched; the weights are: Conv2D-1 copies eps1, eps2 (x input_gain)
-    into channels 0, 1 (so that with the pool it sees :func:`pooled_input`);
-    each block's gate is ~constant, so that Multiply-# scales its skip
-    tensor and batch normalisation (moving statistics set from ``x``)
-    standardises it again; TransConv2D-5 passes channels 0, 1 on
-    through a delta at its centre; the Output layer holds the two kernels of
-    :func:`ks93_kernels`. The network then returns eq. 10 truncated to the
-    Output layer's 49 x 49 pixels (9.4') and smoothed by ``fwhm_arcmin``;
-    training starts from there. Other channels and weights are small random
-    numbers, so the gates, the Delta-eps channel and the extra features learn
-    from the first step.
+    The architecture is untouched. Conv2D-1 copies ε̄1, ε̄2 into channels 0, 1 (with the
+    pool: :func:`pooled_input`); each block's gate is ~constant, so Multiply-# scales its skip
+    tensor and batch normalisation (moving statistics from ``x``) standardises it again;
+    TransConv2D-5 passes channels 0, 1 on through its centre tap; the Output layer holds the
+    kernels of :func:`ks93_kernels`. Other weights are small and random, so that the gates,
+    the Δε channel and the other features learn from the first step.
     """
     info = model_info(model)
     if not info["skip"]:
@@ -2167,7 +1694,8 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
     rng = np.random.default_rng(seed)
     layer = model.get_layer
 
-    def small_random(shape):  # Glorot-uniform x random_scale
+    def small_random(name):  # Glorot-uniform × random_scale
+        shape = layer(name).kernel.shape
         limit = np.sqrt(6.0 / (shape[0] * shape[1] * (shape[2] + shape[3])))
         return start.random_scale * rng.uniform(-limit, limit, shape)
 
@@ -2176,23 +1704,22 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
         ly.kernel.assign(kernel.astype(np.float32))
         ly.bias.assign(np.broadcast_to(bias, ly.bias.shape).astype(np.float32))
 
-    k = small_random(layer("conv2d_1").kernel.shape)  # (h, w, in, out)
+    k = small_random("conv2d_1")  # (h, w, in, out)
     k[:, :, :, :2] = 0.0
-    # the centre tap alone: with the 3 x 3 pool it averages exactly the
-    # input pixels [3k + 1, 3k + 4) of output pixel k (pooled_input)
+    # the centre tap alone: with the 3 × 3 pool it averages exactly the input pixels
+    # [3k + 1, 3k + 4) of output pixel k
     c = k.shape[0] // 2
     k[c, c, 0, 0] = k[c, c, 1, 1] = start.input_gain
     set_conv("conv2d_1", k, 0.0)
     for i in range(1, len(MULTIPLIED_TO) + 1):
-        set_conv(f"transconv2d_{i}", small_random(layer(f"transconv2d_{i}").kernel.shape), 0.0)
-        set_conv(f"conv2d_{i + 1}", small_random(layer(f"conv2d_{i + 1}").kernel.shape),
-                 np.arctanh(start.gate))
+        set_conv(f"transconv2d_{i}", small_random(f"transconv2d_{i}"), 0.0)
+        set_conv(f"conv2d_{i + 1}", small_random(f"conv2d_{i + 1}"), np.arctanh(start.gate))
     last = f"transconv2d_{len(MULTIPLIED_TO) + 1}"
-    k = small_random(layer(last).kernel.shape)  # (h, w, out, in)
+    k = small_random(last)  # (h, w, out, in)
     k[:, :, :2, :] = 0.0
     k[:, :, :, :2] = 0.0
-    h = k.shape[0] // 2
-    k[h, h, 0, 0] = k[h, h, 1, 1] = start.final_gain
+    c = k.shape[0] // 2
+    k[c, c, 0, 0] = k[c, c, 1, 1] = start.final_gain
     set_conv(last, k, 0.0)
     # batch-normalisation statistics in order: each depends on those before
     for i in range(1, len(MULTIPLIED_TO) + 1):
@@ -2202,9 +1729,8 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
             x, batch_size=batch_size, verbose=0).astype(np.float64)
         bn.moving_mean.assign(t.mean(axis=(0, 1, 2)).astype(np.float32))
         bn.moving_variance.assign(t.var(axis=(0, 1, 2)).astype(np.float32))
-    f = layer("output").kernel.shape[0]
-    kernels = ks93_kernels(f, start.fwhm_arcmin, config.pixel_arcsec * config.pool / 60.0)
     shape = layer("output").kernel.shape
+    kernels = ks93_kernels(shape[0], start.fwhm_arcmin, config.pixel_arcsec * config.pool / 60.0)
     b, o = config.loss_border_pix, config.output_npix
     inner = (slice(None), slice(b, o - b), slice(b, o - b), 0)  # the scored pixels
     parts = []
@@ -2214,7 +1740,7 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
         set_conv("output", k, 0.0)
         parts.append(model.predict(x, batch_size=batch_size, verbose=0)[inner]
                      .ravel().astype(np.float64))
-    ref = truncated_ks93(x, f, start.fwhm_arcmin, config)[inner].ravel()
+    ref = truncated_ks93(x, shape[0], start.fwhm_arcmin, config)[inner].ravel()
     gains = np.linalg.lstsq(np.stack(parts, axis=1), ref, rcond=None)[0]
     k = np.zeros(shape)
     for c in (0, 1):
@@ -3096,65 +2622,45 @@ def load_runs(path):
 # ---------------------------------------------------------------------------
 # §3 Mosaics: every subfield's prediction on the full-field output grid
 # ---------------------------------------------------------------------------
-#: The orientation that undoes each of :data:`ORIENTATIONS`: a rotation is
-#: undone by the opposite rotation (90° ↔ 270°), a mirror by itself.
-INVERSE_ORIENTATION = {"rot0": "rot0", "rot90": "rot270", "rot180": "rot180", "rot270": "rot90",
-                       "flip_x": "flip_x", "flip_y": "flip_y"}
+#: The orientation that undoes each of :data:`ORIENTATIONS` (90° ↔ 270°; a mirror itself).
+INVERSE_ORIENTATION = {"rot0": "rot0", "rot90": "rot270", "rot180": "rot180",
+                       "rot270": "rot90", "flip_x": "flip_x", "flip_y": "flip_y"}
 
-#: Subfields predicted at once unless told otherwise.  On the 2-core CPU the
-#: Table 1 model took 0.082 s a subfield one at a time, 0.027 at 8, 0.024 at 16
-#: and 0.022 at 32 (examples/bench_inference.py); 16 wastes less on the
+#: Subfields predicted at once by default: on a CPU a batch of 16 predicts ~3× faster a
+#: subfield than one at a time (``examples/bench_inference.py``), and wastes little on the
 #: zero-padded last batch of a 100-subfield mosaic.
 MOSAIC_BATCH = 16
 
 
 def mosaic_offsets(config=PAPER, stride=None):
-    """Offset indices m (one axis) of the subfields a mosaic averages.
+    """Offset indices m (one axis) of a mosaic's subfields, one every ``stride`` input pixels.
 
-    Parameters
-    ----------
-    config : Config
-    stride : int, optional
-        Step between subfield origins in input pixels, a multiple of
-        ``config.offset_step`` (3).  Default: ``offset_step``, the paper's set
-        (§2.3.2: all 38 per axis, 1,444 in all); 12 gives 10 per axis (100).
-
-    Returns
-    -------
-    numpy.ndarray of int
-        m = 0, s, 2s, ... < n_offsets with s = stride / offset_step; the
-        subfield starts at input pixel o = offset_step · m.
+    ``stride`` is a multiple of ``offset_step``; the default, ``offset_step``, gives the
+    paper's 38 a side (1,444 in all, §2.3.2); 12 gives 10 a side.
     """
     step = config.offset_step
     stride = step if stride is None else int(stride)
     if stride < step or stride % step:
-        raise ValueError(f"stride must be a positive multiple of {step} input pixels, got {stride}")
+        raise ValueError(f"stride must be a positive multiple of {step} input pixels, "
+                         f"got {stride}")
     return np.arange(0, config.n_offsets, stride // step)
 
 
 def mosaic_orientations(orientations=6):
-    """The orientations a mosaic averages.
-
-    Parameters
-    ----------
-    orientations : int, str or sequence of str
-        1: ``("rot0",)``, the catalog as observed; 6: all of
-        :data:`ORIENTATIONS` (the paper, §2.3.2); or names from it.
-
-    Returns
-    -------
-    tuple of str
-    """
+    """The orientations a mosaic averages, from 1 (as observed), 6 (the paper's, §2.3.2) or
+    distinct names of :data:`ORIENTATIONS`."""
     if isinstance(orientations, (int, np.integer)) and not isinstance(orientations, bool):
         if orientations == 1:
             return ("rot0",)
         if orientations == len(ORIENTATIONS):
             return ORIENTATIONS
-        raise ValueError(f"orientations must be 1 or {len(ORIENTATIONS)} (or names), got {orientations}")
+        raise ValueError(f"orientations must be 1 or {len(ORIENTATIONS)} (or names), "
+                         f"got {orientations}")
     names = (orientations,) if isinstance(orientations, str) else tuple(orientations)
     bad = [t for t in names if t not in ORIENTATIONS]
     if bad or not names or len(set(names)) != len(names):
-        raise ValueError(f"orientations must be distinct names from {ORIENTATIONS}, got {names}")
+        raise ValueError(f"orientations must be distinct names from {ORIENTATIONS}, "
+                         f"got {names}")
     return names
 
 
@@ -3166,119 +2672,66 @@ def _check_border(border_pix, config):
 
 
 def mosaic_coverage(config=PAPER, stride=None, border_pix=None):
-    """How many subfields of one orientation predict each mosaic pixel.
-
-    Parameters
-    ----------
-    config : Config
-    stride : int, optional
-        As :func:`mosaic_offsets`.
-    border_pix : int, optional
-        Output pixels left out on each side of every prediction; default
-        ``config.loss_border_pix`` (see :func:`predict_mosaic`).
-
-    Returns
-    -------
-    numpy.ndarray of int, shape (mosaic_npix, mosaic_npix)
-        Zero where no subfield reaches.  With the paper's offsets and a
-        14-pixel border the covered square is mosaic pixels [14, 151) on each
-        axis, 137 pixels = 26.3′ (the paper shows "the central 26.6′", Fig. 2).
-    """
+    """How many subfields of one orientation predict each mosaic pixel (see
+    :func:`predict_mosaic`). With the paper's offsets and border the covered square is
+    mosaic pixels [14, 151), 26.3′ a side (the paper shows "the central 26.6′", Fig. 2)."""
     border = _check_border(border_pix, config)
-    n = config.mosaic_npix
-    line = np.zeros(n, dtype=np.int64)
+    line = np.zeros(config.mosaic_npix, dtype=np.int64)
     for m in mosaic_offsets(config, stride):
         line[m + border:m + config.output_npix - border] += 1
     return np.outer(line, line)
 
 
 def _predictor(predict_fn, batch_size):
-    """A callable (B, n, n, C) -> (B, N, N[, 1]) from a Keras model or a callable.
-
-    A Keras model is run with ``predict_on_batch`` (its compiled predict
-    function) on batches zero-padded to ``batch_size``, so that the last,
-    shorter batch does not trace the graph a second time.
-    """
+    """A batch predictor from a Keras model or a callable. A model runs ``predict_on_batch``
+    on batches zero-padded to ``batch_size``, so a shorter last batch traces no new graph."""
     if isinstance(predict_fn, keras.Model):
-        model = predict_fn
-
         def run(x):
             b = len(x)
             if b < batch_size:
                 x = np.concatenate([x, np.zeros((batch_size - b,) + x.shape[1:], x.dtype)])
-            return np.asarray(model.predict_on_batch(x))[:b]
+            return np.asarray(predict_fn.predict_on_batch(x))[:b]
         return run
     if not callable(predict_fn):
-        raise TypeError("predict_fn must be a keras.Model or a callable on batches of subfields")
+        raise TypeError("predict_fn must be a keras.Model or a callable on batches of "
+                        "subfields")
     return predict_fn
-
-
-def _model_channels(predict_fn, channels):
-    if channels is not None:
-        return int(channels)
-    if isinstance(predict_fn, keras.Model):
-        return int(predict_fn.input_shape[-1])
-    return 3
 
 
 def predict_mosaic(predict_fn, grid, config=PAPER, stride=None, orientations=6, channels=None,
                    batch_size=MOSAIC_BATCH, border_pix=None):
-    """Average the predictions of every (offset, orientation) subfield on the mosaic grid.
+    """Average the predictions of every (offset, orientation) subfield on the mosaic grid (§3).
 
-    Parameters
-    ----------
-    predict_fn : keras.Model or callable
-        Maps a batch of subfields, float32 (B, 386, 386, C), to κ (B, 128, 128,
-        1) or (B, 128, 128).
-    grid : array_like, shape (≥C, npix, npix)
-        Gridded catalog (ε̄1, ε̄2, Δε, n) from :func:`grid_catalog`.
-    config : Config
-    stride : int, optional
-        Offset step in input pixels, a multiple of 3 (:func:`mosaic_offsets`).
-        Default 3: the paper's 1,444 offsets; 12 gives 100.
-    orientations : int, str or sequence of str
-        1 (as observed), 6 (the paper's set) or names (:func:`mosaic_orientations`).
-    channels : int, optional
-        Input channels, 3 or 4 (4Channel).  Default: the model's, else 3.
-    batch_size : int
-        Subfields per call of ``predict_fn``.
-    border_pix : int, optional
-        Output pixels left out on each side of every prediction.  Default
-        ``config.loss_border_pix`` (14): training never scored them, "the
-        convergence estimates near the field boundary can easily be
-        influenced by the nonvanishing filter size" (§2.3.2).  0 averages
-        every pixel.
+    ``predict_fn`` is a Keras model or a callable from float32 subfields (B, 386, 386, C) to
+    κ (B, 128, 128[, 1]); ``grid`` a gridded catalog (:func:`grid_catalog`). ``stride`` and
+    ``orientations``: :func:`mosaic_offsets`, :func:`mosaic_orientations`. ``channels``:
+    default the model's, else 3. ``border_pix``: output pixels left out on each side, default
+    the loss's, since "the convergence estimates near the field boundary can easily be
+    influenced by the nonvanishing filter size" (§2.3.2).
 
-    Returns
-    -------
-    mean : numpy.ndarray, float64, shape (mosaic_npix, mosaic_npix)
-        Mean κ over the contributions to each mosaic pixel; NaN where none.
-    count : numpy.ndarray, int, shape (mosaic_npix, mosaic_npix)
-        Number of contributions (:func:`mosaic_coverage` × orientations).
-
-    Notes
-    -----
-    §3: "one mosaic convergence image for each cluster by taking average of
-    the multiple mass maps".  Output pixel k of the subfield at offset index m
-    lands on mosaic pixel m + k (DESIGN.md "Grids"), after the orientation the
-    input was given is undone (:data:`INVERSE_ORIENTATION`).  The paper's
-    mosaic is 1,444 × 6 = 8,664 predictions; the mean has no less noise than
-    one prediction would, since all come from one catalog (§3, footnote 2).
+    Returns the mean κ (NaN where no subfield reaches) and the number of predictions in each
+    pixel. Each prediction's orientation is undone first. The paper's 8,664 predictions all
+    come from one catalog: their mean has no less noise than one of them (§3, footnote 2).
     """
-    means, count = _mosaics([predict_fn], grid, config, stride, orientations, channels, batch_size, border_pix)
+    means, count = _mosaics([predict_fn], grid, config, stride, orientations, channels,
+                            batch_size, border_pix)
     return means[0], count
 
 
-def _mosaics(predict_fns, grid, config, stride, orientations, channels, batch_size, border_pix):
-    """Mosaics of several predictors from one pass over the subfields (each crop is cut once)."""
+def _mosaics(predict_fns, grid, config, stride, orientations, channels, batch_size,
+             border_pix):
+    """Mosaics of several predictors in one pass over the subfields (each cut once)."""
     offsets = mosaic_offsets(config, stride)
     orients = mosaic_orientations(orientations)
     border = _check_border(border_pix, config)
-    channels = _model_channels(predict_fns[0], channels)
+    if channels is None:
+        first = predict_fns[0]
+        channels = first.input_shape[-1] if isinstance(first, keras.Model) else 3
+    channels = int(channels)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     grid = np.asarray(grid)
-    if grid.ndim != 3 or grid.shape[0] < channels or grid.shape[1:] != (config.npix, config.npix):
+    if grid.ndim != 3 or grid.shape[0] < channels or grid.shape[1:] != (config.npix,) * 2:
         raise ValueError(f"grid must have shape (>={channels}, {config.npix}, {config.npix}), "
                          f"got {grid.shape}")
     runs = [_predictor(fn, batch_size) for fn in predict_fns]
@@ -3289,12 +2742,13 @@ def _mosaics(predict_fns, grid, config, stride, orientations, channels, batch_si
     tasks = [(my, mx, t) for t in orients for my in offsets for mx in offsets]
     for start in range(0, len(tasks), batch_size):
         chunk = tasks[start:start + batch_size]
-        x = np.stack([subfield(grid, None, my, mx, t, config, channels)[0] for my, mx, t in chunk])
+        x = np.stack([subfield(grid, None, my, mx, t, config, channels)[0]
+                      for my, mx, t in chunk])
         for r, run in enumerate(runs):
             y = np.asarray(run(x), dtype=np.float64)
             if y.shape[:3] != (len(chunk), o, o) or y.ndim not in (3, 4):
-                raise ValueError(f"predict_fn returned shape {y.shape} for {len(chunk)} subfields; "
-                                 f"expected ({len(chunk)}, {o}, {o}, 1)")
+                raise ValueError(f"predict_fn returned shape {y.shape} for {len(chunk)} "
+                                 f"subfields; expected ({len(chunk)}, {o}, {o}, 1)")
             for (my, mx, t), pred in zip(chunk, y.reshape(len(chunk), o, o)):
                 window = (slice(my + border, my + o - border), slice(mx + border, mx + o - border))
                 total[r][window] += orient_map(pred, INVERSE_ORIENTATION[t])[keep, keep]
@@ -3315,41 +2769,23 @@ class MosaicRuns(NamedTuple):
 
 
 def _mosaic_runs(runs, count):
-    """MosaicRuns of K runs' maps (K, n, n): their mean and spread (ddof = 1; 0 for
-    one run), NaN where no subfield reached."""
+    """MosaicRuns of K runs' maps (K, n, n); the spread of one run is 0 (NaN uncovered)."""
     std = runs.std(axis=0, ddof=1) if len(runs) > 1 else np.where(np.isnan(runs[0]), np.nan, 0.0)
     return MosaicRuns(runs.mean(axis=0), std, count, runs)
 
 
 def predict_mosaic_runs(models, grid, config=PAPER, **kwargs):
-    """Mosaics of K runs, their mean and standard deviation (§2.3.2).
+    """Mosaics of the K independently trained runs, their mean and standard deviation.
 
-    Parameters
-    ----------
-    models : sequence of keras.Model or callable
-        The K independently trained runs (the paper: 10).
-    grid : array_like, shape (≥C, npix, npix)
-    config : Config
-    **kwargs
-        stride, orientations, channels, batch_size, border_pix, as
-        :func:`predict_mosaic`.  Each subfield is cut once and given to every
-        run.
-
-    Returns
-    -------
-    MosaicRuns
-        ``std`` is the sample standard deviation (ddof = 1); with one run it
-        is 0 wherever the mosaic is covered (one run shows no spread).
-
-    Notes
-    -----
-    §2.3.2: "the standard deviations from the 10 runs are used as error
-    estimates"; Fig. 11 shows such a mean and standard deviation.
+    §2.3.2: "the standard deviations from the 10 runs are used as error estimates" (Fig. 11).
+    ``kwargs``: stride, orientations, channels, batch_size, border_pix of
+    :func:`predict_mosaic`; each subfield is cut once for every run.
     """
     models = list(models)
     if not models:
         raise ValueError("no models")
-    kw = dict(stride=None, orientations=6, channels=None, batch_size=MOSAIC_BATCH, border_pix=None)
+    kw = dict(stride=None, orientations=6, channels=None, batch_size=MOSAIC_BATCH,
+              border_pix=None)
     unknown = set(kwargs) - set(kw)
     if unknown:
         raise TypeError(f"unknown arguments {sorted(unknown)}")
@@ -3358,32 +2794,16 @@ def predict_mosaic_runs(models, grid, config=PAPER, **kwargs):
 
 
 # ---------------------------------------------------------------------------
-# §3 Baselines on the same gridded catalogs: KS93, Wiener, Seitz & Schneider
+# §3 The KS93 baseline on the same gridded catalogs
 # ---------------------------------------------------------------------------
 #: FWHMs (arcmin) offered to the validation choice of the KS93 smoothing.
 KS93_FWHM_GRID = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 
 
 def smooth_map(kappa, fwhm_arcmin, config=PAPER):
-    """Gaussian smoothing of an input-resolution map.
+    """Gaussian smoothing of an input-grid map (FWHM in arcmin; 0: unchanged).
 
-    Parameters
-    ----------
-    kappa : array_like, shape (npix, npix)
-    fwhm_arcmin : float
-        FWHM of the Gaussian in arcmin; 0 returns the map unchanged.
-    config : Config
-        ``pixel_arcsec`` converts the FWHM to pixels.
-
-    Returns
-    -------
-    numpy.ndarray, float64, shape (npix, npix)
-
-    Notes
-    -----
-    Mirror boundary (``mode="reflect"``): near the field edge the kernel
-    averages the map with its own reflection instead of with zeros, so the
-    edge is not diluted towards κ = 0.
+    The boundary mirrors the map, so that the edge is not diluted towards κ = 0.
     """
     if fwhm_arcmin < 0:
         raise ValueError(f"fwhm_arcmin must be >= 0, got {fwhm_arcmin}")
@@ -3395,30 +2815,9 @@ def smooth_map(kappa, fwhm_arcmin, config=PAPER):
 
 
 def ks93_mosaic(grid, config=PAPER, fwhm_arcmin=0.0):
-    """KS93 of the gridded catalog, smoothed and block-averaged onto the mosaic grid.
-
-    Parameters
-    ----------
-    grid : array_like, shape (≥2, npix, npix)
-        Gridded catalog; channels 0 and 1 are ε̄1, ε̄2 (the reduced-shear
-        estimate the network sees).
-    config : Config
-    fwhm_arcmin : float
-        Gaussian smoothing FWHM (0: none).  The paper does not give its KS93
-        smoothing; choose it on the validation set with
-        :func:`choose_ks93_smoothing`.
-
-    Returns
-    -------
-    numpy.ndarray, float64, shape (mosaic_npix, mosaic_npix)
-
-    Notes
-    -----
-    Eq. 10 with zero padding (:func:`ks93`), then :func:`smooth_map`, then
-    the 3 × 3 block mean of :func:`mosaic_truth`, so that KS93, the truth and
-    the CNN share the mosaic's pixels (DESIGN.md "Evaluation").  The k = 0
-    mode is zero (mass-sheet degeneracy).
-    """
+    """The KS93 baseline on the mosaic grid: :func:`ks93` of the gridded ε̄1, ε̄2, smoothed
+    (:func:`smooth_map`; the paper gives no FWHM: :func:`choose_ks93_smoothing`), then
+    averaged over the blocks of :func:`mosaic_truth`, so it shares the truth's pixels."""
     grid = np.asarray(grid)
     return mosaic_truth(smooth_map(ks93(grid[0], grid[1]), fwhm_arcmin, config), config)
 
@@ -3426,8 +2825,8 @@ def ks93_mosaic(grid, config=PAPER, fwhm_arcmin=0.0):
 # ---------------------------------------------------------------------------
 # §3.2-3.4 The paper's metrics: R, D (eq. 13-16), M_cl and Δ_peak
 # ---------------------------------------------------------------------------
-METRIC_BINS = 50            # histogram bins of the weights, eq. 16 (§3.2)
-CLIP_SIGMA = 3.0            # clipping of eq. 14 (§3.2)
+METRIC_BINS = 50            # histogram bins of the weights (§3.2)
+CLIP_SIGMA = 3.0            # clipping of R (§3.2)
 CLIP_MAX_ITER = 100         # cap on the clipping iterations
 MASS_RADIUS_PIX = 10        # aperture of M_cl: 10 mosaic pixels = 1.92′ (§3.3)
 CENTROID_WINDOW_PIX = 21    # top-hat window of the centroid, 21 × 21 pixels (§3.4)
@@ -3455,20 +2854,27 @@ def _stack_maps(maps, name):
     if a.ndim == 2:
         a = a[None]
     if a.ndim != 3 or a.shape[0] == 0:
-        raise ValueError(f"{name} must be a map (ny, nx) or a list of maps (n, ny, nx), got shape {a.shape}")
+        raise ValueError(f"{name} must be a map (ny, nx) or a list of maps (n, ny, nx), "
+                         f"got shape {a.shape}")
     return a
 
 
 def _pairs(truth_maps, pred_maps):
+    """Truth and prediction maps (n, ny, nx), both NaN where either is: every metric uses
+    only the pixels evaluated in both."""
     t = _stack_maps(truth_maps, "truth_maps")
     p = _stack_maps(pred_maps, "pred_maps")
     if t.shape != p.shape:
         raise ValueError(f"truth and prediction maps differ in shape: {t.shape} vs {p.shape}")
-    return t, p
+    ok = np.isfinite(t) & np.isfinite(p)
+    return np.where(ok, t, np.nan), np.where(ok, p, np.nan)
 
 
 def _histogram_weights(values, bins=METRIC_BINS):
-    """ω = 1 / f(value): f the ``bins``-bin histogram density of ``values`` (eq. 16)."""
+    """Weights ω = 1 / f(value), f the ``bins``-bin histogram density of ``values`` (eq. 16).
+
+    The histogram keeps ω finite where the density of the truth is noisy (§3.2).
+    """
     density, edges = np.histogram(values, bins=bins, density=True)
     idx = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
     return 1.0 / density[idx]  # every occupied bin has density > 0
@@ -3479,39 +2885,18 @@ def _weighted_mean_std(x, w):
     return mean, np.sqrt(np.sum(w * (x - mean) ** 2) / np.sum(w))
 
 
-def metric_R(truth_maps, pred_maps, bins=METRIC_BINS, clip_sigma=CLIP_SIGMA, max_iter=CLIP_MAX_ITER):
-    """The weighted, clipped mean ratio R of predicted to true κ (eq. 14, 16).
+def metric_R(truth_maps, pred_maps, bins=METRIC_BINS, clip_sigma=CLIP_SIGMA,
+             max_iter=CLIP_MAX_ITER):
+    """R, the weighted mean of κ_pred/κ_truth, clipped at 3σ, and its weighted std (eq. 14).
 
-    Parameters
-    ----------
-    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
-        Truth and prediction on the same mosaic pixels; NaN marks pixels not
-        evaluated (they are left out of both).
-    bins : int
-        Histogram bins of the weights (50, §3.2).
-    clip_sigma : float
-        Clipping threshold in weighted standard deviations (3, §3.2).
-    max_iter : int
-        Cap on the clipping iterations.
-
-    Returns
-    -------
-    WeightedStat
-        R and its weighted standard deviation (Table 2: "0.407 ± 0.288").
-
-    Notes
-    -----
-    ω_p = 1 / f(κ_truth) with f the 50-bin histogram density of κ_truth over
-    every evaluated pixel of every map, pooled (eq. 16), so that each range
-    of κ_truth counts alike rather than the many pixels near zero.  R is the
-    ω-weighted mean of κ_pred/κ_truth (eq. 14), iterated: the pixels within
-    ``clip_sigma`` weighted standard deviations of the previous step's
-    weighted mean are kept, until the kept set no longer changes (§3.2).
-    Pixels with κ_truth = 0 exactly have no ratio and are left out.  1 is
-    perfect.
+    Over every pixel evaluated in both maps (NaN: not evaluated) of every cluster, pooled,
+    with :func:`_histogram_weights` of κ_truth, so that each range of κ_truth counts alike
+    rather than the many pixels near zero. The pixels within ``clip_sigma`` weighted stds of
+    the previous weighted mean are kept until the kept set no longer changes (§3.2). Pixels
+    with κ_truth = 0 have no ratio. 1 is perfect; Table 2: "0.407 ± 0.288".
     """
     t, p = _pairs(truth_maps, pred_maps)
-    ok = np.isfinite(t) & np.isfinite(p)
+    ok = np.isfinite(t)
     t, p = t[ok], p[ok]
     if t.size == 0:
         raise ValueError("no pixel is evaluated in both maps")
@@ -3535,18 +2920,9 @@ def metric_R(truth_maps, pred_maps, bins=METRIC_BINS, clip_sigma=CLIP_SIGMA, max
 
 
 def normalized_kappa(kappa):
-    """κ̃ = (κ − ⟨κ⟩) / Δκ over the finite pixels of one map (eq. 13).
+    """κ̃ = (κ − ⟨κ⟩) / Δκ, mean and std (ddof = 0) over the finite pixels of a map (eq. 13).
 
-    Parameters
-    ----------
-    kappa : array_like, shape (ny, nx)
-        NaN marks pixels not evaluated (they stay NaN).
-
-    Returns
-    -------
-    numpy.ndarray, float64, shape (ny, nx)
-        ⟨κ⟩ and Δκ are the mean and standard deviation (ddof = 0) within the
-        field.  A constant map has no scale: its κ̃ is 0.
+    NaN pixels stay NaN; a constant map has no scale, and its κ̃ is 0.
     """
     kappa = np.asarray(kappa, dtype=np.float64)
     mean, std = np.nanmean(kappa), np.nanstd(kappa)
@@ -3554,33 +2930,17 @@ def normalized_kappa(kappa):
 
 
 def metric_D(truth_maps, pred_maps, bins=METRIC_BINS):
-    """The weighted mean absolute difference D of normalised κ (eq. 13, 15, 16).
+    """D, the weighted mean of |κ̃_pred − κ̃_truth|, and its weighted std (eq. 15).
 
-    Parameters
-    ----------
-    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
-        As :func:`metric_R`.
-    bins : int
-        Histogram bins of the weights (50, §3.2).
-
-    Returns
-    -------
-    WeightedStat
-        D and its weighted standard deviation (Table 2: "4.36 ± 3.77").
-
-    Notes
-    -----
-    Each map is normalised by :func:`normalized_kappa` over the pixels
-    evaluated in both of its pair (eq. 13); ω̃_p = 1 / f(κ̃_truth) with f
-    the 50-bin histogram density of κ̃_truth pooled over all maps (eq. 16);
-    D = Σ ω̃ |κ̃_pred − κ̃_truth| / Σ ω̃ (eq. 15), without clipping (§3.2
-    clips eq. 14 only).  κ̃ is invariant under κ → aκ + b (a > 0), so D
-    ignores the amplitude and the mass sheet: 0 is perfect.
+    Each map is normalised (:func:`normalized_kappa`) over the pixels evaluated in both maps
+    of its pair; the weights are :func:`_histogram_weights` of κ̃_truth over all clusters;
+    no clipping (§3.2 clips R only). D ignores the amplitude and the mass sheet: 0 is
+    perfect; Table 2: "4.36 ± 3.77".
     """
     t, p = _pairs(truth_maps, pred_maps)
     tt, pp = [], []
     for ti, pi in zip(t, p):
-        ok = np.isfinite(ti) & np.isfinite(pi)
+        ok = np.isfinite(ti)
         if ok.any():
             tt.append(normalized_kappa(ti[ok]))
             pp.append(normalized_kappa(pi[ok]))
@@ -3601,23 +2961,8 @@ def peak_pixel(kappa):
 
 
 def aperture_mass(kappa, centre, radius_pix=MASS_RADIUS_PIX):
-    """Sum of κ over the pixels within ``radius_pix`` of ``centre`` (M_cl, §3.3).
-
-    Parameters
-    ----------
-    kappa : array_like, shape (ny, nx)
-        Mosaic map; NaN pixels (not evaluated) add nothing.
-    centre : (float, float)
-        (row, col) of the aperture centre, in pixels.
-    radius_pix : float
-        Aperture radius in mosaic pixels (10 = 1.92′, §3.3).
-
-    Returns
-    -------
-    float
-        Σ κ over pixels whose centre is at distance ≤ ``radius_pix``
-        (dimensionless; × Σ_c × pixel area gives a projected mass).
-    """
+    """M_cl (§3.3): Σ κ over the pixels whose centre lies within ``radius_pix`` of ``centre``
+    (row, col); NaN pixels add nothing. × Σ_c × pixel area gives a projected mass."""
     kappa = np.asarray(kappa, dtype=np.float64)
     yy, xx = np.indices(kappa.shape)
     inside = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius_pix ** 2
@@ -3631,73 +2976,30 @@ def _percentile_stat(values, percentiles=PERCENTILES):
 
 
 def cluster_masses(truth_maps, pred_maps, radius_pix=MASS_RADIUS_PIX):
-    """M_cl of truth and prediction for each cluster, both about the truth's peak (§3.3).
-
-    Parameters
-    ----------
-    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
-    radius_pix : float
-
-    Returns
-    -------
-    m_truth, m_pred : numpy.ndarray, shape (n,)
-        Aperture sums (:func:`aperture_mass`) over the pixels evaluated in
-        both maps, centred on the highest pixel of the truth.
-    """
+    """M_cl of truth and prediction of each cluster, both about the truth's highest pixel,
+    over the pixels evaluated in both maps (§3.3): two arrays (n,)."""
     t, p = _pairs(truth_maps, pred_maps)
-    m_t, m_p = np.empty(len(t)), np.empty(len(t))
-    for i, (ti, pi) in enumerate(zip(t, p)):
-        ok = np.isfinite(ti) & np.isfinite(pi)
-        ti, pi = np.where(ok, ti, np.nan), np.where(ok, pi, np.nan)
-        centre = peak_pixel(ti)
-        m_t[i], m_p[i] = aperture_mass(ti, centre, radius_pix), aperture_mass(pi, centre, radius_pix)
+    centres = [peak_pixel(ti) for ti in t]
+    m_t = np.array([aperture_mass(ti, c, radius_pix) for ti, c in zip(t, centres)])
+    m_p = np.array([aperture_mass(pi, c, radius_pix) for pi, c in zip(p, centres)])
     return m_t, m_p
 
 
 def mass_ratio(truth_maps, pred_maps, radius_pix=MASS_RADIUS_PIX, percentiles=PERCENTILES):
-    """Median of M_pred / M_truth with its 16th and 84th percentiles (§3.3).
-
-    Parameters
-    ----------
-    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
-    radius_pix : float
-        Aperture radius in mosaic pixels (10, §3.3).
-    percentiles : (float, float)
-
-    Returns
-    -------
-    PercentileStat
-        Table 2: "0.867 +0.327 −0.296"; ``values`` holds each cluster's ratio.
-    """
+    """Median of M_pred / M_truth over clusters with its 16th and 84th percentiles (§3.3;
+    Table 2: "0.867 +0.327 −0.296")."""
     m_t, m_p = cluster_masses(truth_maps, pred_maps, radius_pix)
     return _percentile_stat(m_p / m_t, percentiles)
 
 
 def peak_centroid(kappa, window_pix=CENTROID_WINDOW_PIX):
-    """Centroid of the highest peak: its pixel, then the first moment around it (§3.4).
+    """(row, col) of a map's peak: the first moment of κ in the ``window_pix``² top-hat
+    window about its highest pixel (§3.4).
 
-    Parameters
-    ----------
-    kappa : array_like, shape (ny, nx)
-        Mosaic map; NaN pixels weigh nothing.
-    window_pix : int
-        Side of the square top-hat window (21, odd), centred on the highest
-        pixel and clipped to the map where the peak is near an edge.
-
-    Returns
-    -------
-    (float, float)
-        (row, col) of the centroid in pixel units of the map.
-
-    Notes
-    -----
-    §3.4: the pixel with the largest κ, then the first moment of κ in the
-    21 × 21 window about it.  Where the window holds negative κ (KS93 noise),
-    its minimum is subtracted first ("rescaled ... such that the minimum
-    value within the window becomes zero"), so that every weight is ≥ 0 and
-    the centroid cannot leave the window.  A window clipped by the map edge
-    is no longer centred on the peak, which pulls the centroid inwards.  If
-    every weight is zero (a flat window) the peak pixel is returned.
+    Where the window holds negative κ its minimum is subtracted first ("rescaled ... such
+    that the minimum value within the window becomes zero"), so every weight is ≥ 0 and the
+    centroid stays in the window. NaN pixels weigh nothing. A window clipped by the map's
+    edge pulls the centroid inwards. A window with no weight returns the highest pixel.
     """
     if window_pix < 1 or window_pix % 2 == 0:
         raise ValueError(f"window_pix must be a positive odd integer, got {window_pix}")
@@ -3719,38 +3021,20 @@ def peak_centroid(kappa, window_pix=CENTROID_WINDOW_PIX):
 
 
 def centroid_offsets(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX):
-    """Δ_peak of each cluster: distance between the predicted and true centroids (§3.4).
-
-    Parameters
-    ----------
-    truth_maps, pred_maps : array_like, shape (n, ny, nx) or (ny, nx)
-    window_pix : int
-
-    Returns
-    -------
-    numpy.ndarray, shape (n,)
-        Distances in mosaic pixels (0.192′ each).  Each map's centroid is
-        found over the pixels evaluated in both maps (:func:`peak_centroid`).
-    """
+    """Δ_peak of each cluster (§3.4): the distance in mosaic pixels between the centroids
+    (:func:`peak_centroid`) of prediction and truth, over the pixels evaluated in both."""
     t, p = _pairs(truth_maps, pred_maps)
     out = np.empty(len(t))
     for i, (ti, pi) in enumerate(zip(t, p)):
-        ok = np.isfinite(ti) & np.isfinite(pi)
-        ct = peak_centroid(np.where(ok, ti, np.nan), window_pix)
-        cp = peak_centroid(np.where(ok, pi, np.nan), window_pix)
+        ct, cp = peak_centroid(ti, window_pix), peak_centroid(pi, window_pix)
         out[i] = np.hypot(ct[0] - cp[0], ct[1] - cp[1])
     return out
 
 
-def centroid_offset(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX, percentiles=PERCENTILES):
-    """Median Δ_peak with its 16th and 84th percentiles (§3.4, Table 2).
-
-    Returns
-    -------
-    PercentileStat
-        In mosaic pixels (Table 2: "3.10 +25.64 −2.00"); ``values`` holds
-        each cluster's Δ_peak (:func:`centroid_offsets`).
-    """
+def centroid_offset(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX,
+                    percentiles=PERCENTILES):
+    """Median Δ_peak over clusters with its 16th and 84th percentiles, in mosaic pixels
+    (§3.4; Table 2: "3.10 +25.64 −2.00")."""
     return _percentile_stat(centroid_offsets(truth_maps, pred_maps, window_pix), percentiles)
 
 
@@ -3761,15 +3045,15 @@ def paper_metrics(truth_maps, pred_maps):
     m, dp = mass_ratio(t, p), centroid_offset(t, p)
     return {"R": r.value, "R_err": r.err, "D": d.value, "D_err": d.err,
             "M_ratio": m.value, "M_minus": m.minus, "M_plus": m.plus,
-            "dpeak": dp.value, "dpeak_minus": dp.minus, "dpeak_plus": dp.plus, "n_clusters": len(t)}
+            "dpeak": dp.value, "dpeak_minus": dp.minus, "dpeak_plus": dp.plus,
+            "n_clusters": len(t)}
 
 
 # ---------------------------------------------------------------------------
 # §3 The KS93 smoothing, chosen on the validation set
 # ---------------------------------------------------------------------------
-#: How each metric is turned into a loss (0 is perfect) by the "rank_sum"
-#: criterion: R and M_cl are ratios whose ideal is 1, so their distance from
-#: 1 counts in log (×2 and ×½ are equally wrong); D and Δ_peak are 0 at best.
+#: Each metric as a loss (0 is perfect) for the "rank_sum" criterion: R and M_cl are ratios
+#: whose ideal is 1, so their distance from 1 counts in log (×2 and ×½ are equally wrong).
 SMOOTHING_LOSSES = {
     "R": lambda row: abs(np.log(row["R"])) if row["R"] > 0 else np.inf,
     "D": lambda row: row["D"],
@@ -3778,67 +3062,29 @@ SMOOTHING_LOSSES = {
 }
 
 
-def _rank(values):
-    """Ranks 1..n (ties share the mean rank)."""
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for v in np.unique(values):
-        ranks[values == v] = ranks[values == v].mean()
-    return ranks
+def _default_grid_fn(grid_fn, config):
+    return (lambda c: grid_table(c["catalog"], config)) if grid_fn is None else grid_fn
 
 
-def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID, criterion="rank_sum",
-                          config=PAPER, mask=None, limit=None, progress=False):
-    """Choose the KS93 smoothing FWHM on the validation set by the paper's metrics.
+def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID,
+                          criterion="rank_sum", config=PAPER, mask=None, limit=None,
+                          progress=False):
+    """Choose the KS93 smoothing FWHM (arcmin) on validation clusters by Table 2's metrics.
 
-    Parameters
-    ----------
-    val_clusters : iterable of dict
-        Cluster records (``ClusterDataset.clusters("val")``).
-    grid_fn : callable, optional
-        ``grid_fn(cluster) -> grid``; default: :func:`grid_table` of the
-        stored catalog.
-    fwhm_grid : sequence of float
-        Candidate FWHMs in arcmin (0 = unsmoothed).
-    criterion : {"rank_sum", "R", "D", "M_ratio", "dpeak"}
-        "rank_sum" (default): rank the candidates on each of the four metrics
-        of Table 2 (:data:`SMOOTHING_LOSSES`) and take the smallest sum of
-        ranks; ties go to the smaller D.  A metric name: minimise that
-        metric's loss alone.
-    config : Config
-    mask : array_like of bool, shape (mosaic_npix, mosaic_npix), optional
-        Mosaic pixels evaluated; default the paper mosaic's coverage
-        (:func:`mosaic_coverage` > 0), the pixels the CNN is scored on.
-    limit : int, optional
-        Use the first ``limit`` clusters.  Memory: 8 bytes × 166² × (1 +
-        len(fwhm_grid)) a cluster (2.2 MB for the default grid).
-    progress : bool
-
-    Returns
-    -------
-    fwhm : float
-        The chosen FWHM in arcmin.
-    rows : list of dict
-        One per candidate: ``fwhm_arcmin``, the Table 2 columns, the rank of
-        each metric, ``rank_sum`` and ``chosen``.
+    ``grid_fn(cluster)`` grids a cluster (default: its stored catalog); ``mask``: the
+    mosaic pixels scored, default those the CNN's mosaic covers; ``limit``: use the first
+    ``limit`` clusters (each holds 8 × 166² × (1 + len(fwhm_grid)) bytes). "rank_sum" ranks
+    the candidates on each metric's loss (:data:`SMOOTHING_LOSSES`) and takes the smallest
+    sum of ranks, ties to the smaller D; a metric's name minimises that loss alone. Returns
+    the FWHM and one row a candidate (its metrics, ranks and ``chosen``).
 
     Notes
     -----
-    Why not pixel correlation: it rewards the removal of noise and never
-    penalises the loss of the peak, so it picks the widest kernel offered
-    (DESIGN.md "Lessons").  The paper's four metrics pull apart instead:
-    smoothing flattens the cluster (R and M_cl fall away from 1) and removes
-    noise peaks (Δ_peak and D improve, until D, whose weights stress the rare
-    high-κ̃ pixels, sees the peak flattened too).  Ranks put the four on one
-    footing without choosing relative units for a ratio, a normalised
-    difference and a distance in pixels; the smallest sum of ranks (a Borda
-    count) is the candidate best overall.  Were R and M_cl best unsmoothed
-    and D and Δ_peak best at the widest kernel, every candidate would tie and
-    D alone would decide.  On 100 simulated validation clusters R was best at
-    0.5′, M_cl unsmoothed, D at 1.0′ and Δ_peak at 0.75′; 0.5′ and 0.75′
-    tied on ranks and D chose 0.75′.
+    Pixel correlation would reward the removal of noise and never the peak, and so pick the
+    widest kernel offered. The paper's metrics pull apart instead: smoothing flattens the
+    cluster (R and M_cl fall away from 1) and removes noise peaks (Δ_peak and D improve,
+    until D sees the peak flattened too). Ranks put a ratio, a normalised difference and a
+    distance on one footing without choosing units between them.
     """
     if criterion != "rank_sum" and criterion not in SMOOTHING_LOSSES:
         raise ValueError(f"criterion must be 'rank_sum' or one of {list(SMOOTHING_LOSSES)}, "
@@ -3846,7 +3092,7 @@ def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID, 
     fwhm_grid = [float(f) for f in fwhm_grid]
     if not fwhm_grid:
         raise ValueError("empty fwhm_grid")
-    grid_fn = (lambda c: grid_table(c["catalog"], config)) if grid_fn is None else grid_fn
+    grid_fn = _default_grid_fn(grid_fn, config)
     mask = (mosaic_coverage(config) > 0) if mask is None else np.asarray(mask, dtype=bool)
     truths, maps = [], {f: [] for f in fwhm_grid}
     bar = _Progress(limit, "ks93 smoothing") if progress and limit else None
@@ -3855,24 +3101,28 @@ def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID, 
             break
         grid = np.asarray(grid_fn(cluster))
         kappa_e = ks93(grid[0], grid[1])  # once; only the smoothing changes
-        truths.append(np.where(mask, mosaic_truth(np.asarray(cluster["kappa"], np.float64), config), np.nan))
+        truth = mosaic_truth(np.asarray(cluster["kappa"], np.float64), config)
+        truths.append(np.where(mask, truth, np.nan))
         for f in fwhm_grid:
-            maps[f].append(np.where(mask, mosaic_truth(smooth_map(kappa_e, f, config), config), np.nan))
+            kappa = mosaic_truth(smooth_map(kappa_e, f, config), config)
+            maps[f].append(np.where(mask, kappa, np.nan))
         if bar:
             bar.update()
     if not truths:
         raise ValueError("no validation clusters")
     rows = [{"fwhm_arcmin": f, **paper_metrics(truths, maps[f])} for f in fwhm_grid]
-    losses = {name: [fn(row) for row in rows] for name, fn in SMOOTHING_LOSSES.items()}
-    for name, values in losses.items():
-        for row, rank in zip(rows, _rank(values)):
+    for name, fn in SMOOTHING_LOSSES.items():
+        v = np.nan_to_num([fn(row) for row in rows], nan=np.inf, posinf=np.inf)
+        # rank 1 is the smallest loss; ties share the mean of their ranks
+        ranks = (v[:, None] > v).sum(axis=1) + ((v[:, None] == v).sum(axis=1) + 1) / 2
+        for row, rank in zip(rows, ranks):
             row[f"rank_{name}"] = float(rank)
     for row in rows:
         row["rank_sum"] = sum(row[f"rank_{name}"] for name in SMOOTHING_LOSSES)
     if criterion == "rank_sum":
         key = [(row["rank_sum"], row["D"]) for row in rows]
     else:
-        key = [(v, 0.0) for v in losses[criterion]]
+        key = [(SMOOTHING_LOSSES[criterion](row), 0.0) for row in rows]
     best = min(range(len(rows)), key=lambda i: key[i])
     for i, row in enumerate(rows):
         row["chosen"] = i == best
@@ -3882,14 +3132,15 @@ def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID, 
 # ---------------------------------------------------------------------------
 # §3 Evaluating methods on a test set; Table 2
 # ---------------------------------------------------------------------------
-#: Columns of table2.csv, in order (issue "Evaluation").
+#: Columns of table2.csv, in order.
 TABLE2_COLUMNS = ("method", "R", "R_err", "D", "D_err", "M_ratio", "M_minus", "M_plus",
                   "dpeak", "dpeak_minus", "dpeak_plus", "n_clusters")
 
 
 def _paper_row(r, r_err, d, d_err, m, m_plus, m_minus, dp, dp_plus, dp_minus):
     return {"R": r, "R_err": r_err, "D": d, "D_err": d_err, "M_ratio": m, "M_minus": m_minus,
-            "M_plus": m_plus, "dpeak": dp, "dpeak_minus": dp_minus, "dpeak_plus": dp_plus, "n_clusters": 200}
+            "M_plus": m_plus, "dpeak": dp, "dpeak_minus": dp_minus, "dpeak_plus": dp_plus,
+            "n_clusters": 200}
 
 
 #: Table 2 of the paper (200 test clusters of MassiveNuS; ours differ in truth).
@@ -3902,31 +3153,14 @@ PAPER_TABLE2 = {
 
 @dataclass
 class Evaluation:
-    """Truth and every method's mosaics for a set of clusters (:func:`evaluate_methods`).
-
-    Attributes
-    ----------
-    truth : numpy.ndarray, shape (n, mosaic_npix, mosaic_npix)
-        :func:`mosaic_truth` of each cluster; NaN outside the evaluated pixels.
-    maps : dict of str -> numpy.ndarray, shape (n, mosaic_npix, mosaic_npix)
-        Each method's mosaic (the mean over runs where it has several), NaN
-        on the same pixels as ``truth``.
-    run_std : dict of str -> numpy.ndarray, shape (n, mosaic_npix, mosaic_npix)
-        Standard deviation over runs, for methods that returned runs.
-    run_mass_std : dict of str -> numpy.ndarray, shape (n,)
-        Standard deviation over runs of M_cl (Fig. 6's error bars).
-    star_mask : numpy.ndarray of bool, shape (n, mosaic_npix, mosaic_npix)
-        Mosaic pixels whose centre lies in a bright-star mask (§3.5).
-    index : numpy.ndarray of int, shape (n,)
-        The clusters' indices in their split.
-    config : Config
-    """
-    truth: np.ndarray
-    maps: dict
-    run_std: dict
-    run_mass_std: dict
-    star_mask: np.ndarray
-    index: np.ndarray
+    """Truth and every method's mosaics of a set of clusters (:func:`evaluate_methods`),
+    each (n, mosaic_npix, mosaic_npix) and NaN outside the pixels evaluated."""
+    truth: np.ndarray       # :func:`mosaic_truth` of each cluster
+    maps: dict              # method -> its mosaics (the mean over runs where it has several)
+    run_std: dict           # method -> std over runs, for the methods that return runs
+    run_mass_std: dict      # method -> std over runs of M_cl, (n,) (Fig. 6's error bars)
+    star_mask: np.ndarray   # bool: mosaic pixels inside a bright-star mask (§3.5)
+    index: np.ndarray       # (n,) the clusters' indices in their split
     config: object = PAPER
 
     @property
@@ -3936,75 +3170,37 @@ class Evaluation:
 
 
 def star_mask_mosaic(masks, config=PAPER):
-    """Mosaic pixels whose centre lies inside any bright-star mask.
-
-    Parameters
-    ----------
-    masks : table-like with columns x, y, radius (arcsec, field frame)
-    config : Config
-
-    Returns
-    -------
-    numpy.ndarray of bool, shape (mosaic_npix, mosaic_npix)
-        Mosaic pixel J is centred on input pixel 3J + 2, i.e. at
-        (3J + 2.5) × 3.84″ from the field's lower-left corner.
-    """
+    """Mosaic pixels (bool, mosaic_npix²) whose centre lies inside any bright-star mask
+    (columns x, y, radius in arcsec)."""
     n = config.mosaic_npix
     out = np.zeros((n, n), dtype=bool)
     if masks is None or len(masks) == 0:
         return out
-    lo = (config.first_kernel - 1) // 2
-    centres = (lo + config.pool * np.arange(n) + config.pool / 2.0) * config.pixel_arcsec
+    centres = _mosaic_centres(config)
     for x, y, r in zip(masks["x"], masks["y"], masks["radius"]):
         out |= (centres[:, None] - y) ** 2 + (centres[None, :] - x) ** 2 <= r**2
     return out
 
 
 def evaluate_methods(clusters, methods, config=PAPER, grid_fn=None, total=None, progress=True):
-    """Truth and every method's mosaic for each cluster, on common pixels.
+    """Truth and every method's mosaic of each cluster, on common pixels.
 
-    Parameters
-    ----------
-    clusters : iterable of dict
-        Cluster records (``ClusterDataset.clusters("test")``); read once,
-        one at a time.
-    methods : dict of str -> callable
-        ``fn(grid) -> map`` with ``grid`` the gridded catalog (4, npix, npix)
-        and ``map`` a mosaic (mosaic_npix, mosaic_npix), NaN where it has no
-        estimate, or (K, mosaic_npix, mosaic_npix) for K runs (see
-        :func:`cnn_method`).  The keys name the rows of Table 2 ("KS93",
-        "CNN", ...).
-    config : Config
-    grid_fn : callable, optional
-        ``grid_fn(cluster) -> grid``; default :func:`grid_table` of the
-        stored catalog, gridded once and given to every method.
-    total : int, optional
-        Number of clusters, for the progress bar (default ``len(clusters)``
-        where it has one).
-    progress : bool
-
-    Returns
-    -------
-    Evaluation
-
-    Notes
-    -----
-    "Over the same pixels" (DESIGN.md "Evaluation"): a pixel is evaluated
-    for every method if every method and the truth have a finite value
-    there; elsewhere every map is NaN.  The CNN's mosaic fixes the region
-    (:func:`mosaic_coverage`); KS93 and the other baselines are cut to it.
+    ``clusters``: records (``ClusterDataset.clusters("test")``), read once, one at a time;
+    ``methods``: name → ``fn(grid)``, the gridded catalog to a mosaic (NaN where it has no
+    estimate) or to K runs' mosaics (:func:`cnn_method`); ``grid_fn``: as
+    :func:`choose_ks93_smoothing`; ``total``: the number of clusters, for the progress bar.
+    A pixel is evaluated where the truth and every method are finite, and NaN in every map
+    elsewhere: the CNN's mosaic fixes the region, and the baselines are cut to it.
     """
     if not methods:
         raise ValueError("no methods to evaluate")
-    grid_fn = (lambda c: grid_table(c["catalog"], config)) if grid_fn is None else grid_fn
+    grid_fn = _default_grid_fn(grid_fn, config)
     if total is None and hasattr(clusters, "__len__"):
         total = len(clusters)
     bar = _Progress(total, "evaluate") if progress and total else None
     n = config.mosaic_npix
     truths, index, stars = [], [], []
-    maps = {name: [] for name in methods}
-    stds = {name: [] for name in methods}
-    mass_std = {name: [] for name in methods}
+    maps, stds, mass_std = ({name: [] for name in methods} for _ in range(3))
     for cluster in clusters:
         grid = grid_fn(cluster)
         truth = mosaic_truth(np.asarray(cluster["kappa"], dtype=np.float64), config)
@@ -4019,67 +3215,43 @@ def evaluate_methods(clusters, methods, config=PAPER, grid_fn=None, total=None, 
         for out in outs.values():
             ok &= np.all(np.isfinite(out), axis=0) if out.ndim == 3 else np.isfinite(out)
         if not ok.any():
-            raise ValueError(f"cluster {cluster.get('index')}: no pixel is evaluated by every method")
+            raise ValueError(f"cluster {cluster.get('index')}: no pixel is evaluated by "
+                             "every method")
         truth = np.where(ok, truth, np.nan)
         centre = peak_pixel(truth)
         for name, out in outs.items():
+            runs = out if out.ndim == 3 else out[None]
+            maps[name].append(np.where(ok, runs.mean(axis=0), np.nan))
             if out.ndim == 3:
-                maps[name].append(np.where(ok, out.mean(axis=0), np.nan))
-                spread = out.std(axis=0, ddof=1) if len(out) > 1 else np.zeros((n, n))
+                spread = runs.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros((n, n))
                 stds[name].append(np.where(ok, spread, np.nan))
-                masses = [aperture_mass(np.where(ok, run, np.nan), centre) for run in out]
-                mass_std[name].append(np.std(masses, ddof=1) if len(out) > 1 else 0.0)
-            else:
-                maps[name].append(np.where(ok, out, np.nan))
-                stds[name].append(None)
-                mass_std[name].append(None)
+                masses = [aperture_mass(np.where(ok, run, np.nan), centre) for run in runs]
+                mass_std[name].append(np.std(masses, ddof=1) if len(runs) > 1 else 0.0)
         truths.append(truth)
         index.append(int(cluster.get("index", len(index))))
-        masks = cluster.get("masks")
-        stars.append(star_mask_mosaic(masks, config))
+        stars.append(star_mask_mosaic(cluster.get("masks"), config))
         if bar:
             bar.update()
     if not truths:
         raise ValueError("no clusters to evaluate")
-    has_runs = {name: all(s is not None for s in stds[name]) for name in methods}
+    has_runs = [name for name in methods if len(stds[name]) == len(truths)]
     return Evaluation(
-        truth=np.stack(truths),
-        maps={name: np.stack(v) for name, v in maps.items()},
-        run_std={name: np.stack(stds[name]) for name in methods if has_runs[name]},
-        run_mass_std={name: np.asarray(mass_std[name]) for name in methods if has_runs[name]},
+        truth=np.stack(truths), maps={name: np.stack(v) for name, v in maps.items()},
+        run_std={name: np.stack(stds[name]) for name in has_runs},
+        run_mass_std={name: np.asarray(mass_std[name]) for name in has_runs},
         star_mask=np.stack(stars), index=np.asarray(index), config=config)
 
 
 def cnn_method(models, config=PAPER, **kwargs):
-    """A method for :func:`evaluate_methods`: the mosaics of K runs (:func:`predict_mosaic_runs`).
-
-    Parameters
-    ----------
-    models : sequence of keras.Model or callable
-    config : Config
-    **kwargs
-        stride, orientations, batch_size, border_pix (:func:`predict_mosaic`).
-    """
+    """A method for :func:`evaluate_methods`: the K runs' mosaics of
+    :func:`predict_mosaic_runs` (``kwargs`` as there)."""
     models = list(models)
     return lambda grid: predict_mosaic_runs(models, grid, config, **kwargs).runs
 
 
 def table2(results, methods=None):
-    """Table 2: the four metrics of each method over the evaluated clusters.
-
-    Parameters
-    ----------
-    results : Evaluation
-    methods : sequence of str, optional
-        Rows, in order; default every method of ``results``.
-
-    Returns
-    -------
-    list of dict
-        One per method, with exactly the keys :data:`TABLE2_COLUMNS`: R and
-        R_err (eq. 14), D and D_err (eq. 15), M_ratio with M_minus/M_plus
-        (median − 16th, 84th − median percentile, §3.3), dpeak with
-        dpeak_minus/dpeak_plus (mosaic pixels, §3.4), n_clusters.
-    """
+    """Table 2: one row (:data:`TABLE2_COLUMNS`) of the four metrics for each of ``methods``
+    (default all) of an :class:`Evaluation`."""
     methods = results.methods if methods is None else list(methods)
-    return [{"method": name, **paper_metrics(results.truth, results.maps[name])} for name in methods]
+    return [{"method": name, **paper_metrics(results.truth, results.maps[name])}
+            for name in methods]

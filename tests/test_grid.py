@@ -1,4 +1,4 @@
-"""§2.3.2 gridding (DESIGN.md "Gridding"): the Cython extension against exact
+"""§2.3.2 gridding: the Cython extension against exact
 values and its NumPy reference, and its handling of bad input."""
 import numpy as np
 import pytest

@@ -180,7 +180,7 @@ def test_ks93_padded_recovers_an_isolated_mass():
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_ks93_is_equivariant_under_rotation_and_mirror(k):
     """Rotating the shear map by 90°k with γ → γ e^{2iφ} rotates the KS93 map;
-    mirroring x flips γ2 (DESIGN.md "Lensing", spin 2)."""
+    mirroring x flips γ2 (spin 2)."""
     rng = np.random.default_rng(6)
     g1, g2 = rng.normal(size=(2, 40, 40))
     kappa = wlcnn.ks93(g1, g2)
@@ -195,7 +195,7 @@ def test_ks93_is_equivariant_under_rotation_and_mirror(k):
 # -- NFW (Wright & Brainerd 2000) ----------------------------------------------
 def test_nfw_map_tangential_shear_matches_analytic_profile():
     """Azimuthal mean of γ_t from the FFT shear of a pixel-averaged NFW map equals
-    [Σ̄(<R) − Σ(R)] / Σ_c within 2 % at 0.5′-10′ (DESIGN.md "Lensing")."""
+    [Σ̄(<R) − Σ(R)] / Σ_c within 2 % at 0.5′-10′."""
     m200, c200, npix, pix = 8e14, 4.0, 340, wlcnn.PAPER.pixel_arcsec
     centre = npix * pix / 2
     kappa = wlcnn.nfw_kappa_map(m200, c200, centre, centre, npix, pix)
