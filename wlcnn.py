@@ -2370,8 +2370,8 @@ def check_data(train_ds, val, config, channels, batch_size, steps_needed):
     S, O = config.subfield_npix, config.output_npix
 
     def check(x, y, what):
-        x, y = np.asarray(x), np.asarray(y)
-        for arr, name, shape in [(x, "inputs", (S, S, channels)), (y, "targets", (O, O, 1))]:
+        for arr, name, shape in [(np.asarray(x), "inputs", (S, S, channels)),
+                                 (np.asarray(y), "targets", (O, O, 1))]:
             if arr.ndim != 4 or arr.shape[1:] != shape:
                 # name the mismatch a user can act on: channels or grid
                 kind = "channels" if arr.ndim == 4 and arr.shape[1:3] == shape[:2] else "grid"
@@ -2385,10 +2385,8 @@ def check_data(train_ds, val, config, channels, batch_size, steps_needed):
             raise ValueError(f"{what}: {len(x)} inputs but {len(y)} targets")
         return len(x)
 
-    if len(val) != 2:
-        raise ValueError("val must be a pair (x_val, y_val)")
-    if check(*val, "validation") == 0:
-        raise ValueError("the validation set is empty")
+    if len(val) != 2 or check(*val, "validation") == 0:
+        raise ValueError("the validation set is empty (or not a pair (x_val, y_val))")
     n = int(train_ds.cardinality())
     if 0 <= n < steps_needed:  # negative: infinite or unknown
         raise ValueError(f"the training dataset holds {n} batches, a run needs "
@@ -2561,42 +2559,26 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
           verbose=1, callbacks=()):
     """Train one run (§2.3.2) into ``out_dir/run_XX``, resuming it if it was interrupted.
 
-    Parameters
-    ----------
-    train_ds : tf.data.Dataset
-        Endless batches (x (B, S, S, C), y (B, O, O, 1)), float32; S =
-        ``config.subfield_npix``, O = ``config.output_npix``, B the preset's.
-    val : (ndarray, ndarray)
-        The fixed validation set; the same at every resumption.
-    seed : int
-        Weights are drawn with seed + run_index: runs differ, reproducibly.
-    mixed_precision : bool
-        mixed_float16 but for the FFT and output layers; best.keras is float32.
-    strategy : tf.distribute.Strategy, optional
-        Default: ``MirroredStrategy`` over several GPUs, else one device.
-    verbose : int
-        0 silent, 1 a line an epoch, 2 Keras's progress bar too.
-    callbacks : sequence of keras.callbacks.Callback
-        Called before each epoch's backup.
+    ``train_ds`` is an endless stream of float32 batches (x (B, S, S, C), y (B,
+    O, O, 1)) with S, O of ``config`` and B of the preset; ``val`` = (x, y) the
+    fixed validation set. Weights are drawn with seed + run_index.
+    ``mixed_precision`` trains in mixed_float16 but for the FFT and output
+    layers. ``strategy`` defaults to ``MirroredStrategy`` over several GPUs.
+    ``verbose``: 0 silent, 1 a line an epoch, 2 Keras's progress bar too.
+    ``callbacks`` run before each epoch's backup.
 
-    Returns
-    -------
-    dict
-        ``run.json``: the settings, ``epochs_done``, ``best_epoch``,
-        ``best_val_loss`` (best.keras re-read and re-evaluated),
-        ``samples_per_s`` (median over epochs), ``wall_s``, ``stopped``
-        ("epochs" or "time_limit"), versions. A complete run is returned as is.
+    Returns ``run.json``: the settings, ``epochs_done``, ``best_epoch``,
+    ``best_val_loss`` (of best.keras, re-read), ``samples_per_s`` (median),
+    ``wall_s``, ``stopped`` ("epochs" or "time_limit"), versions.
 
     Notes
     -----
     Keras's ``BackupAndRestore`` saves weights, Adam's state and the epoch
-    count after each epoch; an epoch is finished once backed up. Before the
-    backup, ``CSVLogger`` appends the epoch to history.csv and
-    ``ModelCheckpoint`` writes the weights of a new lowest validation loss to
-    ``best-NNNN.weights.h5`` (NNNN epochs done). A resumption drops the rows
-    and files of unfinished epochs, so the log holds each epoch once and the
-    best weights belong to it. The data stream restarts where the caller built
-    it (``train_runs`` seeds it by the epochs done).
+    count after each epoch: an epoch is finished once backed up. Before that,
+    ``CSVLogger`` appends it to history.csv and ``ModelCheckpoint`` writes the
+    weights of a new lowest validation loss to best-NNNN.weights.h5 (NNNN
+    epochs done). A resumption drops the rows and files of unfinished epochs,
+    so the log holds each epoch once and the best weights belong to it.
     """
     preset = get_preset(preset)
     config = preset.apply(config)
@@ -2624,8 +2606,9 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
 
     keras.utils.set_random_seed(seed + run_index)
     gpus = tf.config.list_logical_devices("GPU")
-    if strategy is None:
-        strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    if strategy is None:  # all GPUs share each batch
+        strategy = (tf.distribute.MirroredStrategy() if len(gpus) > 1
+                    else tf.distribute.get_strategy())
     policy = keras.mixed_precision.global_policy()
     try:
         if mixed_precision:
@@ -2643,8 +2626,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
         gains = initialize_as_ks93(model, x_init, KS93Start(fwhm_arcmin=preset.init_fwhm_arcmin),
                                    seed=seed + run_index, batch_size=preset.batch_size)
         if verbose:
-            print(f"{run_dir.name}: KS93 start ({preset.init_fwhm_arcmin}′ FWHM), "
-                  f"output gains {gains[0]:.3f}, {gains[1]:.3f}")
+            print(f"{run_dir.name}: KS93 start, output gains {gains[0]:.3f}, {gains[1]:.3f}")
     elif verbose and done:
         print(f"{run_dir.name}: resuming after epoch {done}")
 
@@ -2664,8 +2646,8 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     t0 = time.perf_counter()
     try:
         model.fit(train_ds, epochs=preset.epochs, steps_per_epoch=preset.steps_per_epoch,
-                  validation_data=tuple(val), validation_batch_size=preset.batch_size, shuffle=False,
-                  callbacks=cbs, verbose=int(verbose >= 2))
+                  validation_data=tuple(val), validation_batch_size=preset.batch_size,
+                  shuffle=False, callbacks=cbs, verbose=int(verbose >= 2))
     except RuntimeError as err:
         if "NaN or Inf loss" not in str(err):
             raise

@@ -29,7 +29,7 @@ def main(argv=None):
                    help="quick: 30 min on a CPU, from KS93; paper: §2.3.2 as published")
     p.add_argument("--variant", default="FocalLoss", choices=list(wlcnn.VARIANTS),
                    help="Appendix A variant")
-    p.add_argument("--runs", type=int, default=None, help="independent runs (default: the preset's)")
+    p.add_argument("--runs", type=int, default=None, help="independent runs (default: preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh-catalogs", action="store_true",
                    help="a new source catalog at every cluster visit (beyond the paper)")
