@@ -333,8 +333,8 @@ def test_presets():
     # planned 20,000 samples fit the 30-minute budget at 0.07 s a sample, the
     # fastest two CPU cores train; at 0.10-0.13 s the time limit ends the run
     assert 15_000 <= samples and samples * 0.07 < quick.time_limit_s
-    # the paper's validation set: fixed, >= 256 subfields, so that the mean
-    # loss's standard error is <= 1/16 of its spread
+    # the paper's validation set: fixed, >= 256 subfields (the mean loss's
+    # standard error <= 1/16 of its spread), in whole batches
     assert paper.n_val >= 256 and paper.n_val % paper.batch_size == 0
     # the quick preset starts from KS93; the paper's from Keras's Glorot weights
     assert quick.init == "ks93" and paper.init == "glorot"
