@@ -1753,52 +1753,26 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
 # §2.3.2 Saving and loading models
 # ---------------------------------------------------------------------------
 def save_model(model, path):
-    """Write ``model`` to a ``.keras`` file atomically (a temporary file in
-    the same folder, then ``os.replace``), so that a crash mid-write never
-    leaves a truncated model under ``path``.
-
-    Parameters
-    ----------
-    model : keras.Model
-        Must carry a description (``build_model``).
-    path : str or os.PathLike
-        Ends in ``.keras``.
-    """
-    path = os.fspath(path)
-    if not path.endswith(".keras"):
+    """Write a model of ``build_model`` to a ``.keras`` file atomically (a hidden
+    temporary file renamed over ``path``: a crash never leaves a truncated model)."""
+    path = Path(path)
+    if path.suffix != ".keras":
         raise ValueError(f"{path}: model files end in .keras")
-    model_info(model)
-    fd, tmp = tempfile.mkstemp(suffix=".keras",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
+    model_info(model)  # refuses a model without its description
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
     try:
         model.save(tmp, overwrite=True)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def load_model(path, compile=True):
-    """Read a model written by ``save_model``.
+    """Read a model written by ``save_model``; ``model_info`` describes it.
 
-    Parameters
-    ----------
-    path : str or os.PathLike
-    compile : bool
-        Restore the optimizer and loss too.
-
-    Returns
-    -------
-    keras.Model
-        ``model_info(model)`` tells its variant, channels and filter size.
-
-    Raises
-    ------
-    ValueError
-        If the file holds no wlcnn description or one of another format
-        version; checked before Keras rebuilds any layer.
+    Raises ValueError, before Keras rebuilds any layer, if the file holds no
+    wlcnn description or one of another format version.
     """
     path = os.fspath(path)
     with zipfile.ZipFile(path) as zf:
@@ -1807,8 +1781,7 @@ def load_model(path, compile=True):
     info = next((layer["config"].get("info") for layer in layers
                  if layer.get("config", {}).get("name") == INFO_LAYER), None)
     if not isinstance(info, dict):
-        raise ValueError(f"{path}: not a wlcnn model (no {INFO_LAYER!r} "
-                         "description)")
+        raise ValueError(f"{path}: not a wlcnn model (no {INFO_LAYER!r} description)")
     _check_version(info.get("format_version"), path)
     return keras.saving.load_model(path, compile=compile)
 
@@ -1816,9 +1789,7 @@ def load_model(path, compile=True):
 # ---------------------------------------------------------------------------
 # §2.3.2 Training: presets
 # ---------------------------------------------------------------------------
-#: Learning-rate schedules a ``TrainPreset`` may name.
 LR_SCHEDULES = ("constant", "cosine")
-#: Starting weights a ``TrainPreset`` may name.
 INITS = ("glorot", "ks93")
 
 
@@ -1826,42 +1797,16 @@ INITS = ("glorot", "ks93")
 class TrainPreset:
     """A training schedule.
 
-    Parameters
-    ----------
-    name : str
-    learning_rate : float
-        Adam's step size.
-    batch_size : int
-        Subfields a step (the global batch when several GPUs share it).
-    steps_per_epoch : int
-        Steps between two validations (and checkpoints).
-    epochs : int
-    n_runs : int
-        Independent runs; their mean and standard deviation are the estimate
-        and its error (§2.3.2, §3).
-    clipnorm : float or None
-        Norm above which Adam clips each gradient tensor (Keras ``clipnorm``).
-    n_val : int
-        Subfields of the fixed validation set, evaluated after every epoch.
-    time_limit_s : float or None
-        Wall-clock budget of a run (summed over resumptions): training stops
-        after the epoch that would leave less than one more epoch's time.
-    lr_schedule : {"constant", "cosine"}
-        "constant": ``learning_rate`` throughout (§2.3.2). "cosine": linear
-        warm-up, then a half-cosine decay (see ``learning_rate_schedule``).
-    warmup_steps : int
-        Steps of the linear warm-up ("cosine" only).
-    final_lr_fraction : float
-        Step size at the last planned step, as a fraction of
-        ``learning_rate`` ("cosine" only).
-    init : {"glorot", "ks93"}
-        Starting weights: "glorot", Keras's default (the paper's), or
-        "ks93", the network set to compute KS93 smoothed by
-        ``init_fwhm_arcmin`` (:func:`initialize_as_ks93`, beyond the paper).
-    init_fwhm_arcmin : float
-        Smoothing of the KS93 start ("ks93" only).
-    n_init : int
-        Training subfields that calibrate the KS93 start ("ks93" only).
+    ``batch_size`` is the global batch (over all GPUs); an epoch is
+    ``steps_per_epoch`` steps, then a validation on ``n_val`` fixed subfields
+    and a backup; ``clipnorm`` is Keras's per-tensor gradient clipping.
+    ``time_limit_s`` (summed over resumptions) stops a run after the epoch
+    that leaves less than one more epoch's time. ``lr_schedule`` "cosine":
+    a linear warm-up over ``warmup_steps``, then a half cosine down to
+    ``final_lr_fraction * learning_rate``. ``init`` "glorot" is Keras's default
+    (the paper's); "ks93" sets the network to compute KS93 smoothed by
+    ``init_fwhm_arcmin``, calibrated on ``n_init`` subfields
+    (:func:`initialize_as_ks93`, beyond the paper).
     """
 
     name: str
@@ -1887,62 +1832,45 @@ class TrainPreset:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, "
                              f"got {self.lr_schedule!r}")
         if not 0 <= self.warmup_steps < self.epochs * self.steps_per_epoch:
-            raise ValueError("warmup_steps must be >= 0 and fewer than the "
-                             "run's steps")
+            raise ValueError("warmup_steps must be >= 0 and fewer than the run's steps")
 
     def learning_rate_schedule(self):
-        """Adam's step size as Keras takes it: a float ("constant"), or a
-        ``keras.optimizers.schedules.CosineDecay`` ("cosine") that rises
-        linearly from 0 over ``warmup_steps`` to ``learning_rate`` and then
-        falls as a half cosine to ``final_lr_fraction * learning_rate`` at
-        the run's last planned step.
-
-        The schedule is a function of the optimizer's step count, which
-        ``BackupAndRestore`` saves with the weights: a resumed run continues
-        on the same curve.
-        """
+        """Adam's step size: a float, or a Keras ``CosineDecay`` of the
+        optimizer's step count (which the backup saves, so a resumed run
+        continues on the same curve)."""
         if self.lr_schedule == "constant":
             return self.learning_rate
-        total = self.epochs * self.steps_per_epoch
         return keras.optimizers.schedules.CosineDecay(
             0.0 if self.warmup_steps else self.learning_rate,
-            decay_steps=total - self.warmup_steps,
+            decay_steps=self.epochs * self.steps_per_epoch - self.warmup_steps,
             alpha=self.final_lr_fraction,
             warmup_target=self.learning_rate if self.warmup_steps else None,
             warmup_steps=self.warmup_steps)
 
     def apply(self, config):
-        """``config`` with this schedule's training fields (so a saved
-        model's description records the schedule it was trained with)."""
+        """``config`` with this schedule's training fields (a saved model's
+        description then records them)."""
         return dataclasses.replace(
-            config, learning_rate=self.learning_rate,
-            batch_size=self.batch_size, steps_per_epoch=self.steps_per_epoch,
-            epochs=self.epochs, clipnorm=self.clipnorm)
+            config, learning_rate=self.learning_rate, batch_size=self.batch_size,
+            steps_per_epoch=self.steps_per_epoch, epochs=self.epochs, clipnorm=self.clipnorm)
 
 
 PRESETS = {
-    # §2.3.2 as published, from Config: Adam at 1e-5, batches of 50, 20 steps
-    # an epoch, 200 epochs (200,000 samples), 10 runs, best validation
-    # weights kept. Not in the paper: the gradient clipping of Config
-    # (DESIGN "Lessons": eq. 12 without it diverged; at this learning rate it
-    # rarely engages) and the validation size, which the paper does not give:
-    # 400 subfields of the 1,800 validation clusters (1.8 MB each as float32,
-    # 0.7 GB in all; a standard error of the mean loss of 5 % of its spread).
+    # §2.3.2 as published: Adam at 1e-5, batches of 50, 20 steps an epoch,
+    # 200 epochs (200,000 samples), 10 runs, the weights of minimum
+    # validation loss kept. Not in the paper: Config's gradient clipping,
+    # which guards eq. 12's division by max κ (at 1e-5 it rarely engages),
+    # and the validation size: 400 subfields of the validation clusters
+    # (0.7 GB as float32), so the mean validation loss has a standard error
+    # of 5 % of its spread (1/√400).
     "paper": TrainPreset(
         "paper", PAPER.learning_rate, PAPER.batch_size, PAPER.steps_per_epoch,
         PAPER.epochs, PAPER.n_runs, PAPER.clipnorm, n_val=400),
-    # A 2-core CPU, training <= 30 min: ~13,000 samples at 7-10 samples/s,
-    # a fifteenth of the paper's 200,000. From Glorot weights that is too
-    # few (the run shipped before, Adam 3e-4: validation loss 0.00127,
-    # behind KS93 on all four metrics), so the quick preset starts the
-    # network at KS93 smoothed by 1' (initialize_as_ks93, beyond the paper;
-    # validation loss 0.0019 at the start) and trains from there at 5e-5
-    # (the random-start trials blew up above ~1e-4 and the KS93 start
-    # should not be thrown away in the first epoch): validation loss 0.00096
-    # after 6,400 samples, 0.00095 at the 30-minute limit (README, Table 2).
-    # 100 steps (800 samples) an epoch, 64 validation subfields; the time
-    # limit stops the run at 30 min with the best epoch so far. One run: the
-    # quick chain has time for one; pass runs=K for an error estimate.
+    # A 30-minute CPU budget: ~13,000 samples at 7-10 samples/s on two cores,
+    # a fifteenth of the paper's. From Glorot weights that is too few to beat
+    # KS93, so the network starts as KS93 smoothed by 1′ (validation loss
+    # 0.0019) and trains at 5e-5, slow enough to keep that start in the
+    # first epochs: 0.00095 at the time limit (examples/quick_model).
     "quick": TrainPreset(
         "quick", learning_rate=5e-5, batch_size=8, steps_per_epoch=100,
         epochs=25, n_runs=1, clipnorm=1.0, n_val=64, time_limit_s=30 * 60,
@@ -1959,61 +1887,36 @@ def get_preset(preset):
     return PRESETS[preset]
 
 
-# ---------------------------------------------------------------------------
-# Checks of the data
-# ---------------------------------------------------------------------------
 def check_data(train_ds, val, config, channels, batch_size, steps_needed):
     """Raise ValueError unless the data fit the model and are finite.
 
-    Parameters
-    ----------
-    train_ds : tf.data.Dataset
-        Batches (x (B, S, S, C), y (B, O, O, 1)), float32.
-    val : (ndarray, ndarray)
-        Validation inputs (N, S, S, C) and targets (N, O, O, 1).
-    config : Config
-        S = ``subfield_npix``, O = ``output_npix``.
-    channels : int
-        C of the model.
-    batch_size : int
-        B expected (a dataset built for another preset is refused).
-    steps_needed : int
-        Batches one run draws; a finite dataset must hold as many.
-
-    Notes
-    -----
-    Only the first training batch is looked at (the stream may be endless);
-    ``keras.callbacks.TerminateOnNaN`` guards the rest during training.
+    Only the first training batch is looked at (the stream is endless);
+    ``TerminateOnNaN`` guards the rest during training.
     """
     S, O = config.subfield_npix, config.output_npix
 
     def check(x, y, what):
-        x, y = np.asarray(x), np.asarray(y)
-        for arr, name, shape in [(x, "inputs", (S, S, channels)),
-                                 (y, "targets", (O, O, 1))]:
+        for arr, name, shape in [(np.asarray(x), "inputs", (S, S, channels)),
+                                 (np.asarray(y), "targets", (O, O, 1))]:
             if arr.ndim != 4 or arr.shape[1:] != shape:
                 # name the mismatch a user can act on: channels or grid
-                kind = ("channels" if arr.ndim == 4 and arr.shape[1:3]
-                        == shape[:2] else "grid")
+                kind = "channels" if arr.ndim == 4 and arr.shape[1:3] == shape[:2] else "grid"
                 raise ValueError(
                     f"{what} {name} have shape {arr.shape}; the model takes "
                     f"(N, {', '.join(map(str, shape))}) ({kind} differ: "
                     f"was the dataset made for another variant or Config?)")
             if not np.all(np.isfinite(arr)):
-                raise ValueError(f"{what} {name} contain NaN or infinite "
-                                 "values")
+                raise ValueError(f"{what} {name} contain NaN or infinite values")
         if len(x) != len(y):
             raise ValueError(f"{what}: {len(x)} inputs but {len(y)} targets")
         return len(x)
 
-    if len(val) != 2:
-        raise ValueError("val must be a pair (x_val, y_val)")
-    if check(*val, "validation") == 0:
-        raise ValueError("the validation set is empty")
+    if len(val) != 2 or check(*val, "validation") == 0:
+        raise ValueError("the validation set is empty (or not a pair (x_val, y_val))")
     n = int(train_ds.cardinality())
     if 0 <= n < steps_needed:  # negative: infinite or unknown
-        raise ValueError(f"the training dataset holds {n} batches, a run "
-                         f"needs {steps_needed}: repeat it")
+        raise ValueError(f"the training dataset holds {n} batches, a run needs "
+                         f"{steps_needed}: repeat it")
     first = next(iter(train_ds.take(1)), None)
     if first is None:
         raise ValueError("the training dataset yields no batches")
@@ -2025,34 +1928,24 @@ def check_data(train_ds, val, config, channels, batch_size, steps_needed):
 
 
 def _fingerprint(val):
-    """SHA-256 of the validation set: a resumed run must validate on the
-    same subfields, or its best-model choice would mix two yardsticks."""
+    """SHA-256 of the validation set: a resumed run must validate on the same
+    subfields, or its choice of the best epoch would mix two yardsticks."""
     h = hashlib.sha256()
     for a in val:
-        a = np.ascontiguousarray(a, np.float32)
-        h.update(repr(a.shape).encode())
-        h.update(a.data)
+        h.update(repr(np.shape(a)).encode() + np.ascontiguousarray(a, np.float32).tobytes())
     return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------
-# Files of a run
+# §2.3.2 Training: one run, run_XX/{run.json, history.csv, best.keras} and,
+# while it runs, backup/ (Keras's BackupAndRestore) and best-NNNN.weights.h5
 # ---------------------------------------------------------------------------
 def run_path(out_dir, run_index):
     """``out_dir/run_XX``."""
     return Path(out_dir) / f"run_{run_index:02d}"
 
 
-def _readable(path):
-    """Give ``path`` the mode of a newly created file (``mkstemp`` makes
-    them private, 0600, and ``os.replace`` keeps that)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _atomic_write_text(path, text):
-    """Write ``text`` to ``path`` atomically (:func:`_atomic_write`)."""
     _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
@@ -2061,10 +1954,8 @@ def _read_json(path):
 
 
 def read_history(path):
-    """Rows of a ``history.csv`` as dicts of floats (``epoch`` an int); []
-    if there is none."""
-    path = Path(path)
-    if not path.exists():
+    """Rows of a ``history.csv`` as dicts of floats (``epoch`` an int); [] if none."""
+    if not Path(path).exists():
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -2074,86 +1965,73 @@ def read_history(path):
             return float(v)
         except (TypeError, ValueError):  # Keras writes "NA" for a gap
             return float("nan")
-    return [{k: int(v) if k == "epoch" else num(v) for k, v in r.items()}
-            for r in rows]
+    return [{k: int(v) if k == "epoch" else num(v) for k, v in r.items()} for r in rows]
 
 
-def _trim_history(path, first_epoch):
-    """Drop the rows of epochs >= ``first_epoch`` (logged after the last
-    backup, then lost with the interruption, and about to be redone)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    if first_epoch == 0:  # even the header may be cut short: start afresh
-        path.unlink()
-        return
-    with open(path, newline="") as f:
-        lines = f.read().splitlines(keepends=True)
-    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit()
-                        and int(ln.split(",", 1)[0]) < first_epoch]
-    if len(keep) != len(lines):
-        _atomic_write_text(path, "".join(keep))
+def _epochs_backed_up(run_dir):
+    """Epochs that ``BackupAndRestore`` holds, where ``fit`` resumes."""
+    meta = _read_json(Path(run_dir) / "backup" / "training_metadata.json")
+    return 0 if meta is None else int(meta["epoch"])
 
 
-def _jsonable(obj):
-    return json.loads(json.dumps(obj))
+def _best_files(run_dir):
+    """(epochs done, path) of the best-weights files, oldest first."""
+    return sorted((int(p.name[5:9]), p) for p in Path(run_dir).glob("best-*.weights.h5"))
+
+
+def _drop_unfinished(run_dir, done):
+    """Forget what epochs >= ``done`` wrote before an interruption (their log
+    rows and best weights, possibly half written): they are redone."""
+    history = Path(run_dir) / "history.csv"
+    if history.exists():
+        lines = history.read_text().splitlines(keepends=True)
+        keep = [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit()
+                and int(ln.split(",", 1)[0]) < done]
+        if not keep:  # even the header may be cut short
+            history.unlink()
+        elif len(keep) + 1 != len(lines):
+            _atomic_write_text(history, "".join(lines[:1] + keep))
+    for n, p in _best_files(run_dir):
+        if n > done:
+            p.unlink()
 
 
 def _settings(config, preset, variant, run_index, seed, conv, mixed):
-    """What a run's results depend on; a re-invocation must match it.
-    ``n_runs`` is left out so that more runs can be added later."""
+    """What a run's results depend on; a resumption must match it. ``n_runs``
+    is left out so that runs can be added later."""
     p = dataclasses.asdict(preset)
     p.pop("n_runs")
-    return _jsonable(dict(preset=p, variant=variant, run_index=run_index,
-                          seed=seed, conv=resolve_conv(conv),
-                          mixed_precision=bool(mixed),
-                          config=dataclasses.asdict(config)))
+    return json.loads(json.dumps(dict(
+        preset=p, variant=variant, run_index=run_index, seed=seed, conv=resolve_conv(conv),
+        mixed_precision=bool(mixed), config=dataclasses.asdict(config))))
 
 
 def _check_settings(run_dir, settings):
-    """The run's ``run.json`` if any, after checking it was started with
-    ``settings``."""
+    """The run's ``run.json``, if any, after checking it has ``settings``."""
     info = _read_json(Path(run_dir) / "run.json")
     if info is not None and {k: info.get(k) for k in settings} != settings:
         diff = sorted(k for k in settings if info.get(k) != settings[k])
-        raise ValueError(f"{run_dir} was started with other settings "
-                         f"({', '.join(diff)}); use another output directory")
+        raise ValueError(f"{run_dir} was started with other settings ({', '.join(diff)}); "
+                         "rerun with those or use another output directory")
     return info
 
 
-def _median_finite(values):
-    v = [x for x in values if np.isfinite(x)]  # NaN: a one-step epoch
-    return float(np.median(v)) if v else None
+class _EpochLog(keras.callbacks.Callback):
+    """Adds ``epoch_s`` and ``samples_per_s`` to the epoch logs (for the CSV
+    log), prints a line an epoch with the samples seen, and stops training
+    when another epoch would overrun the time budget."""
 
-
-def _versions():
-    mods = ["numpy", "tensorflow", "keras"]
-    return dict(python=platform.python_version(),
-                wlcnn=getattr(sys.modules.get("wlcnn"), "__version__", None),
-                **{m: __import__(m).__version__ for m in mods})
-
-
-# ---------------------------------------------------------------------------
-# Callbacks
-# ---------------------------------------------------------------------------
-class _EpochTimer(keras.callbacks.Callback):
-    """Adds ``epoch_s`` (wall seconds, validation included) and
-    ``samples_per_s`` (training steps only) to the epoch logs, for the CSV
-    log, and stops training when the run's time budget would be exceeded.
-    Placed first, so that the callbacks after it log these keys."""
-
-    def __init__(self, batch_size, time_limit_s=None, prior_s=0.0):
+    def __init__(self, name, preset, spent_s, verbose):
         super().__init__()
-        self.batch_size = batch_size
-        self.limit, self.spent = time_limit_s, prior_s
+        self.name, self.preset, self.spent, self.verbose = name, preset, spent_s, verbose
         self.time_limited = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self.t0, self.t_first, self.steps = time.perf_counter(), None, 0
 
     def on_train_batch_end(self, batch, logs=None):
-        # timed from the end of the first step: the first step of a fit
-        # traces the training function (seconds), which is no throughput
+        # timed from the end of the first step: the first step of a fit traces
+        # the training function (seconds), which is no throughput
         t = time.perf_counter()
         if self.t_first is None:
             self.t_first = t
@@ -2161,109 +2039,25 @@ class _EpochTimer(keras.callbacks.Callback):
             self.t_last, self.steps = t, self.steps + 1
 
     def on_epoch_end(self, epoch, logs=None):
+        p = self.preset
         logs["epoch_s"] = time.perf_counter() - self.t0
-        logs["samples_per_s"] = (self.steps * self.batch_size /
-                                 (self.t_last - self.t_first)
+        logs["samples_per_s"] = (self.steps * p.batch_size / (self.t_last - self.t_first)
                                  if self.steps else float("nan"))
         self.spent += logs["epoch_s"]
-        # stop unless another epoch as long as this one fits the budget
-        if (self.limit is not None
-                and self.spent + logs["epoch_s"] > self.limit):
+        if self.verbose:
+            seen = (epoch + 1) * p.steps_per_epoch * p.batch_size
+            print(f"{self.name} epoch {epoch + 1}/{p.epochs}: {seen:,} samples seen, "
+                  f"loss {logs.get('loss', np.nan):.4g}, val_loss "
+                  f"{logs.get('val_loss', np.nan):.4g}, {logs['samples_per_s']:.1f} "
+                  f"samples/s, {logs['epoch_s']:.0f} s", flush=True)
+        if p.time_limit_s is not None and self.spent + logs["epoch_s"] > p.time_limit_s:
             self.model.stop_training = self.time_limited = True
 
 
-class _History(keras.callbacks.CSVLogger):
-    """``CSVLogger(append=True)`` that, before appending, drops the rows of
-    epochs about to be redone.
-
-    The file is opened at the first epoch rather than at ``on_train_begin``:
-    by then ``BackupAndRestore`` has restored the model, and the first epoch
-    number is the one it restored. Rows past it were logged after the last
-    backup (or by an epoch interrupted after logging) and are redone now, so
-    the log keeps each epoch exactly once.
-    """
-
-    def __init__(self, filename):
-        super().__init__(filename, append=True)
-
-    def on_train_begin(self, logs=None):
-        self._opened = False
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if not self._opened:
-            _trim_history(self.filename, epoch)
-            super().on_train_begin()
-            self._opened = True
-
-    def on_train_end(self, logs=None):
-        if self._opened:
-            super().on_train_end(logs)
-
-
-class _BestModel(keras.callbacks.Callback):
-    """``ModelCheckpoint(save_best_only=True, monitor="val_loss")`` that
-    survives interruptions: written atomically, committed with the epoch,
-    and continuing across a resume from the best ``val_loss`` logged.
-
-    ``ModelCheckpoint`` writes in place (an interruption mid-write leaves a
-    broken file), forgets its best value on resume, and would save Adam's
-    moments (3x the size) and a mixed-precision model's float16 layers.
-    Here an improved epoch is written (``save_model``: temporary file,
-    then ``os.replace``) from a float32 twin without optimizer state to
-    ``best.pending-EEEE.keras``; ``commit`` (called after the epoch's backup)
-    renames it to ``best.keras``. At the next start a pending file of a
-    backed-up epoch is committed, one of an epoch to be redone deleted, so
-    ``best.keras`` always belongs to an epoch of ``history.csv``.
-    """
-
-    def __init__(self, run_dir, twin):
-        super().__init__()
-        self.dir, self.twin = Path(run_dir), twin
-        self.best = None
-
-    def settle(self, first_epoch):
-        """Commit or drop pending files, knowing that the epochs before
-        ``first_epoch`` are backed up; take the best ``val_loss`` so far."""
-        for p in sorted(self.dir.glob("best.pending-*.keras")):
-            if int(p.name[len("best.pending-"):-len(".keras")]) < first_epoch:
-                os.replace(p, self.dir / "best.keras")
-            else:
-                p.unlink()
-        self.best = min((r["val_loss"] for r in
-                         read_history(self.dir / "history.csv")
-                         if r["epoch"] < first_epoch
-                         and np.isfinite(r["val_loss"])), default=np.inf)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.best is None:  # the first epoch of this fit
-            self.settle(epoch)
-
-    def on_epoch_end(self, epoch, logs=None):
-        v = logs.get("val_loss")
-        if v is not None and np.isfinite(v) and v < self.best:
-            self.best = float(v)
-            self.twin.set_weights(self.model.get_weights())
-            pending = self.dir / f"best.pending-{epoch:04d}.keras"
-            save_model(self.twin, pending)
-            _readable(pending)
-
-    def commit(self):
-        """A callback that commits the pending file at the end of an epoch
-        (place it after ``BackupAndRestore``)."""
-        def on_epoch_end(epoch, logs=None):
-            pending = self.dir / f"best.pending-{epoch:04d}.keras"
-            if pending.exists():
-                os.replace(pending, self.dir / "best.keras")
-        return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
-
-
-# ---------------------------------------------------------------------------
-# One run
-# ---------------------------------------------------------------------------
 def _build(config, variant, conv, mixed):
     """The model to train; with ``mixed``, in mixed_float16 except the FFT
-    layers (``tf.signal.rfft2d`` has no float16 kernel) and the output layer
-    (kappa and the loss stay float32)."""
+    layers (``rfft2d`` has no float16 kernel) and the output (κ and the loss
+    stay float32)."""
     model = build_model(config, variant, conv)
     if not mixed:
         return model
@@ -2277,232 +2071,160 @@ def _build(config, variant, conv, mixed):
     return keras.models.clone_model(model, clone_function=clone)
 
 
-def default_strategy():
-    """``MirroredStrategy`` over all GPUs when there are several, else the
-    default (one device)."""
-    if len(tf.config.list_logical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+def _save_best(model, twin, run_dir):
+    """The newest best weights, as a float32 model without optimizer, to best.keras."""
+    files = _best_files(run_dir)
+    if files:
+        model.load_weights(files[-1][1])
+        twin.set_weights(model.get_weights())
+        save_model(twin, run_dir / "best.keras")
 
 
-def train(train_ds, val, out_dir, config=PAPER, preset="paper",
-          variant="FocalLoss", run_index=0, seed=0, conv="auto",
-          mixed_precision=False, strategy=None, verbose=1, callbacks=()):
-    """Train one run (§2.3.2), resuming it if it was interrupted.
+def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLoss",
+          run_index=0, seed=0, conv="auto", mixed_precision=False, strategy=None,
+          verbose=1, callbacks=()):
+    """Train one run (§2.3.2) into ``out_dir/run_XX``, resuming it if it was interrupted.
 
-    Parameters
-    ----------
-    train_ds : tf.data.Dataset
-        Endless stream of batches (x (B, S, S, C), y (B, O, O, 1)), float32:
-        gridded (eps1, eps2, delta eps[, n]) subfields and their kappa at
-        output resolution; S = ``config.subfield_npix``, O =
-        ``config.output_npix``, B = the preset's ``batch_size``.
-    val : (ndarray, ndarray)
-        Fixed validation set, x (N, S, S, C) and y (N, O, O, 1). It must be
-        the same on every re-invocation of the run.
-    out_dir : str or os.PathLike
-        The run is written to ``out_dir/run_XX`` (XX = ``run_index``).
-    config : Config
-        Grid and network fields; the preset's training fields replace its
-        own.
-    preset : TrainPreset or str
-    variant : str
-        A key of ``VARIANTS``.
-    run_index : int
-    seed : int
-        Weights are initialised with seed + run_index
-        (``keras.utils.set_random_seed``): runs differ, reproducibly.
-    conv : {"auto", "fft", "direct"}
-    mixed_precision : bool
-        Train in mixed_float16 (loss scaling by Keras); the FFT and output
-        layers stay float32. Pays off on GPUs with conv="direct".
-    strategy : tf.distribute.Strategy, optional
-        Default: ``default_strategy()``.
-    verbose : int
-        Keras's progress bar: 0 silent, 1 a bar, 2 a line an epoch.
-    callbacks : sequence of keras.callbacks.Callback
-        Extra callbacks, called before the backup of each epoch.
+    ``train_ds`` is an endless stream of float32 batches (x (B, S, S, C), y (B,
+    O, O, 1)) with S, O of ``config`` and B of the preset; ``val`` = (x, y) the
+    fixed validation set. Weights are drawn with seed + run_index.
+    ``mixed_precision`` trains in mixed_float16 but for the FFT and output
+    layers. ``strategy`` defaults to ``MirroredStrategy`` over several GPUs.
+    ``verbose``: 0 silent, 1 a line an epoch, 2 Keras's progress bar too.
+    ``callbacks`` run before each epoch's backup.
 
-    Returns
-    -------
-    dict
-        The content of ``run.json``: settings, ``epochs_done``,
-        ``best_epoch`` (0-based), ``best_val_loss`` (of ``best.keras``
-        re-read and re-evaluated), ``samples_per_s`` (median over epochs),
-        ``wall_s`` (summed over resumptions), ``stopped`` ("epochs" or
-        "time_limit"), versions. A complete run is returned as it is.
-
-    Raises
-    ------
-    ValueError
-        Data that do not fit the model or are not finite, an empty or short
-        dataset, or a run directory started with other settings.
-    FloatingPointError
-        The training loss became NaN or infinite; the run stays resumable
-        from its last finished epoch.
+    Returns ``run.json``: the settings, ``epochs_done``, ``best_epoch``,
+    ``best_val_loss`` (of best.keras, re-read), ``samples_per_s`` (median),
+    ``wall_s``, ``stopped`` ("epochs" or "time_limit"), versions.
 
     Notes
     -----
-    Resume. ``keras.callbacks.BackupAndRestore`` (``run_XX/backup``) saves
-    weights, optimizer state and the number of finished epochs at the end of
-    every epoch, and at the start of ``fit`` restores them and makes ``fit``
-    start at the next epoch. An epoch counts as finished once backed up:
-    before the backup the epoch is logged (``history.csv``) and, if its
-    validation loss is the lowest, saved as a pending best model; after it,
-    the pending model is committed to ``best.keras``. On resume, log rows
-    and pending models of epochs after the backup are dropped (their epochs
-    are redone), so that the log holds each epoch once and ``best.keras``
-    the best epoch of the log. Finished runs are recognised by ``run.json``
-    and returned without training. The data stream restarts where the caller
-    built it (``train_runs`` seeds it by the epochs already done), so a
-    resumed run is not bit-identical to an uninterrupted one.
+    Keras's ``BackupAndRestore`` saves weights, Adam's state and the epoch
+    count after each epoch: an epoch is finished once backed up. Before that,
+    ``CSVLogger`` appends it to history.csv and ``ModelCheckpoint`` writes the
+    weights of a new lowest validation loss to best-NNNN.weights.h5 (NNNN
+    epochs done). A resumption drops the rows and files of unfinished epochs,
+    so the log holds each epoch once and the best weights belong to it.
     """
     preset = get_preset(preset)
     config = preset.apply(config)
-    channels = VARIANTS[variant]["channels"] if variant in VARIANTS else None
-    if channels is None:
-        raise ValueError(f"unknown variant {variant!r}; one of "
-                         f"{list(VARIANTS)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {list(VARIANTS)}")
     run_dir = run_path(out_dir, run_index)
-    settings = _settings(config, preset, variant, run_index, seed, conv,
-                         mixed_precision)
+    settings = _settings(config, preset, variant, run_index, seed, conv, mixed_precision)
     info = _check_settings(run_dir, settings)
     if info is not None and info.get("status") == "complete":
         return info
-    check_data(train_ds, val, config, channels, preset.batch_size,
+    check_data(train_ds, val, config, VARIANTS[variant]["channels"], preset.batch_size,
                preset.steps_per_epoch * preset.epochs)
     val_sha = _fingerprint(val)
     if info is not None and info.get("val_sha256") != val_sha:
-        raise ValueError(f"{run_dir} was validated on another validation "
-                         "set; use another output directory")
+        raise ValueError(f"{run_dir} was validated on another validation set; "
+                         "use another output directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(run_dir / "run.json", json.dumps(
         dict(settings, status="running", val_sha256=val_sha), indent=1))
+    done = _epochs_backed_up(run_dir)
+    _drop_unfinished(run_dir, done)
+    history = run_dir / "history.csv"
+    rows = read_history(history)
+    best_so_far = min((r["val_loss"] for r in rows if np.isfinite(r["val_loss"])), default=None)
 
     keras.utils.set_random_seed(seed + run_index)
-    strategy = strategy or default_strategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if strategy is None:  # all GPUs share each batch
+        strategy = (tf.distribute.MirroredStrategy() if len(gpus) > 1
+                    else tf.distribute.get_strategy())
     policy = keras.mixed_precision.global_policy()
     try:
         if mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
         with strategy.scope():
-            model = compile_model(
-                _build(config, variant, conv, mixed_precision), config,
-                variant, preset.learning_rate_schedule())
+            model = compile_model(_build(config, variant, conv, mixed_precision), config,
+                                  variant, preset.learning_rate_schedule())
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    twin = build_model(config, variant, conv)  # float32, what is saved
-    if preset.init == "ks93" and not (run_dir / "backup").exists():
-        # a fresh run only: on resumption BackupAndRestore loads the weights.
-        # take() iterates the dataset anew, so fit still sees these batches.
+    twin = build_model(config, variant, conv)  # float32: what is saved
+    if preset.init == "ks93" and done == 0:  # on resumption the backup has the weights
+        # take() iterates the dataset anew: fit still sees these batches
         n_batches = -(-preset.n_init // preset.batch_size)
         x_init = np.concatenate([x.numpy() for x, _ in train_ds.take(n_batches)])
-        gains = initialize_as_ks93(
-            model, x_init, KS93Start(fwhm_arcmin=preset.init_fwhm_arcmin),
-            seed=seed + run_index, batch_size=preset.batch_size)
+        gains = initialize_as_ks93(model, x_init, KS93Start(fwhm_arcmin=preset.init_fwhm_arcmin),
+                                   seed=seed + run_index, batch_size=preset.batch_size)
         if verbose:
-            print(f"{run_dir.name}: KS93 start ({preset.init_fwhm_arcmin}' FWHM), "
-                  f"output gains {gains[0]:.3f}, {gains[1]:.3f}")
+            print(f"{run_dir.name}: KS93 start, output gains {gains[0]:.3f}, {gains[1]:.3f}")
+    elif verbose and done:
+        print(f"{run_dir.name}: resuming after epoch {done}")
 
-    history, best = run_dir / "history.csv", run_dir / "best.keras"
-    prior = read_history(history)
-    checkpoint = _BestModel(run_dir, twin)
-    timer = _EpochTimer(preset.batch_size, preset.time_limit_s,
-                        sum(r["epoch_s"] for r in prior))
-    cbs = [timer,
-           # raise at the bad batch: no NaN epoch reaches the backup
-           keras.callbacks.TerminateOnNaN(raise_error=True),
-           _History(history), checkpoint, *callbacks,
-           # An epoch is done once backed up: the log and the best model
-           # are written before, the best model committed after. Two
-           # generations, as Keras writes in place: a broken latest file
-           # falls back to the previous epoch's.
-           keras.callbacks.BackupAndRestore(run_dir / "backup",
-                                            double_checkpoint=True,
-                                            delete_checkpoint=False),
-           checkpoint.commit()]
-    if verbose and (run_dir / "backup").exists():
-        print(f"{run_dir.name}: resuming from its last finished epoch")
+    log = _EpochLog(run_dir.name, preset, sum(r["epoch_s"] for r in rows), verbose)
+    keep_two = keras.callbacks.LambdaCallback(  # the finished best and the new one
+        on_epoch_end=lambda epoch, logs: [p.unlink() for _, p in _best_files(run_dir)[:-2]])
+    cbs = [log,
+           keras.callbacks.TerminateOnNaN(raise_error=True),  # no NaN epoch is backed up
+           keras.callbacks.CSVLogger(history, append=True),
+           keras.callbacks.ModelCheckpoint(
+               run_dir / "best-{epoch:04d}.weights.h5", save_best_only=True,
+               save_weights_only=True, initial_value_threshold=best_so_far),
+           keep_two, *callbacks,
+           # two generations: a backup broken mid-write falls back to the previous one
+           keras.callbacks.BackupAndRestore(run_dir / "backup", double_checkpoint=True,
+                                            delete_checkpoint=False)]
     t0 = time.perf_counter()
     try:
-        model.fit(train_ds, epochs=preset.epochs,
-                  steps_per_epoch=preset.steps_per_epoch,
-                  validation_data=tuple(val),
-                  validation_batch_size=preset.batch_size, shuffle=False,
-                  callbacks=cbs, verbose=verbose)
+        model.fit(train_ds, epochs=preset.epochs, steps_per_epoch=preset.steps_per_epoch,
+                  validation_data=tuple(val), validation_batch_size=preset.batch_size,
+                  shuffle=False, callbacks=cbs, verbose=int(verbose >= 2))
     except RuntimeError as err:
         if "NaN or Inf loss" not in str(err):
             raise
+        _save_best(model, twin, run_dir)
         raise FloatingPointError(
-            f"{run_dir.name}: the training loss became NaN or infinite "
-            f"({err}); its last finished epoch stays in {run_dir / 'backup'}"
-            ": lower the learning rate or check the data") from err
+            f"{run_dir.name}: the training loss became NaN or infinite ({err}); the run "
+            "resumes from its last finished epoch: lower the learning rate or check the "
+            "data") from err
 
     rows = read_history(history)
-    checkpoint.settle(len(rows))  # a fit that ran no epoch left it pending
-    if len(rows) < preset.epochs and not timer.time_limited:
-        raise ValueError(f"{run_dir.name}: the training dataset ran out "
-                         f"after {len(rows)} epochs; it must be endless")
-    if not best.exists():
-        raise ValueError(f"{run_dir.name}: no finite validation loss, no "
-                         "model saved")
-    # The number reported is that of the file, re-read: it also proves
-    # that best.keras loads.
-    x_val, y_val = val
-    pred = load_model(best, compile=False).predict(
-        x_val, batch_size=preset.batch_size, verbose=0)
-    best_val = float(make_loss(config, variant)(y_val, pred))
-    vl = [r["val_loss"] for r in rows]
+    if len(rows) < preset.epochs and not log.time_limited:
+        raise ValueError(f"{run_dir.name}: the training dataset ran out after {len(rows)} "
+                         "epochs; it must be endless")
+    _save_best(model, twin, run_dir)
+    if not (run_dir / "best.keras").exists():
+        raise ValueError(f"{run_dir.name}: no finite validation loss, no model saved")
+    # the number reported is that of the file, re-read: it also proves it loads
+    pred = load_model(run_dir / "best.keras", compile=False).predict(
+        val[0], batch_size=preset.batch_size, verbose=0)
+    val_losses = [r["val_loss"] for r in rows]
     info = dict(settings, status="complete", val_sha256=val_sha,
                 epochs_done=len(rows), epochs_planned=preset.epochs,
-                stopped="time_limit" if timer.time_limited else "epochs",
-                best_epoch=int(np.nanargmin(vl)), best_val_loss=best_val,
-                samples_per_s=_median_finite([r["samples_per_s"]
-                                              for r in rows]),
+                stopped="time_limit" if log.time_limited else "epochs",
+                best_epoch=int(np.nanargmin(val_losses)),
+                best_val_loss=float(make_loss(config, variant)(val[1], pred)),
+                samples_per_s=float(np.nanmedian([r["samples_per_s"] for r in rows])),
                 wall_s=float(sum(r["epoch_s"] for r in rows)),
                 wall_s_this_call=time.perf_counter() - t0,
                 replicas=strategy.num_replicas_in_sync,
-                devices=[d.name for d in
-                         tf.config.list_logical_devices("GPU")] or ["CPU"],
-                versions=_versions())
+                devices=[d.name for d in gpus] or ["CPU"],
+                versions=dict(python=platform.python_version(), **{
+                    m: __import__(m).__version__ for m in ("numpy", "tensorflow", "keras")}))
     _atomic_write_text(run_dir / "run.json", json.dumps(info, indent=1))
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    for _, p in _best_files(run_dir):
+        p.unlink()
     return info
 
 
 # ---------------------------------------------------------------------------
 # Several runs, from a dataset directory, and loading them back
 # ---------------------------------------------------------------------------
-def data_seed(seed, run_index, epochs_done):
-    """Seed of a run's data stream: differs between runs and between
-    resumptions (a resumed run draws new subfields rather than replaying
-    those of its first epochs)."""
-    return int(np.random.SeedSequence(
-        [seed, run_index, epochs_done]).generate_state(1)[0])
-
-
-def train_runs(data_fn, out_dir, config=PAPER, preset="paper",
-               variant="FocalLoss", seed=0, runs=None, **kwargs):
+def train_runs(data_fn, out_dir, config=PAPER, preset="paper", variant="FocalLoss", seed=0,
+               runs=None, **kwargs):
     """Train runs 0..K-1 (§2.3.2: "10 independent runs"), skipping complete
-    ones and resuming an interrupted one.
+    ones and resuming unfinished ones.
 
-    Parameters
-    ----------
-    data_fn : callable
-        ``data_fn(seed) -> (train_ds, (x_val, y_val))`` as ``train`` takes
-        them; the validation set must not depend on ``seed``.
-    out_dir : str or os.PathLike
-    config, preset, variant, seed
-        As for ``train``.
-    runs : int, optional
-        K; default the preset's ``n_runs``.
-    **kwargs
-        Passed to ``train`` (conv, mixed_precision, strategy, verbose, ...).
-
-    Returns
-    -------
-    list of dict
-        The ``run.json`` of each run.
+    ``data_fn(seed) -> (train_ds, (x_val, y_val))`` gives the data as ``train``
+    takes them, the validation set independent of ``seed``; ``runs`` (K)
+    defaults to the preset's ``n_runs``; ``kwargs`` go to ``train``. Returns
+    each run's ``run.json``.
     """
     preset = get_preset(preset)
     runs = preset.n_runs if runs is None else int(runs)
@@ -2511,109 +2233,78 @@ def train_runs(data_fn, out_dir, config=PAPER, preset="paper",
     results = []
     for i in range(runs):
         settings = _settings(preset.apply(config), preset, variant, i, seed,
-                             kwargs.get("conv", "auto"),
-                             kwargs.get("mixed_precision", False))
+                             kwargs.get("conv", "auto"), kwargs.get("mixed_precision", False))
         info = _check_settings(run_path(out_dir, i), settings)
         if info is not None and info.get("status") == "complete":
             if kwargs.get("verbose", 1):
                 print(f"run_{i:02d}: complete, skipped")
             results.append(info)
             continue
-        done = len(read_history(run_path(out_dir, i) / "history.csv"))
         # tf.data's random ops draw on the global seed when they are built
         keras.utils.set_random_seed(seed + i)
-        train_ds, val = data_fn(data_seed(seed, i, done))
-        results.append(train(train_ds, val, out_dir, config, preset, variant,
-                             i, seed, **kwargs))
+        # the stream's seed differs between runs and resumptions: a resumed run
+        # draws new subfields rather than replaying its first epochs'
+        done = _epochs_backed_up(run_path(out_dir, i))
+        train_ds, val = data_fn(int(np.random.SeedSequence([seed, i, done]).generate_state(1)[0]))
+        results.append(train(train_ds, val, out_dir, config, preset, variant, i, seed,
+                             **kwargs))
     return results
 
 
-def train_from_directory(data_dir, out_dir, preset="quick",
-                         variant="FocalLoss", runs=None, seed=0, *,
-                         config=PAPER, data_fn=None, fresh_catalogs=False, **kwargs):
-    """``python -m wlcnn train``: train K runs on a dataset directory.
+def train_from_directory(data_dir, out_dir, preset="quick", variant="FocalLoss", runs=None,
+                         seed=0, *, config=PAPER, data_fn=None, fresh_catalogs=False,
+                         **kwargs):
+    """Train K runs on a dataset directory (``train_runs`` on :func:`training_data`).
 
-    Parameters
-    ----------
-    data_dir : str or os.PathLike
-        A dataset with a ``manifest.json`` (keys ``config``: the Config
-        fields it was made with, and ``channels`` if it limits them).
-    out_dir, preset, variant, runs, seed
-        As for ``train_runs``.
-    config : Config
-        Base configuration; the manifest's fields replace its own.
-    data_fn : callable, optional
-        ``data_fn(data_dir, config, batch_size, seed, channels=, n_val=)
-        -> (train_ds, (x_val, y_val))``; default :func:`training_data`.
-    fresh_catalogs : bool
-        With the default data: draw a new source catalog at every cluster
-        visit (see :func:`cluster_grid`).
-
-    Returns
-    -------
-    list of dict
-        The ``run.json`` of each run.
+    The Config fields of the dataset's ``manifest.json`` replace ``config``'s.
+    ``data_fn(data_dir, config, batch_size, seed, channels=, n_val=)`` replaces
+    :func:`training_data`, whose ``fresh_catalogs`` draws a new source catalog
+    at every cluster visit.
     """
     preset = get_preset(preset)
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; one of "
-                         f"{list(VARIANTS)}")
+        raise ValueError(f"unknown variant {variant!r}; one of {list(VARIANTS)}")
     manifest = _read_json(Path(data_dir) / "manifest.json")
     if manifest is None:
         raise ValueError(f"{data_dir}: no manifest.json, not a dataset")
-    fields = {k: tuple(v) if isinstance(v, list) else v  # JSON made them lists
+    fields = {k: tuple(v) if isinstance(v, list) else v  # JSON made tuples lists
               for k, v in manifest.get("config", {}).items()}
     try:
         config = dataclasses.replace(config, **fields)
     except TypeError as err:
-        raise ValueError(f"{data_dir}: manifest config does not fit this "
-                         f"Config ({err})") from None
+        raise ValueError(f"{data_dir}: manifest config does not fit this Config ({err})") from None
     channels = VARIANTS[variant]["channels"]
     if manifest.get("channels", channels) < channels:
-        raise ValueError(f"{data_dir} holds {manifest['channels']} input "
-                         f"channels; variant {variant} needs {channels}")
+        raise ValueError(f"{data_dir} holds {manifest['channels']} input channels; "
+                         f"variant {variant} needs {channels}")
     if data_fn is None:
         def data_fn(data_dir, config, batch_size, seed, channels, n_val):
             return training_data(data_dir, batch_size, seed, channels=channels, n_val=n_val,
                                  fresh_catalogs=fresh_catalogs, config=config)
 
     def make(s):
-        return data_fn(data_dir, config, preset.batch_size, s,
-                       channels=channels, n_val=preset.n_val)
-    return train_runs(make, out_dir, config, preset, variant, seed, runs,
-                      **kwargs)
+        return data_fn(data_dir, config, preset.batch_size, s, channels=channels,
+                       n_val=preset.n_val)
+    return train_runs(make, out_dir, config, preset, variant, seed, runs, **kwargs)
 
 
 def load_runs(path):
-    """The trained models of a run directory, for prediction.
+    """The trained models at ``path``, for prediction.
 
-    Parameters
-    ----------
-    path : str or os.PathLike
-        A ``.keras`` file; a directory holding ``.keras`` files (e.g. a
-        shipped model); or a ``train`` output directory, whose complete runs
-        ``run_XX/best.keras`` are loaded.
-
-    Returns
-    -------
-    list of keras.Model
-        In file-name order; ``model_info`` gives each one's description.
-
-    Raises
-    ------
-    ValueError
-        No model found, or a file that is not a wlcnn model of this format
-        version (from ``load_model``).
+    ``path`` is a ``.keras`` file, a directory of them (a run_XX directory or
+    a shipped model), or a training output directory, whose complete runs'
+    ``run_XX/best.keras`` are read. Models come in file-name order; raises
+    ValueError if there is none or one is not a wlcnn model of this format.
     """
     path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob("*.keras"))
+    files = [path] if path.is_file() else sorted(
+        p for p in path.glob("*.keras") if not p.name.startswith("."))  # hidden: temporary
     if not files:
         runs = sorted(path.glob("run_*"))
-        files = [d / "best.keras" for d in runs if (_read_json(
-            d / "run.json") or {}).get("status") == "complete"]
+        files = [d / "best.keras" for d in runs
+                 if (_read_json(d / "run.json") or {}).get("status") == "complete"]
         if len(files) < len(runs):
-            warnings.warn(f"{path}: {len(runs) - len(files)} unfinished "
-                          "run(s) left out")
+            warnings.warn(f"{path}: {len(runs) - len(files)} unfinished run(s) left out")
     if not files:
         raise ValueError(f"{path}: no .keras model and no complete run")
     return [load_model(f, compile=False) for f in files]

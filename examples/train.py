@@ -3,8 +3,11 @@
     python examples/train.py --data data/quick --out runs/quick --preset quick --fresh-catalogs
     python examples/train.py --data data/paper --out runs/paper --preset paper
 
-A run directory holds ``run_XX/`` per independent run; rerunning the same
-command resumes every unfinished run at its last finished epoch.
+The output directory holds one ``run_XX/`` per independent run (``best.keras``,
+``history.csv``, ``run.json``). Every epoch is backed up: a run stopped at any
+moment (Ctrl-C, kill, a lost machine) resumes at its last finished epoch when
+the same command is run again; a command with other settings is refused.
+Each epoch prints a line with the samples seen, the losses and the rate.
 """
 import argparse
 import dataclasses
@@ -12,39 +15,51 @@ import sys
 
 import wlcnn
 
+#: Options that replace a field of the preset.
+OVERRIDES = {"epochs": int, "steps_per_epoch": int, "batch_size": int, "n_val": int,
+             "learning_rate": float, "init": str}
+
 
 def main(argv=None):
     """Train K runs of the CNN on a dataset; returns the exit status."""
-    p = argparse.ArgumentParser(description="train the CNN on a dataset (§2.3.2); resumes where it stopped")
-    p.add_argument("--data", required=True, help="dataset directory (simulate_skies / ingest_raytraced)")
-    p.add_argument("--out", required=True, help="run directory: run_XX/best.keras, history.csv, run.json")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="dataset directory (simulate_skies.py)")
+    p.add_argument("--out", required=True, help="output directory of the runs")
     p.add_argument("--preset", default="quick", choices=sorted(wlcnn.PRESETS),
-                   help="quick: 30 min on a 2-core CPU; paper: §2.3.2 as published")
+                   help="quick: 30 min on a CPU, from KS93; paper: §2.3.2 as published")
     p.add_argument("--variant", default="FocalLoss", choices=list(wlcnn.VARIANTS),
                    help="Appendix A variant")
-    p.add_argument("--runs", type=int, default=None, help="independent runs (default: the preset's)")
+    p.add_argument("--runs", type=int, default=None, help="independent runs (default: preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh-catalogs", action="store_true",
                    help="a new source catalog at every cluster visit (beyond the paper)")
-    p.add_argument("--init", default=None, choices=wlcnn.INITS,
-                   help="starting weights (default: the preset's): glorot as in the paper, "
-                        "or ks93, the network set to compute smoothed KS93 (beyond the paper)")
     p.add_argument("--conv", default="auto", choices=["auto", "fft", "direct"])
     p.add_argument("--mixed-precision", action="store_true")
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
+                   help="0 silent, 1 a line an epoch, 2 Keras's progress bar too")
+    g = p.add_argument_group("changes to the preset (a resumed run must repeat them)")
+    for name, kind in OVERRIDES.items():
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       choices=wlcnn.INITS if name == "init" else None)
     args = p.parse_args(argv)
-    preset = wlcnn.get_preset(args.preset)
-    if args.init is not None:
-        preset = dataclasses.replace(preset, init=args.init)
+    changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     try:
-        infos = wlcnn.train_from_directory(args.data, args.out, preset, args.variant, args.runs,
-                                           args.seed, fresh_catalogs=args.fresh_catalogs,
-                                           conv=args.conv, mixed_precision=args.mixed_precision)
+        preset = dataclasses.replace(wlcnn.get_preset(args.preset), **changes)
+        infos = wlcnn.train_from_directory(
+            args.data, args.out, preset, args.variant, args.runs, args.seed,
+            fresh_catalogs=args.fresh_catalogs, conv=args.conv,
+            mixed_precision=args.mixed_precision, verbose=args.verbose)
     except (ValueError, TypeError, OSError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("train: interrupted; the same command resumes at the last finished epoch",
+              file=sys.stderr)
+        return 130
     for i, info in enumerate(infos):
-        print(f"run_{i:02d}: best val_loss {info.get('best_val_loss')}, "
-              f"{info.get('epochs_done')} epochs")
+        print(f"run_{i:02d}: best val_loss {info['best_val_loss']:.4g} at epoch "
+              f"{info['best_epoch'] + 1} of {info['epochs_done']}, "
+              f"{info['samples_per_s']:.1f} samples/s")
     return 0
 
 
