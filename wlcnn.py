@@ -63,7 +63,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
