@@ -380,7 +380,7 @@ def _nfw_x(r_mpc, m200_msun, c200, z, cosmo):
 
 
 def nfw_sigma(r_mpc, m200_msun, c200, z, cosmo=None):
-    """NFW surface density Σ(R) in M☉/Mpc², R in physical Mpc (Wright & Brainerd eq. 11).
+    """NFW surface density Σ(R) in M☉/Mpc², R in Mpc (Wright & Brainerd 2000, equation 11).
 
     Σ = 2 r_s δ_c ρ_c [1 − F(x)] / (x² − 1), x = R / r_s; within 1e-3 of x = 1 a first-order
     series replaces the 0/0.
@@ -394,7 +394,7 @@ def nfw_sigma(r_mpc, m200_msun, c200, z, cosmo=None):
 
 
 def nfw_mean_sigma(r_mpc, m200_msun, c200, z, cosmo=None):
-    """NFW mean surface density Σ̄(<R) in M☉/Mpc² (Wright & Brainerd eq. 13).
+    """NFW mean surface density Σ̄(<R) in M☉/Mpc² (Wright & Brainerd 2000, equation 13).
 
     Σ̄ = 4 r_s δ_c ρ_c [F(x) + ln(x/2)] / x²; the tangential shear is γ_t = (Σ̄ − Σ) / Σ_c.
     """
