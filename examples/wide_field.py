@@ -1,0 +1,220 @@
+"""Wide field: halo detection completeness against mass, CNN vs KS93, on a simulated survey patch.
+
+Title: cluster finding in a simulated 2° × 2° survey field
+Description: the training simulator's sky (halos from the mass function down to 3 × 10¹³ M☉
+plus the log-normal large-scale field, sources at its z_s = 1.5) over a wide field at
+33 sources/arcmin² → tiled KAPPA_CNN and KAPPA_KS93 → S/N from rotated shapes → peaks →
+completeness per M200 bin and purity, for each method.
+
+A survey finds clusters as peaks of the S/N map.  The truth here is every
+halo of the simulation; a halo is detected when a peak at or above the S/N
+threshold lies within MATCH_RADIUS_ARCMIN of it, a peak is true when a halo
+of at least PURITY_MIN_M200 lies that close.  The methods are compared at
+the same purity: each at the lowest S/N threshold whose purity reaches
+``--purity`` (default 0.8).
+
+    python examples/wide_field.py --size 60    # 1° × 1°, a check (~10 min on 2 cores)
+    python examples/wide_field.py              # 2° × 2° (81 tiles; ~40 min on 2 cores)
+
+Outputs in ``--out`` (default out/wide_field): wide_field.ecsv (completeness per mass
+bin and purity, each method, at each threshold) and wide_field.png; the last line
+printed is a JSON object: threshold, purity and completeness per mass bin per method
+at the common purity.
+"""
+# ## Setup
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+from astropy.table import Table
+
+import mass_peaks as mp
+import reconstruct_catalog as rc
+import simulate_skies
+import wlcnn
+
+HERE = pathlib.Path(__file__).resolve().parent
+MODEL_DIR = HERE / "quick_model"
+CENTER = (30.0, 0.0)           # an arbitrary field centre, degrees
+DENSITY = 33.0                 # sources per arcmin²
+#: M200c bin edges of the completeness, M☉.
+MASS_EDGES = (5e13, 1e14, 2e14, 5e14, 1e15)
+#: Halos counted for completeness: sources at z_s = 1.5 see little of a halo beyond z = 1.
+Z_RANGE = (0.05, 1.0)
+#: A peak is true if a halo this heavy (any z) lies within the radius.  There
+#: are ~100 such halos per deg², so a peak placed at random is "true" with
+#: probability ~0.09 at 1′ (``chance_purity`` in the result): 3 × 10¹³ M☉,
+#: ~260 per deg², and 1.5′ would make half of all random peaks true.
+PURITY_MIN_M200 = 5e13
+MATCH_RADIUS_ARCMIN = 1.0
+THRESHOLDS = tuple(np.round(np.arange(2.5, 7.01, 0.25), 2))
+EDGE_ARCMIN = 2.0             # peaks and halos this close to the field's edge are left out
+STRIDE = 36
+#: The noise of a simulated field is homogeneous (uniform sources): its
+#: mean and variance maps are smoothed over 5′ (σ) to a near-global value.
+NOISE_SMOOTH_ARCMIN = 5.0
+
+
+# ## Data
+def simulate_sky(size_arcmin, rng, model_config):
+    """Truth κ, γ on the simulator's 3.84″ grid, its halos, and a 33 arcmin⁻² catalogue.
+
+    Returns
+    -------
+    field : dict
+        From ``simulate_skies.simulate_cluster_field(cluster=False)``.
+    src : tuple of numpy.ndarray
+        (x, y, e1, e2, sigma), x and y in arcsec from the field centre (x West).
+    """
+    npix = int(round(size_arcmin * 60.0 / model_config.pixel_arcsec))
+    cfg = dataclasses.replace(model_config, field_arcmin=npix * model_config.pixel_arcsec / 60.0,
+                              npix=npix, source_density_arcmin2=DENSITY)
+    field = simulate_skies.simulate_cluster_field(cfg, rng, cluster=False)
+    cat = wlcnn.simulate_catalog(field["kappa"], field["gamma1"], field["gamma2"], cfg, rng)
+    half = cfg.field_arcmin * 30.0
+    src = (np.asarray(cat["x"]) - half, np.asarray(cat["y"]) - half, np.asarray(cat["e1"]),
+           np.asarray(cat["e2"]), np.asarray(cat["sigma"]))
+    return field, src, half
+
+
+def halo_table(field, half):
+    """The simulation's halos on the sky (ra, dec in deg), with M200 and z."""
+    h = field["field_halos"]
+    ra, dec = rc.tangent_plane_wcs(CENTER).pixel_to_world_values(h["x_arcsec"] - half, h["y_arcsec"] - half)
+    return Table({"ra": ra, "dec": dec, "m200": h["m200_msun"], "z": h["z"],
+                  "x": h["x_arcsec"] - half, "y": h["y_arcsec"] - half})
+
+
+# ## Evaluate
+def detection_tables(peaks, halos, half):
+    """Completeness per mass bin and purity at every threshold, one method."""
+    inner = half - EDGE_ARCMIN * 60.0
+    inside = (np.abs(halos["x"]) < inner) & (np.abs(halos["y"]) < inner)
+    target = halos[inside & (halos["z"] > Z_RANGE[0]) & (halos["z"] < Z_RANGE[1])
+                   & (halos["m200"] >= MASS_EDGES[0])]
+    real = halos[halos["m200"] >= PURITY_MIN_M200]
+    rows = []
+    for t in THRESHOLDS:
+        sel = peaks[np.asarray(peaks["snr"]) >= t]
+        true, _ = mp.match_peaks(sel, real["ra"], real["dec"], MATCH_RADIUS_ARCMIN)
+        _, found = mp.match_peaks(sel, target["ra"], target["dec"], MATCH_RADIUS_ARCMIN)
+        row = {"threshold": float(t), "n_peaks": len(sel),
+               "purity": float(true.mean()) if len(sel) else np.nan}
+        for lo, hi in zip(MASS_EDGES[:-1], MASS_EDGES[1:]):
+            b = (target["m200"] >= lo) & (target["m200"] < hi)
+            row[f"n_{lo:.0e}"] = int(b.sum())
+            row[f"c_{lo:.0e}"] = float(found[b].mean()) if b.any() else np.nan
+        rows.append(row)
+    return Table(rows=rows)
+
+
+def at_purity(table, purity):
+    """The row of the lowest threshold whose purity reaches ``purity`` (the last row if none)."""
+    ok = np.flatnonzero(np.nan_to_num(np.asarray(table["purity"]), nan=1.0) >= purity)
+    return table[int(ok[0]) if ok.size else len(table) - 1]
+
+
+def figure(path, tables, rows):
+    """Completeness against M200 at the common purity, and purity against threshold."""
+    from matplotlib.figure import Figure  # optional dependency, imported only for the figure
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    mid = np.sqrt(np.array(MASS_EDGES[:-1]) * np.array(MASS_EDGES[1:]))
+    for name, colour in (("cnn", "C3"), ("ks93", "C0")):
+        r = rows[name]
+        c = [r[f"c_{lo:.0e}"] for lo in MASS_EDGES[:-1]]
+        ax1.plot(mid, c, "o-", color=colour,
+                 label=f"{name.upper()} (S/N ≥ {r['threshold']:g}, purity {r['purity']:.2f})")
+        ax2.plot(tables[name]["threshold"], tables[name]["purity"], "o-", color=colour, label=name.upper())
+    ax1.set_xscale("log")
+    ax1.set_xlabel("M200c [M☉]")
+    ax1.set_ylabel("completeness")
+    ax1.set_ylim(0, 1.02)
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("S/N threshold")
+    ax2.set_ylabel("purity")
+    ax2.legend(fontsize=8)
+    wlcnn._atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="halo completeness vs mass and purity, CNN vs KS93")
+    p.add_argument("--models", default=str(MODEL_DIR), help="run directory or .keras file(s)")
+    p.add_argument("--out", default="out/wide_field", help="output directory")
+    p.add_argument("--size", type=float, default=120.0, help="field side, arcmin (>= 120 for 2°)")
+    p.add_argument("--purity", type=float, default=0.8, help="the common purity of the comparison")
+    p.add_argument("--cnn-noise", type=int, default=2, help="CNN noise realisations")
+    p.add_argument("--ks93-noise", type=int, default=8, help="KS93 noise realisations")
+    p.add_argument("--stride", type=int, default=STRIDE, help="mosaic stride, input pixels")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None):
+    """Simulate, reconstruct, detect; the last line printed is the JSON result."""
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    try:
+        models, config, _ = rc.check_models(args.models)
+    except (ValueError, OSError) as exc:
+        print(f"wide_field: error: {exc}", file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(args.seed)
+    field, src, half = simulate_sky(args.size, rng, config)
+    halos = halo_table(field, half)
+    geometry = rc.field_geometry(2 * half / 60.0, config, args.stride)
+    print(f"wide field: {2 * half / 60:.1f}′, {len(src[0])} sources, {len(halos)} halos, "
+          f"{geometry.n_tiles} tiles ({time.time() - t0:.0f} s)", file=sys.stderr)
+    wcs = rc.map_wcs(CENTER, geometry)
+    x, y, e1, e2, sigma = src
+    smooth = NOISE_SMOOTH_ARCMIN * 60.0 / geometry.pixel_arcsec
+    edge = int(round(EDGE_ARCMIN * 60.0 / geometry.pixel_arcsec))
+    footprint = np.zeros((geometry.npix, geometry.npix), dtype=bool)
+    footprint[edge:-edge, edge:-edge] = True
+    tables, rows = {}, {}
+    for name, fn, n in (("ks93", mp.ks93_map_fn(x, y, sigma, geometry), args.ks93_noise),
+                        ("cnn", mp.cnn_map_fn(x, y, sigma, models, geometry, rng), args.cnn_noise)):
+        t1 = time.time()
+        kappa = fn(e1, e2)
+        sig = mp.significance_map(kappa, mp.noise_maps(fn, e1, e2, n, rng, progress=True), smooth)
+        peaks = mp.find_peaks(sig.snr, kappa, wcs, min(THRESHOLDS), footprint)
+        tables[name] = detection_tables(peaks, halos, half)
+        rows[name] = at_purity(tables[name], args.purity)
+        print(f"{name}: {time.time() - t1:.0f} s, {len(peaks)} peaks at S/N >= {min(THRESHOLDS)}",
+              file=sys.stderr)
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from astropy.table import vstack
+    for name, t in tables.items():
+        t["method"] = name
+    table = vstack(list(tables.values()))
+    table.write(out / "wide_field.ecsv", overwrite=True)
+    try:
+        figure(str(out / "wide_field.png"), tables, rows)
+    except ImportError:
+        print("wide_field: matplotlib missing, no figure", file=sys.stderr)
+
+    def clean(v):
+        return None if not np.isfinite(v) else round(float(v), 3)
+    bins = [f"{lo:.0e}-{hi:.0e}" for lo, hi in zip(MASS_EDGES[:-1], MASS_EDGES[1:])]
+    result = {"purity_target": args.purity,
+              "threshold": {k: float(r["threshold"]) for k, r in rows.items()},
+              "purity": {k: clean(r["purity"]) for k, r in rows.items()},
+              "completeness": {k: dict(zip(bins, (clean(r[f"c_{lo:.0e}"]) for lo in MASS_EDGES[:-1])))
+                               for k, r in rows.items()},
+              "halos_per_bin": dict(zip(bins, (int(rows["cnn"][f"n_{lo:.0e}"]) for lo in MASS_EDGES[:-1]))),
+              "chance_purity": round(float(len(halos[halos["m200"] >= PURITY_MIN_M200])
+                                     * np.pi * MATCH_RADIUS_ARCMIN**2 / (4 * (half / 30.0) ** 2)), 3),
+              "field_arcmin": round(2 * half / 60.0, 2), "seconds": round(time.time() - t0)}
+    print(table, file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
