@@ -262,3 +262,34 @@ def test_stack_snr_detects_planted_bumps_and_not_random_positions():
     hit = mp.stack_snr(kappa, wcs, ra, dec, footprint, np.random.default_rng(9), n_random=500)
     assert hit.n == 30 and hit.kappa == pytest.approx(0.05, abs=0.02 / np.sqrt(30) * 4)
     assert hit.snr > 10  # 0.05 / (0.02 / sqrt(30)) ≈ 14
+
+
+# ---------------------------------------------------------------------------
+# The COSMOS data and its reading (examples/cosmos.py)
+# ---------------------------------------------------------------------------
+def test_cosmos_data_is_in_the_repository_as_documented():
+    import cosmos
+    table = Table.read(cosmos.CATALOG)
+    assert len(table) == 417_117  # Schrabback et al. (2010)
+    assert table.colnames == ["ra", "dec", "e1", "e2", "weight"]
+    assert all(table[c].dtype.kind == "f" and table[c].dtype.itemsize == 4 for c in table.colnames)
+    assert table["ra"].unit == "deg"
+    assert cosmos.CATALOG.stat().st_size < 10 * 2**20
+    groups = cosmos.read_groups()
+    assert len(groups) == 72
+    # First row of the file: ID 3 at (150.80244, 1.98985), z = 0.25 (column 7).
+    assert (groups["id"][0], groups["ra"][0], groups["dec"][0], groups["z"][0]) == (3, 150.80244, 1.98985, 0.25)
+
+
+def test_weight_rescaling_makes_the_weights_inverse_variances():
+    import cosmos
+    rng = np.random.default_rng(10)
+    sigma_true = rng.uniform(0.2, 0.4, 100_000)
+    e1, e2 = rng.normal(0.0, 1.0, (2, sigma_true.size)) * sigma_true
+    relative = sigma_true * 3.4  # weights 1/11.6 of the inverse variance, as COSMOS's
+    sigma, scale = cosmos.rescale_sigma(e1, e2, relative)
+    assert np.mean((e1**2 + e2**2) / 2 / sigma**2) == pytest.approx(1.0, rel=1e-12)
+    # The inverse variances come back to the sampling error of the mean of
+    # 2 × 10⁵ χ²₁ values, sqrt(2 / 2e5) = 0.3 %: 1 % is three of those.
+    assert scale == pytest.approx(3.4**2, rel=0.01)
+    np.testing.assert_allclose(sigma, sigma_true, rtol=0.01)
