@@ -64,6 +64,9 @@ NOISE_SMOOTH_ARCMIN = 2.0
 #: Mosaic stride (input pixels) of each tile: 36 gives 16 subfields per tile
 #: (one batch) covering the same 26′ as the quick default 12 (100 subfields).
 STRIDE = 36
+#: A peak is the highest pixel within ±1′ (a square box): the CNN's blobs
+#: have pixel-scale texture, and one structure should count once.
+PEAK_SEPARATION_ARCMIN = 1.0
 RANDOM_SETS = 2000
 
 
@@ -142,7 +145,6 @@ def mass_maps(src, geometry, models, n_cnn, n_ks93, seed, progress=True):
 # ## Evaluate
 def evaluate(maps, wcs, footprint, groups, seed):
     """Stacks at the groups in Z_RANGE, peaks, and completeness / purity per method."""
-    rng = np.random.default_rng(seed + 1)
     inside = mp.objects_inside(groups["ra"], groups["dec"], wcs, footprint, outside="skip",
                                what="X-ray groups")
     in_z = inside & (groups["z"] > Z_RANGE[0]) & (groups["z"] < Z_RANGE[1])
@@ -150,11 +152,14 @@ def evaluate(maps, wcs, footprint, groups, seed):
                          "in_z_range": int(in_z.sum())},
               "stack_snr": {}, "stack_kappa": {}, "completeness": {}, "purity": {}}
     peaks, tables = {}, []
+    pixel_arcmin = wcs.proj_plane_pixel_scales()[0].to_value("arcmin")
+    box = 2 * int(round(PEAK_SEPARATION_ARCMIN / pixel_arcmin)) + 1
     for name, (kappa, sig) in maps.items():
+        rng = np.random.default_rng([seed, sorted(maps).index(name)])  # one stream per method
         st = mp.stack_snr(kappa, wcs, groups["ra"][in_z], groups["dec"][in_z], footprint, rng, RANDOM_SETS)
         result["stack_snr"][name] = round(st.snr, 2)
         result["stack_kappa"][name] = [round(st.kappa, 5), round(st.random_mean, 5), round(st.random_std, 5)]
-        peaks[name] = mp.find_peaks(sig.snr, kappa, wcs, min(THRESHOLDS), footprint)
+        peaks[name] = mp.find_peaks(sig.snr, kappa, wcs, min(THRESHOLDS), footprint, size=box)
         # Completeness against the groups lensing can see; purity against every
         # group in the footprint (a peak on a z = 0.05 group is no false peak).
         comp = mp.completeness_purity(peaks[name], groups["ra"][in_z], groups["dec"][in_z],
@@ -233,7 +238,20 @@ def build_parser():
     p.add_argument("--ks93-noise", type=int, default=None, help="KS93 noise realisations (default 16)")
     p.add_argument("--stride", type=int, default=STRIDE, help="mosaic stride, input pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-maps", default=None,
+                   help="a previous run's cosmos_maps.fits: redo only the peaks, stacks and figure")
     return p
+
+
+def read_maps(path):
+    """The maps of a previous run's cosmos_maps.fits: (maps, density, footprint, wcs, header)."""
+    from astropy.wcs import WCS
+    with fits.open(path) as h:
+        maps = {n: (h[f"KAPPA_{n.upper()}"].data.astype(np.float64),
+                    mp.Significance(h[f"SNR_{n.upper()}"].data.astype(np.float64), None, None))
+                for n in ("cnn", "ks93")}
+        return (maps, h["DENSITY"].data.astype(np.float64), h["FOOTPRINT"].data.astype(bool),
+                WCS(h["KAPPA_CNN"].header), dict(h[0].header))
 
 
 def main(argv=None):
@@ -243,27 +261,32 @@ def main(argv=None):
     size = args.size if args.size is not None else (26.0 if args.quick else None)
     n_cnn = args.cnn_noise or (3 if args.quick else 4)
     n_ks93 = args.ks93_noise or 16
+    out = pathlib.Path(args.out)
     try:
-        models, config, _ = rc.check_models(args.models)
-        src, geometry, center, scale = load_field(CATALOG, size, config, args.stride)
         groups = read_groups(GROUPS)
-    except (ValueError, OSError) as exc:
+        if args.from_maps:
+            maps, density, footprint, wcs, header = read_maps(args.from_maps)
+            n_cnn, n_ks93 = header.get("NCNNNOIS"), header.get("NKSNOIS")
+        else:
+            models, config, _ = rc.check_models(args.models)
+            src, geometry, center, scale = load_field(CATALOG, size, config, args.stride)
+    except (ValueError, OSError, KeyError) as exc:
         print(f"cosmos: error: {exc}", file=sys.stderr)
         return 2
-    print(f"COSMOS: {len(src[0])} sources in {geometry.side_arcmin:.1f}′ about RA {center[0]:.4f}°, "
-          f"Dec {center[1]:.4f}° ({geometry.n_tiles} tiles); weights × {scale:.2f}", file=sys.stderr)
-    maps = mass_maps(src, geometry, models, n_cnn, n_ks93, args.seed)
-    wcs = rc.map_wcs(center, geometry)
-    density = rc.block_mean(rc.grid_field(*src, geometry)[3], config.pool)
-    footprint = footprint_map(density, geometry)
-    result, peaks, table = evaluate(maps, wcs, footprint, groups, args.seed)
-
-    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_maps(os.fspath(out / "cosmos_maps.fits"), maps, density, footprint, wcs,
-               {"NSOURCE": len(src[0]), "WSCALE": (scale, "weights multiplied by this"),
-                "NCNNNOIS": n_cnn, "NKSNOIS": n_ks93, "NSMOOTH": (NOISE_SMOOTH_ARCMIN, "[arcmin] noise smoothing"),
-                "STRIDE": geometry.stride, "NRUNS": len(models)})
+    if not args.from_maps:
+        print(f"COSMOS: {len(src[0])} sources in {geometry.side_arcmin:.1f}′ about RA {center[0]:.4f}°, "
+              f"Dec {center[1]:.4f}° ({geometry.n_tiles} tiles); weights × {scale:.2f}", file=sys.stderr)
+        maps = mass_maps(src, geometry, models, n_cnn, n_ks93, args.seed)
+        wcs = rc.map_wcs(center, geometry)
+        density = rc.block_mean(rc.grid_field(*src, geometry)[3], config.pool)
+        footprint = footprint_map(density, geometry)
+        write_maps(os.fspath(out / "cosmos_maps.fits"), maps, density, footprint, wcs,
+                   {"NSOURCE": len(src[0]), "WSCALE": (scale, "weights multiplied by this"),
+                    "NCNNNOIS": n_cnn, "NKSNOIS": n_ks93,
+                    "NSMOOTH": (NOISE_SMOOTH_ARCMIN, "[arcmin] noise smoothing"),
+                    "STRIDE": geometry.stride, "NRUNS": len(models)})
+    result, peaks, table = evaluate(maps, wcs, footprint, groups, args.seed)
     for name, t in peaks.items():
         mp.write_peaks(t, out / f"peaks_{name}.ecsv", overwrite=True)
     table.write(out / "completeness.ecsv", overwrite=True)
@@ -273,7 +296,8 @@ def main(argv=None):
         print("cosmos: matplotlib missing, no figure", file=sys.stderr)
     print(table, file=sys.stderr)
     result.update(match_radius_arcmin=MATCH_RADIUS_ARCMIN, noise_realisations={"cnn": n_cnn, "ks93": n_ks93},
-                  field_arcmin=round(geometry.side_arcmin, 2), seconds=round(time.time() - t0))
+                  field_arcmin=round(float(footprint.shape[0] * wcs.proj_plane_pixel_scales()[0].to_value(
+                      "arcmin")), 2), seconds=round(time.time() - t0))
     print(json.dumps(result))
     return 0
 
