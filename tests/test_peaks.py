@@ -293,3 +293,37 @@ def test_weight_rescaling_makes_the_weights_inverse_variances():
     # 2 × 10⁵ χ²₁ values, sqrt(2 / 2e5) = 0.3 %: 1 % is three of those.
     assert scale == pytest.approx(3.4**2, rel=0.01)
     np.testing.assert_allclose(sigma, sigma_true, rtol=0.01)
+
+
+# ---------------------------------------------------------------------------
+# Wide-field detection statistics (examples/wide_field.py)
+# ---------------------------------------------------------------------------
+def test_wide_field_completeness_per_mass_bin_and_purity_on_constructed_halos():
+    import wide_field as wf
+    plane = rc.tangent_plane_wcs(wf.CENTER)
+    # Halos (x, y arcsec from the centre, M200, z): two of 1.5e14, one of 3e14,
+    # one of 3e14 beyond z = 1 (not a target), one 1.5e14 at the field's edge (left out).
+    hx = np.array([-600.0, 600.0, 0.0, 900.0, 2950.0])
+    hy = np.array([0.0, 0.0, 600.0, -900.0, 0.0])
+    hra, hdec = plane.pixel_to_world_values(hx, hy)
+    halos = Table({"ra": hra, "dec": hdec, "m200": [1.5e14, 1.5e14, 3e14, 3e14, 1.5e14],
+                   "z": [0.5, 0.5, 0.3, 1.2, 0.5], "x": hx, "y": hy})
+    # Peaks: 20″ from halo 0 (S/N 5), from halo 2 (S/N 3), from the z = 1.2 halo (S/N 3.5),
+    # and one 10′ from every halo (S/N 4).
+    px = np.array([-600.0, 20.0, 900.0, -1200.0])
+    py = np.array([20.0, 600.0, -900.0, -1200.0])
+    pra, pdec = plane.pixel_to_world_values(px, py)
+    peaks = Table({"ra": pra, "dec": pdec, "snr": [5.0, 3.0, 3.5, 4.0]})
+    table = wf.detection_tables(peaks, halos, half=3000.0)
+    row3 = table[np.flatnonzero(table["threshold"] == 3.0)[0]]
+    assert row3["n_1e+14"] == 2 and row3["c_1e+14"] == 0.5  # halo 0 found, halo 1 not
+    assert row3["n_2e+14"] == 1 and row3["c_2e+14"] == 1.0  # halo 2 found at S/N 3
+    assert row3["purity"] == pytest.approx(3 / 4)  # the z = 1.2 halo's peak is a true peak
+    row45 = table[np.flatnonzero(table["threshold"] == 4.5)[0]]
+    assert (row45["c_1e+14"], row45["c_2e+14"], row45["purity"]) == (0.5, 0.0, 1.0)
+    assert np.isnan(row3["c_5e+14"])  # an empty bin has no completeness
+    # The lowest threshold with purity >= 0.9 (and >= 1 peak) is 4.25 (peaks at 5 only).
+    row, reached = wf.at_purity(table, 0.9, min_peaks=1)
+    assert reached and row["threshold"] == 4.25
+    row, reached = wf.at_purity(table, 0.9, min_peaks=2)  # never with two peaks: best purity
+    assert not reached and row["purity"] == pytest.approx(3 / 4)
