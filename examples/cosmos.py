@@ -150,7 +150,8 @@ def mass_maps(src, geometry, models, n_cnn, n_ks93, seed, progress=True):
         kappa = fn(e1, e2)
         noise = mp.noise_maps(fn, e1, e2, n, rng, progress=progress)
         out[name] = (kappa, mp.significance_map(kappa, noise, smooth))
-        print(f"{name}: map and {n} noise realisations in {time.time() - t0:.0f} s", file=sys.stderr)
+        print(f"{name}: map and {n} noise realisations in {time.time() - t0:.0f} s",
+              file=sys.stderr)
     return out
 
 
@@ -168,9 +169,11 @@ def evaluate(maps, wcs, footprint, groups, seed):
     box = 2 * int(round(PEAK_SEPARATION_ARCMIN / pixel_arcmin)) + 1
     for name, (kappa, sig) in maps.items():
         rng = np.random.default_rng([seed, sorted(maps).index(name)])  # one stream per method
-        st = mp.stack_snr(kappa, wcs, groups["ra"][in_z], groups["dec"][in_z], footprint, rng, RANDOM_SETS)
+        st = mp.stack_snr(kappa, wcs, groups["ra"][in_z], groups["dec"][in_z], footprint, rng,
+                          RANDOM_SETS)
         result["stack_snr"][name] = round(st.snr, 2)
-        result["stack_kappa"][name] = [round(st.kappa, 5), round(st.random_mean, 5), round(st.random_std, 5)]
+        values = (st.kappa, st.random_mean, st.random_std)
+        result["stack_kappa"][name] = [round(v, 5) for v in values]
         peaks[name] = mp.find_peaks(sig.snr, kappa, wcs, min(THRESHOLDS), footprint, size=box)
         # Completeness against the groups lensing can see; purity against every
         # group in the footprint (a peak on a z = 0.05 group is no false peak).
@@ -187,7 +190,8 @@ def evaluate(maps, wcs, footprint, groups, seed):
                                   for t, p in zip(THRESHOLDS, comp["purity"])}  # no peaks: null
     # Purity a random peak would reach: the footprint's fraction within the radius of a group.
     area = footprint.sum() * (wcs.proj_plane_pixel_scales()[0].to_value("arcmin")) ** 2
-    result["chance_purity"] = round(min(1.0, inside.sum() * np.pi * MATCH_RADIUS_ARCMIN**2 / area), 3)
+    chance = inside.sum() * np.pi * MATCH_RADIUS_ARCMIN**2 / area
+    result["chance_purity"] = round(min(1.0, chance), 3)
     from astropy.table import vstack
     return result, peaks, vstack(tables)
 
@@ -206,7 +210,8 @@ def write_maps(path, maps, density, footprint, wcs, header_cards):
     for name, data, comment in images:
         h = wcs.to_header()
         h["COMMENT"] = comment
-        hdus.append(fits.ImageHDU(np.asarray(data, np.float32 if data.dtype != np.uint8 else np.uint8),
+        dtype = np.uint8 if data.dtype == np.uint8 else np.float32
+        hdus.append(fits.ImageHDU(np.asarray(data, dtype),
                                   header=h, name=name))
     wlcnn._atomic_write(path, lambda tmp: fits.HDUList(hdus).writeto(tmp))
 
@@ -227,7 +232,8 @@ def figure(path, maps, wcs, footprint, groups, peaks):
             ax.scatter(groups["ra"][sel], groups["dec"][sel], transform=tr, s=60, facecolors="none",
                        edgecolors=colour, label=label)
         p = peaks[name][peaks[name]["snr"] >= 4]
-        ax.scatter(p["ra"], p["dec"], transform=tr, marker="+", c="lime", s=40, label="peaks S/N ≥ 4")
+        ax.scatter(p["ra"], p["dec"], transform=tr, marker="+", c="lime", s=40,
+                   label="peaks S/N ≥ 4")
         ax.set_xlim(-0.5, snr.shape[1] - 0.5)  # the map, not the groups beyond it
         ax.set_ylim(-0.5, snr.shape[0] - 0.5)
         ax.set_title(f"{'KS93' if name == 'ks93' else 'CNN'}: S/N")
@@ -244,10 +250,14 @@ def build_parser():
     p = argparse.ArgumentParser(description="COSMOS mass maps, S/N, peaks and X-ray groups")
     p.add_argument("--models", default=str(MODEL_DIR), help="run directory or .keras file(s)")
     p.add_argument("--out", default="out/cosmos", help="output directory")
-    p.add_argument("--quick", action="store_true", help="the central 26′ (one tile), fewer realisations")
-    p.add_argument("--size", type=float, default=None, help="field side, arcmin (default: all of it)")
-    p.add_argument("--cnn-noise", type=int, default=None, help="CNN noise realisations (default 4; quick 3)")
-    p.add_argument("--ks93-noise", type=int, default=None, help="KS93 noise realisations (default 16)")
+    p.add_argument("--quick", action="store_true",
+                   help="the central 26′ (one tile), fewer realisations")
+    p.add_argument("--size", type=float, default=None,
+                   help="field side, arcmin (default: all of it)")
+    p.add_argument("--cnn-noise", type=int, default=None,
+                   help="CNN noise realisations (default 4; quick 3)")
+    p.add_argument("--ks93-noise", type=int, default=None,
+                   help="KS93 noise realisations (default 16)")
     p.add_argument("--stride", type=int, default=STRIDE, help="mosaic stride, input pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from-maps", default=None,
@@ -287,8 +297,9 @@ def main(argv=None):
         return 2
     out.mkdir(parents=True, exist_ok=True)
     if not args.from_maps:
-        print(f"COSMOS: {len(src[0])} sources in {geometry.side_arcmin:.1f}′ about RA {center[0]:.4f}°, "
-              f"Dec {center[1]:.4f}° ({geometry.n_tiles} tiles); weights × {scale:.2f}", file=sys.stderr)
+        print(f"COSMOS: {len(src[0])} sources in {geometry.side_arcmin:.1f}′ about "
+              f"RA {center[0]:.4f}°, Dec {center[1]:.4f}° ({geometry.n_tiles} tiles); "
+              f"weights × {scale:.2f}", file=sys.stderr)
         maps = mass_maps(src, geometry, models, n_cnn, n_ks93, args.seed)
         wcs = rc.map_wcs(center, geometry)
         density = rc.block_mean(rc.grid_field(*src, geometry)[3], config.pool)
@@ -307,9 +318,10 @@ def main(argv=None):
     except ImportError:
         print("cosmos: matplotlib missing, no figure", file=sys.stderr)
     print(table, file=sys.stderr)
-    result.update(match_radius_arcmin=MATCH_RADIUS_ARCMIN, noise_realisations={"cnn": n_cnn, "ks93": n_ks93},
-                  field_arcmin=round(float(footprint.shape[0] * wcs.proj_plane_pixel_scales()[0].to_value(
-                      "arcmin")), 2), seconds=round(time.time() - t0))
+    side = footprint.shape[0] * wcs.proj_plane_pixel_scales()[0].to_value("arcmin")
+    result.update(match_radius_arcmin=MATCH_RADIUS_ARCMIN,
+                  noise_realisations={"cnn": n_cnn, "ks93": n_ks93},
+                  field_arcmin=round(float(side), 2), seconds=round(time.time() - t0))
     print(json.dumps(result))
     return 0
 

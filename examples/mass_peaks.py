@@ -65,7 +65,8 @@ def noise_maps(map_fn, e1, e2, n_realisations, rng, progress=False):
     -------
     numpy.ndarray, shape (n_realisations, ny, nx)
     """
-    if isinstance(n_realisations, bool) or int(n_realisations) != n_realisations or n_realisations < 2:
+    n = n_realisations
+    if isinstance(n, bool) or int(n) != n or n < 2:
         raise ValueError(f"n_realisations must be a whole number >= 2 (a spread needs two), "
                          f"got {n_realisations!r}")
     bar = wlcnn._Progress(int(n_realisations), "noise realisations") if progress else None
@@ -80,7 +81,8 @@ def noise_maps(map_fn, e1, e2, n_realisations, rng, progress=False):
 def ks93_map_fn(x, y, sigma, geometry, fwhm_arcmin=rc.KS93_MAP_FWHM_ARCMIN):
     """``(e1, e2) -> KAPPA_KS93`` of the field for fixed sources (x, y arcsec from the centre)."""
     def map_fn(e1, e2):
-        return rc.ks93_field_map(rc.grid_field(x, y, e1, e2, sigma, geometry), geometry, fwhm_arcmin)
+        grid = rc.grid_field(x, y, e1, e2, sigma, geometry)
+        return rc.ks93_field_map(grid, geometry, fwhm_arcmin)
     return map_fn
 
 
@@ -175,7 +177,8 @@ def find_peaks(snr, kappa, wcs, threshold, footprint=None, size=3):
     snr = np.asarray(snr, np.float64)
     kappa = np.asarray(kappa, np.float64)
     if snr.ndim != 2 or kappa.shape != snr.shape:
-        raise ValueError(f"snr and kappa must be 2-D maps of one shape, got {snr.shape} and {kappa.shape}")
+        raise ValueError(f"snr and kappa must be 2-D maps of one shape, got {snr.shape} and "
+                         f"{kappa.shape}")
     inside = _footprint(footprint, snr)
     s = np.where(inside, snr, -np.inf)
     is_max = s == scipy.ndimage.maximum_filter(s, size=int(size), mode="constant", cval=-np.inf)
@@ -287,7 +290,8 @@ def match_peaks(peaks, ra, dec, radius_arcmin):
     if radius_arcmin <= 0:
         raise ValueError(f"radius_arcmin must be > 0, got {radius_arcmin}")
     ra, dec = np.atleast_1d(np.asarray(ra, np.float64)), np.atleast_1d(np.asarray(dec, np.float64))
-    close = _separation_arcmin(np.asarray(peaks["ra"]), np.asarray(peaks["dec"]), ra, dec) <= radius_arcmin
+    sep = _separation_arcmin(np.asarray(peaks["ra"]), np.asarray(peaks["dec"]), ra, dec)
+    close = sep <= radius_arcmin
     return close.any(axis=1), close.any(axis=0)
 
 

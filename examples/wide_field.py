@@ -87,9 +87,9 @@ def simulate_sky(size_arcmin, rng, model_config):
 def halo_table(field, half):
     """The simulation's halos on the sky (ra, dec in deg), with M200 and z."""
     h = field["field_halos"]
-    ra, dec = rc.tangent_plane_wcs(CENTER).pixel_to_world_values(h["x_arcsec"] - half, h["y_arcsec"] - half)
-    return Table({"ra": ra, "dec": dec, "m200": h["m200_msun"], "z": h["z"],
-                  "x": h["x_arcsec"] - half, "y": h["y_arcsec"] - half})
+    x, y = h["x_arcsec"] - half, h["y_arcsec"] - half
+    ra, dec = rc.tangent_plane_wcs(CENTER).pixel_to_world_values(x, y)
+    return Table({"ra": ra, "dec": dec, "m200": h["m200_msun"], "z": h["z"], "x": x, "y": y})
 
 
 # ## Evaluate
@@ -139,7 +139,8 @@ def figure(path, tables, rows):
         c = [r[f"c_{lo:.0e}"] for lo in MASS_EDGES[:-1]]
         ax1.plot(mid, c, "o-", color=colour,
                  label=f"{name.upper()} (S/N ≥ {r['threshold']:g}, purity {r['purity']:.2f})")
-        ax2.plot(tables[name]["threshold"], tables[name]["purity"], "o-", color=colour, label=name.upper())
+        ax2.plot(tables[name]["threshold"], tables[name]["purity"], "o-", color=colour,
+                 label=name.upper())
     ax1.set_xscale("log")
     ax1.set_xlabel("M200c [M☉]")
     ax1.set_ylabel("completeness")
@@ -157,7 +158,8 @@ def build_parser():
     p.add_argument("--out", default="out/wide_field", help="output directory")
     p.add_argument("--size", type=float, default=120.0, help="field side, arcmin (>= 120 for 2°)")
     p.add_argument("--purity", type=float, default=0.5, help="the common purity of the comparison")
-    p.add_argument("--ks93-fwhm", type=float, default=KS93_FWHM_ARCMIN, help="KS93 smoothing, arcmin")
+    p.add_argument("--ks93-fwhm", type=float, default=KS93_FWHM_ARCMIN,
+                   help="KS93 smoothing, arcmin")
     p.add_argument("--cnn-noise", type=int, default=2, help="CNN noise realisations")
     p.add_argument("--ks93-noise", type=int, default=8, help="KS93 noise realisations")
     p.add_argument("--stride", type=int, default=STRIDE, help="mosaic stride, input pixels")
@@ -190,8 +192,9 @@ def main(argv=None):
     footprint = np.zeros((geometry.npix, geometry.npix), dtype=bool)
     footprint[edge:-edge, edge:-edge] = True
     tables, rows, reached = {}, {}, {}
-    for name, fn, n in (("ks93", mp.ks93_map_fn(x, y, sigma, geometry, args.ks93_fwhm), args.ks93_noise),
-                        ("cnn", mp.cnn_map_fn(x, y, sigma, models, geometry, rng), args.cnn_noise)):
+    methods = (("ks93", mp.ks93_map_fn(x, y, sigma, geometry, args.ks93_fwhm), args.ks93_noise),
+               ("cnn", mp.cnn_map_fn(x, y, sigma, models, geometry, rng), args.cnn_noise))
+    for name, fn, n in methods:
         t1 = time.time()
         kappa = fn(e1, e2)
         sig = mp.significance_map(kappa, mp.noise_maps(fn, e1, e2, n, rng, progress=True), smooth)
@@ -215,15 +218,19 @@ def main(argv=None):
 
     def clean(v):
         return None if not np.isfinite(v) else round(float(v), 3)
-    bins = [f"{lo:.0e}-{hi:.0e}" for lo, hi in zip(MASS_EDGES[:-1], MASS_EDGES[1:])]
+    lows = MASS_EDGES[:-1]
+    bins = [f"{lo:.0e}-{hi:.0e}" for lo, hi in zip(lows, MASS_EDGES[1:])]
+    # Halos were drawn over the simulator's torus, twice the field's side.
+    torus_arcmin2 = (2 * 2 * half / 60.0) ** 2
+    n_real = np.sum(halos["m200"] >= PURITY_MIN_M200)
+    chance = n_real * np.pi * MATCH_RADIUS_ARCMIN**2 / torus_arcmin2
     result = {"purity_target": args.purity, "reached": reached,
               "threshold": {k: float(r["threshold"]) for k, r in rows.items()},
               "purity": {k: clean(r["purity"]) for k, r in rows.items()},
-              "completeness": {k: dict(zip(bins, (clean(r[f"c_{lo:.0e}"]) for lo in MASS_EDGES[:-1])))
+              "completeness": {k: dict(zip(bins, (clean(r[f"c_{lo:.0e}"]) for lo in lows)))
                                for k, r in rows.items()},
-              "halos_per_bin": dict(zip(bins, (int(rows["cnn"][f"n_{lo:.0e}"]) for lo in MASS_EDGES[:-1]))),
-              "chance_purity": round(float(len(halos[halos["m200"] >= PURITY_MIN_M200])
-                                     * np.pi * MATCH_RADIUS_ARCMIN**2 / (4 * (half / 30.0) ** 2)), 3),
+              "halos_per_bin": dict(zip(bins, (int(rows["cnn"][f"n_{lo:.0e}"]) for lo in lows))),
+              "chance_purity": round(chance, 3),
               "field_arcmin": round(2 * half / 60.0, 2), "seconds": round(time.time() - t0)}
     print(table, file=sys.stderr)
     print(json.dumps(result))

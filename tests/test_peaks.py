@@ -87,7 +87,7 @@ def test_snr_of_a_pure_noise_catalog_is_standard_normal():
     x, y, e1, e2, sigma = catalog(geometry, rng)
     map_fn = mp.ks93_map_fn(x, y, sigma, geometry, fwhm_arcmin=1.0)
     noise = mp.noise_maps(map_fn, e1, e2, 40, np.random.default_rng(6))
-    border = 8  # KS93's noise is lower near the zero-padded edge; σ is per pixel, so keep all but a rim
+    border = 8  # KS93's noise is lower near the zero-padded edge; σ is per pixel: all but a rim
     snrs = []
     for seed in range(6):  # fresh shape noise at the same positions: independent pure-noise maps
         f1, f2 = np.random.default_rng(100 + seed).normal(0.0, 0.25, (2, len(x)))
@@ -192,7 +192,7 @@ def offset(ra, dec, east_arcmin, north_arcmin):
 
 
 def constructed_peaks():
-    """Four objects; five peaks: three 0.5′ from an object (S/N 6, 4, 3.5), two 10′ away (5, 3.2)."""
+    """Four objects; five peaks: three 0.5′ from one (S/N 6, 4, 3.5), two 10′ away (5, 3.2)."""
     objects = [offset(*CENTER, e, n) for e, n in ((-5, -5), (5, -5), (-5, 5), (5, 5))]
     near = [(offset(*objects[i], 0.5, 0.0), s) for i, s in ((0, 6.0), (1, 4.0), (2, 3.5))]
     far = [(offset(*CENTER, 0.0, 10.0), 5.0), (offset(*CENTER, 10.0, 0.0), 3.2)]
@@ -278,7 +278,8 @@ def test_cosmos_data_is_in_the_repository_as_documented():
     groups = cosmos.read_groups()
     assert len(groups) == 72
     # First row of the file: ID 3 at (150.80244, 1.98985), z = 0.25 (column 7).
-    assert (groups["id"][0], groups["ra"][0], groups["dec"][0], groups["z"][0]) == (3, 150.80244, 1.98985, 0.25)
+    first = (groups["id"][0], groups["ra"][0], groups["dec"][0], groups["z"][0])
+    assert first == (3, 150.80244, 1.98985, 0.25)
 
 
 def test_weight_rescaling_makes_the_weights_inverse_variances():
