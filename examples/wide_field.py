@@ -13,13 +13,24 @@ of at least PURITY_MIN_M200 lies that close.  The methods are compared at
 the same purity: each at the lowest S/N threshold whose purity reaches
 ``--purity`` (default 0.5; ``reached`` in the result says whether it was).
 
-    python examples/wide_field.py --size 60    # 1° × 1°, a check (~10 min on 2 cores)
-    python examples/wide_field.py              # 2° × 2° (81 tiles; ~40 min on 2 cores)
+    python examples/wide_field.py --size 60    # 1° × 1°, 16 tiles, a check
+    python examples/wide_field.py              # 2° × 2°, 81 tiles: 606 s on 2 shared cores
 
 Outputs in ``--out`` (default out/wide_field): wide_field.ecsv (completeness per mass
 bin and purity, each method, at each threshold) and wide_field.png; the last line
 printed is a JSON object: threshold, purity and completeness per mass bin per method
 at the common purity.
+
+Result of the default run (seed 0, shipped quick model, both runs, stride 36; KS93
+smoothed 1.25′): 476,098 sources, 203 target halos (0.05 < z < 1, ≥ 2′ from the edge).
+At purity 0.5 (chance level 0.08), completeness per M200 bin:
+
+    M200 [M☉]          5e13-1e14  1e14-2e14  2e14-5e14  5e14-1e15   (halos 128 / 62 / 12 / 1)
+    CNN  (S/N >= 6.0)     0.20       0.35       0.92       1.00      purity 0.53
+    KS93 (S/N >= 3.25)    0.25       0.45       0.92       1.00      purity 0.51
+
+The shipped quick model does not beat KS93 here: its S/N has a heavy positive tail
+(435 peaks at S/N >= 2.5 against KS93's 316), so at equal purity its threshold is high.
 """
 # ## Setup
 import argparse
@@ -131,6 +142,7 @@ def at_purity(table, purity, min_peaks=5):
 def figure(path, tables, rows):
     """Completeness against M200 at the common purity, and purity against threshold."""
     from matplotlib.figure import Figure  # optional dependency, imported only for the figure
+    from matplotlib.ticker import NullFormatter
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     mid = np.sqrt(np.array(MASS_EDGES[:-1]) * np.array(MASS_EDGES[1:]))
@@ -142,6 +154,7 @@ def figure(path, tables, rows):
         ax2.plot(tables[name]["threshold"], tables[name]["purity"], "o-", color=colour,
                  label=name.upper())
     ax1.set_xscale("log")
+    ax1.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of 2-5e14 overlap
     ax1.set_xlabel("M200c [M☉]")
     ax1.set_ylabel("completeness")
     ax1.set_ylim(0, 1.02)
