@@ -78,8 +78,15 @@ def noise_maps(map_fn, e1, e2, n_realisations, rng, progress=False):
     return np.asarray(maps)
 
 
-def ks93_map_fn(x, y, sigma, geometry, fwhm_arcmin=rc.KS93_MAP_FWHM_ARCMIN):
-    """``(e1, e2) -> KAPPA_KS93`` of the field for fixed sources (x, y arcsec from the centre)."""
+def ks93_map_fn(x, y, sigma, geometry, fwhm_arcmin=None):
+    """``(e1, e2) -> KAPPA_KS93`` of the field for fixed sources (x, y arcsec from the centre).
+
+    ``fwhm_arcmin`` None: the smoothing of the catalog's density, 1.25′ √(25/n)
+    (:func:`reconstruct_catalog.ks93_fwhm_for_density`).
+    """
+    if fwhm_arcmin is None:
+        fwhm_arcmin = rc.ks93_fwhm_for_density(rc.source_density(x, y, geometry))
+
     def map_fn(e1, e2):
         grid = rc.grid_field(x, y, e1, e2, sigma, geometry)
         return rc.ks93_field_map(grid, geometry, fwhm_arcmin)
