@@ -1,6 +1,6 @@
 """Regenerate the ΛCDM theory tables that the wlcnn cluster-field simulator reads.
 
-The simulator (``wlcnn`` §2.3.1) needs, for one flat ΛCDM cosmology and one
+The sky simulator (examples/simulate_skies.py) needs, for one flat ΛCDM cosmology and one
 source plane z_s, two small tables:
 
 ``theory_cl.ecsv``
@@ -43,7 +43,7 @@ Choices and their sources
   at R200c, Duffy et al. (2008, MNRAS 390, L64) c(M) for M200c (full sample),
   Tinker 2008 mass function.  Informational only: the simulator recomputes its
   own one-halo term from the mass-function table and the exact profile it
-  paints (sim.py, ``halo_cl_1h``), and uses this column as a cross-check.
+  paints (simulate_skies.py, ``halo_cl_1h``); the tests use this column as a cross-check.
 """
 import argparse
 import time

@@ -248,7 +248,7 @@ def main(argv=None):
     """Run the realism statistics; the last printed line is one JSON object."""
     p = argparse.ArgumentParser(description="realism of the simulated skies against theory")
     p.add_argument("--n-seeds", type=int, default=10, help="seeds seed, seed+1, ...")
-    p.add_argument("--n-fields", type=int, default=100, help="random fields per seed")
+    p.add_argument("--n-fields", type=int, default=50, help="random fields per seed")
     p.add_argument("--n-cluster-fields", type=int, default=4, help="cluster fields per seed")
     p.add_argument("--seed", type=int, default=2021, help="first seed")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))

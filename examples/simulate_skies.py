@@ -22,7 +22,7 @@ and the shear is the Kaiser-Squires transform of κ on the torus (wlcnn's
 The ΛCDM tables (C_ℓ and mass function) are in examples/theory/, made by
 make_theory_tables.py.
 
-Run (510 fields; about 12 min on one busy core, 1-2 s a field):
+Run (510 fields, about 0.6 s of CPU each: some 5 min on one free core):
 
     python examples/simulate_skies.py --out data/quick --n-train 400 --n-val 50 --n-test 60 --seed 1
 
@@ -53,11 +53,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass(frozen=True)
 class SimulatorConfig:
-    """Every choice of the simulator (frozen; change one with ``dataclasses.replace``).
+    """Every choice of the simulator (frozen); masses M200c [M☉], distances physical Mpc.
 
-    Masses are M200c in M☉, distances physical Mpc.  "Calibrated" marks the
-    numbers tuned so that the truth aperture masses and peak κ match the
-    paper's Figs. 2, 6 and 7 (sim_stats.py measures them).
+    "Calibrated": tuned so that truth M_cl and peak κ match the paper's Figs. 2, 6, 7.
     """
 
     # -- theory tables (make_theory_tables.py) --------------------------------
@@ -89,7 +87,7 @@ class SimulatorConfig:
     companion_mass_ratio: tuple = (0.1, 0.5)  # log-uniform M_comp / M_main (minor to major mergers)
     companion_separation_mpc: tuple = (0.3, 1.2)  # uniform projected distance from the main halo
     # -- field halos along the line of sight ----------------------------------
-    field_m200_min_msun: float = 3.0e13    # groups and up; lighter halos live in the log-normal field
+    field_m200_min_msun: float = 3.0e13    # groups and up; lighter halos are in the log-normal
     field_m200_max_msun: float = 3.0e15    # top of the mass-function table
     halo_dz: float = 0.01                  # redshift cells of the Poisson draw
     halo_dlog10m: float = 0.02             # mass cells of the Poisson draw
@@ -108,7 +106,7 @@ class SimulatorConfig:
     halo_smoothing_fwhm_arcsec: float = 24.6
     # -- pixel averaging ------------------------------------------------------
     oversample: int = 4                     # sub-samples per side near a halo centre
-    oversample_radius_pix: float = 6.0      # ... within this many pixels (error ∝ (pixel/r)²/6 beyond)
+    oversample_radius_pix: float = 6.0      # ... within this radius [pix]; error (pix/r)²/6 beyond
     core_oversample: int = 16               # sub-samples per side in the 3 × 3 pixels at the cusp
 
 
@@ -116,13 +114,10 @@ SIMULATOR = SimulatorConfig()
 
 
 def kappa0_hilbert2011(z_s):
-    """Shift κ0 of the log-normal convergence of sources at ``z_s`` (κ ≥ −κ0).
+    """Shift κ0 of the log-normal κ of sources at ``z_s`` (κ ≥ −κ0; 0.0539 at z_s = 1.5).
 
-    Notes
-    -----
-    Hilbert, Hartlap & Schneider (2011, A&A 536, A85) eq. 38, their fit to the
-    empty-beam convergence in the Millennium Simulation:
-    κ0 = 0.008 z + 0.029 z² − 0.0079 z³ + 0.00065 z⁴ (0.0539 at z_s = 1.5).
+    Hilbert, Hartlap & Schneider (2011, A&A 536, A85) eq. 38, the Millennium
+    Simulation's empty beam: κ0 = 0.008 z + 0.029 z² − 0.0079 z³ + 0.00065 z⁴.
     """
     z = float(z_s)
     return 0.008 * z + 0.029 * z**2 - 0.0079 * z**3 + 0.00065 * z**4
@@ -131,12 +126,8 @@ def kappa0_hilbert2011(z_s):
 # ## ΛCDM theory tables
 @dataclass(frozen=True)
 class TheoryTables:
-    """The tables of make_theory_tables.py as arrays.
-
-    ``ell``, ``cl_kappa``: C_ℓ of sources at z_s (Limber, halofit); ``z``,
-    ``log10_m`` [M☉], ``dn_dlnm`` (n_z, n_m): Tinker et al. (2008) mass
-    function [comoving Mpc⁻³ per ln M]; ``meta``: cosmology and command.
-    """
+    """The tables of make_theory_tables.py: C_ℓ(ℓ) of sources at z_s (Limber, halofit)
+    and the Tinker et al. (2008) dn/dlnM [comoving Mpc⁻³] on (z, log10 M [M☉]) nodes."""
 
     ell: np.ndarray
     cl_kappa: np.ndarray
@@ -163,14 +154,8 @@ def _read_theory(directory):
 
 
 def theory_tables(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR) -> TheoryTables:
-    """Read the ΛCDM tables from ``sim.theory_dir``.
-
-    Raises
-    ------
-    ValueError
-        If they were made for another H0, Ωm or z_s than ``config``'s; the
-        message gives the command that makes matching ones.
-    """
+    """Read the ΛCDM tables from ``sim.theory_dir``; ValueError (with the command that
+    makes matching ones) if they were made for another H0, Ωm or z_s than ``config``'s."""
     directory = sim.theory_dir or os.path.join(_HERE, "theory")
     t = _read_theory(os.path.abspath(directory))
     want = {"H0": config.H0, "Om0": config.Om0, "z_source": config.z_source}
@@ -188,11 +173,8 @@ def theory_tables(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR) -> T
 
 
 def theory_cl(ell, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
-    """ΛCDM convergence C_ℓ at any ℓ (0 for ℓ ≤ 0).
-
-    Log-log interpolation of the table; beyond it, the power law of its last
-    two nodes at either end.
-    """
+    """ΛCDM convergence C_ℓ at any ℓ: log-log interpolation of the table, power laws
+    beyond it (0 for ℓ ≤ 0)."""
     t = theory_tables(config, sim)
     ell = np.asarray(ell, dtype=np.float64)
     out = np.zeros_like(ell)
@@ -211,9 +193,7 @@ def theory_cl(ell, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
 def concentration_duffy08(m200_msun, z, sim: SimulatorConfig = SIMULATOR, h=PAPER.H0 / 100):
     """Median c200c of halos of mass M200c [M☉] at redshift z.
 
-    Notes
-    -----
-    Duffy et al. (2008) Table 1, full sample, NFW, Δ = 200c, 0 ≤ z ≤ 2:
+    Duffy et al. (2008) Table 1, full sample, Δ = 200c:
     c = 5.71 (M / 2e12 h⁻¹M☉)^-0.084 (1 + z)^-0.47.
     """
     m = np.asarray(m200_msun, dtype=np.float64)
@@ -233,10 +213,7 @@ def _nfw_m(x):
 
 
 def halo_scales(m200_msun, c200, z, cosmo):
-    """r200 and r_s [physical Mpc] and ρ_s [M☉/Mpc³] of NFW halos (broadcasting).
-
-    M(< r) = 4π ρ_s r_s³ m(r / r_s), with m of ``_nfw_m``.
-    """
+    """r200, r_s [physical Mpc] and ρ_s [M☉/Mpc³]: M(< r) = 4π ρ_s r_s³ m(r / r_s)."""
     m = np.asarray(m200_msun, dtype=np.float64)
     c = np.asarray(c200, dtype=np.float64)
     rho_c = cosmo.critical_density(np.asarray(z, dtype=np.float64)).to_value(u.Msun / u.Mpc**3)
@@ -247,11 +224,10 @@ def halo_scales(m200_msun, c200, z, cosmo):
 
 
 def _tnfw_g(x, t):
-    """Projected sphere-truncated NFW, Σ(x r_s) / (2 ρ_s r_s), truncated at t r_s.
+    """Σ(x r_s) / (2 ρ_s r_s) of an NFW truncated at t r_s (zero for x ≥ t).
 
-    Takada & Jain (2003, MNRAS 340, 580) eq. 27 with t in place of c; zero for
-    x ≥ t.  Both branches lose digits at x = 1, so within 1 ± 1e-3 the value
-    is interpolated linearly (the profile is smooth there; error ~1e-6).
+    Takada & Jain (2003, MNRAS 340, 580) eq. 27 with t for c.  Both branches
+    lose digits at x = 1: within 1 ± 1e-3, linear interpolation (error ~1e-6).
     """
     x = np.asarray(x, dtype=np.float64)
     t = np.broadcast_to(np.asarray(t, dtype=np.float64), x.shape)
@@ -287,13 +263,10 @@ def _tnfw_g(x, t):
 
 
 def tnfw_sigma(r_mpc, m200_msun, c200, z, cosmo=None, truncation_r200=SIMULATOR.truncation_r200):
-    """Σ(R) [M☉/Mpc²] of an NFW halo truncated in 3-D at τ r200 (zero beyond).
+    """Σ(R) [M☉/Mpc²] of an NFW halo truncated in 3-D at τ r200 (+inf at R = 0).
 
-    Notes
-    -----
-    Takada & Jain (2003) eq. 27.  R = 0 gives +inf (the cusp).  The projected
-    mass is M200 m(τc)/m(c), = M200 for τ = 1; as τ → ∞ it tends to the
-    untruncated profile of Wright & Brainerd (2000), ``wlcnn.nfw_sigma``.
+    Takada & Jain (2003) eq. 27; projected mass M200 m(τc)/m(c).  τ → ∞ gives
+    Wright & Brainerd (2000), ``wlcnn.nfw_sigma``.
     """
     cosmo = wlcnn.cosmology() if cosmo is None else cosmo
     _, rs, rho_s = halo_scales(m200_msun, c200, z, cosmo)
@@ -303,13 +276,9 @@ def tnfw_sigma(r_mpc, m200_msun, c200, z, cosmo=None, truncation_r200=SIMULATOR.
 
 
 def tnfw_fourier(k_mpc, rs_mpc, rho_s, t):
-    """Fourier transform ρ̃(k) [M☉] of the NFW density truncated at t r_s.
+    """ρ̃(k) [M☉] of the NFW density truncated at t r_s, also the 2-D transform of Σ.
 
-    It is also the 2-D transform of Σ; → 4π ρ_s r_s³ m(t) as k → 0.
-
-    Notes
-    -----
-    Cooray & Sheth (2002, Phys. Rep. 372, 1) eq. 81, with c → t.
+    Cooray & Sheth (2002, Phys. Rep. 372, 1) eq. 81 with c → t.
     """
     kr = np.maximum(np.asarray(k_mpc, dtype=np.float64) * rs_mpc, 1e-8)
     si1, ci1 = scipy.special.sici((1.0 + t) * kr)
@@ -337,23 +306,14 @@ def paint_tnfw(kappa, x0_pix, y0_pix, m200_msun, c200, z, z_s, cosmo, pixel_arcs
     Parameters
     ----------
     kappa : ndarray, shape (ny, nx)
-        Map [y, x], modified in place.  Pixel (i, j) spans [j, j+1) × [i, i+1).
+        Map [y, x], modified in place; pixel (i, j) spans [j, j+1) × [i, i+1).
     x0_pix, y0_pix : float
         Halo centre in pixels from the lower-left corner.
-    axis_ratio : float
-        q = b/a in (0, 1]; the radius r² = q x'² + y'²/q keeps the area, so
-        the mass, of every contour.
-    angle_deg : float
-        Major axis, counter-clockwise from +x.
+    axis_ratio, angle_deg : float
+        q = b/a in (0, 1] and the major axis from +x; r² = q x'² + y'²/q keeps
+        every contour's area, so the mass.
     wrap : bool
         True: the map is a torus; False: what falls outside is dropped.
-
-    Notes
-    -----
-    Pixels within ``oversample_radius_pix`` of the centre are averaged over
-    ``oversample``² sub-pixels, the 3 × 3 around the cusp over
-    ``core_oversample``²; elsewhere the centre sample is within (pixel / r)² / 6
-    of the pixel mean.
     """
     if not 0.0 < axis_ratio <= 1.0:
         raise ValueError(f"axis_ratio must be in (0, 1], got {axis_ratio}")
@@ -423,12 +383,8 @@ def tnfw_kappa_map(m200_msun, c200, x0_arcsec, y0_arcsec, npix, pixel_arcsec,
 # ## The halo population: mass function and one-halo power
 @dataclass(frozen=True)
 class HaloGrid:
-    """(z, ln M200c) cells of the field-halo draw.
-
-    ``counts_per_sr`` (n_z, n_m): expected halos per sr in a cell,
-    n(M, z) dV/dz/dΩ Δz Δln M (midpoint rule); ``sigma_crit`` [M☉/Mpc²] and
-    ``d_a_mpc`` at the cells' mid redshifts.
-    """
+    """(z, ln M200c) cells of the field-halo draw: ``counts_per_sr`` = n dV/dz/dΩ Δz Δln M;
+    ``sigma_crit`` [M☉/Mpc²] and ``d_a_mpc`` at the cells' mid redshifts."""
 
     z_edges: np.ndarray
     lnm_edges: np.ndarray
@@ -480,18 +436,10 @@ def halo_grid(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR,
 
 
 def draw_field_halos(area_sr, rng, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
-    """Poisson draw of line-of-sight halos over ``area_sr`` steradians.
+    """Poisson draw of line-of-sight halos over ``area_sr`` sr: arrays ``m200_msun``, ``z``,
+    ``c200`` (positions are the caller's).
 
-    Returns
-    -------
-    dict of ndarray, each shape (n,)
-        ``m200_msun``, ``z``, ``c200``; the caller draws positions.
-
-    Notes
-    -----
-    Unclustered (Poisson in each cell, z and ln M uniform within it): the
-    halos' clustering, the two-halo term, is in the log-normal field, whose
-    power is the total C_ℓ minus these halos' one-halo power.
+    Unclustered: their two-halo term is in the log-normal field.
     """
     wlcnn._check_rng(rng)
     g = halo_grid(config, sim)
@@ -508,10 +456,7 @@ def draw_field_halos(area_sr, rng, config: Config = PAPER, sim: SimulatorConfig 
 
 
 def draw_main_mass(rng, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR, size=None):
-    """M200c [M☉] of main clusters, dn/dlnM(z_l) within [main_m200_min, main_m200_max].
-
-    Inverse CDF on a 0.005-dex grid.
-    """
+    """M200c [M☉] of main clusters: dn/dlnM(z_l) within the main mass range (inverse CDF)."""
     wlcnn._check_rng(rng)
     t = theory_tables(config, sim)
     lm = np.arange(np.log10(sim.main_m200_min_msun), np.log10(sim.main_m200_max_msun) + 1e-9,
@@ -550,13 +495,10 @@ def _halo_power(config: Config, sim: SimulatorConfig, n_ell=160):
 
 
 def halo_cl_1h(ell, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
-    """One-halo C_ℓ of the field halos as painted (Poisson, smoothed).
+    """One-halo C_ℓ of the field halos as painted (Poisson, smoothed by σ).
 
-    Notes
-    -----
-    C_ℓ^{1h} = ∫ dz dV/dz/dΩ ∫ dln M n(M, z) ⟨|κ̃_ℓ|²⟩_c exp(−ℓ²σ²), with
-    κ̃_ℓ = ρ̃(ℓ / D_A) / (Σ_c D_A²) (Cooray & Sheth 2002 eq. 81 for ρ̃; Limber),
-    averaged over the concentration scatter; σ is the halo smoothing's.
+    C_ℓ^{1h} = ∫ dz dV/dz/dΩ ∫ dln M n ⟨|κ̃_ℓ|²⟩_c exp(−ℓ²σ²),
+    κ̃_ℓ = ρ̃(ℓ / D_A) / (Σ_c D_A²) (Limber), ⟨⟩_c over the concentration scatter.
     """
     e, c, _ = _halo_power(config, sim)
     ell = np.asarray(ell, dtype=np.float64)
@@ -574,11 +516,8 @@ def halo_mean_kappa(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
 class LognormalPlan:
     """Spectra of the log-normal field on a torus of ``n`` pixels a side.
 
-    ``sqrt_cg`` (n, n // 2 + 1): √C_g / pixel, multiplies the rfft2 of unit
-    white noise; ``var_g_small``, ``var_g_large``: variances of the torus's
-    and of the large modes' parts of g; ``large_m``: wavenumbers of the large
-    modes in units of 2π / (``large_factor`` × torus side); ``large_sd``:
-    standard deviation of each large mode's cosine and sine amplitudes.
+    ``sqrt_cg``: √C_g / pixel on the rfft2 modes; ``large_m``: large modes in
+    units of 2π / (``large_factor`` n); ``large_sd``: their amplitudes' σ.
     """
 
     n: int
@@ -595,14 +534,10 @@ class LognormalPlan:
 def lss_cl(ell, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
     """Target power of the log-normal field, [C_ℓ − C_ℓ^{1h}] exp(−(ℓ/ℓ_max)⁴) ≥ 0.
 
-    Notes
-    -----
-    Beyond ℓ ~ 2e4 the power belongs to galaxy- and group-scale halos below
-    the field-halo mass cut.  A log-normal carrying it would put isolated
-    pixels at κ ~ 1 (its pixel-scale σ/κ0 approaches 1), which halos of that
-    mass (central κ ≲ 0.15) do not make; MassiveNuS maps (0.41′ pixels,
-    ℓ_pix ≈ 2.6e4) do not resolve these scales either.  The taper costs
-    2.5 % at ℓ = 1e4.
+    Beyond ℓ ~ 2e4 the power is that of halos below the mass cut; a log-normal
+    carrying it would put isolated pixels at κ ~ 1, which such halos (central
+    κ ≲ 0.15) do not make, and MassiveNuS (0.41′ pixels) does not resolve it.
+    The taper costs 2.5 % at ℓ = 1e4.
     """
     ell = np.asarray(ell, dtype=np.float64)
     taper = np.exp(-((ell / sim.lss_ell_max) ** 4))
@@ -619,23 +554,18 @@ def lognormal_plan(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR, n=N
     n : int, optional
         Default ``sim.pad_factor * config.npix``.
     cl_func : callable, optional
-        C_ℓ of the target κ (array → array); default ``lss_cl``.
+        C_ℓ of the target κ; default ``lss_cl``.
     kappa0 : float, optional
-        Shift; default ``sim.kappa0`` (or Hilbert et al. 2011 eq. 38) minus
-        ⟨κ_h⟩: the field halos' mean, subtracted as a sheet, lowers the total
-        minimum by ⟨κ_h⟩, and the shift κ0 − ⟨κ_h⟩ keeps it at the empty beam's.
+        Default ``sim.kappa0`` (or Hilbert et al. 2011 eq. 38) minus ⟨κ_h⟩, so
+        that the total, after the halos' mean sheet, stays ≥ the empty beam's −κ0.
 
     Notes
     -----
-    κ = κ0 [exp(g − σ_g²/2) − 1] has ⟨κ⟩ = 0 and ξ_κ = κ0² [exp(ξ_g) − 1], so
-    ξ_g = ln(1 + ξ_κ/κ0²) (Hilbert et al. 2011 §5), with ξ_κ the inverse FFT of
-    the target C_ℓ on the torus's own modes: the discrete field has the target
-    correlation wherever C_g ≥ 0.  The torus's k = 0 cell holds power the torus
-    cannot carry (18 % of the variance of κ smoothed at 1′ for a 64′ torus);
-    those modes come from a torus ``large_scale_factor`` times larger as a
-    smooth Gaussian g_L added to g, and the small-scale part is Gaussianised
-    with the shift κ0² + σ_L², which keeps the one-point variance and ξ_g at
-    separations much smaller or larger than the torus exact.
+    κ = κ0 [exp(g − σ_g²/2) − 1] has ⟨κ⟩ = 0 and ξ_g = ln(1 + ξ_κ/κ0²)
+    (Hilbert et al. 2011 §5), ξ_κ from the target C_ℓ on the torus's own modes.
+    The torus's k = 0 cell (18 % of the variance of κ at 1′ for a 64′ torus)
+    comes from a ``large_scale_factor`` times larger torus as a smooth g_L; the
+    torus's part is Gaussianised with κ0² + σ_L², which keeps the variance exact.
     """
     n = sim.pad_factor * config.npix if n is None else int(n)
     cl_func = (lambda ell: lss_cl(ell, config, sim)) if cl_func is None else cl_func
@@ -682,16 +612,9 @@ def _fourier_sum(coef, kx, ky, x, y):
 
 
 def lognormal_gaussians(rng, plan: LognormalPlan):
-    """The Gaussian fields of one log-normal realisation.
-
-    Returns
-    -------
-    g_small : ndarray, shape (n, n)
-        The torus's own modes.
-    coef : ndarray of complex, shape (len(large_m), len(large_m))
-        The large modes, g_L(x, y) = Re Σ coef[a, b] exp(i k (m_a y + m_b x)),
-        k = 2π / (large_factor n) per pixel, on half of the lattice.
-    """
+    """The Gaussian fields of one log-normal realisation: g on the torus's modes, (n, n),
+    and the large modes' coefficients, g_L = Re Σ coef[a, b] exp(i k (m_a y + m_b x)),
+    k = 2π / (large_factor n) per pixel, on half of the lattice."""
     wlcnn._check_rng(rng)
     n = plan.n
     white = rng.standard_normal((n, n))
@@ -718,9 +641,8 @@ def lognormal_lss(rng, plan: LognormalPlan, sim: SimulatorConfig = SIMULATOR, sh
 
     Notes
     -----
-    κ = κ_s + κ_L + κ_s κ_L / κ0, κ_s the log-normal of g alone, so
-    κ − κ_L = κ_s (1 + κ_L/κ0) is periodic on the torus up to the slow
-    modulation 1 + κ_L/κ0 (≈ 1 ± 0.15) and its shear is a periodic FFT.
+    κ − κ_L = κ_s (1 + κ_L/κ0), κ_s the log-normal of g alone, is periodic on
+    the torus up to the slow 1 + κ_L/κ0 (≈ 1 ± 0.15): its shear is a periodic FFT.
     """
     n = plan.n
     g_small, coef = lognormal_gaussians(rng, plan)
@@ -816,13 +738,10 @@ def simulate_cluster_field(config: Config, rng, sim: SimulatorConfig = SIMULATOR
     Notes
     -----
     κ = κ_cluster + Σ κ_field halo − ⟨κ_h⟩ + κ_LSS on a torus of ``pad_factor``
-    × the field side; the field is its centre.  γ is a periodic FFT on the
-    torus, exact for the periodic part (the halos are painted with
-    wrap-around, the LSS lives on the torus's modes), plus the shear of the
-    non-periodic large modes from their own larger torus.  Zero padding would
-    instead cut the LSS off at the torus edge.  The cluster's periodic images
-    lie a torus side away; by symmetry their shear cancels at the centre to
-    leading order.
+    × the field side, the field at its centre.  γ is a periodic FFT on the
+    torus (halos wrap around, the LSS lives on its modes; zero padding would
+    cut the LSS off) plus the large modes' shear.  The cluster's periodic
+    images' shear cancels at the centre to leading order.
     """
     wlcnn._check_rng(rng)
     cosmo = wlcnn.cosmology(config)

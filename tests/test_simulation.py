@@ -50,7 +50,11 @@ def test_truncated_profile_is_the_projected_density():
     m, c, z = 3e14, 4.0, 0.5
     r200, rs, rho_s = (float(v) for v in simulate_skies.halo_scales(m, c, z, COSMO))
     for r in (0.01, 0.2, rs * 0.9995, rs, rs * 1.0004, 0.7, 0.98 * r200):
-        los = integrate.quad(lambda s: rho_s / ((np.hypot(r, s) / rs) * (1 + np.hypot(r, s) / rs) ** 2),
+        def rho(s):
+            x = np.hypot(r, s) / rs
+            return rho_s / (x * (1 + x) ** 2)
+
+        los = integrate.quad(rho,
                              0, np.sqrt(r200**2 - r**2), limit=200)[0] * 2
         assert simulate_skies.tnfw_sigma(r, m, c, z, COSMO) == pytest.approx(los, rel=1e-5)
     assert simulate_skies.tnfw_sigma(1.01 * r200, m, c, z, COSMO) == 0.0
@@ -70,7 +74,8 @@ def test_pixel_map_conserves_mass():
     sc = wl.sigma_crit(z, wl.PAPER.z_source, COSMO).to_value(u.Msun / u.Mpc**2)
     mpc_per_pix = COSMO.angular_diameter_distance(z).to_value(u.Mpc) * np.radians(pix / 3600)
     x0, y0 = 200.3 * pix, 199.8 * pix  # centre off the pixel grid's symmetry points
-    kmap = simulate_skies.tnfw_kappa_map(m, c, x0, y0, 400, pix, z, sim=RAW, axis_ratio=0.6, angle_deg=30)
+    kmap = simulate_skies.tnfw_kappa_map(m, c, x0, y0, 400, pix, z, sim=RAW, axis_ratio=0.6,
+                                         angle_deg=30)
     # Total: a sphere truncated at r200 projects exactly M200.  0.3 %: the
     # un-oversampled pixels at the sharp truncation edge (Σ ∝ √(r_t − R)).
     assert kmap.sum() * sc * mpc_per_pix**2 == pytest.approx(m, rel=3e-3)
@@ -80,8 +85,9 @@ def test_pixel_map_conserves_mass():
     for rad in (10.0, 40.0):
         inside = circ[rpix < rad].sum() * sc * mpc_per_pix**2
         r_mpc = rad * mpc_per_pix
-        exact = integrate.quad(lambda r: 2 * np.pi * r * simulate_skies.tnfw_sigma(r, m, c, z, COSMO),
-                               0, r_mpc, limit=200, points=[r_mpc / 10])[0]
+        exact = integrate.quad(
+            lambda r: 2 * np.pi * r * simulate_skies.tnfw_sigma(r, m, c, z, COSMO),
+            0, r_mpc, limit=200, points=[r_mpc / 10])[0]
         # Pixels straddling the circle: ± (2πR pixel Σ(R)) / √N_edge ~ 0.5 %
         # at R = 10 pixels, less at 40.
         assert inside == pytest.approx(exact, rel=1e-2)
@@ -116,7 +122,8 @@ def test_isolated_halo_shear_on_the_torus_is_analytic():
     n, pix = 1000, wl.PAPER.pixel_arcsec
     m, c, z = 8e14, 4.0, 0.5
     kappa = np.zeros((n, n))
-    simulate_skies.paint_tnfw(kappa, n / 2 + 0.3, n / 2 - 0.2, m, c, z, wl.PAPER.z_source, COSMO, pix, sim=RAW)
+    simulate_skies.paint_tnfw(kappa, n / 2 + 0.3, n / 2 - 0.2, m, c, z, wl.PAPER.z_source, COSMO,
+                              pix, sim=RAW)
     g1, g2 = wl.shear_from_kappa(kappa, pad=False)
     jj, ii = np.meshgrid(np.arange(n) + 0.5 - (n / 2 + 0.3), np.arange(n) + 0.5 - (n / 2 - 0.2))
     r_arcmin = np.hypot(jj, ii) * pix / 60
@@ -127,8 +134,9 @@ def test_isolated_halo_shear_on_the_torus_is_analytic():
     for r in (0.5, 1.0, 2.0, 5.0, 10.0):
         ring = np.abs(r_arcmin - r) < 0.05
         rm = r * mpc_per_arcmin
-        m2d = integrate.quad(lambda s: 2 * np.pi * s * simulate_skies.tnfw_sigma(s, m, c, z, COSMO), 0, rm,
-                             limit=200, points=[rm / 10])[0]
+        m2d = integrate.quad(
+            lambda s: 2 * np.pi * s * simulate_skies.tnfw_sigma(s, m, c, z, COSMO), 0, rm,
+            limit=200, points=[rm / 10])[0]
         expect = (m2d / (np.pi * rm**2) - simulate_skies.tnfw_sigma(rm, m, c, z, COSMO)) / sc
         assert gt[ring].mean() == pytest.approx(expect, rel=0.02)
 
@@ -180,8 +188,8 @@ def test_halo_draw_reproduces_the_table_counts():
     obs = np.histogram2d(halos["z"], np.log10(halos["m200_msun"]), [z_edges, lm_edges])[0]
     zf = np.linspace(0.02, 1.5, 600)
     lmf = np.linspace(lm_edges[0], lm_edges[-1], 600)
-    dens = simulate_skies._mass_function_at(t, zf[:, None], lmf[None, :]) * COSMO.differential_comoving_volume(
-        zf).to_value(u.Mpc**3 / u.sr)[:, None] * area
+    dvdz = COSMO.differential_comoving_volume(zf).to_value(u.Mpc**3 / u.sr)
+    dens = simulate_skies._mass_function_at(t, zf[:, None], lmf[None, :]) * dvdz[:, None] * area
     exp = np.zeros_like(obs)
     for a in range(4):
         for b in range(4):
@@ -198,9 +206,10 @@ def test_halo_draw_reproduces_the_table_counts():
 def test_main_mass_and_concentration_draws():
     rng = np.random.default_rng(3)
     m = simulate_skies.draw_main_mass(rng, size=4000)
-    assert m.min() >= simulate_skies.SIMULATOR.main_m200_min_msun and m.max() <= simulate_skies.SIMULATOR.main_m200_max_msun
+    sim = simulate_skies.SIMULATOR
+    assert m.min() >= sim.main_m200_min_msun and m.max() <= sim.main_m200_max_msun
     # The mass function falls steeply: most clusters sit near the low end.
-    assert np.median(m) < 2 * simulate_skies.SIMULATOR.main_m200_min_msun
+    assert np.median(m) < 2 * sim.main_m200_min_msun
     c = simulate_skies.draw_concentration(np.full(4000, 1e14), 0.5, rng)
     # ln c scatter 0.33 about Duffy08 (c = 3.50 at 1e14, z = 0.5); 4000
     # draws: the std of ln c is known to ±0.01 (3σ ≈ 0.011 rel).
@@ -280,14 +289,16 @@ def test_lss_shear_equals_exact_shear_on_the_large_torus():
     # On a small torus (256 px a side) the large-scale modes are periodic on
     # the 8× larger torus, where a plain FFT of the tiled field is exact.
     cfg = dataclasses.replace(wl.PAPER, npix=128, field_arcmin=128 * wl.PAPER.pixel_arcsec / 60)
-    plan = simulate_skies.lognormal_plan(cfg, simulate_skies.SIMULATOR, cl_func=lambda ell: simulate_skies.lss_cl(ell), kappa0=0.0464)
+    plan = simulate_skies.lognormal_plan(cfg, simulate_skies.SIMULATOR,
+                                         cl_func=simulate_skies.lss_cl, kappa0=0.0464)
     n, f = plan.n, plan.large_factor
     kappa, k_large, g1_large, _ = simulate_skies.lognormal_lss(np.random.default_rng(1), plan)
     g_small, coef = simulate_skies.lognormal_gaussians(np.random.default_rng(1), plan)
     g1 = wl.shear_from_kappa(kappa - k_large, pad=False)[0] + g1_large
     x = np.arange(f * n) + 0.5
     k = 2 * np.pi / (f * n) * plan.large_m
-    big = plan.kappa0 * np.expm1(np.tile(g_small, (f, f)) + simulate_skies._fourier_sum(coef, k, k, x, x)
+    g_large = simulate_skies._fourier_sum(coef, k, k, x, x)
+    big = plan.kappa0 * np.expm1(np.tile(g_small, (f, f)) + g_large
                                  - 0.5 * (plan.var_g_small + plan.var_g_large))
     np.testing.assert_allclose(big[:n, :n], kappa, atol=1e-12)
     exact = wl.shear_from_kappa(big, pad=False)[0][:n, :n]
@@ -363,7 +374,8 @@ def test_simulate_cluster_field_reproducible_and_finite():
         sim.main_offset_max_arcmin * 60)
     # The cluster is where the metadata says: over 200 fields the mosaic peak
     # κ of a cluster is ≥ 0.28 (5th percentile), the field's rms ~ 0.04.
-    j, i = int(main["x_arcsec"] / wl.PAPER.pixel_arcsec), int(main["y_arcsec"] / wl.PAPER.pixel_arcsec)
+    j = int(main["x_arcsec"] / wl.PAPER.pixel_arcsec)
+    i = int(main["y_arcsec"] / wl.PAPER.pixel_arcsec)
     assert a["kappa"][i - 2:i + 3, j - 2:j + 3].mean() > 0.15
     c = simulate_skies.simulate_cluster_field(wl.PAPER, np.random.default_rng(43), cluster=False)
     assert c["main"] is None and c["companions"] == [] and np.all(np.isfinite(c["kappa"]))
