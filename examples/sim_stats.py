@@ -208,6 +208,7 @@ def one_point(results, smooth_arcmin=1.0, config=wlcnn.PAPER):
 def plot(path, dev, theory, config=wlcnn.PAPER):
     """Figure: binned C_ℓ (mean ± scatter over seeds) and the deviation per bin."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ell_mid = np.sqrt(EDGES[1:] * EDGES[:-1])
@@ -237,6 +238,9 @@ def plot(path, dev, theory, config=wlcnn.PAPER):
     ax[1].axhspan(-10, 10, color="g", alpha=0.1, label="±10 %")
     ax[1].axhline(0, color="k", lw=0.8)
     ax[1].set(xlabel="ℓ", ylabel="C_ℓ(sim) / C_ℓ(theory) − 1 [%]")
+    ax[1].xaxis.set_major_locator(matplotlib.ticker.FixedLocator([500, 1000, 2000, 5000, 10000]))
+    ax[1].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax[1].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
