@@ -24,8 +24,8 @@ seed of 100 fields can lie 10-20 % off theory in a bin while the mean over
 seeds does not.
 
 Run (default: 10 seeds × 50 random fields + 4 cluster fields each, 2 processes;
-3 min of CPU in all, 15 min of wall time on 2 cores shared with other jobs;
-writes docs/sim_stats.png):
+about 3 min on 2 cores, 15 min when other jobs share them; writes
+docs/sim_stats.png):
 
     python examples/sim_stats.py
 
