@@ -10,7 +10,7 @@ line-of-sight structure, shear on the torus), and the samples per second of
 catalogs, grids them and cuts augmented subfields.  The last line is one JSON
 object of the figures.
 
-Run (about 25 s of CPU time; the wall time grows with the machine's load):
+Run (about 30 s on 2 cores; longer when other jobs share them):
 
     python examples/bench_data.py
 """
