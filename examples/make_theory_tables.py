@@ -1,14 +1,9 @@
-"""Regenerate the ΛCDM theory tables that the wlcnn cluster-field simulator reads.
+"""Regenerate the ΛCDM tables that the sky simulator (examples/simulate_skies.py) reads.
 
-The simulator (``wlcnn`` §2.3.1) needs, for one flat ΛCDM cosmology and one
-source plane z_s, two small tables:
-
-``theory_cl.ecsv``
-    The convergence angular power spectrum C_ℓ of sources at a single redshift
-    z_s, Limber approximation, nonlinear matter power spectrum.
-``theory_hmf.ecsv``
-    The halo mass function dn/dlnM (Tinker et al. 2008, M200c) on a grid of
-    mass × redshift, 0 < z < z_s, comoving Mpc⁻³.
+For one flat ΛCDM cosmology and one source plane z_s: ``theory_cl.ecsv``, the
+convergence C_ℓ of sources at z_s (Limber, nonlinear P(k)), and
+``theory_hmf.ecsv``, the Tinker et al. (2008) dn/dlnM for M200c [comoving
+Mpc⁻³] on a mass × redshift grid, 0 < z < z_s.
 
 Only this script needs pyccl (the LSST DESC Core Cosmology Library) and CAMB;
 the simulator itself reads the ECSV files with astropy.  Install them in a
@@ -43,7 +38,7 @@ Choices and their sources
   at R200c, Duffy et al. (2008, MNRAS 390, L64) c(M) for M200c (full sample),
   Tinker 2008 mass function.  Informational only: the simulator recomputes its
   own one-halo term from the mass-function table and the exact profile it
-  paints (sim.py, ``halo_cl_1h``), and uses this column as a cross-check.
+  paints (simulate_skies.py, ``halo_cl_1h``); the tests use this column as a cross-check.
 """
 import argparse
 import time
@@ -73,23 +68,7 @@ def build_cosmology(args):
 
 
 def limber_cl(cosmo, ell, z_source, n_chi=2000):
-    """Convergence C_ℓ of a single source plane by the Limber integral.
-
-    Parameters
-    ----------
-    cosmo : pyccl.Cosmology
-    ell : ndarray, shape (n,)
-        Multipoles.
-    z_source : float
-        Source redshift.
-    n_chi : int
-        Number of comoving-distance nodes (Simpson's rule).
-
-    Returns
-    -------
-    ndarray, shape (n,)
-        C_ℓ (dimensionless, per steradian).
-    """
+    """Convergence C_ℓ [sr] of one source plane by the Limber integral (Simpson, n_chi nodes)."""
     from scipy.integrate import simpson
     a_s = 1.0 / (1.0 + z_source)
     chi_s = ccl.comoving_radial_distance(cosmo, a_s)

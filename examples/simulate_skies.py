@@ -1,80 +1,74 @@
-"""simulate_skies: TODO docstring."""
-from __future__ import annotations
+"""
+Title: Simulated training skies (cluster fields) for wlcnn
+Description: Truth κ and γ of 32′ × 32′ cluster fields drawn from ΛCDM, written
+as a wlcnn training dataset (paper §2.3.1).
 
+The paper trains its network on cluster fields cut from the MassiveNuS
+ray-traced convergence maps.  This script stands in for those maps with a
+halo-model sky whose power spectrum and one-point PDF follow ΛCDM theory
+(sim_stats.py: over 500 random fields the mean C_ℓ is within 2.1 % of theory
+in every bin of ℓ = 500-10,000).  Each field, on a torus twice the field side, is
+
+* a main cluster near the centre: a truncated, elliptical NFW halo with M200c
+  drawn from the Tinker et al. (2008) mass function at z_l = 0.5, Duffy et al.
+  (2008) concentrations with log-normal scatter, and in 30 % of the fields
+  2-3 merging companions;
+* field halos along the line of sight (3e13-3e15 M☉, 0 < z < z_s), a Poisson
+  draw from the same mass function;
+* a log-normal large-scale field carrying the rest of the halofit C_ℓ
+  (the two-halo term and the halos below the mass cut);
+
+and the shear is the Kaiser-Squires transform of κ on the torus (wlcnn's
+``shear_from_kappa``), the modes larger than the torus added on a larger one.
+The ΛCDM tables (C_ℓ and mass function) are in examples/theory/, made by
+make_theory_tables.py.
+
+Run (510 fields, about 0.6 s of CPU each: some 5 min on one free core):
+
+    python examples/simulate_skies.py --out data/quick --n-train 400 --n-val 50 --n-test 60 --seed 1
+
+The paper's split is the default (5,000 / 1,800 / 200); ``--workers`` runs
+shards in parallel, ``--shard i/N`` one job of a batch array, and a rerun
+resumes an interrupted dataset.
+"""
+# ## Setup
 import argparse
-import concurrent.futures
-import csv
-import dataclasses
 import functools
-import gzip
-import hashlib
-import itertools
-import json
-import multiprocessing
 import os
-import platform
-import shutil
 import sys
-import tempfile
-import time
-import warnings
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple
 
-import astropy
 import numpy as np
 import scipy.fft
-import scipy.ndimage
-import scipy.signal
 import scipy.special
 from astropy import constants as const
 from astropy import units as u
-from astropy.cosmology import FlatLambdaCDM
-from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS
-
-import keras
-import tensorflow as tf
-
+from scipy.interpolate import RegularGridInterpolator
 
 import wlcnn
-from wlcnn import (
-    Config, FWHM_PER_SIGMA, PAPER, _check_rng, cosmology, shear_from_kappa,
-    sigma_crit, write_dataset,
-)
-
-
+from wlcnn import PAPER, Config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ---------------------------------------------------------------------------
-# §2.3.1 Simulated cluster fields: choices
-# ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SimulatorConfig:
-    """Every choice of the cluster-field simulator (frozen; use
-    ``dataclasses.replace`` to change one).
+    """Every choice of the simulator (frozen); masses M200c [M☉], distances physical Mpc.
 
-    Masses are M200c (200 × the critical density at the halo's redshift) in
-    M☉; distances in physical Mpc unless the name says otherwise.  Each default
-    names its source; "calibrated" marks the numbers tuned so that the truth
-    aperture masses match the paper's Figs. 6-7 (see ``examples/sim_stats.py``).
+    "Calibrated": tuned so that truth M_cl and peak κ match the paper's Figs. 2, 6, 7.
     """
 
     # -- theory tables (make_theory_tables.py) --------------------------------
-    theory_dir: str | None = None          # None: the tables shipped with wlcnn
-    # -- main cluster (issue 3; paper §2.3.1, Figs. 2, 6, 7) ------------------
+    theory_dir: str | None = None          # None: examples/theory/
+    # -- main cluster (§2.3.1, Figs. 2, 6, 7) ---------------------------------
     main_m200_min_msun: float = 3.0e14     # calibrated: M_cl 14-59 (5-95 %), median 26 (Figs. 6-7)
     main_m200_max_msun: float = 2.0e15     # the most massive clusters at z ≈ 0.5
     main_offset_max_arcmin: float = 2.0    # "approximately centered" (§2.3.1); uniform in a disc
     # Projected ellipticity ε = 1 − b/a ~ N(0.46, 0.20) clipped to
-    # [0, ellipticity_max]: mean ⟨1 − b/a⟩ = 0.46 ± 0.04 from 2-D weak-lensing
-    # fits of 18 clusters (Oguri et al. 2010, MNRAS 405, 2215); the spread is
-    # our choice, about that of their individual clusters.
+    # [0, ellipticity_max]: ⟨1 − b/a⟩ = 0.46 ± 0.04 from 2-D weak-lensing fits
+    # of 18 clusters (Oguri et al. 2010, MNRAS 405, 2215); the spread is our
+    # choice, about that of their individual clusters.
     ellipticity_mean: float = 0.46
     ellipticity_std: float = 0.20
     ellipticity_max: float = 0.7           # keeps q = b/a ≥ 0.3 (our choice)
@@ -87,25 +81,25 @@ class SimulatorConfig:
     concentration_scatter_ln: float = 0.33  # σ_c/c ≈ 1/3, Bhattacharya et al. 2013 §4.3
     truncation_r200: float = 1.0            # sharp truncation at r200 (halo-model convention,
     #                                         Takada & Jain 2003); mass = M200 exactly
-    # -- merging companions / substructure (issue 3) --------------------------
+    # -- merging companions / substructure ------------------------------------
     merger_fraction: float = 0.3            # ~40 % of X-ray clusters show substructure
     #                                         (Jones & Forman 1999); we take the lower side
-    n_companions: tuple = (2, 3)            # clumps per merging system, uniform (issue 3)
+    n_companions: tuple = (2, 3)            # clumps per merging system, uniform (our choice)
     companion_mass_ratio: tuple = (0.1, 0.5)  # log-uniform M_comp / M_main (minor to major mergers)
     companion_separation_mpc: tuple = (0.3, 1.2)  # uniform projected distance from the main halo
-    # -- field halos along the line of sight (issue 7) ------------------------
-    field_m200_min_msun: float = 3.0e13    # groups and up; lighter halos live in the log-normal field
+    # -- field halos along the line of sight ----------------------------------
+    field_m200_min_msun: float = 3.0e13    # groups and up; lighter halos are in the log-normal
     field_m200_max_msun: float = 3.0e15    # top of the mass-function table
     halo_dz: float = 0.01                  # redshift cells of the Poisson draw
     halo_dlog10m: float = 0.02             # mass cells of the Poisson draw
-    # -- log-normal LSS (issue 7) ---------------------------------------------
+    # -- log-normal large-scale structure -------------------------------------
     kappa0: float | None = None             # None: Hilbert, Hartlap & Schneider 2011 eq. 38 at z_s
-    pad_factor: int = 2                     # torus side / field side (DESIGN "Lensing": ≥ 2)
+    pad_factor: int = 2                     # torus side / field side (≥ 2: the field's shear
+    #                                         sees the mass up to half a field beyond its edge)
     large_scale_factor: int = 8             # modes below the torus's fundamental come from an
-    #                                         8× larger torus (512' for the paper's field)
+    #                                         8× larger torus (512′ for the paper's field)
     large_scale_grid: int = 32              # coarse grid per side for the shear of those modes
     lss_ell_max: float = 2.5e4              # taper exp(−(ℓ/ℓ_max)⁴) of the log-normal's power
-    #                                         (see ``lss_cl``)
     # -- resolution of the truth maps -----------------------------------------
     # Gaussian FWHM applied to every painted halo: the pixel of the paper's
     # truth maps (MassiveNuS: 512² pixels over 3.5°, 0.41′).  Calibrated: it
@@ -113,7 +107,7 @@ class SimulatorConfig:
     halo_smoothing_fwhm_arcsec: float = 24.6
     # -- pixel averaging ------------------------------------------------------
     oversample: int = 4                     # sub-samples per side near a halo centre
-    oversample_radius_pix: float = 6.0      # ... within this many pixels (error ∝ (pixel/r)²/6 beyond)
+    oversample_radius_pix: float = 6.0      # ... within this radius [pix]; error (pix/r)²/6 beyond
     core_oversample: int = 16               # sub-samples per side in the 3 × 3 pixels at the cusp
 
 
@@ -121,49 +115,20 @@ SIMULATOR = SimulatorConfig()
 
 
 def kappa0_hilbert2011(z_s):
-    """Shift parameter κ0 of the log-normal convergence of sources at ``z_s``.
+    """Shift κ0 of the log-normal κ of sources at ``z_s`` (κ ≥ −κ0; 0.0539 at z_s = 1.5).
 
-    Parameters
-    ----------
-    z_s : float
-        Source redshift.
-
-    Returns
-    -------
-    float
-        κ0 > 0; the log-normal κ is bounded below by −κ0.
-
-    Notes
-    -----
-    Hilbert, Hartlap & Schneider (2011, A&A 536, A85) eq. 38, their fit to the
-    minimum (empty-beam) convergence in the Millennium Simulation:
-    κ0 = 0.008 z + 0.029 z² − 0.0079 z³ + 0.00065 z⁴ (0.0539 at z_s = 1.5).
+    Hilbert, Hartlap & Schneider (2011, A&A 536, A85) eq. 38, the Millennium
+    Simulation's empty beam: κ0 = 0.008 z + 0.029 z² − 0.0079 z³ + 0.00065 z⁴.
     """
     z = float(z_s)
     return 0.008 * z + 0.029 * z**2 - 0.0079 * z**3 + 0.00065 * z**4
 
 
-# ---------------------------------------------------------------------------
-# §2.3.1 Simulated cluster fields: ΛCDM theory tables
-# ---------------------------------------------------------------------------
+# ## ΛCDM theory tables
 @dataclass(frozen=True)
 class TheoryTables:
-    """The tables of ``make_theory_tables.py``, as arrays.
-
-    Attributes
-    ----------
-    ell, cl_kappa : ndarray, shape (n_ell,)
-        Multipoles and the convergence power spectrum C_ℓ of sources at
-        ``z_source`` (Limber, halofit).
-    z : ndarray, shape (n_z,)
-        Redshift nodes of the mass function.
-    log10_m : ndarray, shape (n_m,)
-        log10 M200c [M☉] nodes.
-    dn_dlnm : ndarray, shape (n_z, n_m)
-        Tinker et al. (2008) mass function, comoving Mpc⁻³ per ln M.
-    meta : dict
-        The tables' cosmology and the command that made them.
-    """
+    """The tables of make_theory_tables.py: C_ℓ(ℓ) of sources at z_s (Limber, halofit)
+    and the Tinker et al. (2008) dn/dlnM [comoving Mpc⁻³] on (z, log10 M [M☉]) nodes."""
 
     ell: np.ndarray
     cl_kappa: np.ndarray
@@ -190,25 +155,8 @@ def _read_theory(directory):
 
 
 def theory_tables(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR) -> TheoryTables:
-    """Read the ΛCDM theory tables and check they match ``config``.
-
-    Parameters
-    ----------
-    config : Config
-        Cosmology (H0, Om0) and source redshift the tables must have.
-    sim : SimulatorConfig
-        ``theory_dir`` says where the tables are.
-
-    Returns
-    -------
-    TheoryTables
-
-    Raises
-    ------
-    ValueError
-        If the tables were made for another cosmology or source redshift; the
-        message gives the command that makes matching ones.
-    """
+    """Read the ΛCDM tables from ``sim.theory_dir``; ValueError (with the command that
+    makes matching ones) if they were made for another H0, Ωm or z_s than ``config``'s."""
     directory = sim.theory_dir or os.path.join(_HERE, "theory")
     t = _read_theory(os.path.abspath(directory))
     want = {"H0": config.H0, "Om0": config.Om0, "z_source": config.z_source}
@@ -226,19 +174,8 @@ def theory_tables(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR) -> T
 
 
 def theory_cl(ell, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
-    """ΛCDM convergence power spectrum C_ℓ at arbitrary ℓ (log-log interpolation).
-
-    Parameters
-    ----------
-    ell : array_like
-        Multipoles; outside the table C_ℓ is extended as a power law in ℓ
-        (constant slope of the last two nodes).
-
-    Returns
-    -------
-    ndarray
-        C_ℓ, same shape as ``ell`` (0 where ℓ ≤ 0).
-    """
+    """ΛCDM convergence C_ℓ at any ℓ: log-log interpolation of the table, power laws
+    beyond it (0 for ℓ ≤ 0)."""
     t = theory_tables(config, sim)
     ell = np.asarray(ell, dtype=np.float64)
     out = np.zeros_like(ell)
@@ -253,29 +190,11 @@ def theory_cl(ell, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
     return out
 
 
-# ---------------------------------------------------------------------------
-# §2.3.1 Simulated cluster fields: halos (truncated NFW)
-# ---------------------------------------------------------------------------
+# ## Halos: truncated NFW profiles painted on pixels
 def concentration_duffy08(m200_msun, z, sim: SimulatorConfig = SIMULATOR, h=PAPER.H0 / 100):
-    """Median NFW concentration c200c of halos of mass M200c at redshift z.
+    """Median c200c of halos of mass M200c [M☉] at redshift z.
 
-    Parameters
-    ----------
-    m200_msun : array_like
-        M200c in M☉.
-    z : array_like
-        Redshift.
-    h : float
-        H0 / (100 km/s/Mpc), for the fit's pivot mass 2e12 M☉/h.
-
-    Returns
-    -------
-    ndarray
-        c200c.
-
-    Notes
-    -----
-    Duffy et al. (2008) Table 1, full sample, NFW, Δ = 200c, 0 ≤ z ≤ 2:
+    Duffy et al. (2008) Table 1, full sample, Δ = 200c:
     c = 5.71 (M / 2e12 h⁻¹M☉)^-0.084 (1 + z)^-0.47.
     """
     m = np.asarray(m200_msun, dtype=np.float64)
@@ -284,19 +203,7 @@ def concentration_duffy08(m200_msun, z, sim: SimulatorConfig = SIMULATOR, h=PAPE
 
 
 def draw_concentration(m200_msun, z, rng, sim: SimulatorConfig = SIMULATOR, h=PAPER.H0 / 100):
-    """c200c drawn log-normally about the Duffy et al. (2008) median.
-
-    Parameters
-    ----------
-    m200_msun, z : array_like
-        Masses [M☉] and redshifts, broadcastable.
-    rng : numpy.random.Generator
-
-    Returns
-    -------
-    ndarray
-        c200c with ln c ~ N(ln c_Duffy, ``sim.concentration_scatter_ln``).
-    """
+    """c200c with ln c ~ N(ln c_Duffy, ``sim.concentration_scatter_ln``)."""
     c = concentration_duffy08(m200_msun, z, sim, h)
     return c * np.exp(sim.concentration_scatter_ln * rng.standard_normal(np.shape(c)))
 
@@ -307,22 +214,7 @@ def _nfw_m(x):
 
 
 def halo_scales(m200_msun, c200, z, cosmo):
-    """r200, r_s and ρ_s of NFW halos (vectorised).
-
-    Parameters
-    ----------
-    m200_msun, c200, z : array_like
-        M200c [M☉], concentration and redshift, broadcastable.
-    cosmo : astropy.cosmology.FLRW
-
-    Returns
-    -------
-    r200_mpc, rs_mpc : ndarray
-        Physical Mpc.
-    rho_s : ndarray
-        Characteristic density δ_c ρ_c(z) [M☉/Mpc³], so that
-        M(<r) = 4π ρ_s r_s³ m(r / r_s) and ``nfw_scale``'s Σ_s = ρ_s r_s.
-    """
+    """r200, r_s [physical Mpc] and ρ_s [M☉/Mpc³]: M(< r) = 4π ρ_s r_s³ m(r / r_s)."""
     m = np.asarray(m200_msun, dtype=np.float64)
     c = np.asarray(c200, dtype=np.float64)
     rho_c = cosmo.critical_density(np.asarray(z, dtype=np.float64)).to_value(u.Msun / u.Mpc**3)
@@ -333,12 +225,10 @@ def halo_scales(m200_msun, c200, z, cosmo):
 
 
 def _tnfw_g(x, t):
-    """Projected sphere-truncated NFW: Σ(x r_s) / (2 ρ_s r_s) for truncation at t r_s.
+    """Σ(x r_s) / (2 ρ_s r_s) of an NFW truncated at t r_s (zero for x ≥ t).
 
-    Takada & Jain (2003, MNRAS 340, 580) eq. 27 with the truncation radius t
-    in place of c; zero for x ≥ t.  Near x = 1 the two branches lose digits,
-    so there the value is interpolated linearly across 1 ± 1e-3 (the profile
-    is smooth there; error ~1e-6).
+    Takada & Jain (2003, MNRAS 340, 580) eq. 27 with t for c.  Both branches
+    lose digits at x = 1: within 1 ± 1e-3, linear interpolation (error ~1e-6).
     """
     x = np.asarray(x, dtype=np.float64)
     t = np.broadcast_to(np.asarray(t, dtype=np.float64), x.shape)
@@ -363,43 +253,23 @@ def _tnfw_g(x, t):
     xi, ti = x[inside], t[inside]
     near = np.abs(xi - 1.0) < eps
     val = np.empty_like(xi)
-    far = ~near
-    val[far] = branch(xi[far], ti[far])
+    val[~near] = branch(xi[~near], ti[~near])
     if near.any():
         xn, tn = xi[near], ti[near]
-        lo_v = branch(np.full_like(xn, 1.0 - eps), tn)
-        hi_v = branch(np.full_like(xn, 1.0 + eps), tn)
         w = (xn - (1.0 - eps)) / (2 * eps)
-        val[near] = (1 - w) * lo_v + w * hi_v
+        val[near] = ((1 - w) * branch(np.full_like(xn, 1.0 - eps), tn)
+                     + w * branch(np.full_like(xn, 1.0 + eps), tn))
     out[inside] = val
     return out
 
 
 def tnfw_sigma(r_mpc, m200_msun, c200, z, cosmo=None, truncation_r200=SIMULATOR.truncation_r200):
-    """Surface density Σ(R) of an NFW halo truncated (sharply, in 3-D) at τ r200.
+    """Σ(R) [M☉/Mpc²] of an NFW halo truncated in 3-D at τ r200 (+inf at R = 0).
 
-    Parameters
-    ----------
-    r_mpc : array_like
-        Projected radius [physical Mpc], ≥ 0 (R = 0 gives +inf, the cusp).
-    m200_msun, c200, z : float
-        M200c [M☉], concentration, redshift.
-    cosmo : astropy.cosmology.FLRW, optional
-    truncation_r200 : float
-        τ; the 3-D density is zero beyond τ r200.
-
-    Returns
-    -------
-    ndarray
-        Σ [M☉/Mpc²]; zero for R ≥ τ r200.
-
-    Notes
-    -----
-    Takada & Jain (2003) eq. 27.  The projected mass is M200 m(τc)/m(c)
-    (= M200 for τ = 1); inside τ r200 and for τ → ∞ it tends to the
-    untruncated profile of Wright & Brainerd (2000), ``nfw_sigma``.
+    Takada & Jain (2003) eq. 27; projected mass M200 m(τc)/m(c).  τ → ∞ gives
+    Wright & Brainerd (2000), ``wlcnn.nfw_sigma``.
     """
-    cosmo = cosmology() if cosmo is None else cosmo
+    cosmo = wlcnn.cosmology() if cosmo is None else cosmo
     _, rs, rho_s = halo_scales(m200_msun, c200, z, cosmo)
     x = np.asarray(r_mpc, dtype=np.float64) / rs
     with np.errstate(divide="ignore"):
@@ -407,26 +277,9 @@ def tnfw_sigma(r_mpc, m200_msun, c200, z, cosmo=None, truncation_r200=SIMULATOR.
 
 
 def tnfw_fourier(k_mpc, rs_mpc, rho_s, t):
-    """Fourier transform of the sphere-truncated NFW density, ρ̃(k) [M☉].
+    """ρ̃(k) [M☉] of the NFW density truncated at t r_s, also the 2-D transform of Σ.
 
-    Parameters
-    ----------
-    k_mpc : array_like
-        Physical wavenumber [1/Mpc].
-    rs_mpc, rho_s : array_like
-        Scale radius and characteristic density (``halo_scales``).
-    t : array_like
-        Truncation radius in units of r_s (τ c).
-
-    Returns
-    -------
-    ndarray
-        ρ̃(k) = Σ̃(k), the 2-D transform of the projected profile; → the
-        truncated mass 4π ρ_s r_s³ m(t) as k → 0.
-
-    Notes
-    -----
-    Cooray & Sheth (2002, Phys. Rep. 372, 1) eq. 81, with c → t.
+    Cooray & Sheth (2002, Phys. Rep. 372, 1) eq. 81 with c → t.
     """
     kr = np.maximum(np.asarray(k_mpc, dtype=np.float64) * rs_mpc, 1e-8)
     si1, ci1 = scipy.special.sici((1.0 + t) * kr)
@@ -436,8 +289,8 @@ def tnfw_fourier(k_mpc, rs_mpc, rho_s, t):
     return 4.0 * np.pi * rho_s * rs_mpc**3 * bracket
 
 
-def _sigma_crit_many(z, z_s, cosmo):
-    """Σ_c(z, z_s) [M☉/Mpc²] for an array of lens redshifts (eq. 4); inf for z ≥ z_s."""
+def sigma_crit_array(z, z_s, cosmo):
+    """Σ_c [M☉/Mpc²] of ``wlcnn.sigma_crit`` for an array of lens redshifts; inf for z ≥ z_s."""
     z = np.asarray(z, dtype=np.float64)
     d_l = cosmo.angular_diameter_distance(z).to_value(u.Mpc)
     d_s = cosmo.angular_diameter_distance(z_s).to_value(u.Mpc)
@@ -449,45 +302,19 @@ def _sigma_crit_many(z, z_s, cosmo):
 
 def paint_tnfw(kappa, x0_pix, y0_pix, m200_msun, c200, z, z_s, cosmo, pixel_arcsec,
                axis_ratio=1.0, angle_deg=0.0, sim: SimulatorConfig = SIMULATOR, wrap=True):
-    """Add the pixel-averaged κ of one truncated (elliptical) NFW halo to a map.
+    """Add the pixel-averaged κ = Σ / Σ_c of one truncated, elliptical NFW halo to a map.
 
     Parameters
     ----------
     kappa : ndarray, shape (ny, nx)
-        Map [y, x], modified in place.
+        Map [y, x], modified in place; pixel (i, j) spans [j, j+1) × [i, i+1).
     x0_pix, y0_pix : float
-        Halo centre in pixel units from the lower-left corner (pixel (i, j)
-        spans [j, j+1) × [i, i+1); its centre is at (j + ½, i + ½)).
-    m200_msun, c200, z : float
-        M200c [M☉], concentration and redshift of the halo.
-    z_s : float
-        Source redshift.
-    cosmo : astropy.cosmology.FLRW
-    pixel_arcsec : float
-    axis_ratio : float
-        Projected minor/major axis ratio q ∈ (0, 1]; the elliptical radius
-        r² = q x'² + y'²/q keeps the area (so the mass) of every isodensity
-        contour.
-    angle_deg : float
-        Major-axis position angle, counter-clockwise from +x.
-    sim : SimulatorConfig
-        Truncation and oversampling settings.
+        Halo centre in pixels from the lower-left corner.
+    axis_ratio, angle_deg : float
+        q = b/a in (0, 1] and the major axis from +x; r² = q x'² + y'²/q keeps
+        every contour's area, so the mass.
     wrap : bool
-        True: the map is periodic (the simulator's torus); False: the parts
-        outside the map are dropped.
-
-    Returns
-    -------
-    None
-
-    Notes
-    -----
-    Σ is the sphere-truncated NFW of ``tnfw_sigma``; κ = Σ / Σ_c(z, z_s)
-    (eq. 3-4).  Pixels are averaged over ``oversample``² sub-pixels within
-    ``oversample_radius_pix`` of the centre and over ``core_oversample``²
-    in the 3 × 3 pixels holding the cusp, so the logarithmic central cusp is
-    never sampled at a pixel centre; elsewhere the centre sample is within
-    (pixel / r)² / 6 of the pixel mean.
+        True: the map is a torus; False: what falls outside is dropped.
     """
     if not 0.0 < axis_ratio <= 1.0:
         raise ValueError(f"axis_ratio must be in (0, 1], got {axis_ratio}")
@@ -498,17 +325,15 @@ def paint_tnfw(kappa, x0_pix, y0_pix, m200_msun, c200, z, z_s, cosmo, pixel_arcs
 
 
 def _halo_pixel_scales(m200_msun, c200, z, z_s, cosmo, pixel_arcsec, sim):
-    """Vectorised: κ amplitude 2 ρ_s r_s / Σ_c, r_s in pixels, truncation t = τ c."""
+    """κ amplitude 2 ρ_s r_s / Σ_c, r_s in pixels and truncation t = τ c (arrays)."""
     c200 = np.asarray(c200, dtype=np.float64)
     _, rs, rho_s = halo_scales(m200_msun, c200, z, cosmo)
-    sc = _sigma_crit_many(z, z_s, cosmo)
     d_a = cosmo.angular_diameter_distance(z).to_value(u.Mpc)
     rs_pix = rs / (d_a * np.radians(pixel_arcsec / 3600.0))
-    return 2.0 * rho_s * rs / sc, rs_pix, sim.truncation_r200 * c200
+    return 2.0 * rho_s * rs / sigma_crit_array(z, z_s, cosmo), rs_pix, sim.truncation_r200 * c200
 
 
 def _paint_stamp(kappa, x0_pix, y0_pix, amp, rs_pix, t, q, angle_deg, sim, wrap):
-    """Add one halo, given in pixel units, to ``kappa`` (see ``paint_tnfw``)."""
     ct, st = np.cos(np.radians(angle_deg)), np.sin(np.radians(angle_deg))
     ny, nx = kappa.shape
     # The stamp must not overlap itself on the torus: at most the map side.
@@ -548,53 +373,19 @@ def _paint_stamp(kappa, x0_pix, y0_pix, amp, rs_pix, t, q, angle_deg, sim, wrap)
 def tnfw_kappa_map(m200_msun, c200, x0_arcsec, y0_arcsec, npix, pixel_arcsec,
                    z_l=PAPER.z_lens, z_s=PAPER.z_source, cosmo=None, axis_ratio=1.0,
                    angle_deg=0.0, sim: SimulatorConfig = SIMULATOR):
-    """Pixel-averaged κ map of one truncated, elliptical NFW halo.
-
-    Parameters
-    ----------
-    m200_msun, c200 : float
-        M200c [M☉] and concentration.
-    x0_arcsec, y0_arcsec : float
-        Centre, arcsec from the map's lower-left corner.
-    npix : int
-        Map side (square map, [y, x]).
-    pixel_arcsec : float
-    z_l, z_s : float
-        Halo and source redshifts.
-    cosmo : astropy.cosmology.FLRW, optional
-    axis_ratio, angle_deg : float
-        See ``paint_tnfw``.
-    sim : SimulatorConfig
-
-    Returns
-    -------
-    ndarray, shape (npix, npix)
-        κ, zero outside τ r200 (non-periodic map).
-    """
-    cosmo = cosmology() if cosmo is None else cosmo
+    """κ map (npix, npix) of one halo centred at (x0, y0) arcsec; see ``paint_tnfw``."""
+    cosmo = wlcnn.cosmology() if cosmo is None else cosmo
     kappa = np.zeros((npix, npix))
     paint_tnfw(kappa, x0_arcsec / pixel_arcsec, y0_arcsec / pixel_arcsec, m200_msun, c200,
                z_l, z_s, cosmo, pixel_arcsec, axis_ratio, angle_deg, sim, wrap=False)
     return kappa
 
 
-# ---------------------------------------------------------------------------
-# §2.3.1 Simulated cluster fields: the halo population
-# ---------------------------------------------------------------------------
+# ## The halo population: mass function and one-halo power
 @dataclass(frozen=True)
 class HaloGrid:
-    """Cells of the Poisson draw of field halos (and of the one-halo integral).
-
-    Attributes
-    ----------
-    z_edges, lnm_edges : ndarray
-        Cell edges in redshift and ln M200c [M☉].
-    counts_per_sr : ndarray, shape (n_z, n_m)
-        Expected number of halos per steradian in each cell:
-        n(M, z) dV/dz/dΩ Δz Δln M, midpoint rule.
-    sigma_crit, d_a_mpc : ndarray, shape (n_z,)
-        Σ_c(z_mid, z_s) [M☉/Mpc²] and D_A(z_mid) [Mpc].
-    """
+    """(z, ln M200c) cells of the field-halo draw: ``counts_per_sr`` = n dV/dz/dΩ Δz Δln M;
+    ``sigma_crit`` [M☉/Mpc²] and ``d_a_mpc`` at the cells' mid redshifts."""
 
     z_edges: np.ndarray
     lnm_edges: np.ndarray
@@ -612,8 +403,7 @@ class HaloGrid:
 
 
 def _mass_function_at(t: TheoryTables, z, log10_m):
-    """dn/dlnM [Mpc⁻³] at (z, log10 M) by bilinear interpolation of ln n."""
-    from scipy.interpolate import RegularGridInterpolator
+    """dn/dlnM [Mpc⁻³] at (z, log10 M), bilinear in ln n."""
     f = RegularGridInterpolator((t.z, t.log10_m), np.log(t.dn_dlnm), bounds_error=False,
                                 fill_value=None)
     zz, mm = np.broadcast_arrays(np.asarray(z, float), np.asarray(log10_m, float))
@@ -623,21 +413,9 @@ def _mass_function_at(t: TheoryTables, z, log10_m):
 @functools.lru_cache(maxsize=8)
 def halo_grid(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR,
               dz=None, dlog10m=None) -> HaloGrid:
-    """Expected field-halo counts per steradian on (z, M) cells.
-
-    Parameters
-    ----------
-    config, sim
-        Cosmology, z_s, and the field-halo mass range.
-    dz, dlog10m : float, optional
-        Cell sizes; default ``sim.halo_dz`` and ``sim.halo_dlog10m``.
-
-    Returns
-    -------
-    HaloGrid
-    """
+    """Expected field-halo counts per sr on cells of ``dz`` × ``dlog10m`` (default: ``sim``'s)."""
     t = theory_tables(config, sim)
-    cosmo = cosmology(config)
+    cosmo = wlcnn.cosmology(config)
     dz = sim.halo_dz if dz is None else dz
     dlog10m = sim.halo_dlog10m if dlog10m is None else dlog10m
     z_lo, z_hi = t.z[0], min(t.z[-1], config.z_source)
@@ -654,34 +432,17 @@ def halo_grid(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR,
     n = _mass_function_at(t, z_mid[:, None], lm_mid[None, :])
     dvdz = cosmo.differential_comoving_volume(z_mid).to_value(u.Mpc**3 / u.sr)
     counts = n * dvdz[:, None] * np.diff(z_edges)[:, None] * np.diff(lnm_edges)[None, :]
-    return HaloGrid(z_edges, lnm_edges, counts, _sigma_crit_many(z_mid, config.z_source, cosmo),
+    return HaloGrid(z_edges, lnm_edges, counts, sigma_crit_array(z_mid, config.z_source, cosmo),
                     cosmo.angular_diameter_distance(z_mid).to_value(u.Mpc))
 
 
 def draw_field_halos(area_sr, rng, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
-    """Poisson draw of line-of-sight halos from the mass function.
+    """Poisson draw of line-of-sight halos over ``area_sr`` sr: arrays ``m200_msun``, ``z``,
+    ``c200`` (positions are the caller's).
 
-    Parameters
-    ----------
-    area_sr : float
-        Sky area [sr].
-    rng : numpy.random.Generator
-    config, sim
-
-    Returns
-    -------
-    dict of ndarray, each shape (n,)
-        ``m200_msun``, ``z``, ``c200`` (log-normal scatter about Duffy et al.
-        2008).  Positions are drawn by the caller.
-
-    Notes
-    -----
-    Halos are unclustered (a Poisson process per cell); their clustering (the
-    two-halo term) is carried by the log-normal field, whose power is the
-    total C_ℓ minus these halos' one-halo power (``halo_cl_1h``).  Within a
-    cell z and ln M are uniform (cells of 0.01 × 0.02 dex).
+    Unclustered: their two-halo term is in the log-normal field.
     """
-    _check_rng(rng)
+    wlcnn._check_rng(rng)
     g = halo_grid(config, sim)
     counts = rng.poisson(g.counts_per_sr * area_sr)
     iz, im = np.nonzero(counts)
@@ -696,22 +457,8 @@ def draw_field_halos(area_sr, rng, config: Config = PAPER, sim: SimulatorConfig 
 
 
 def draw_main_mass(rng, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR, size=None):
-    """M200c of main clusters drawn from the mass function at z_l.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-    config, sim
-        z_l and the mass range [main_m200_min_msun, main_m200_max_msun].
-    size : int, optional
-
-    Returns
-    -------
-    float or ndarray
-        M200c [M☉], distributed as dn/dlnM(z_l) within the range (inverse
-        CDF on a 0.005-dex grid).
-    """
-    _check_rng(rng)
+    """M200c [M☉] of main clusters: dn/dlnM(z_l) within the main mass range (inverse CDF)."""
+    wlcnn._check_rng(rng)
     t = theory_tables(config, sim)
     lm = np.arange(np.log10(sim.main_m200_min_msun), np.log10(sim.main_m200_max_msun) + 1e-9,
                    0.005)
@@ -722,88 +469,56 @@ def draw_main_mass(rng, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR
 
 @functools.lru_cache(maxsize=8)
 def _halo_power(config: Config, sim: SimulatorConfig, n_ell=160):
-    """One-halo C_ℓ and mean κ of the field halos (see ``halo_cl_1h``)."""
+    """(ℓ, one-halo C_ℓ, mean κ) of the field halos, unsmoothed."""
     # A coarser grid than the draw's suffices: the integrand is smooth.
     g = halo_grid(config, sim, dz=0.03, dlog10m=0.05)
-    cosmo = cosmology(config)
+    cosmo = wlcnn.cosmology(config)
     ell = np.logspace(0, 6, n_ell)
     z, m = g.z_mid, g.m_mid
-    ok = np.isfinite(g.sigma_crit)
-    # Log-normal concentration scatter, Gauss-Hermite nodes in ln c.
+    # Log-normal concentration scatter: Gauss-Hermite nodes in ln c.
     nodes, weights = np.polynomial.hermite_e.hermegauss(7)
     weights = weights / weights.sum()
     cl = np.zeros_like(ell)
     mean_kappa = 0.0
-    for iz in np.nonzero(ok)[0]:
+    for iz in np.nonzero(np.isfinite(g.sigma_crit))[0]:
         c_med = concentration_duffy08(m, z[iz], sim, config.H0 / 100)
+        to_kappa = 1.0 / (g.sigma_crit[iz] * g.d_a_mpc[iz] ** 2)  # M☉ → κ̃ [sr]
         for xn, wn in zip(nodes, weights):
             c = c_med * np.exp(sim.concentration_scatter_ln * xn)
             _, rs, rho_s = halo_scales(m, c, z[iz], cosmo)
             t = sim.truncation_r200 * c
-            k = ell[None, :] / g.d_a_mpc[iz]
-            kt = tnfw_fourier(k, rs[:, None], rho_s[:, None], t[:, None])
-            kt /= g.sigma_crit[iz] * g.d_a_mpc[iz] ** 2  # κ̃(ℓ) [sr]
+            kt = tnfw_fourier(ell[None, :] / g.d_a_mpc[iz], rs[:, None], rho_s[:, None],
+                              t[:, None]) * to_kappa
             cl += wn * np.sum(g.counts_per_sr[iz][:, None] * kt**2, axis=0)
             m_tot = 4 * np.pi * rho_s * rs**3 * _nfw_m(t)
-            mean_kappa += wn * np.sum(g.counts_per_sr[iz] * m_tot) / (
-                g.sigma_crit[iz] * g.d_a_mpc[iz] ** 2)
+            mean_kappa += wn * np.sum(g.counts_per_sr[iz] * m_tot) * to_kappa
     return ell, cl, mean_kappa
 
 
 def halo_cl_1h(ell, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
-    """One-halo power of the simulator's field halos, C_ℓ^{1h}.
+    """One-halo C_ℓ of the field halos as painted (Poisson, smoothed by σ).
 
-    Parameters
-    ----------
-    ell : array_like
-        Multipoles.
-
-    Returns
-    -------
-    ndarray
-        C_ℓ^{1h} = ∫ dz dV/dz/dΩ ∫ dlnM n(M, z) ⟨|κ̃_ℓ(M, z, c)|²⟩_c with
-        κ̃_ℓ = ρ̃(ℓ / D_A) / (Σ_c D_A²) the transform of one halo's κ
-        (Cooray & Sheth 2002 eq. 81 for the truncated NFW; Limber), averaged
-        over the log-normal concentration scatter: exactly the power of the
-        Poisson halos this simulator paints, times the transform
-        exp(−ℓ²σ²) of the halo smoothing (``halo_smoothing_fwhm_arcsec``).
+    C_ℓ^{1h} = ∫ dz dV/dz/dΩ ∫ dln M n ⟨|κ̃_ℓ|²⟩_c exp(−ℓ²σ²),
+    κ̃_ℓ = ρ̃(ℓ / D_A) / (Σ_c D_A²) (Limber), ⟨⟩_c over the concentration scatter.
     """
     e, c, _ = _halo_power(config, sim)
     ell = np.asarray(ell, dtype=np.float64)
-    sig = np.radians(sim.halo_smoothing_fwhm_arcsec / 3600.0) / FWHM_PER_SIGMA
+    sig = np.radians(sim.halo_smoothing_fwhm_arcsec / 3600.0) / wlcnn.FWHM_PER_SIGMA
     return np.interp(np.log(ell.clip(1.0)), np.log(e), c) * np.exp(-(ell * sig) ** 2)
 
 
 def halo_mean_kappa(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
-    """Expected mean convergence of the field halos, ⟨κ_h⟩ (subtracted as a sheet)."""
+    """Expected mean κ of the field halos, ⟨κ_h⟩ (subtracted as a sheet)."""
     return _halo_power(config, sim)[2]
 
 
-# ---------------------------------------------------------------------------
-# §2.3.1 Simulated cluster fields: the log-normal large-scale structure
-# ---------------------------------------------------------------------------
+# ## The log-normal large-scale structure
 @dataclass(frozen=True)
 class LognormalPlan:
-    """Precomputed spectra of the log-normal LSS on the simulator's torus.
+    """Spectra of the log-normal field on a torus of ``n`` pixels a side.
 
-    Attributes
-    ----------
-    n : int
-        Torus side in pixels.
-    pixel_rad : float
-    kappa0 : float
-        Shift of the log-normal (the LSS κ ≥ −kappa0).
-    sqrt_cg : ndarray, shape (n, n // 2 + 1)
-        √C_g / pixel: multiplies the rfft2 of unit white noise to give the
-        Gaussian field g of the small-scale (torus) modes.
-    var_g_small, var_g_large : float
-        Variances of the small- and large-scale parts of g.
-    large_m : ndarray
-        Integer wavenumbers (in units of 2π / large torus) of the large modes.
-    large_sd : ndarray, shape (len(large_m), len(large_m))
-        Standard deviation of each large mode's cosine and sine amplitudes.
-    large_factor : int
-        Side of the large torus in units of the torus side.
+    ``sqrt_cg``: √C_g / pixel on the rfft2 modes; ``large_m``: large modes in
+    units of 2π / (``large_factor`` n); ``large_sd``: their amplitudes' σ.
     """
 
     n: int
@@ -818,26 +533,12 @@ class LognormalPlan:
 
 
 def lss_cl(ell, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
-    """Target power of the log-normal field.
+    """Target power of the log-normal field, [C_ℓ − C_ℓ^{1h}] exp(−(ℓ/ℓ_max)⁴) ≥ 0.
 
-    Parameters
-    ----------
-    ell : array_like
-        Multipoles.
-
-    Returns
-    -------
-    ndarray
-        [C_ℓ(ΛCDM) − C_ℓ^{1h}(field halos)] exp(−(ℓ/ℓ_max)⁴), ≥ 0.
-
-    Notes
-    -----
-    Beyond ℓ ~ 2e4 the power comes from galaxy- and group-scale halos below
-    the field-halo mass cut.  A log-normal carrying it would put isolated
-    pixels at κ ~ 1 (its pixel-scale σ/κ0 approaches 1), spikes that real
-    halos of that mass (central κ ≲ 0.15) do not make; the paper's MassiveNuS
-    maps (0.41′ pixels, ℓ_pix ≈ 2.6e4) do not resolve these scales either.
-    The taper removes it: −2.5 % at ℓ = 1e4 for the default ℓ_max.
+    Beyond ℓ ~ 2e4 the power is that of halos below the mass cut; a log-normal
+    carrying it would put isolated pixels at κ ~ 1, which such halos (central
+    κ ≲ 0.15) do not make, and MassiveNuS (0.41′ pixels) does not resolve it.
+    The taper costs 2.5 % at ℓ = 1e4.
     """
     ell = np.asarray(ell, dtype=np.float64)
     taper = np.exp(-((ell / sim.lss_ell_max) ** 4))
@@ -847,54 +548,36 @@ def lss_cl(ell, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR):
 @functools.lru_cache(maxsize=4)
 def lognormal_plan(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR, n=None,
                    cl_func=None, kappa0=None) -> LognormalPlan:
-    """Set up the log-normal field for a torus of ``n`` pixels a side.
+    """Set up the log-normal field on a torus of ``n`` pixels a side.
 
     Parameters
     ----------
-    config, sim
-        Pixel size, κ0, pad and large-scale factors.
     n : int, optional
-        Torus side; default ``sim.pad_factor * config.npix``.
+        Default ``sim.pad_factor * config.npix``.
     cl_func : callable, optional
-        C_ℓ of the target κ field (ℓ array → array); default ``lss_cl``.
+        C_ℓ of the target κ; default ``lss_cl``.
     kappa0 : float, optional
-        Shift of the log-normal; default ``sim.kappa0`` (or Hilbert et al.
-        2011 eq. 38) minus the field halos' mean κ (see below).
-
-    Returns
-    -------
-    LognormalPlan
+        Default ``sim.kappa0`` (or Hilbert et al. 2011 eq. 38) minus ⟨κ_h⟩, so
+        that the total, after the halos' mean sheet, stays ≥ the empty beam's −κ0.
 
     Notes
     -----
-    κ = κ0 [exp(g − σ_g²/2) − 1] is log-normal with ⟨κ⟩ = 0 and
-    ξ_κ = κ0² [exp(ξ_g) − 1], so ξ_g = ln(1 + ξ_κ/κ0²) (e.g. Hilbert et al.
-    2011 §5; Xavier et al. 2016).  ξ_κ is computed on the torus itself (the
-    inverse FFT of the target C_ℓ on the torus's own modes), so the discrete
-    field has exactly the target correlation wherever C_g ≥ 0.
-
-    The torus's k = 0 cell (|ℓ_x|, |ℓ_y| < π / L) holds power the torus cannot
-    carry (18 % of the variance of κ smoothed with a 1′ Gaussian for a 64′
-    torus).  Those modes come from a torus ``large_scale_factor`` times
-    larger, as a smooth Gaussian g_L added to g; the small-scale part is then
-    Gaussianised with the shift κ0² + σ_L², which keeps the one-point
-    variance ln(1 + σ²/κ0²) exact and ξ_g exact at separations much smaller
-    or much larger than the torus.
+    κ = κ0 [exp(g − σ_g²/2) − 1] has ⟨κ⟩ = 0 and ξ_g = ln(1 + ξ_κ/κ0²)
+    (Hilbert et al. 2011 §5), ξ_κ from the target C_ℓ on the torus's own modes.
+    The torus's k = 0 cell (18 % of the variance of κ at 1′ for a 64′ torus)
+    comes from a ``large_scale_factor`` times larger torus as a smooth g_L; the
+    torus's part is Gaussianised with κ0² + σ_L², which keeps the variance exact.
     """
     n = sim.pad_factor * config.npix if n is None else int(n)
     cl_func = (lambda ell: lss_cl(ell, config, sim)) if cl_func is None else cl_func
     if kappa0 is None:
         kappa0 = kappa0_hilbert2011(config.z_source) if sim.kappa0 is None else sim.kappa0
-        # The field halos' mean is subtracted as a sheet, which lowers the
-        # total minimum by ⟨κ_h⟩; shifting the log-normal by κ0 − ⟨κ_h⟩ keeps
-        # the total bounded by the empty-beam value −κ0.
         kappa0 -= halo_mean_kappa(config, sim)
     kappa0_ln = float(kappa0)
     pix = np.radians(config.pixel_arcsec / 3600.0)
     area = (n * pix) ** 2
     lx = 2 * np.pi * np.fft.fftfreq(n, d=pix)
-    ell = np.hypot(lx[:, None], lx[None, :])
-    cgrid = cl_func(ell)
+    cgrid = cl_func(np.hypot(lx[:, None], lx[None, :]))
     cgrid[0, 0] = 0.0
     # Large scales: modes of the F-times larger torus inside the k = 0 cell,
     # weighted by the fraction of their own cell that lies inside it.
@@ -908,51 +591,32 @@ def lognormal_plan(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR, n=N
     var_kappa_large = var_l_modes.sum()
     # Correlation of the small-scale modes on the torus: ξ = Σ_k C_k e^{ikx} / A.
     xi = np.fft.ifft2(cgrid).real * n**2 / area
-    k0sq = kappa0_ln**2 + var_kappa_large
-    xi_g = np.log1p(xi / k0sq)
+    xi_g = np.log1p(xi / (kappa0_ln**2 + var_kappa_large))
     cg = np.fft.fft2(xi_g).real * area / n**2
     cg = np.maximum(cg, 0.0)  # negative Gaussian power cannot be realised
-    var_g_small = cg.sum() / area
     var_g_large = np.log1p(var_kappa_large / kappa0_ln**2)
-    # Each large mode pair (m, −m) is one cosine and one sine amplitude with
-    # variance 2 v_m; scaling v_m by var_g_large / Σv Gaussianises them (the
-    # log transform is linear to 1 % at these tiny variances).
+    # Each large mode pair (m, −m) is one cosine and one sine amplitude of
+    # variance 2 v_m; scaling v_m by var_g_large / Σ v Gaussianises them (the
+    # log transform is linear to 1 % at these small variances).
     scale = var_g_large / var_kappa_large if var_kappa_large > 0 else 0.0
-    large_sd = np.sqrt(2.0 * var_l_modes * scale)
-    sqrt_cg = np.sqrt(cg[:, : n // 2 + 1]) / pix
-    return LognormalPlan(n=n, pixel_rad=pix, kappa0=kappa0_ln, sqrt_cg=sqrt_cg,
-                         var_g_small=float(var_g_small), var_g_large=float(var_g_large),
-                         large_m=m, large_sd=large_sd, large_factor=f)
+    return LognormalPlan(n=n, pixel_rad=pix, kappa0=kappa0_ln,
+                         sqrt_cg=np.sqrt(cg[:, : n // 2 + 1]) / pix,
+                         var_g_small=float(cg.sum() / area), var_g_large=float(var_g_large),
+                         large_m=m, large_sd=np.sqrt(2.0 * var_l_modes * scale), large_factor=f)
 
 
 def _fourier_sum(coef, kx, ky, x, y):
-    """Re Σ coef[a, b] exp(i (ky[a] y + kx[b] x)) on the grid y[:, None], x[None, :].
-
-    Separable: two small matrix products instead of a sum over every pixel.
-    """
+    """Re Σ coef[a, b] exp(i (ky[a] y + kx[b] x)) on the grid y[:, None], x[None, :]."""
     ey = np.exp(1j * np.outer(y, ky))
     ex = np.exp(1j * np.outer(kx, x))
-    return (ey @ coef @ ex).real
+    return (ey @ coef @ ex).real  # separable: two small matrix products
 
 
 def lognormal_gaussians(rng, plan: LognormalPlan):
-    """The Gaussian fields behind one log-normal realisation.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-    plan : LognormalPlan
-
-    Returns
-    -------
-    g_small : ndarray, shape (n, n)
-        Gaussian field of the torus's own modes (periodic on the torus).
-    coef : ndarray of complex, shape (len(large_m), len(large_m))
-        Large modes: g_L(x, y) = Re Σ coef[a, b] exp(i k (m_a y + m_b x)),
-        k = 2π / (large_factor n) per pixel, over half of the lattice (the
-        other half is the complex conjugate).
-    """
-    _check_rng(rng)
+    """The Gaussian fields of one log-normal realisation: g on the torus's modes, (n, n),
+    and the large modes' coefficients, g_L = Re Σ coef[a, b] exp(i k (m_a y + m_b x)),
+    k = 2π / (large_factor n) per pixel, on half of the lattice."""
+    wlcnn._check_rng(rng)
     n = plan.n
     white = rng.standard_normal((n, n))
     g_small = scipy.fft.irfft2(scipy.fft.rfft2(white) * plan.sqrt_cg, s=(n, n))
@@ -964,35 +628,22 @@ def lognormal_gaussians(rng, plan: LognormalPlan):
     return g_small, np.where(half, a - 1j * b, 0.0)
 
 
-def lognormal_lss(rng, plan: LognormalPlan, sim: SimulatorConfig = SIMULATOR):
-    """One realisation of the log-normal LSS convergence on the torus.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-    plan : LognormalPlan
-        From ``lognormal_plan``.
-    sim : SimulatorConfig
-        ``large_scale_grid``: coarse grid for the shear of the large modes.
+def lognormal_lss(rng, plan: LognormalPlan, sim: SimulatorConfig = SIMULATOR, shear=True):
+    """One log-normal convergence field on the torus, and the shear of its large modes.
 
     Returns
     -------
     kappa : ndarray, shape (n, n)
-        κ of the LSS on the torus, ≥ −κ0 and zero-mean in expectation.
+        κ ≥ −κ0, zero-mean in expectation.
     kappa_large : ndarray, shape (n, n)
-        The part of ``kappa`` that is not periodic on the torus,
-        κ0 [exp(g_L − σ_L²/2) − 1] of the large modes alone.
-    gamma1_large, gamma2_large : ndarray, shape (n, n)
-        Shear of ``kappa_large``, computed on the large torus (where it is
-        periodic).
+        κ_L = κ0 [exp(g_L − σ_L²/2) − 1], the large modes alone.
+    gamma1_large, gamma2_large : ndarray, shape (n, n), or None if not ``shear``
+        Shear of κ_L, computed on the large torus where κ_L is periodic.
 
     Notes
     -----
-    κ = κ0 [exp(g + g_L − σ_g²/2 − σ_L²/2) − 1] = κ_s + κ_L + κ_s κ_L / κ0
-    with κ_s, κ_L the log-normals of g and g_L alone.  ``kappa - kappa_large``
-    = κ_s (1 + κ_L/κ0) is periodic on the torus up to the slow modulation
-    1 + κ_L/κ0 (≈ 1 ± 0.15), so its shear is a periodic FFT; ``kappa_large``
-    gets its shear on the large torus.
+    κ − κ_L = κ_s (1 + κ_L/κ0), κ_s the log-normal of g alone, is periodic on
+    the torus up to the slow 1 + κ_L/κ0 (≈ 1 ± 0.15): its shear is a periodic FFT.
     """
     n = plan.n
     g_small, coef = lognormal_gaussians(rng, plan)
@@ -1001,8 +652,10 @@ def lognormal_lss(rng, plan: LognormalPlan, sim: SimulatorConfig = SIMULATOR):
     g_l = _fourier_sum(coef, k_large, k_large, xpix, xpix)
     kappa = plan.kappa0 * np.expm1(g_small + g_l - 0.5 * (plan.var_g_small + plan.var_g_large))
     kappa_large = plan.kappa0 * np.expm1(g_l - 0.5 * plan.var_g_large)
-    # Shear of kappa_large: sample it on a coarse grid of the large torus,
-    # apply eq. 8-9 there, and sum the Fourier series back on the torus.
+    if not shear:
+        return kappa, kappa_large, None, None
+    # Sample κ_L on a coarse grid of the large torus, take its Kaiser-Squires
+    # shear there, and sum that Fourier series on the torus's pixels.
     nc = sim.large_scale_grid
     side = plan.large_factor * n  # large torus side in torus pixels
     xc = (np.arange(nc) + 0.5) * side / nc
@@ -1024,139 +677,126 @@ def lognormal_lss(rng, plan: LognormalPlan, sim: SimulatorConfig = SIMULATOR):
     return kappa, kappa_large, gamma1_large, gamma2_large
 
 
-# ---------------------------------------------------------------------------
-# §2.3.1 Simulated cluster fields: one field
-# ---------------------------------------------------------------------------
-def _draw_ellipticity(rng, sim):
+# ## One field
+def _draw_halo_shape(rng, sim):
     eps = np.clip(rng.normal(sim.ellipticity_mean, sim.ellipticity_std), 0.0, sim.ellipticity_max)
     return 1.0 - eps, rng.uniform(0.0, 180.0)
 
 
-def simulate_cluster_field(config: Config, rng, sim: SimulatorConfig = SIMULATOR, cluster=True):
-    """Simulate one 32′ × 32′ field: truth κ and γ (paper §2.3.1).
+def _draw_cluster(config, rng, sim, cosmo):
+    """The main halo near the field centre and, in a fraction of fields, its companions."""
+    m = float(draw_main_mass(rng, config, sim))
+    c = float(draw_concentration(m, config.z_lens, rng, sim, config.H0 / 100))
+    r = sim.main_offset_max_arcmin * 60.0 * np.sqrt(rng.uniform())
+    phi = rng.uniform(0.0, 2 * np.pi)
+    x0 = config.npix * config.pixel_arcsec / 2 + r * np.cos(phi)
+    y0 = config.npix * config.pixel_arcsec / 2 + r * np.sin(phi)
+    q, ang = _draw_halo_shape(rng, sim)
+    main = dict(m200_msun=m, c200=c, z=config.z_lens, x_arcsec=x0, y_arcsec=y0,
+                axis_ratio=q, angle_deg=ang)
+    companions = []
+    if rng.uniform() < sim.merger_fraction:
+        arcsec_per_mpc = 1.0 / (cosmo.angular_diameter_distance(config.z_lens).to_value(u.Mpc)
+                                * np.radians(1.0 / 3600.0))
+        for _ in range(rng.integers(sim.n_companions[0], sim.n_companions[1] + 1)):
+            mc = m * np.exp(rng.uniform(*np.log(sim.companion_mass_ratio)))
+            cc = float(draw_concentration(mc, config.z_lens, rng, sim, config.H0 / 100))
+            d = rng.uniform(*sim.companion_separation_mpc) * arcsec_per_mpc
+            ph = rng.uniform(0.0, 2 * np.pi)
+            qc, angc = _draw_halo_shape(rng, sim)
+            companions.append(dict(m200_msun=mc, c200=cc, z=config.z_lens,
+                                   x_arcsec=x0 + d * np.cos(ph), y_arcsec=y0 + d * np.sin(ph),
+                                   axis_ratio=qc, angle_deg=angc))
+    return main, companions
+
+
+def simulate_cluster_field(config: Config, rng, sim: SimulatorConfig = SIMULATOR, cluster=True,
+                           shear=True):
+    """Truth κ and γ of one field (paper §2.3.1).
 
     Parameters
     ----------
     config : Config
         Field size, grid, cosmology, z_l and z_s.
     rng : numpy.random.Generator
-        All random draws come from it (same seed, same field).
-    sim : SimulatorConfig
-        Every simulator choice.
+        Every random draw (same seed, same field).
     cluster : bool
-        True: a main cluster (and, in a fraction of fields, companions) near
-        the field centre.  False: a random patch of sky (LSS and field halos
-        only), for realism statistics.
+        False: no main cluster, a random patch of sky (for sim_stats.py).
+    shear : bool
+        False: skip γ (``gamma1``, ``gamma2`` are None), for statistics of κ.
 
     Returns
     -------
     dict
-        ``kappa``, ``gamma1``, ``gamma2`` : ndarray, shape (npix, npix), [y, x]
-            Truth convergence and shear of the field (the central part of the
-            torus on which γ was computed).
-        ``main`` : dict or None
-            ``m200_msun``, ``c200``, ``z``, ``x_arcsec``, ``y_arcsec`` (from
-            the field's lower-left corner), ``axis_ratio``, ``angle_deg``.
-        ``companions`` : list of dict
-            Same keys, for merging companions / substructure.
-        ``field_halos`` : dict of ndarray
-            ``m200_msun``, ``z``, ``c200``, ``x_arcsec``, ``y_arcsec`` of the
-            line-of-sight halos (torus coordinates shifted to the field's
-            frame; halos outside the field have coordinates outside
-            [0, field side)).
-        ``kappa0`` : float
-            Shift of the log-normal LSS.
+        ``kappa``, ``gamma1``, ``gamma2``: (npix, npix) maps [y, x].
+        ``main`` (None without a cluster) and ``companions`` (list): dicts of
+        ``m200_msun``, ``c200``, ``z``, ``x_arcsec``, ``y_arcsec`` (from the
+        field's lower-left corner), ``axis_ratio``, ``angle_deg``.
+        ``field_halos``: arrays ``m200_msun``, ``z``, ``c200``, ``x_arcsec``,
+        ``y_arcsec`` (many outside the field: they lie on the whole torus).
+        ``kappa0``: shift of the log-normal.
 
     Notes
     -----
-    κ = κ_main + κ_companions + Σ κ_field halos − ⟨κ_h⟩ + κ_LSS on a torus of
-    ``pad_factor`` × the field side.  γ is eq. 8-9 on the torus: a periodic
-    FFT (``shear_from_kappa(..., pad=False)``) is exact for the periodic part
-    (the LSS is generated on the torus's own modes and halos are painted with
-    wrap-around), and the non-periodic large-scale modes get their shear on
-    their own, larger torus.  Zero padding would instead cut the LSS off at
-    the torus edge.  The main cluster's periodic images lie a torus side away;
-    by symmetry their shear cancels at the centre to leading order.
+    κ = κ_cluster + Σ κ_field halo − ⟨κ_h⟩ + κ_LSS on a torus of ``pad_factor``
+    × the field side, the field at its centre.  γ is a periodic FFT on the
+    torus (halos wrap around, the LSS lives on its modes; zero padding would
+    cut the LSS off) plus the large modes' shear.  The cluster's periodic
+    images' shear cancels at the centre to leading order.
     """
-    _check_rng(rng)
-    cosmo = cosmology(config)
+    wlcnn._check_rng(rng)
+    cosmo = wlcnn.cosmology(config)
     n_field = config.npix
     n = sim.pad_factor * n_field
     pix_arcsec = config.pixel_arcsec
     lo = (n - n_field) // 2  # torus pixel of the field's first pixel
 
-    kappa_h = np.zeros((n, n))
-    main, companions = None, []
-    if cluster:
-        m = float(draw_main_mass(rng, config, sim))
-        c = float(draw_concentration(m, config.z_lens, rng, sim, config.H0 / 100))
-        r = sim.main_offset_max_arcmin * 60.0 * np.sqrt(rng.uniform())
-        phi = rng.uniform(0.0, 2 * np.pi)
-        x0 = n_field * pix_arcsec / 2 + r * np.cos(phi)
-        y0 = n_field * pix_arcsec / 2 + r * np.sin(phi)
-        q, ang = _draw_ellipticity(rng, sim)
-        main = dict(m200_msun=m, c200=c, z=config.z_lens, x_arcsec=x0, y_arcsec=y0,
-                    axis_ratio=q, angle_deg=ang)
-        if rng.uniform() < sim.merger_fraction:
-            arcsec_per_mpc = 1.0 / (cosmo.angular_diameter_distance(config.z_lens).to_value(u.Mpc)
-                                    * np.radians(1.0 / 3600.0))
-            n_comp = rng.integers(sim.n_companions[0], sim.n_companions[1] + 1)
-            for _ in range(n_comp):
-                ratio = np.exp(rng.uniform(*np.log(sim.companion_mass_ratio)))
-                mc = m * ratio
-                cc = float(draw_concentration(mc, config.z_lens, rng, sim, config.H0 / 100))
-                d = rng.uniform(*sim.companion_separation_mpc) * arcsec_per_mpc
-                ph = rng.uniform(0.0, 2 * np.pi)
-                qc, angc = _draw_ellipticity(rng, sim)
-                companions.append(dict(m200_msun=mc, c200=cc, z=config.z_lens,
-                                       x_arcsec=x0 + d * np.cos(ph), y_arcsec=y0 + d * np.sin(ph),
-                                       axis_ratio=qc, angle_deg=angc))
-        for h in [main] + companions:
-            paint_tnfw(kappa_h, h["x_arcsec"] / pix_arcsec + lo, h["y_arcsec"] / pix_arcsec + lo,
-                       h["m200_msun"], h["c200"], h["z"], config.z_source, cosmo, pix_arcsec,
-                       h["axis_ratio"], h["angle_deg"], sim)
+    kappa = np.zeros((n, n))
+    main, companions = _draw_cluster(config, rng, sim, cosmo) if cluster else (None, [])
+    for h in ([main] if cluster else []) + companions:
+        paint_tnfw(kappa, h["x_arcsec"] / pix_arcsec + lo, h["y_arcsec"] / pix_arcsec + lo,
+                   h["m200_msun"], h["c200"], h["z"], config.z_source, cosmo, pix_arcsec,
+                   h["axis_ratio"], h["angle_deg"], sim)
 
-    area_sr = (n * np.radians(pix_arcsec / 3600.0)) ** 2
-    halos = draw_field_halos(area_sr, rng, config, sim)
+    halos = draw_field_halos((n * np.radians(pix_arcsec / 3600.0)) ** 2, rng, config, sim)
     nh = halos["m200_msun"].size
     xh = rng.uniform(0.0, n, nh)
     yh = rng.uniform(0.0, n, nh)
     amp, rs_pix, t = _halo_pixel_scales(halos["m200_msun"], halos["c200"], halos["z"],
                                         config.z_source, cosmo, pix_arcsec, sim)
     for k in np.nonzero(amp > 0)[0]:
-        _paint_stamp(kappa_h, xh[k], yh[k], amp[k], rs_pix[k], t[k], 1.0, 0.0, sim, wrap=True)
-    if sim.halo_smoothing_fwhm_arcsec > 0:
-        # Periodic Gaussian smoothing on the torus (exact: halos were painted
-        # with wrap-around).
-        ell = 2 * np.pi * np.fft.fftfreq(n, d=np.radians(pix_arcsec / 3600.0))
-        sig = np.radians(sim.halo_smoothing_fwhm_arcsec / 3600.0) / FWHM_PER_SIGMA
-        gauss = np.exp(-0.5 * (ell[:, None] ** 2 + ell[None, : n // 2 + 1] ** 2) * sig**2)
-        kappa_h = scipy.fft.irfft2(scipy.fft.rfft2(kappa_h) * gauss, s=(n, n))
-    kappa = kappa_h - halo_mean_kappa(config, sim)
+        _paint_stamp(kappa, xh[k], yh[k], amp[k], rs_pix[k], t[k], 1.0, 0.0, sim, wrap=True)
     halos["x_arcsec"] = (xh - lo) * pix_arcsec
     halos["y_arcsec"] = (yh - lo) * pix_arcsec
+    if sim.halo_smoothing_fwhm_arcsec > 0:
+        # Periodic smoothing on the torus: exact, since halos wrap around.
+        ell = 2 * np.pi * np.fft.fftfreq(n, d=np.radians(pix_arcsec / 3600.0))
+        sig = np.radians(sim.halo_smoothing_fwhm_arcsec / 3600.0) / wlcnn.FWHM_PER_SIGMA
+        gauss = np.exp(-0.5 * (ell[:, None] ** 2 + ell[None, : n // 2 + 1] ** 2) * sig**2)
+        kappa = scipy.fft.irfft2(scipy.fft.rfft2(kappa) * gauss, s=(n, n))
+    kappa -= halo_mean_kappa(config, sim)
 
     plan = lognormal_plan(config, sim)
-    k_lss, k_large, g1_large, g2_large = lognormal_lss(rng, plan, sim)
+    k_lss, k_large, g1_large, g2_large = lognormal_lss(rng, plan, sim, shear)
     kappa += k_lss
-    g1, g2 = shear_from_kappa(kappa - k_large, pad=False)
-    g1 += g1_large
-    g2 += g2_large
     cut = (slice(lo, lo + n_field), slice(lo, lo + n_field))
-    return {"kappa": kappa[cut].copy(), "gamma1": g1[cut].copy(), "gamma2": g2[cut].copy(),
+    g1 = g2 = None
+    if shear:
+        g1, g2 = wlcnn.shear_from_kappa(kappa - k_large, pad=False)
+        g1 = (g1 + g1_large)[cut].copy()
+        g2 = (g2 + g2_large)[cut].copy()
+    return {"kappa": kappa[cut].copy(), "gamma1": g1, "gamma2": g2,
             "main": main, "companions": companions, "field_halos": halos,
             "kappa0": plan.kappa0}
 
 
+# ## Dataset
 def simulated_field(config, rng, split, index):
-    """The default field generator of :func:`write_dataset`: a simulated
-    cluster field whose main halo and companions are kept as metadata."""
+    """``field_fn`` of ``wlcnn.write_dataset``: a cluster field, its halos kept as metadata."""
     field = simulate_cluster_field(config, rng)
-
-    def plain(h):
-        return {k: float(v) for k, v in h.items()}
-
-    field["meta"] = {"main": plain(field["main"]), "companions": [plain(h) for h in field["companions"]],
+    field["meta"] = {"main": {k: float(v) for k, v in field["main"].items()},
+                     "companions": [{k: float(v) for k, v in h.items()}
+                                    for h in field["companions"]],
                      "n_field_halos": int(field["field_halos"]["m200_msun"].size),
                      "kappa0": float(field["kappa0"])}
     return field
@@ -1173,7 +813,7 @@ def _shard_arg(text):
 
 
 def main(argv=None):
-    """Simulate cluster fields into a dataset (§2.3.1); returns the exit status."""
+    """Simulate cluster fields into a dataset; returns the exit status."""
     p = argparse.ArgumentParser(description="simulate cluster fields into a wlcnn dataset (§2.3.1)")
     p.add_argument("--out", required=True, help="dataset directory")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
@@ -1188,9 +828,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     counts = {"train": args.n_train, "val": args.n_val, "test": args.n_test}
     try:
-        manifest = write_dataset(args.out, counts, PAPER, args.seed, field_fn=simulated_field,
-                                 masks=args.masks, shard_size=args.shard_size,
-                                 workers=args.workers, shard=args.shard)
+        manifest = wlcnn.write_dataset(args.out, counts, PAPER, args.seed,
+                                       field_fn=simulated_field, masks=args.masks,
+                                       shard_size=args.shard_size, workers=args.workers,
+                                       shard=args.shard)
     except (ValueError, TypeError, OSError) as exc:
         print(f"simulate_skies: error: {exc}", file=sys.stderr)
         return 2
