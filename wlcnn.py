@@ -7,7 +7,7 @@ Reading list: the method, in the paper's order
 ----------------------------------------------
 * ``Config``: every number the paper fixes.
 * §2.1 ``sigma_crit`` (eq. 4), ``reduced_shear`` (eq. 2), ``lens_ellipticity`` (eq. 7).
-* §2.2 ``shear_from_kappa`` (eq. 8; its kernel, eq. 9, in ``_ks_kernel``) and its inverse,
+* §2.2 ``shear_from_kappa`` (eq. 8; its kernel, eq. 9, in ``ks_kernel``) and its inverse,
   ``ks93`` (eq. 10, Kaiser & Squires 1993).
 * §2.3.1 training skies: ``nfw_kappa_map`` (NFW halos), ``simulate_catalog`` (sources with
   shape and measurement noise), ``draw_star_masks`` (§3.5), ``mosaic_truth`` (the target).
@@ -235,7 +235,7 @@ def lens_ellipticity(e, g):
 # ---------------------------------------------------------------------------
 # §2.2 Shear from convergence (eq. 8-9) and Kaiser & Squires (eq. 10)
 # ---------------------------------------------------------------------------
-def _padded_shape(shape, pad):
+def padded_shape(shape, pad):
     """FFT grid of a map: itself, or the smallest odd 3-5-7-smooth lengths ≥ twice each side.
 
     Odd grids have no Nyquist mode, so the inversion is exact and commutes exactly with
@@ -259,7 +259,7 @@ def _padded_shape(shape, pad):
 
 
 @functools.lru_cache(maxsize=8)
-def _ks_kernel(shape):
+def ks_kernel(shape):
     """The kernel D (eq. 9) in Fourier space: (cos 2φ_k, sin 2φ_k) on an rfft2 grid.
 
     With k1 along x (axis 1), k2 along y (axis 0): D̂ = [(k1² − k2²) + 2i k1 k2] / k².
@@ -286,7 +286,8 @@ def _ks_kernel(shape):
     return c, s
 
 
-def _check_map(name, a):
+def check_map(name, a):
+    """``a`` as a float64 array; ValueError or TypeError unless it is a finite real 2-D map."""
     a = np.asarray(a)
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-D map [y, x], got shape {a.shape}")
@@ -303,13 +304,13 @@ def _check_map(name, a):
 def shear_from_kappa(kappa, pad=True):
     """Shear (γ1, γ2) of a convergence map, γ = (1/π) D * κ (eq. 8).
 
-    In Fourier space γ̂ = D̂ κ̂ (:func:`_ks_kernel`). ``pad``: zero-pad (no mass outside the
+    In Fourier space γ̂ = D̂ κ̂ (:func:`ks_kernel`). ``pad``: zero-pad (no mass outside the
     map); False treats the map as periodic.
     """
-    kappa = _check_map("kappa", kappa)
-    shape = _padded_shape(kappa.shape, pad)
+    kappa = check_map("kappa", kappa)
+    shape = padded_shape(kappa.shape, pad)
     kk = scipy.fft.rfft2(kappa, s=shape)
-    c, s = _ks_kernel(shape)
+    c, s = ks_kernel(shape)
     ny, nx = kappa.shape
     gamma1 = scipy.fft.irfft2(c * kk, s=shape)[:ny, :nx]
     gamma2 = scipy.fft.irfft2(s * kk, s=shape)[:ny, :nx]
@@ -325,14 +326,14 @@ def ks93(g1, g2, pad=True, return_bmode=False):
     curl part, a noise diagnostic). With padding it is the padded field that has zero mean,
     so the map keeps a small non-zero mean.
     """
-    g1 = _check_map("g1", g1)
-    g2 = _check_map("g2", g2)
+    g1 = check_map("g1", g1)
+    g2 = check_map("g2", g2)
     if g1.shape != g2.shape:
         raise ValueError(f"g1 and g2 differ in shape: {g1.shape} vs {g2.shape}")
-    shape = _padded_shape(g1.shape, pad)
+    shape = padded_shape(g1.shape, pad)
     f1 = scipy.fft.rfft2(g1, s=shape)
     f2 = scipy.fft.rfft2(g2, s=shape)
-    c, s = _ks_kernel(shape)
+    c, s = ks_kernel(shape)
     ny, nx = g1.shape
     kappa_e = scipy.fft.irfft2(c * f1 + s * f2, s=shape)[:ny, :nx]
     if not return_bmode:
@@ -443,7 +444,8 @@ def nfw_kappa_map(m200_msun, c200, x0_arcsec, y0_arcsec, npix, pixel_arcsec,
 # ---------------------------------------------------------------------------
 # §2.3.1 Training data: source catalogs with shape and measurement noise
 # ---------------------------------------------------------------------------
-def _check_rng(rng):
+def check_rng(rng):
+    """TypeError unless ``rng`` is a numpy Generator (every random draw takes one)."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError("rng must be a numpy.random.Generator (e.g. np.random.default_rng(seed))")
     return rng
@@ -454,7 +456,7 @@ def draw_intrinsic_ellipticity(n, sigma_e, rng):
 
     |e| ≥ 1 is no ellipse under the (a − b)/(a + b) definition (§2.3.1).
     """
-    _check_rng(rng)
+    check_rng(rng)
     e = rng.normal(0.0, sigma_e, n) + 1j * rng.normal(0.0, sigma_e, n)
     bad = np.abs(e) >= 1.0
     while np.any(bad):
@@ -514,7 +516,7 @@ def draw_star_masks(config, rng, peak_xy_arcsec):
     1-2 masks per 20′ × 20′ (scaled by area), radii uniform in 0.5′-2′; the first lies
     within ``star_near_peak_arcmin`` of the cluster's mass peak ``peak_xy_arcsec``.
     """
-    _check_rng(rng)
+    check_rng(rng)
     side = config.field_arcmin * 60.0
     scale = config.field_arcmin**2 / 400.0
     lo, hi = config.stars_per_400arcmin2
@@ -543,9 +545,9 @@ def simulate_catalog(kappa, gamma1, gamma2, config=PAPER, rng=None, masks=None):
         ``x``, ``y`` (arcsec), ``mag``, ``sigma`` = sqrt(σ_e² + σ_meas²) per component, and
         the observed ``e1``, ``e2``.
     """
-    _check_rng(rng)
+    check_rng(rng)
     names = ("kappa", "gamma1", "gamma2")
-    maps = [_check_map(n, a) for n, a in zip(names, (kappa, gamma1, gamma2))]
+    maps = [check_map(n, a) for n, a in zip(names, (kappa, gamma1, gamma2))]
     for name, a in zip(names, maps):
         if a.shape != (config.npix, config.npix):
             raise ValueError(f"{name} has shape {a.shape}; the config's grid is "
@@ -639,7 +641,7 @@ def make_cluster(field, config, rng, masks=False):
     ``field`` holds ``kappa``, ``gamma1``, ``gamma2`` (npix, npix) and an optional JSON
     ``meta``; ``rng`` draws the masks (if ``masks``, around the truth's peak) and the catalog.
     """
-    kappa = _check_map("kappa", field["kappa"])
+    kappa = check_map("kappa", field["kappa"])
     mosaic = mosaic_truth(kappa, config)
     i, j = np.unravel_index(np.argmax(mosaic), mosaic.shape)
     centres = _mosaic_centres(config)
@@ -654,7 +656,7 @@ def make_cluster(field, config, rng, masks=False):
             "meta": dict(field.get("meta", {}))}
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call ``write(tmp_path)`` then rename: a file is complete or absent."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -703,10 +705,10 @@ def _write_shard(task):
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
 
-    _atomic_write(Path(out_dir) / _shard_name(split, k), write)
+    atomic_write(Path(out_dir) / _shard_name(split, k), write)
 
 
-class _Progress:
+class Progress:
     """A one-line progress bar on stderr (items done, rate, time left)."""
 
     def __init__(self, total, label, stream=None):
@@ -768,7 +770,7 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
              for j, (s, k, first, n) in enumerate(plan)
              if (shard is None or j % shard[1] == shard[0])
              and not (out / _shard_name(s, k)).exists()]
-    bar = _Progress(len(tasks), "simulate shards") if progress and tasks else None
+    bar = Progress(len(tasks), "simulate shards") if progress and tasks else None
     if workers == 1 or len(tasks) <= 1:
         for t in tasks:
             _write_shard(t)
@@ -875,7 +877,8 @@ def _as_1d(name, a):
     return a
 
 
-def _positive(name, value):
+def check_positive(name, value):
+    """``value`` as a float; TypeError or ValueError unless it is a finite number > 0."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(
             value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -907,10 +910,10 @@ def _check_grid_args(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_s
         raise TypeError(f"npix must be an integer, got {type(npix).__name__}")
     if npix <= 0:
         raise ValueError(f"npix must be positive, got {npix}")
-    pixel_arcsec = _positive("pixel_arcsec", pixel_arcsec)
-    fwhm_arcsec = _positive("fwhm_arcsec", fwhm_arcsec)
-    cut_sigma = _positive("cut_sigma", cut_sigma)
-    empty_error = _positive("empty_error", empty_error)
+    pixel_arcsec = check_positive("pixel_arcsec", pixel_arcsec)
+    fwhm_arcsec = check_positive("fwhm_arcsec", fwhm_arcsec)
+    cut_sigma = check_positive("cut_sigma", cut_sigma)
+    empty_error = check_positive("empty_error", empty_error)
     s_pix = fwhm_arcsec / FWHM_PER_SIGMA / pixel_arcsec
     if not 0.05 <= s_pix <= npix:
         raise ValueError(f"the kernel's σ is {s_pix:g} pixels; it must lie between 0.05 pixel "
@@ -1945,7 +1948,7 @@ def run_path(out_dir, run_index):
 
 
 def _atomic_write_text(path, text):
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _read_json(path):
@@ -2785,7 +2788,7 @@ def choose_ks93_smoothing(val_clusters, grid_fn=None, fwhm_grid=KS93_FWHM_GRID,
     grid_fn = _default_grid_fn(grid_fn, config)
     mask = (mosaic_coverage(config) > 0) if mask is None else np.asarray(mask, dtype=bool)
     truths, maps = [], {f: [] for f in fwhm_grid}
-    bar = _Progress(limit, "ks93 smoothing") if progress and limit else None
+    bar = Progress(limit, "ks93 smoothing") if progress and limit else None
     for cluster in val_clusters:
         if limit is not None and len(truths) >= limit:
             break
@@ -2887,7 +2890,7 @@ def evaluate_methods(clusters, methods, config=PAPER, grid_fn=None, total=None, 
     grid_fn = _default_grid_fn(grid_fn, config)
     if total is None and hasattr(clusters, "__len__"):
         total = len(clusters)
-    bar = _Progress(total, "evaluate") if progress and total else None
+    bar = Progress(total, "evaluate") if progress and total else None
     n = config.mosaic_npix
     truths, index, stars = [], [], []
     maps, stds, mass_std = ({name: [] for name in methods} for _ in range(3))

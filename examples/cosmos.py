@@ -213,7 +213,7 @@ def write_maps(path, maps, density, footprint, wcs, header_cards):
         dtype = np.uint8 if data.dtype == np.uint8 else np.float32
         hdus.append(fits.ImageHDU(np.asarray(data, dtype),
                                   header=h, name=name))
-    wlcnn._atomic_write(path, lambda tmp: fits.HDUList(hdus).writeto(tmp))
+    wlcnn.atomic_write(path, lambda tmp: fits.HDUList(hdus).writeto(tmp))
 
 
 def figure(path, maps, wcs, footprint, groups, peaks):
@@ -243,7 +243,7 @@ def figure(path, maps, wcs, footprint, groups, peaks):
         if i == 0:
             ax.legend(loc="lower left", fontsize=7)
     fig.suptitle("COSMOS (Schrabback et al. 2010 shapes), X-ray groups of Finoguenov et al. (2007)")
-    wlcnn._atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    wlcnn.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def build_parser():

@@ -38,7 +38,7 @@ import scipy.ndimage
 import wlcnn
 # No public equivalents: the padded FFT grid and the Fourier multipliers of KS93,
 # which the Wiener filter applies on the same grid as wlcnn.ks93; the progress bar.
-from wlcnn import PAPER, _ks_kernel, _padded_shape, _Progress
+from wlcnn import PAPER, ks_kernel, padded_shape, Progress
 
 
 # ## Baselines beyond the paper: a Wiener filter and Seitz & Schneider (1995)
@@ -51,7 +51,7 @@ def _wavenumber(shape):
 
 def _emode_spectrum(g1, g2, shape):
     """FFT of the Kaiser & Squires (1993) E mode of (g1, g2) zero-padded to ``shape``."""
-    c, s = _ks_kernel(shape)
+    c, s = ks_kernel(shape)
     return c * scipy.fft.rfft2(g1, s=shape) + s * scipy.fft.rfft2(g2, s=shape)
 
 
@@ -109,12 +109,12 @@ def fit_wiener(clusters, config=PAPER, n_bins=40, limit=200, seed=0, progress=Fa
     (Van Waerbeke 2000).  Both are averaged in annuli of |k|.
     """
     rng = np.random.default_rng(seed)
-    shape = _padded_shape((config.npix, config.npix), True)
+    shape = padded_shape((config.npix, config.npix), True)
     kmod = _wavenumber(shape)
     # the last edge a hair beyond the corner mode, so that it falls inside the last bin
     edges = np.geomspace(1.0 / max(shape), kmod.max() * (1 + 1e-9), n_bins + 1)
     s_sum, n_sum = np.zeros(n_bins), np.zeros(n_bins)
-    bar = _Progress(limit, "wiener spectra") if progress and limit else None
+    bar = Progress(limit, "wiener spectra") if progress and limit else None
     n = 0
     for n, cluster in enumerate(itertools.islice(clusters, limit), start=1):
         kappa = np.asarray(cluster["kappa"], dtype=np.float64)

@@ -27,7 +27,7 @@ import scipy.ndimage
 import scipy.special
 from astropy.io import fits
 
-from wlcnn import FWHM_PER_SIGMA, PAPER, _check_map, _positive, shear_from_kappa, write_dataset
+from wlcnn import FWHM_PER_SIGMA, PAPER, check_map, check_positive, shear_from_kappa, write_dataset
 
 #: Header keyword of a map's side in degrees, as MassiveNuS and LensTools write it.
 MASSIVENUS_ANGLE_KEY = "ANGLE"
@@ -129,8 +129,8 @@ def find_clusters(kappa, pixel_arcmin, smooth_fwhm_arcmin=1.0, threshold_sigma=4
     The paper gives no SExtractor settings; this is its operation at its simplest: smooth,
     keep the local maxima above the threshold, deblend (highest first), drop the border.
     """
-    kappa = _check_map("kappa", kappa)
-    pixel_arcmin = _positive("pixel_arcmin", pixel_arcmin)
+    kappa = check_map("kappa", kappa)
+    pixel_arcmin = check_positive("pixel_arcmin", pixel_arcmin)
     for label, value in (("smooth_fwhm_arcmin", smooth_fwhm_arcmin),
                          ("min_separation_arcmin", min_separation_arcmin),
                          ("border_arcmin", border_arcmin)):
@@ -206,15 +206,15 @@ def cut_field(kappa, gamma1, gamma2, center_yx, pixel_arcmin, config=PAPER, spli
         map at ((j + ½), (i + ½)) × ``config.pixel_arcsec`` from the field's lower-left
         corner, ``field_arcmin / 2`` below and left of the centre.
     """
-    maps = {"kappa": _check_map("kappa", kappa),
-            "gamma1": _check_map("gamma1", gamma1),
-            "gamma2": _check_map("gamma2", gamma2)}
+    maps = {"kappa": check_map("kappa", kappa),
+            "gamma1": check_map("gamma1", gamma1),
+            "gamma2": check_map("gamma2", gamma2)}
     shape = maps["kappa"].shape
     for label in ("gamma1", "gamma2"):
         if maps[label].shape != shape:
             raise ValueError(f"{label} has shape {maps[label].shape}, kappa {shape}: "
                              "the maps must share one grid")
-    pixel_arcmin = _positive("pixel_arcmin", pixel_arcmin)
+    pixel_arcmin = check_positive("pixel_arcmin", pixel_arcmin)
     center = np.asarray(center_yx, dtype=np.float64)
     if center.shape != (2,) or not np.all(np.isfinite(center)):
         raise ValueError("center_yx must be two finite map pixel indices (y, x), "

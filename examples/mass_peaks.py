@@ -43,7 +43,7 @@ def rotate_shapes(e1, e2, rng):
         Same |ε| per source, ⟨ε⟩ = 0 whatever the shear (a spin-2 field turned
         by ψ changes phase by 2ψ, so ψ in [0, π) covers every phase once).
     """
-    wlcnn._check_rng(rng)
+    wlcnn.check_rng(rng)
     e = np.asarray(e1, np.float64) + 1j * np.asarray(e2, np.float64)
     e = e * np.exp(2j * rng.uniform(0.0, np.pi, e.shape))
     return e.real, e.imag
@@ -69,7 +69,7 @@ def noise_maps(map_fn, e1, e2, n_realisations, rng, progress=False):
     if isinstance(n, bool) or int(n) != n or n < 2:
         raise ValueError(f"n_realisations must be a whole number >= 2 (a spread needs two), "
                          f"got {n_realisations!r}")
-    bar = wlcnn._Progress(int(n_realisations), "noise realisations") if progress else None
+    bar = wlcnn.Progress(int(n_realisations), "noise realisations") if progress else None
     maps = []
     for _ in range(int(n_realisations)):
         maps.append(np.asarray(map_fn(*rotate_shapes(e1, e2, rng)), np.float64))
@@ -218,7 +218,7 @@ def write_peaks(table, path, overwrite=False):
                 table.write(f, format="fits")
         else:
             table.write(tmp, format=PEAK_FORMATS[ext], overwrite=True)
-    wlcnn._atomic_write(path, write)
+    wlcnn.atomic_write(path, write)
     return path
 
 
@@ -348,7 +348,7 @@ def values_at(kappa, wcs, ra, dec):
 
 def random_positions(wcs, footprint, n, rng):
     """``n`` positions (ra, dec in deg) uniform over the pixels of ``footprint``."""
-    wlcnn._check_rng(rng)
+    wlcnn.check_rng(rng)
     iy, ix = np.nonzero(np.asarray(footprint, dtype=bool))
     if iy.size == 0:
         raise ValueError("the footprint is empty: no random positions")

@@ -50,7 +50,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 import wlcnn
-from wlcnn import (MOSAIC_BATCH, PAPER, SIGMA_RANGE, MosaicRuns, _atomic_write, _Progress,
+from wlcnn import (MOSAIC_BATCH, PAPER, SIGMA_RANGE, MosaicRuns, atomic_write, Progress,
                    config_from_dict, cosmology, grid_catalog, ks93, load_runs, model_info,
                    mosaic_coverage, mosaic_offsets, mosaic_orientations, predict_mosaic_runs,
                    sigma_crit, smooth_map)
@@ -690,7 +690,7 @@ def _tiled_cnn(src, fills, models, geometry, orientations, batch_size, progress)
     total = np.zeros((len(models), n, n))       # Σ count × tile map, per run (fill-averaged)
     by_fill = np.zeros((n_fills, n, n))         # Σ count × tile map, per fill (run-averaged)
     count = np.zeros((n, n), dtype=np.int64)
-    bar = _Progress(passes, "mosaic passes over tiles") if progress and passes > 1 else None
+    bar = Progress(passes, "mosaic passes over tiles") if progress and passes > 1 else None
     catalogs = [tuple(np.concatenate([a, b]) for a, b in zip(src, f)) for f in fills]
     for sy, sx, filled in plan:
         tile_runs = []
@@ -828,7 +828,7 @@ def _write_fits(path, hdul):
                 hdul.writeto(f)
         else:
             hdul.writeto(tmp)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _png_path(path):
@@ -861,7 +861,7 @@ def figure_reconstruction(kappa_ks93, kappa_cnn, kappa_cnn_std, wcs, path, title
         fig.colorbar(im, ax=ax, shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=RECON_DPI))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=RECON_DPI))
     return path
 
 

@@ -442,7 +442,7 @@ def draw_field_halos(area_sr, rng, config: Config = PAPER, sim: SimulatorConfig 
 
     Unclustered: their two-halo term is in the log-normal field.
     """
-    wlcnn._check_rng(rng)
+    wlcnn.check_rng(rng)
     g = halo_grid(config, sim)
     counts = rng.poisson(g.counts_per_sr * area_sr)
     iz, im = np.nonzero(counts)
@@ -458,7 +458,7 @@ def draw_field_halos(area_sr, rng, config: Config = PAPER, sim: SimulatorConfig 
 
 def draw_main_mass(rng, config: Config = PAPER, sim: SimulatorConfig = SIMULATOR, size=None):
     """M200c [M☉] of main clusters: dn/dlnM(z_l) within the main mass range (inverse CDF)."""
-    wlcnn._check_rng(rng)
+    wlcnn.check_rng(rng)
     t = theory_tables(config, sim)
     lm = np.arange(np.log10(sim.main_m200_min_msun), np.log10(sim.main_m200_max_msun) + 1e-9,
                    0.005)
@@ -616,7 +616,7 @@ def lognormal_gaussians(rng, plan: LognormalPlan):
     """The Gaussian fields of one log-normal realisation: g on the torus's modes, (n, n),
     and the large modes' coefficients, g_L = Re Σ coef[a, b] exp(i k (m_a y + m_b x)),
     k = 2π / (large_factor n) per pixel, on half of the lattice."""
-    wlcnn._check_rng(rng)
+    wlcnn.check_rng(rng)
     n = plan.n
     white = rng.standard_normal((n, n))
     g_small = scipy.fft.irfft2(scipy.fft.rfft2(white) * plan.sqrt_cg, s=(n, n))
@@ -744,7 +744,7 @@ def simulate_cluster_field(config: Config, rng, sim: SimulatorConfig = SIMULATOR
     cut the LSS off) plus the large modes' shear.  The cluster's periodic
     images' shear cancels at the centre to leading order.
     """
-    wlcnn._check_rng(rng)
+    wlcnn.check_rng(rng)
     cosmo = wlcnn.cosmology(config)
     n_field = config.npix
     n = sim.pad_factor * n_field

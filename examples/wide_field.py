@@ -162,7 +162,7 @@ def figure(path, tables, rows):
     ax2.set_xlabel("S/N threshold")
     ax2.set_ylabel("purity")
     ax2.legend(fontsize=8)
-    wlcnn._atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    wlcnn.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def build_parser():

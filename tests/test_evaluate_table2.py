@@ -53,7 +53,7 @@ def test_ss95_is_ks93_in_the_weak_limit():
 
 
 def _flat_wiener(signal, noise):
-    shape = wlcnn._padded_shape((CFG.npix, CFG.npix), True)
+    shape = wlcnn.padded_shape((CFG.npix, CFG.npix), True)
     k = np.geomspace(1e-3, 0.8, 10)
     return evaluate_table2.WienerFilter(k, np.full(10, signal), np.full(10, noise), shape, 1)
 
