@@ -1490,17 +1490,22 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
 # ---------------------------------------------------------------------------
 # §2.3.2 The network: convolutions by FFT
 # ---------------------------------------------------------------------------
-# On a CPU, Keras's own 49x49 Conv2D/Conv2DTranspose spend ~5 s a sample in
-# their backward pass; by FFT the cost no longer grows with the filter area.
-# The gradients below reuse the forward spectra instead of differentiating
-# through rfft2d/irfft2d (TF's RFFT gradient rebuilds a DFT matrix each call).
-# Measured on the 2-core CPU (TF 2.21; bench_grad.py, fastest of 8 steps
-# alternating the two versions; the machine was shared, so medians vary
-# more), forward + backward, 49x49 filter, 8 -> 8 channels, batch 4:
-#   Conv2D on 176^2:           built-in gradient 0.042 s, custom 0.029 s
-#   Conv2DTranspose on 128^2:  built-in gradient 0.059 s, custom 0.044 s
-#   Table 1 training step:     built-in gradient 0.43 s,  custom 0.33 s
-# so the custom gradient is kept.
+# Keras's own 49x49 Conv2D/Conv2DTranspose cost ~2 h w = 4800 flops per pixel
+# and channel pair, and on a CPU their backward pass is far slower still; by
+# FFT the cost no longer grows with the filter area. One layer's forward and
+# backward passes are each one XLA-compiled function (jit_compile), so that
+# the layout changes (channels last <-> the transforms' two innermost axes),
+# zero padding, crops and conjugations fuse into the transforms' inputs and
+# outputs. The sums over the few channels are unrolled into one fused loop;
+# an einsum would instead transpose the spectra for a batched matmul of tiny
+# matrices (one per frequency). The gradient is written out (custom
+# gradient) so that it reuses the forward spectra; TF's own RFFT gradient
+# adds work. Timings: python examples/bench_train.py.
+
+# Keras kernel layout -> (in, out, h, w), and back; Conv2D keeps its kernel as
+# (h, w, in, out), Conv2DTranspose as (h, w, out, in).
+_TO_IOHW = {False: (2, 3, 0, 1), True: (3, 2, 0, 1)}
+_FROM_IOHW = {False: (2, 3, 0, 1), True: (2, 3, 1, 0)}
 
 
 def _rfft(t, size):
@@ -1510,78 +1515,82 @@ def _rfft(t, size):
     return tf.signal.rfft2d(tf.pad(t, pad), fft_length=size)
 
 
-def _irfft(t, size):
-    return tf.signal.irfft2d(t, fft_length=size)
+def _irfft(t, size, crop):
+    """Inverse of ``_rfft``: the ``crop`` corner of the size-``size`` map."""
+    return tf.signal.irfft2d(t, fft_length=size)[..., :crop[0], :crop[1]]
 
 
-@tf.custom_gradient
-def _correlate_valid(x, k):
-    """Valid 2-D cross-correlation summed over input channels (Keras Conv2D).
-
-    Parameters
-    ----------
-    x : tf.Tensor, shape (B, C, H, W)
-    k : tf.Tensor, shape (C, O, h, w)
-
-    Returns
-    -------
-    tf.Tensor, shape (B, O, H - h + 1, W - w + 1)
-
-    Notes
-    -----
-    A circular correlation of size (H, W) equals the linear one on the valid
-    corner: the largest input index reached there is (H - h) + (h - 1) = H - 1.
-    The custom gradient reuses the forward spectra X, K: with DY the spectrum
-    of the zero-padded output gradient, dx = irfft(DY K) (a convolution) and
-    dk = irfft(X conj(DY)) cropped to (h, w).
-    """
-    (H, W), (h, w) = x.shape[-2:], k.shape[-2:]
-    X, K = _rfft(x, (H, W)), _rfft(k, (H, W))
-    y = _irfft(tf.einsum("bcuv,couv->bouv", X, tf.math.conj(K)), (H, W))
-
-    def grad(dy):
-        # dy is zero-padded to (H, W): the wrapped-around lags of the
-        # circular convolution then only meet the kernel's zero padding.
-        DY = _rfft(dy, (H, W))
-        dx = _irfft(tf.einsum("bouv,couv->bcuv", DY, K), (H, W))
-        dk = _irfft(tf.einsum("bcuv,bouv->couv", X, tf.math.conj(DY)), (H, W))
-        return dx, dk[..., :h, :w]
-
-    return y[..., : H - h + 1, : W - w + 1], grad
+def _sum_in(X, K):
+    """sum_c X[b, c] K[c, o]: (B, C, U, V), (C, O, U, V) -> (B, O, U, V)."""
+    return tf.add_n([X[:, c:c + 1] * K[c] for c in range(K.shape[0])])
 
 
-@tf.custom_gradient
-def _convolve_full(x, k):
-    """Full 2-D linear convolution summed over input channels (Keras valid
-    Conv2DTranspose with stride 1).
+def _sum_out(D, K):
+    """sum_o D[b, o] K[c, o]: (B, O, U, V), (C, O, U, V) -> (B, C, U, V)."""
+    return tf.add_n([D[:, o:o + 1] * K[:, o] for o in range(K.shape[1])])
 
-    Parameters
-    ----------
-    x : tf.Tensor, shape (B, C, H, W)
-    k : tf.Tensor, shape (C, O, h, w)
 
-    Returns
-    -------
-    tf.Tensor, shape (B, O, H + h - 1, W + w - 1)
+def _geometry(x_hw, k_hw, transpose):
+    """Transform size and output size of a valid Conv2D (correlation) or
+    Conv2DTranspose (full convolution)."""
+    (H, W), (h, w) = x_hw, k_hw
+    if transpose:
+        return (H + h - 1, W + w - 1), (H + h - 1, W + w - 1)
+    return (H, W), (H - h + 1, W - w + 1)
+
+
+@tf.function(jit_compile=True)
+def _fft_forward(x, kernel, transpose):
+    """Forward pass: (B, H, W, C) -> (B, H', W', O), and the spectra X, Kf."""
+    size, out = _geometry(x.shape[1:3], kernel.shape[:2], transpose)
+    X = _rfft(tf.transpose(x, (0, 3, 1, 2)), size)
+    K = _rfft(tf.transpose(kernel, _TO_IOHW[transpose]), size)
+    Kf = K if transpose else tf.math.conj(K)
+    y = _irfft(_sum_in(X, Kf), size, out)
+    return tf.transpose(y, (0, 2, 3, 1)), X, Kf
+
+
+@tf.function(jit_compile=True)
+def _fft_backward(dy, X, Kf, x_hw, k_hw, transpose):
+    """Backward pass: dL/dx (B, H, W, C) and dL/dkernel (Keras layout)."""
+    size, _ = _geometry(x_hw, k_hw, transpose)
+    DY = _rfft(tf.transpose(dy, (0, 3, 1, 2)), size)
+    dx = _irfft(_sum_out(DY, tf.math.conj(Kf)), size, x_hw)
+    G = tf.einsum("bcuv,bouv->couv", tf.math.conj(X), DY)
+    dk = _irfft(G if transpose else tf.math.conj(G), size, k_hw)
+    return (tf.transpose(dx, (0, 2, 3, 1)),
+            tf.transpose(dk, _FROM_IOHW[transpose]))
+
+
+def _fft_conv(transpose):
+    """The valid Conv2D (``transpose`` False) or Conv2DTranspose (True) of a
+    channels-last batch, stride 1, by FFT.
 
     Notes
     -----
-    The transform size is the output size, so nothing wraps around. The
-    custom gradient reuses the forward spectra X, K: dx = irfft(DY conj(K))
-    and dk = irfft(conj(X) DY) (correlations), cropped to (H, W) and (h, w).
+    With X, K the spectra of the input and of the kernel zero-padded to the
+    transform size, Kf = conj(K) (correlation) or K (convolution):
+    y = irfft(sum_c X_c Kf_co), dx = irfft(sum_o DY_o conj(Kf_co)) and
+    dKf_co = sum_b conj(X_bc) DY_bo, with DY the spectrum of the zero-padded
+    output gradient. Correlation: the transform size is the input size; a
+    circular correlation equals the linear one on the valid corner (the
+    largest input index reached there is (H - h) + (h - 1) = H - 1), and the
+    wrapped-around lags of dx only meet the kernel's zero padding.
+    Convolution: the transform size is the output size, so nothing wraps.
     """
-    (H, W), (h, w) = x.shape[-2:], k.shape[-2:]
-    size = (H + h - 1, W + w - 1)
-    X, K = _rfft(x, size), _rfft(k, size)
-    y = _irfft(tf.einsum("bcuv,couv->bouv", X, K), size)
+    @tf.custom_gradient
+    def conv(x, kernel):
+        y, X, Kf = _fft_forward(x, kernel, transpose)
 
-    def grad(dy):
-        DY = _rfft(dy, size)
-        dx = _irfft(tf.einsum("bouv,couv->bcuv", DY, tf.math.conj(K)), size)
-        dk = _irfft(tf.einsum("bcuv,bouv->couv", tf.math.conj(X), DY), size)
-        return dx[..., :H, :W], dk[..., :h, :w]
+        def grad(dy):
+            return _fft_backward(dy, X, Kf, tuple(x.shape[1:3]),
+                                 tuple(kernel.shape[:2]), transpose)
+        return y, grad
+    return conv
 
-    return y, grad
+
+_correlate_valid = _fft_conv(transpose=False)
+_convolve_full = _fft_conv(transpose=True)
 
 
 class _FFTConvBase(keras.layers.Layer):
@@ -1624,14 +1633,8 @@ class _FFTConvBase(keras.layers.Layer):
                 w + sign * (self.kernel_size[1] - 1), self.filters)
 
     def call(self, inputs):
-        x = tf.transpose(inputs, (0, 3, 1, 2))  # rfft2d works on NCHW
-        if self._transpose:
-            k = tf.transpose(self.kernel, (3, 2, 0, 1))   # -> (in, out, h, w)
-            y = _convolve_full(x, k)
-        else:
-            k = tf.transpose(self.kernel, (2, 3, 0, 1))   # -> (in, out, h, w)
-            y = _correlate_valid(x, k)
-        y = tf.transpose(y, (0, 2, 3, 1))
+        conv = _convolve_full if self._transpose else _correlate_valid
+        y = conv(inputs, tf.convert_to_tensor(self.kernel))
         if self.use_bias:
             y = y + self.bias
         return self.activation(y)
