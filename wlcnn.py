@@ -1492,15 +1492,17 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
 # ---------------------------------------------------------------------------
 # Keras's own 49x49 Conv2D/Conv2DTranspose cost ~2 h w = 4800 flops per pixel
 # and channel pair, and on a CPU their backward pass is far slower still; by
-# FFT the cost no longer grows with the filter area. One layer's forward and
-# backward passes are each one XLA-compiled function (jit_compile), so that
-# the layout changes (channels last <-> the transforms' two innermost axes),
-# zero padding, crops and conjugations fuse into the transforms' inputs and
+# FFT the cost no longer grows with the filter area. The transforms and the
+# sums over channels are XLA-compiled (jit_compile), so that the layout
+# changes (channels last <-> the transforms' two innermost axes), zero
+# padding, crops and conjugations fuse into the transforms' inputs and
 # outputs. The sums over the few channels are unrolled into one fused loop;
 # an einsum would instead transpose the spectra for a batched matmul of tiny
-# matrices (one per frequency). The gradient is written out (custom
-# gradient) so that it reuses the forward spectra; TF's own RFFT gradient
-# adds work. Timings: python examples/bench_train.py.
+# matrices (one per frequency). XLA runs each transform on one thread, so on
+# a CPU the batch is cut into one part per core and the parts run
+# concurrently. The gradient is written out (custom gradient) so that it
+# reuses the forward spectra instead of transforming again. Timings:
+# python examples/bench_train.py.
 
 # Keras kernel layout -> (in, out, h, w), and back; Conv2D keeps its kernel as
 # (h, w, in, out), Conv2DTranspose as (h, w, out, in).
@@ -1540,26 +1542,41 @@ def _geometry(x_hw, k_hw, transpose):
 
 
 @tf.function(jit_compile=True)
-def _fft_forward(x, kernel, transpose):
-    """Forward pass: (B, H, W, C) -> (B, H', W', O), and the spectra X, Kf."""
-    size, out = _geometry(x.shape[1:3], kernel.shape[:2], transpose)
-    X = _rfft(tf.transpose(x, (0, 3, 1, 2)), size)
+def _kernel_spectrum(kernel, size, transpose):
+    """Kf: conj(K) for a correlation, K for a convolution, (C, O, U, V)."""
     K = _rfft(tf.transpose(kernel, _TO_IOHW[transpose]), size)
-    Kf = K if transpose else tf.math.conj(K)
-    y = _irfft(_sum_in(X, Kf), size, out)
-    return tf.transpose(y, (0, 2, 3, 1)), X, Kf
+    return K if transpose else tf.math.conj(K)
 
 
 @tf.function(jit_compile=True)
-def _fft_backward(dy, X, Kf, x_hw, k_hw, transpose):
-    """Backward pass: dL/dx (B, H, W, C) and dL/dkernel (Keras layout)."""
-    size, _ = _geometry(x_hw, k_hw, transpose)
+def _forward(x, Kf, size, out):
+    """(B, H, W, C) -> output (B, H', W', O) and the input spectra X."""
+    X = _rfft(tf.transpose(x, (0, 3, 1, 2)), size)
+    y = _irfft(_sum_in(X, Kf), size, out)
+    return tf.transpose(y, (0, 2, 3, 1)), X
+
+
+@tf.function(jit_compile=True)
+def _backward(dy, X, Kf, size, x_hw):
+    """dL/dx (B, H, W, C) and this part's sum_b conj(X_b) DY_b."""
     DY = _rfft(tf.transpose(dy, (0, 3, 1, 2)), size)
     dx = _irfft(_sum_out(DY, tf.math.conj(Kf)), size, x_hw)
     G = tf.einsum("bcuv,bouv->couv", tf.math.conj(X), DY)
+    return tf.transpose(dx, (0, 2, 3, 1)), G
+
+
+@tf.function(jit_compile=True)
+def _kernel_gradient(G, size, k_hw, transpose):
+    """dL/dkernel in the Keras layout from dL/dKf = G."""
     dk = _irfft(G if transpose else tf.math.conj(G), size, k_hw)
-    return (tf.transpose(dx, (0, 2, 3, 1)),
-            tf.transpose(dk, _FROM_IOHW[transpose]))
+    return tf.transpose(dk, _FROM_IOHW[transpose])
+
+
+def _batch_parts(t):
+    """``t`` cut along the batch into one part per CPU core (one on a GPU)."""
+    n = 1 if tf.config.list_logical_devices("GPU") else os.cpu_count() or 1
+    b = tf.shape(t)[0]
+    return [t[b * i // n:b * (i + 1) // n] for i in range(n)]
 
 
 def _fft_conv(transpose):
@@ -1580,12 +1597,18 @@ def _fft_conv(transpose):
     """
     @tf.custom_gradient
     def conv(x, kernel):
-        y, X, Kf = _fft_forward(x, kernel, transpose)
+        x_hw, k_hw = tuple(x.shape[1:3]), tuple(kernel.shape[:2])
+        size, out = _geometry(x_hw, k_hw, transpose)
+        Kf = _kernel_spectrum(kernel, size, transpose)
+        parts = [_forward(p, Kf, size, out) for p in _batch_parts(x)]
 
         def grad(dy):
-            return _fft_backward(dy, X, Kf, tuple(x.shape[1:3]),
-                                 tuple(kernel.shape[:2]), transpose)
-        return y, grad
+            back = [_backward(d, X, Kf, size, x_hw)
+                    for d, (_, X) in zip(_batch_parts(dy), parts)]
+            G = tf.add_n([g for _, g in back])
+            return (tf.concat([d for d, _ in back], 0),
+                    _kernel_gradient(G, size, k_hw, transpose))
+        return tf.concat([y for y, _ in parts], 0), grad
     return conv
 
 
