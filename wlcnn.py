@@ -1533,8 +1533,7 @@ def _sum_out(D, K):
 
 
 def _geometry(x_hw, k_hw, transpose):
-    """Transform size and output size of a valid Conv2D (correlation) or
-    Conv2DTranspose (full convolution)."""
+    """Transform and output sizes of a Conv2D or Conv2DTranspose."""
     (H, W), (h, w) = x_hw, k_hw
     if transpose:
         return (H + h - 1, W + w - 1), (H + h - 1, W + w - 1)
@@ -1580,20 +1579,18 @@ def _batch_parts(t):
 
 
 def _fft_conv(transpose):
-    """The valid Conv2D (``transpose`` False) or Conv2DTranspose (True) of a
-    channels-last batch, stride 1, by FFT.
+    """Valid Conv2D (``transpose`` False) or Conv2DTranspose (True) by FFT.
 
     Notes
     -----
-    With X, K the spectra of the input and of the kernel zero-padded to the
-    transform size, Kf = conj(K) (correlation) or K (convolution):
-    y = irfft(sum_c X_c Kf_co), dx = irfft(sum_o DY_o conj(Kf_co)) and
-    dKf_co = sum_b conj(X_bc) DY_bo, with DY the spectrum of the zero-padded
-    output gradient. Correlation: the transform size is the input size; a
-    circular correlation equals the linear one on the valid corner (the
-    largest input index reached there is (H - h) + (h - 1) = H - 1), and the
-    wrapped-around lags of dx only meet the kernel's zero padding.
-    Convolution: the transform size is the output size, so nothing wraps.
+    X, K, DY: spectra of the input, the kernel and the output gradient, each
+    zero-padded to the transform size; Kf = conj(K) (Conv2D, a correlation)
+    or K (a convolution). y = irfft(sum_c X_c Kf_co), dx = irfft(sum_o DY_o
+    conj(Kf_co)), dKf_co = sum_b conj(X_bc) DY_bo. A correlation is
+    transformed at the input size: the circular one equals the linear one on
+    the valid corner (the largest input index reached is (H - h) + (h - 1) =
+    H - 1), and dx's wrapped lags meet only the kernel's zero padding. A
+    convolution is transformed at the output size: nothing wraps.
     """
     @tf.custom_gradient
     def conv(x, kernel):
@@ -1618,7 +1615,15 @@ _convolve_full = _fft_conv(transpose=True)
 
 class _FFTConvBase(keras.layers.Layer):
     """Shared parts of the two FFT layers (valid padding, stride 1,
-    channels last). Subclasses set ``_transpose``."""
+    channels last). Subclasses set ``_transpose``.
+
+    Parameters
+    ----------
+    filters : int
+        Output channels.
+    kernel_size : int or (int, int)
+        Filter size (h, w) in pixels.
+    """
 
     _transpose = False
 
@@ -1677,16 +1682,8 @@ class _FFTConvBase(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="wlcnn")
 class FFTConv2D(_FFTConvBase):
     """Drop-in for ``keras.layers.Conv2D(padding="valid", strides=1)``,
-    computed with ``tf.signal.rfft2d``.
-
-    Parameters
-    ----------
-    filters : int
-        Output channels.
-    kernel_size : int or (int, int)
-        Filter size (h, w) in pixels.
-    activation : str or callable, optional
-    use_bias : bool
+    computed with ``tf.signal.rfft2d``; its arguments (filters, kernel_size,
+    activation, use_bias) are Conv2D's.
 
     Notes
     -----
@@ -1701,16 +1698,8 @@ class FFTConv2D(_FFTConvBase):
 @keras.saving.register_keras_serializable(package="wlcnn")
 class FFTConv2DTranspose(_FFTConvBase):
     """Drop-in for ``keras.layers.Conv2DTranspose(padding="valid",
-    strides=1)``, computed with ``tf.signal.rfft2d``.
-
-    Parameters
-    ----------
-    filters : int
-        Output channels.
-    kernel_size : int or (int, int)
-        Filter size (h, w) in pixels.
-    activation : str or callable, optional
-    use_bias : bool
+    strides=1)``, computed with ``tf.signal.rfft2d``; its arguments (filters,
+    kernel_size, activation, use_bias) are Conv2DTranspose's.
 
     Notes
     -----
