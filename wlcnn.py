@@ -1186,17 +1186,24 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
 # ---------------------------------------------------------------------------
 # §2.3.2 The network: convolutions by FFT
 # ---------------------------------------------------------------------------
-# On a CPU, Keras's own 49x49 Conv2D/Conv2DTranspose spend ~5 s a sample in
-# their backward pass; by FFT the cost no longer grows with the filter area.
-# The gradients below reuse the forward spectra instead of differentiating
-# through rfft2d/irfft2d (TF's RFFT gradient rebuilds a DFT matrix each call).
-# Measured on the 2-core CPU (TF 2.21; bench_grad.py, fastest of 8 steps
-# alternating the two versions; the machine was shared, so medians vary
-# more), forward + backward, 49x49 filter, 8 -> 8 channels, batch 4:
-#   Conv2D on 176^2:           built-in gradient 0.042 s, custom 0.029 s
-#   Conv2DTranspose on 128^2:  built-in gradient 0.059 s, custom 0.044 s
-#   Table 1 training step:     built-in gradient 0.43 s,  custom 0.33 s
-# so the custom gradient is kept.
+# Keras's own 49x49 Conv2D/Conv2DTranspose cost ~2 h w = 4800 flops per pixel
+# and channel pair, and on a CPU their backward pass is far slower still; by
+# FFT the cost no longer grows with the filter area. The transforms and the
+# sums over channels are XLA-compiled (jit_compile), so that the layout
+# changes (channels last <-> the transforms' two innermost axes), zero
+# padding, crops and conjugations fuse into the transforms' inputs and
+# outputs. The sums over the few channels are unrolled into one fused loop;
+# an einsum would instead transpose the spectra for a batched matmul of tiny
+# matrices (one per frequency). XLA runs each transform on one thread, so on
+# a CPU the batch is cut into one part per core and the parts run
+# concurrently. The gradient is written out (custom gradient) so that it
+# reuses the forward spectra instead of transforming again. Timings:
+# python examples/bench_train.py.
+
+# Keras kernel layout -> (in, out, h, w), and back; Conv2D keeps its kernel as
+# (h, w, in, out), Conv2DTranspose as (h, w, out, in).
+_TO_IOHW = {False: (2, 3, 0, 1), True: (3, 2, 0, 1)}
+_FROM_IOHW = {False: (2, 3, 0, 1), True: (2, 3, 1, 0)}
 
 
 def _rfft(t, size):
@@ -1206,83 +1213,113 @@ def _rfft(t, size):
     return tf.signal.rfft2d(tf.pad(t, pad), fft_length=size)
 
 
-def _irfft(t, size):
-    return tf.signal.irfft2d(t, fft_length=size)
+def _irfft(t, size, crop):
+    """Inverse of ``_rfft``: the ``crop`` corner of the size-``size`` map."""
+    return tf.signal.irfft2d(t, fft_length=size)[..., :crop[0], :crop[1]]
 
 
-@tf.custom_gradient
-def _correlate_valid(x, k):
-    """Valid 2-D cross-correlation summed over input channels (Keras Conv2D).
+def _sum_in(X, K):
+    """sum_c X[b, c] K[c, o]: (B, C, U, V), (C, O, U, V) -> (B, O, U, V)."""
+    return tf.add_n([X[:, c:c + 1] * K[c] for c in range(K.shape[0])])
 
-    Parameters
-    ----------
-    x : tf.Tensor, shape (B, C, H, W)
-    k : tf.Tensor, shape (C, O, h, w)
 
-    Returns
-    -------
-    tf.Tensor, shape (B, O, H - h + 1, W - w + 1)
+def _sum_out(D, K):
+    """sum_o D[b, o] K[c, o]: (B, O, U, V), (C, O, U, V) -> (B, C, U, V)."""
+    return tf.add_n([D[:, o:o + 1] * K[:, o] for o in range(K.shape[1])])
+
+
+def _geometry(x_hw, k_hw, transpose):
+    """Transform and output sizes of a Conv2D or Conv2DTranspose."""
+    (H, W), (h, w) = x_hw, k_hw
+    if transpose:
+        return (H + h - 1, W + w - 1), (H + h - 1, W + w - 1)
+    return (H, W), (H - h + 1, W - w + 1)
+
+
+@tf.function(jit_compile=True)
+def _kernel_spectrum(kernel, size, transpose):
+    """Kf: conj(K) for a correlation, K for a convolution, (C, O, U, V)."""
+    K = _rfft(tf.transpose(kernel, _TO_IOHW[transpose]), size)
+    return K if transpose else tf.math.conj(K)
+
+
+@tf.function(jit_compile=True)
+def _forward(x, Kf, size, out):
+    """(B, H, W, C) -> output (B, H', W', O) and the input spectra X."""
+    X = _rfft(tf.transpose(x, (0, 3, 1, 2)), size)
+    y = _irfft(_sum_in(X, Kf), size, out)
+    return tf.transpose(y, (0, 2, 3, 1)), X
+
+
+@tf.function(jit_compile=True)
+def _backward(dy, X, Kf, size, x_hw):
+    """dL/dx (B, H, W, C) and this part's sum_b conj(X_b) DY_b."""
+    DY = _rfft(tf.transpose(dy, (0, 3, 1, 2)), size)
+    dx = _irfft(_sum_out(DY, tf.math.conj(Kf)), size, x_hw)
+    G = tf.einsum("bcuv,bouv->couv", tf.math.conj(X), DY)
+    return tf.transpose(dx, (0, 2, 3, 1)), G
+
+
+@tf.function(jit_compile=True)
+def _kernel_gradient(G, size, k_hw, transpose):
+    """dL/dkernel in the Keras layout from dL/dKf = G."""
+    dk = _irfft(G if transpose else tf.math.conj(G), size, k_hw)
+    return tf.transpose(dk, _FROM_IOHW[transpose])
+
+
+def _batch_parts(t):
+    """``t`` cut along the batch into one part per CPU core (one on a GPU)."""
+    n = 1 if tf.config.list_logical_devices("GPU") else os.cpu_count() or 1
+    b = tf.shape(t)[0]
+    return [t[b * i // n:b * (i + 1) // n] for i in range(n)]
+
+
+def _fft_conv(transpose):
+    """Valid Conv2D (``transpose`` False) or Conv2DTranspose (True) by FFT.
 
     Notes
     -----
-    A circular correlation of size (H, W) equals the linear one on the valid
-    corner: the largest input index reached there is (H - h) + (h - 1) = H - 1.
-    The custom gradient reuses the forward spectra X, K: with DY the spectrum
-    of the zero-padded output gradient, dx = irfft(DY K) (a convolution) and
-    dk = irfft(X conj(DY)) cropped to (h, w).
+    X, K, DY: spectra of the input, the kernel and the output gradient, each
+    zero-padded to the transform size; Kf = conj(K) (Conv2D, a correlation)
+    or K (a convolution). y = irfft(sum_c X_c Kf_co), dx = irfft(sum_o DY_o
+    conj(Kf_co)), dKf_co = sum_b conj(X_bc) DY_bo. A correlation is
+    transformed at the input size: the circular one equals the linear one on
+    the valid corner (the largest input index reached is (H - h) + (h - 1) =
+    H - 1), and dx's wrapped lags meet only the kernel's zero padding. A
+    convolution is transformed at the output size: nothing wraps.
     """
-    (H, W), (h, w) = x.shape[-2:], k.shape[-2:]
-    X, K = _rfft(x, (H, W)), _rfft(k, (H, W))
-    y = _irfft(tf.einsum("bcuv,couv->bouv", X, tf.math.conj(K)), (H, W))
+    @tf.custom_gradient
+    def conv(x, kernel):
+        x_hw, k_hw = tuple(x.shape[1:3]), tuple(kernel.shape[:2])
+        size, out = _geometry(x_hw, k_hw, transpose)
+        Kf = _kernel_spectrum(kernel, size, transpose)
+        parts = [_forward(p, Kf, size, out) for p in _batch_parts(x)]
 
-    def grad(dy):
-        # dy is zero-padded to (H, W): the wrapped-around lags of the
-        # circular convolution then only meet the kernel's zero padding.
-        DY = _rfft(dy, (H, W))
-        dx = _irfft(tf.einsum("bouv,couv->bcuv", DY, K), (H, W))
-        dk = _irfft(tf.einsum("bcuv,bouv->couv", X, tf.math.conj(DY)), (H, W))
-        return dx, dk[..., :h, :w]
+        def grad(dy):
+            back = [_backward(d, X, Kf, size, x_hw)
+                    for d, (_, X) in zip(_batch_parts(dy), parts)]
+            G = tf.add_n([g for _, g in back])
+            return (tf.concat([d for d, _ in back], 0),
+                    _kernel_gradient(G, size, k_hw, transpose))
+        return tf.concat([y for y, _ in parts], 0), grad
+    return conv
 
-    return y[..., : H - h + 1, : W - w + 1], grad
 
-
-@tf.custom_gradient
-def _convolve_full(x, k):
-    """Full 2-D linear convolution summed over input channels (Keras valid
-    Conv2DTranspose with stride 1).
-
-    Parameters
-    ----------
-    x : tf.Tensor, shape (B, C, H, W)
-    k : tf.Tensor, shape (C, O, h, w)
-
-    Returns
-    -------
-    tf.Tensor, shape (B, O, H + h - 1, W + w - 1)
-
-    Notes
-    -----
-    The transform size is the output size, so nothing wraps around. The
-    custom gradient reuses the forward spectra X, K: dx = irfft(DY conj(K))
-    and dk = irfft(conj(X) DY) (correlations), cropped to (H, W) and (h, w).
-    """
-    (H, W), (h, w) = x.shape[-2:], k.shape[-2:]
-    size = (H + h - 1, W + w - 1)
-    X, K = _rfft(x, size), _rfft(k, size)
-    y = _irfft(tf.einsum("bcuv,couv->bouv", X, K), size)
-
-    def grad(dy):
-        DY = _rfft(dy, size)
-        dx = _irfft(tf.einsum("bouv,couv->bcuv", DY, tf.math.conj(K)), size)
-        dk = _irfft(tf.einsum("bcuv,bouv->couv", tf.math.conj(X), DY), size)
-        return dx[..., :H, :W], dk[..., :h, :w]
-
-    return y, grad
+_correlate_valid = _fft_conv(transpose=False)
+_convolve_full = _fft_conv(transpose=True)
 
 
 class _FFTConvBase(keras.layers.Layer):
     """Shared parts of the two FFT layers (valid padding, stride 1,
-    channels last). Subclasses set ``_transpose``."""
+    channels last). Subclasses set ``_transpose``.
+
+    Parameters
+    ----------
+    filters : int
+        Output channels.
+    kernel_size : int or (int, int)
+        Filter size (h, w) in pixels.
+    """
 
     _transpose = False
 
@@ -1320,14 +1357,8 @@ class _FFTConvBase(keras.layers.Layer):
                 w + sign * (self.kernel_size[1] - 1), self.filters)
 
     def call(self, inputs):
-        x = tf.transpose(inputs, (0, 3, 1, 2))  # rfft2d works on NCHW
-        if self._transpose:
-            k = tf.transpose(self.kernel, (3, 2, 0, 1))   # -> (in, out, h, w)
-            y = _convolve_full(x, k)
-        else:
-            k = tf.transpose(self.kernel, (2, 3, 0, 1))   # -> (in, out, h, w)
-            y = _correlate_valid(x, k)
-        y = tf.transpose(y, (0, 2, 3, 1))
+        conv = _convolve_full if self._transpose else _correlate_valid
+        y = conv(inputs, tf.convert_to_tensor(self.kernel))
         if self.use_bias:
             y = y + self.bias
         return self.activation(y)
@@ -1347,16 +1378,8 @@ class _FFTConvBase(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="wlcnn")
 class FFTConv2D(_FFTConvBase):
     """Drop-in for ``keras.layers.Conv2D(padding="valid", strides=1)``,
-    computed with ``tf.signal.rfft2d``.
-
-    Parameters
-    ----------
-    filters : int
-        Output channels.
-    kernel_size : int or (int, int)
-        Filter size (h, w) in pixels.
-    activation : str or callable, optional
-    use_bias : bool
+    computed with ``tf.signal.rfft2d``; its arguments (filters, kernel_size,
+    activation, use_bias) are Conv2D's.
 
     Notes
     -----
@@ -1371,16 +1394,8 @@ class FFTConv2D(_FFTConvBase):
 @keras.saving.register_keras_serializable(package="wlcnn")
 class FFTConv2DTranspose(_FFTConvBase):
     """Drop-in for ``keras.layers.Conv2DTranspose(padding="valid",
-    strides=1)``, computed with ``tf.signal.rfft2d``.
-
-    Parameters
-    ----------
-    filters : int
-        Output channels.
-    kernel_size : int or (int, int)
-        Filter size (h, w) in pixels.
-    activation : str or callable, optional
-    use_bias : bool
+    strides=1)``, computed with ``tf.signal.rfft2d``; its arguments (filters,
+    kernel_size, activation, use_bias) are Conv2DTranspose's.
 
     Notes
     -----

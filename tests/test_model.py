@@ -38,7 +38,8 @@ def small_config(n_out, filter_size, border):
 # FFT layers vs Keras's own
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("f", [19, 29, 49])
-@pytest.mark.parametrize("c_in,c_out", [(1, 3), (3, 8), (8, 16)])
+# (16, 1): the Output layer of Table 1, a single output channel
+@pytest.mark.parametrize("c_in,c_out", [(1, 3), (3, 8), (8, 16), (16, 1)])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_fft_layer_matches_keras(f, c_in, c_out, transpose):
     rng = np.random.default_rng(f * 100 + c_in * 10 + transpose)
