@@ -51,7 +51,8 @@ def scipy_hist():
     edges = np.linspace(0, cfg.field_arcmin * 60, cfg.npix + 1)
     sig = cfg.sigma_w_arcsec / cfg.pixel_arcsec
     maps = [np.histogram2d(y, x, bins=[edges, edges], weights=v)[0] for v in (w, w * e1, w * e2)]
-    sw, s1, s2 = (scipy.ndimage.gaussian_filter(m, sig, truncate=cfg.kernel_cut_sigma) for m in maps)
+    sw, s1, s2 = (scipy.ndimage.gaussian_filter(m, sig, truncate=cfg.kernel_cut_sigma)
+                  for m in maps)
     with np.errstate(invalid="ignore", divide="ignore"):
         return s1 / sw, s2 / sw
 
@@ -69,8 +70,10 @@ print(f"{len(cat)} sources onto {cfg.npix}² pixels, kernel FWHM {cfg.fwhm_arcse
       f"{cfg.kernel_cut_sigma}σ")
 print(f"grid_catalog (Cython)      {grid_ms:8.2f} ms")
 print(f"NumPy bincount stencil     {numpy_ms:8.2f} ms   ({numpy_ms / grid_ms:.1f}× slower)")
-print(f"histogram + gaussian_filter{hist_ms:8.2f} ms   ({hist_ms / grid_ms:.1f}× slower, approximate)")
+print(f"histogram + gaussian_filter{hist_ms:8.2f} ms   "
+      f"({hist_ms / grid_ms:.1f}× slower, approximate)")
 print(f"KS93, 500² padded to {wlcnn.padded_shape((cfg.npix,), True)[0]}²  {ks_ms:8.2f} ms")
 print(json.dumps({"grid_ms": round(grid_ms, 3), "numpy_stencil_ms": round(numpy_ms, 3),
-                  "scipy_hist_ms": round(hist_ms, 3), "speedup_vs_numpy": round(numpy_ms / grid_ms, 2),
+                  "scipy_hist_ms": round(hist_ms, 3),
+                  "speedup_vs_numpy": round(numpy_ms / grid_ms, 2),
                   "ks93_ms": round(ks_ms, 3)}))

@@ -31,15 +31,18 @@ import wlcnn
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
-parser.add_argument("--reps", type=int, default=3, help="timed calls per batch size (after one warm-up)")
+parser.add_argument("--reps", type=int, default=3,
+                    help="timed calls per batch size (after one warm-up)")
 parser.add_argument("--subset-stride", type=int, default=24,
                     help="stride of the measured part of the paper mosaic")
-parser.add_argument("--direct-batch", type=int, default=2, help="subfields of the direct-convolution timing")
+parser.add_argument("--direct-batch", type=int, default=2,
+                    help="subfields of the direct-convolution timing")
 args = parser.parse_args()
 cfg = wlcnn.PAPER
 n_paper = len(wlcnn.mosaic_offsets(cfg)) ** 2 * len(wlcnn.ORIENTATIONS)   # 8,664
 n_quick = len(wlcnn.mosaic_offsets(cfg, 12)) ** 2                         # 100
-print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (the machine is shared)", flush=True)
+print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (the machine is shared)",
+      flush=True)
 
 # ## A catalog to reconstruct: 25,600 sources of an empty field, gridded as in §2.3.2
 zero = np.zeros((cfg.npix, cfg.npix))
@@ -87,12 +90,14 @@ print(f"quick mosaic ({n_quick} subfields, batch {batch}): {quick_s:.2f} s/clust
 n_subset = len(wlcnn.mosaic_offsets(cfg, args.subset_stride)) ** 2 * len(wlcnn.ORIENTATIONS)
 paper_batch = min(by_batch, key=by_batch.get)  # 8,664 subfields: padding is negligible
 t0 = time.perf_counter()
-wlcnn.predict_mosaic(fft_model, grid, cfg, stride=args.subset_stride, orientations=6, batch_size=paper_batch)
+wlcnn.predict_mosaic(fft_model, grid, cfg, stride=args.subset_stride, orientations=6,
+                     batch_size=paper_batch)
 # per subfield the network computed, the zero-padding of the last batch included
 padded = lambda n: -(-n // paper_batch) * paper_batch  # noqa: E731
 per_subfield = (time.perf_counter() - t0) / padded(n_subset)
 paper_s = grid_s + padded(n_paper) * per_subfield
-print(f"paper mosaic (batch {paper_batch}): {n_subset} subfields measured, {per_subfield:.4f} s each -> "
+print(f"paper mosaic (batch {paper_batch}): {n_subset} subfields measured, "
+      f"{per_subfield:.4f} s each -> "
       f"{n_paper} subfields: {paper_s:.0f} s/cluster (extrapolated)", flush=True)
 # what the mosaic adds to the bare network: crops, orientations, sums
 overhead = max(per_subfield - by_batch[paper_batch], 0.0)
@@ -104,8 +109,8 @@ direct = per_sample(direct_model, args.direct_batch, reps=1)
 print(f"direct batch {args.direct_batch:3d}: {direct:.4f} s/subfield", flush=True)
 direct_quick = grid_s + n_quick * (direct + overhead)
 direct_paper = grid_s + n_paper * (direct + overhead)
-print(f"direct: quick {direct_quick:.1f} s/cluster, paper {direct_paper:.0f} s/cluster (extrapolated)",
-      flush=True)
+print(f"direct: quick {direct_quick:.1f} s/cluster, "
+      f"paper {direct_paper:.0f} s/cluster (extrapolated)", flush=True)
 
 print(json.dumps({"paper_mosaic_s_per_cluster": round(paper_s, 1),
                   "quick_mosaic_s_per_cluster": round(quick_s, 2),

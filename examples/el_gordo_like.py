@@ -11,8 +11,9 @@ sources/arcmin².  That catalog is not public, so this example makes one like
 it, with a known truth, and runs it through what an observer would run,
 `python examples/reconstruct_catalog.py catalog.fits --models … --out kappa.fits`:
 
-    python examples/el_gordo_like.py                    # --models examples/quick_model
-    python examples/el_gordo_like.py --models runs/quick --stride 3 --orientations 6   # paper's mosaic
+    python examples/el_gordo_like.py    # --models examples/quick_model
+    # the paper's mosaic:
+    python examples/el_gordo_like.py --models runs/quick --stride 3 --orientations 6
 
 Without a trained model it falls back to an untrained one, so that the chain
 runs; its CNN numbers then mean nothing.  The last line printed is a JSON
@@ -51,7 +52,8 @@ SEPARATION_MPC = 0.7
 AXIS_DEG = 45.0                 # direction of NW from SE, counter-clockwise from West (x) to North
 RECOVERED_ARCMIN = 0.5          # a clump is recovered if its map peak lies this close to the truth
 OUTSKIRTS_ARCMIN = 2.0          # "outside the clumps": beyond 2′ (0.9 Mpc at z = 0.87) of both
-PEAK_SIGMA = 3.0                # spurious peaks: local maxima this many σ above the outskirts' median
+# spurious peaks: local maxima this many σ above the outskirts' median
+PEAK_SIGMA = 3.0
 DEFAULT_MODELS = pathlib.Path(__file__).resolve().parent / "quick_model"
 
 
@@ -66,7 +68,8 @@ def build_parser():
     p.add_argument("--stride", type=int, default=12, help="mosaic offset step (paper: 3)")
     p.add_argument("--orientations", type=int, default=1, choices=[1, 6], help="paper: 6")
     p.add_argument("--seed", type=int, default=2014)
-    p.add_argument("--out", default="out/el_gordo_like", help="directory for the catalog, FITS and PNG")
+    p.add_argument("--out", default="out/el_gordo_like",
+                   help="directory for the catalog, FITS and PNG")
     return p
 
 
@@ -85,7 +88,8 @@ class Cluster:
         axis = np.array([np.cos(np.radians(AXIS_DEG)), np.sin(np.radians(AXIS_DEG))])
         self.half_sep = 0.5 * SEPARATION_MPC * self.arcsec_per_mpc
         self.xy = {"NW": axis * self.half_sep, "SE": -axis * self.half_sep}
-        self.c = {k: float(simulate_skies.concentration_duffy08(m, Z_LENS)) for k, m in CLUMPS.items()}
+        self.c = {k: float(simulate_skies.concentration_duffy08(m, Z_LENS))
+                  for k, m in CLUMPS.items()}
         self.plane = reconstruct_catalog.tangent_plane_wcs(EL_GORDO)
         self.sky = {k: tuple(float(v) for v in self.plane.pixel_to_world_values(*xy))
                     for k, xy in self.xy.items()}
@@ -184,13 +188,14 @@ def main(argv=None):
     # Truth at the map's resolution: pixel-averaged NFW κ on the field's 3.84″
     # input pixels, then the mean over each 11.52″ map pixel, as the maps average.
     geo = res.geometry
-    corner = geo.npix / 2 * geo.pixel_arcsec  # arcsec from the map's lower-left corner to the centre
+    corner = geo.npix / 2 * geo.pixel_arcsec  # arcsec from the lower-left corner to the centre
     truth_fine = sum(wlcnn.nfw_kappa_map(CLUMPS[k], cluster.c[k], corner + cluster.xy[k][0],
                                          corner + cluster.xy[k][1], cfg.pool * geo.npix,
                                          cfg.pixel_arcsec, z_l=Z_LENS, z_s=Z_SOURCE,
                                          cosmo=cluster.cosmo) for k in CLUMPS)
     truth = reconstruct_catalog.block_mean(truth_fine, cfg.pool)
-    maps = {"truth": truth, "CNN": res.kappa_cnn, "KS93": res.kappa_ks93, "CNN-empty": empty.kappa_cnn}
+    maps = {"truth": truth, "CNN": res.kappa_cnn, "KS93": res.kappa_ks93,
+            "CNN-empty": empty.kappa_cnn}
 
     # Are both clumps recovered?  Each clump's position goes through the FITS WCS
     # to map pixels; a map's peak for a clump is its highest pixel within half the
@@ -239,7 +244,8 @@ def main(argv=None):
     summary.update(sigma_noise=sigma_noise, outskirts_fraction=float(outskirts.mean()),
                    fill_error=res.fill["err"],
                    **{f"spurious_{k.lower().replace('-', '_')}": v for k, v in spurious.items()},
-                   **{f"outskirts_median_{k.lower().replace('-', '_')}": v for k, v in medians.items()})
+                   **{f"outskirts_median_{k.lower().replace('-', '_')}": v
+                      for k, v in medians.items()})
     print(json.dumps(summary))
     return 0
 

@@ -137,10 +137,12 @@ def _load_table(catalog):
     try:
         try:
             table = Table.read(path)
-        except IORegistryError:  # no known extension (.cat, .txt): let astropy guess the ASCII layout
+        except IORegistryError:
+            # no known extension (.cat, .txt): let astropy guess the ASCII layout
             table = Table.read(path, format="ascii")
     except Exception as exc:  # astropy raises many types for unreadable files
-        raise ValueError(f"{path}: could not read it as a table (FITS, CSV or ECSV): {exc}") from exc
+        raise ValueError(f"{path}: could not read it as a table (FITS, CSV or ECSV): "
+                         f"{exc}") from exc
     return table, os.path.basename(path)
 
 
@@ -150,7 +152,8 @@ def _find_column(table, name, option):
         return name
     matches = [c for c in table.colnames if c.lower() == name.lower()]
     if len(matches) > 1:
-        raise ValueError(f"{option} {name!r} matches several columns {matches}: give the exact name")
+        raise ValueError(f"{option} {name!r} matches several columns {matches}: "
+                         "give the exact name")
     return matches[0] if matches else None
 
 
@@ -209,7 +212,8 @@ def read_catalog(catalog, ra_col="ra", dec_col="dec", e1_col="e1", e2_col="e2",
     missing = [f"{wanted[opt]!r} ({opt})" for opt, col in found.items() if col is None]
     if missing:
         raise ValueError(f"{source}: missing column(s) {', '.join(missing)}; the catalog has "
-                         f"{table.colnames}.  Name them with the --*-col options (case is ignored).")
+                         f"{table.colnames}.  Name them with the --*-col options "
+                         "(case is ignored).")
     if len(table) == 0:
         raise ValueError(f"{source}: the catalog has columns {table.colnames} but no rows")
     ra = _float_column(table, found["ra_col"], angle=True)
@@ -334,7 +338,8 @@ def catalog_center(ra, dec):
     x, y = wcs.world_to_pixel_values(ra, dec)
     ok = np.isfinite(x) & np.isfinite(y)
     if not ok.any():
-        raise ValueError("no source projects onto the tangent plane about the catalog's mean position")
+        raise ValueError("no source projects onto the tangent plane about the catalog's "
+                         "mean position")
     xm = 0.5 * (np.min(x[ok]) + np.max(x[ok]))
     ym = 0.5 * (np.min(y[ok]) + np.max(y[ok]))
     ra_c, dec_c = wcs.pixel_to_world_values(xm, ym)
@@ -369,7 +374,7 @@ class FieldGeometry(NamedTuple):
         return len(self.tile_starts) ** 2
 
     def tile_origin_arcsec(self, start):
-        """Lower-left corner (x or y, arcsec from the centre) of the input grid of tile ``start``."""
+        """Lower-left corner (x or y, arcsec from the centre) of tile ``start``'s input grid."""
         cfg = self.config
         lo = (cfg.first_kernel - 1) // 2  # mosaic pixel 0 starts at input pixel lo
         return (start - self.npix / 2) * self.pixel_arcsec - lo * cfg.pixel_arcsec
@@ -511,7 +516,7 @@ def _fill_cells(x, y, geometry):
 
 
 def source_density(x, y, geometry):
-    """The catalog's source density, arcmin⁻², over the cells that hold data (:func:`noise_fill`)."""
+    """The catalog's source density, arcmin⁻², over the cells holding data (:func:`noise_fill`)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     return float(_fill_cells(x, y, geometry)[2]) * 3600.0
 
@@ -553,8 +558,10 @@ def noise_fill(x, y, e1, e2, sigma, geometry, rng):
     widths = np.diff(edges)
     iy, ix = np.nonzero(counts == 0)
     n_cell = rng.poisson(density * widths[iy] * widths[ix])
-    fx = np.repeat(edges[ix], n_cell) + rng.uniform(0.0, 1.0, n_cell.sum()) * np.repeat(widths[ix], n_cell)
-    fy = np.repeat(edges[iy], n_cell) + rng.uniform(0.0, 1.0, n_cell.sum()) * np.repeat(widths[iy], n_cell)
+    ux = rng.uniform(0.0, 1.0, n_cell.sum())
+    uy = rng.uniform(0.0, 1.0, n_cell.sum())
+    fx = np.repeat(edges[ix], n_cell) + ux * np.repeat(widths[ix], n_cell)
+    fy = np.repeat(edges[iy], n_cell) + uy * np.repeat(widths[iy], n_cell)
     pick = rng.integers(0, len(e), len(fx))
     fe = e[pick] * np.exp(2j * rng.uniform(0.0, np.pi, len(fx)))
     return fx, fy, fe.real, fe.imag, sigma[pick]
@@ -588,7 +595,8 @@ def check_models(models, config=None):
     for mdl, info in zip(models, infos):
         if info["channels"] not in (3, 4):
             raise ValueError(f"model {mdl.name!r} expects {info['channels']} input channels; the "
-                             "gridded catalog has 4 (ε̄1, ε̄2, Δε, n) and models take 3 or 4 of them")
+                             "gridded catalog has 4 (ε̄1, ε̄2, Δε, n) and models take 3 or 4 "
+                             "of them")
         if int(mdl.input_shape[-1]) != info["channels"]:
             raise ValueError(f"model {mdl.name!r}: its input layer has {mdl.input_shape[-1]} "
                              f"channels but its description says {info['channels']}")
@@ -760,7 +768,8 @@ def _check_n_fills(n_fills):
     return int(n_fills)
 
 
-def _filled(x, y, e1, e2, sigma, models, geometry, rng, n_fills, orientations, batch_size, progress):
+def _filled(x, y, e1, e2, sigma, models, geometry, rng, n_fills, orientations, batch_size,
+            progress):
     n_fills = _check_n_fills(n_fills)
     src = tuple(np.asarray(a, np.float64) for a in (x, y, e1, e2, sigma))
     fills = [noise_fill(*src, geometry, rng) for _ in range(n_fills)]
@@ -929,8 +938,8 @@ def _primary_header(sky, coordinate_system, center, geometry, counts, info, n_ru
 
 def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e1", e2_col="e2",
                 weight_col="weight", sigma_col=None, coordinate_system="euclidean", center=None,
-                size_arcmin=None, z_lens=None, z_source=None, stride=12, orientations=1, config=None,
-                ks93_fwhm_arcmin=None, outside="noise", n_fills=NOISE_FILLS, seed=0,
+                size_arcmin=None, z_lens=None, z_source=None, stride=12, orientations=1,
+                config=None, ks93_fwhm_arcmin=None, outside="noise", n_fills=NOISE_FILLS, seed=0,
                 rescale_weights=True, png=True, overwrite=False, progress=False):
     """Mass maps of a real shear catalog: the §4.2 application as one call.
 
@@ -981,7 +990,8 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
     """
     out_path = os.fspath(out_path)
     if os.path.exists(out_path) and not overwrite:
-        raise FileExistsError(f"{out_path} exists (pass overwrite=True / --overwrite to replace it)")
+        raise FileExistsError(f"{out_path} exists "
+                              "(pass overwrite=True / --overwrite to replace it)")
     if coordinate_system not in COORDINATE_SYSTEMS:  # the cheap checks before loading anything
         raise ValueError(f"unknown coordinate_system {coordinate_system!r}; one of "
                          f"{COORDINATE_SYSTEMS}")
@@ -1001,7 +1011,8 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
     if size_arcmin is None:
         size_arcmin = 2.0 * np.nanmax(np.maximum(np.abs(x), np.abs(y))) / 60.0
         if not size_arcmin > 0:
-            raise ValueError("the catalog has no extent on the sky (one position): give size_arcmin")
+            raise ValueError("the catalog has no extent on the sky (one position): "
+                             "give size_arcmin")
     geometry = field_geometry(size_arcmin, config, stride)
 
     # Sources: in the field, in some network input (context), or beyond every input.
@@ -1075,7 +1086,8 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
     png_path = None
     if png:
         try:
-            png_path = figure_reconstruction(kappa_ks93, cnn.mean, cnn.std, wcs, _png_path(out_path),
+            png_path = figure_reconstruction(kappa_ks93, cnn.mean, cnn.std, wcs,
+                                             _png_path(out_path),
                                              title=f"{sky.source}: {counts['used']} sources, "
                                                    f"{len(models)} run(s)")
         except ImportError:
@@ -1106,21 +1118,27 @@ def _parse_center(text):
 
 def build_parser():
     """The command line of this script."""
-    p = argparse.ArgumentParser(description="mass maps of a shear catalog in sky coordinates (§4.2)")
-    p.add_argument("catalog", help="FITS, CSV or ECSV table: RA, Dec (deg), e1, e2, weight or sigma")
+    p = argparse.ArgumentParser(
+        description="mass maps of a shear catalog in sky coordinates (§4.2)")
+    p.add_argument("catalog",
+                   help="FITS, CSV or ECSV table: RA, Dec (deg), e1, e2, weight or sigma")
     p.add_argument("--models", required=True, nargs="+", help="run directories or .keras files")
-    p.add_argument("--out", required=True, help="output FITS (KAPPA_CNN, KAPPA_CNN_STD, KAPPA_KS93, "
-                                                "DENSITY); a PNG like Fig. 11 goes beside it")
-    p.add_argument("--ra-col", default="ra", help="RA column in degrees (names match case-insensitively)")
+    p.add_argument("--out", required=True,
+                   help="output FITS (KAPPA_CNN, KAPPA_CNN_STD, KAPPA_KS93, DENSITY); "
+                        "a PNG like Fig. 11 goes beside it")
+    p.add_argument("--ra-col", default="ra",
+                   help="RA column in degrees (names match case-insensitively)")
     p.add_argument("--dec-col", default="dec", help="Dec column in degrees")
     p.add_argument("--e1-col", default="e1")
     p.add_argument("--e2-col", default="e2")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--weight-col", default=None,
                    help="inverse-variance weight, σ = 1/sqrt(w) (default: weight)")
-    g.add_argument("--sigma-col", default=None, help="per-component ellipticity error instead of a weight")
+    g.add_argument("--sigma-col", default=None,
+                   help="per-component ellipticity error instead of a weight")
     p.add_argument("--keep-weights", action="store_true",
-                   help="use the weights as given (default: scale them so that <w (e1²+e2²)/2> = 1)")
+                   help="use the weights as given "
+                        "(default: scale them so that <w (e1²+e2²)/2> = 1)")
     p.add_argument("--coordinate-system", default="euclidean", choices=COORDINATE_SYSTEMS,
                    help="frame of e1, e2 (CLMM): euclidean = x West (default), celestial = x East")
     p.add_argument("--center", type=_parse_center, default=None,
@@ -1128,7 +1146,8 @@ def build_parser():
                         "catalog's; write --center=RA,-DEC for a negative first value)")
     p.add_argument("--size", type=float, default=None,
                    help="field side in arcmin (default: the catalog's extent)")
-    p.add_argument("--z-lens", type=float, default=None, help="cluster redshift (default: the training's)")
+    p.add_argument("--z-lens", type=float, default=None,
+                   help="cluster redshift (default: the training's)")
     p.add_argument("--z-source", type=float, default=None,
                    help="effective source redshift (default: the training's)")
     p.add_argument("--stride", type=int, default=12,
@@ -1138,10 +1157,11 @@ def build_parser():
                    help="Gaussian smoothing of KAPPA_KS93, arcmin (default: 1.25 sqrt(25/n), n the "
                         "catalog's density in arcmin^-2)")
     p.add_argument("--outside", default="noise", choices=OUTSIDE_MODES,
-                   help="what the CNN sees where the catalog has no source: shear-free noise at the "
-                        "catalog's density (default) or empty no-data pixels")
+                   help="what the CNN sees where the catalog has no source: shear-free noise "
+                        "at the catalog's density (default) or empty no-data pixels")
     p.add_argument("--fills", type=int, default=NOISE_FILLS,
-                   help=f"noise fills averaged per run where a fill adds a source (default {NOISE_FILLS})")
+                   help="noise fills averaged per run where a fill adds a source "
+                        f"(default {NOISE_FILLS})")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise fills")
     p.add_argument("--no-png", action="store_true", help="skip the figure")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -1155,17 +1175,19 @@ def _report(args, res):
           f"|e| >= {MAX_ELLIPTICITY:g}; outside the field: {c['context']} seen by the CNN, "
           f"{c['unused']} unused)")
     print(f"field: {g.side_arcmin:.2f}′ about RA {res.center[0]:.5f}°, Dec {res.center[1]:.5f}° "
-          f"({g.npix}² pixels of {g.pixel_arcsec:.2f}″, {g.n_tiles} tile(s), {len(res.runs)} run(s))")
+          f"({g.npix}² pixels of {g.pixel_arcsec:.2f}″, {g.n_tiles} tile(s), "
+          f"{len(res.runs)} run(s))")
     w = res.weights
     print(f"weights: <w (e1²+e2²)/2> = {w['scale']:.3f}; multiplied by {w['factor']:.3f}")
     print(f"KAPPA_KS93 smoothed by {res.ks93_fwhm_arcmin:.2f}′ FWHM")
     if f["mode"] == "noise":
-        print(f"no-data regions: shear-free noise at the catalog's density, {f['n']} fill(s) where "
-              f"a fill adds (seed {f['seed']}; their noise left in KAPPA_CNN: {f['err']:.4f} median)")
+        print(f"no-data regions: shear-free noise at the catalog's density, {f['n']} fill(s) "
+              f"where a fill adds (seed {f['seed']}; their noise left in KAPPA_CNN: "
+              f"{f['err']:.4f} median)")
     else:
         print("no-data regions: empty (no-data pixels)")
-    print(f"{f['passes']} mosaic pass(es) over tiles per run; {f['skipped']} tile(s) without sources "
-          "skipped")
+    print(f"{f['passes']} mosaic pass(es) over tiles per run; {f['skipped']} tile(s) "
+          "without sources skipped")
     print(f"wrote {res.path} ({', '.join(MAP_EXTENSIONS)})"
           + (f" and {res.png_path}" if res.png_path else ""))
 

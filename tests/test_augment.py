@@ -10,7 +10,8 @@ CFG = wlcnn.PAPER
 def _expected_position(y, x, n, orientation):
     """Where pixel (y, x) of an n × n map goes, written out by hand per orientation."""
     return {"rot0": (y, x), "rot90": (n - 1 - x, y), "rot180": (n - 1 - y, n - 1 - x),
-            "rot270": (x, n - 1 - y), "flip_x": (y, n - 1 - x), "flip_y": (n - 1 - y, x)}[orientation]
+            "rot270": (x, n - 1 - y), "flip_x": (y, n - 1 - x),
+            "flip_y": (n - 1 - y, x)}[orientation]
 
 
 @pytest.mark.parametrize("orientation", wlcnn.ORIENTATIONS)
@@ -38,7 +39,8 @@ def test_mosaic_truth_is_the_mean_over_each_output_pixels_footprint():
     mosaic = wlcnn.mosaic_truth(kappa)
     assert mosaic.shape == (166, 166)
     for J, K in [(0, 0), (165, 165), (17, 101)]:
-        assert mosaic[J, K] == pytest.approx(kappa[3 * J + 1:3 * J + 4, 3 * K + 1:3 * K + 4].mean(), abs=1e-14)
+        block = kappa[3 * J + 1:3 * J + 4, 3 * K + 1:3 * K + 4]
+        assert mosaic[J, K] == pytest.approx(block.mean(), abs=1e-14)
 
 
 def test_point_source_lands_on_the_expected_output_pixel_for_every_offset_and_orientation():
@@ -74,14 +76,16 @@ def test_subfield_rotates_the_shear_components():
     for t in wlcnn.ORIENTATIONS:
         xin, _ = wlcnn.subfield(grid, None, 5, 7, t, channels=4)
         s1, s2 = wlcnn.spin2_sign(t)
-        # exact: a constant field only changes sign; Δε is a scalar; n is scaled to the nominal density
+        # exact: a constant field only changes sign; Δε is a scalar; n is scaled to the
+        # nominal density
         np.testing.assert_allclose(xin[0, 0], [0.1 * s1, 0.2 * s2, 0.3, 1.0], rtol=1e-7)
     assert xin.dtype == np.float32 and xin.shape == (386, 386, 4)
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(m_y=38, m_x=0), "offset"), (dict(m_y=0, m_x=-1), "offset"),
-    (dict(m_y=0, m_x=0, orientation="rot45"), "orientation"), (dict(m_y=0, m_x=0, channels=2), "channels"),
+    (dict(m_y=0, m_x=0, orientation="rot45"), "orientation"),
+    (dict(m_y=0, m_x=0, channels=2), "channels"),
 ])
 def test_subfield_rejects_bad_arguments(kwargs, match):
     grid = np.zeros((4, CFG.npix, CFG.npix))

@@ -9,7 +9,8 @@ ZERO = np.zeros((CFG.npix, CFG.npix))
 
 
 def _catalog(seed, kappa=0.0, g1=0.0, g2=0.0, masks=None):
-    return wlcnn.simulate_catalog(ZERO + kappa, ZERO + g1, ZERO + g2, CFG, np.random.default_rng(seed), masks)
+    return wlcnn.simulate_catalog(ZERO + kappa, ZERO + g1, ZERO + g2, CFG,
+                                  np.random.default_rng(seed), masks)
 
 
 def test_catalog_has_the_paper_source_density_and_columns():
@@ -113,7 +114,8 @@ from conftest import blob_field  # noqa: E402
 
 
 def _files(path):
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {p.relative_to(path).as_posix(): p.read_bytes()
+            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_dataset_round_trip_keeps_maps_catalogs_and_manifest(tiny_dataset):
@@ -160,11 +162,13 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(tmp_path, tiny_
             raise KeyboardInterrupt  # killed while making the third shard
         return blob_field(config, rng)
 
-    kw = dict(counts={"train": 6, "val": 3, "test": 2}, seed=1, shard_size=2, masks=True, progress=False)
+    kw = dict(counts={"train": 6, "val": 3, "test": 2}, seed=1, shard_size=2, masks=True,
+              progress=False)
     with pytest.raises(KeyboardInterrupt):
         wlcnn.write_dataset(tmp_path, field_fn=flaky, **kw)
     assert not list(tmp_path.rglob("*.tmp-*"))  # nothing half-written left behind
-    assert sorted(p.name for p in (tmp_path / "train").glob("*.npz")) == ["shard-00000.npz", "shard-00001.npz"]
+    shards = sorted(p.name for p in (tmp_path / "train").glob("*.npz"))
+    assert shards == ["shard-00000.npz", "shard-00001.npz"]
     calls.clear()
     wlcnn.write_dataset(tmp_path, field_fn=blob_field_counting(calls), **kw)
     assert len(calls) == 11 - 4  # the two finished shards (4 clusters) are not redone

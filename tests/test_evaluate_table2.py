@@ -1,4 +1,4 @@
-"""examples/evaluate_table2.py: the Wiener and Seitz & Schneider baselines, the report, the command."""
+"""examples/evaluate_table2.py: the Wiener and Seitz & Schneider baselines, report, command."""
 import csv
 import dataclasses
 import json

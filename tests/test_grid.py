@@ -77,7 +77,8 @@ def test_empty_catalog_gives_documented_empty_pixels():
 
 
 def test_sources_far_outside_the_field_add_nothing():
-    out = wlcnn.grid_catalog([-1e6, 5e300, 30.0], [30.0, 1.0, -1e9], [0.5] * 3, [0.5] * 3, [0.3] * 3, npix=10)
+    out = wlcnn.grid_catalog([-1e6, 5e300, 30.0], [30.0, 1.0, -1e9], [0.5] * 3, [0.5] * 3,
+                             [0.3] * 3, npix=10)
     assert np.all(out[0] == 0) and np.all(out[3] == 0)
 
 
@@ -158,9 +159,11 @@ def test_fuzz_gridder_gives_an_error_or_a_finite_map(n, npix, fwhm, pixel, data,
     pos = st.one_of(floats, st.floats(-100.0, 200.0))
     ell = st.one_of(floats, st.floats(-3.0, 3.0))
     err = st.one_of(floats, st.floats(1e-3, 5.0))
-    cols = [np.array(data.draw(st.lists(s, min_size=n, max_size=n))) for s in (pos, pos, ell, ell, err)]
+    cols = [np.array(data.draw(st.lists(s, min_size=n, max_size=n)))
+            for s in (pos, pos, ell, ell, err)]
     with np.errstate(all="ignore"):
-        cols = [c.astype(dtype) if np.all(np.isfinite(c)) and dtype is not np.float64 else c for c in cols]
+        cols = [c.astype(dtype) if np.all(np.isfinite(c)) and dtype is not np.float64 else c
+                for c in cols]
     try:
         out = wlcnn.grid_catalog(*cols, npix=npix, pixel_arcsec=pixel, fwhm_arcsec=fwhm)
     except (ValueError, TypeError):

@@ -12,8 +12,8 @@ import wlcnn
 CFG = wlcnn.PAPER
 #: A self-consistent small grid (62 → 50 → 16 output pixels, 5 offsets a side,
 #: a 20-pixel mosaic), for the exhaustive stride-3 × 6-orientation mosaic.
-SMALL = dataclasses.replace(CFG, npix=62, subfield_npix=50, n_offsets=5, output_npix=16, mosaic_npix=20,
-                            loss_border_pix=2)
+SMALL = dataclasses.replace(CFG, npix=62, subfield_npix=50, n_offsets=5, output_npix=16,
+                            mosaic_npix=20, loss_border_pix=2)
 
 
 # ---------------------------------------------------------------------------
@@ -26,7 +26,8 @@ def _blocky_field(config, seed):
     vals = rng.integers(0, 1000, (config.mosaic_npix, config.mosaic_npix)).astype(float)
     kappa = np.zeros((config.npix, config.npix))
     lo, p = (config.first_kernel - 1) // 2, config.pool
-    kappa[lo:lo + p * config.mosaic_npix, lo:lo + p * config.mosaic_npix] = np.kron(vals, np.ones((p, p)))
+    side = slice(lo, lo + p * config.mosaic_npix)
+    kappa[side, side] = np.kron(vals, np.ones((p, p)))
     grid = np.stack([rng.normal(size=kappa.shape), rng.normal(size=kappa.shape), kappa])
     return grid, vals
 
@@ -63,33 +64,38 @@ def test_a_wrong_inverse_orientation_would_fail(monkeypatch):
     """Guard of the test above: undoing rot90 by rot90 misplaces the predictions."""
     grid, vals = _blocky_field(CFG, 51)
     monkeypatch.setitem(wlcnn.INVERSE_ORIENTATION, "rot90", "rot90")
-    mean, count = wlcnn.predict_mosaic(_truth_predictor(CFG), grid, CFG, stride=36, orientations=("rot90",))
+    mean, count = wlcnn.predict_mosaic(_truth_predictor(CFG), grid, CFG, stride=36,
+                                       orientations=("rot90",))
     assert not np.array_equal(mean[count > 0], vals[count > 0])
 
 
 def test_paper_mosaic_has_1444_offsets_and_the_quick_one_100():
     assert len(wlcnn.mosaic_offsets(CFG)) ** 2 == 1444
     assert len(wlcnn.mosaic_offsets(CFG, 12)) ** 2 == 100
-    assert wlcnn.mosaic_orientations(6) == wlcnn.ORIENTATIONS and wlcnn.mosaic_orientations(1) == ("rot0",)
+    assert wlcnn.mosaic_orientations(6) == wlcnn.ORIENTATIONS
+    assert wlcnn.mosaic_orientations(1) == ("rot0",)
 
 
 def test_paper_mosaic_covers_the_central_137_pixels():
     """Offsets 0..37 and trained output pixels 14..113 reach mosaic pixels 14..150."""
     line = wlcnn.mosaic_coverage(CFG)[CFG.mosaic_npix // 2]
     assert np.flatnonzero(line).tolist() == list(range(14, 151))
-    assert np.flatnonzero(wlcnn.mosaic_coverage(CFG, border_pix=0)[80]).tolist() == list(range(0, 165))
+    line = wlcnn.mosaic_coverage(CFG, border_pix=0)[80]
+    assert np.flatnonzero(line).tolist() == list(range(0, 165))
 
 
 @pytest.mark.parametrize("kwargs", [dict(stride=4), dict(stride=0), dict(orientations=2),
                                     dict(orientations=("rot45",)), dict(border_pix=64)])
 def test_bad_mosaic_arguments_are_rejected(kwargs):
     with pytest.raises(ValueError):
-        wlcnn.predict_mosaic(lambda x: np.zeros((len(x), 128, 128, 1)), np.zeros((3, 500, 500)), **kwargs)
+        wlcnn.predict_mosaic(lambda x: np.zeros((len(x), 128, 128, 1)), np.zeros((3, 500, 500)),
+                             **kwargs)
 
 
 def test_a_predictor_of_the_wrong_shape_is_rejected():
     with pytest.raises(ValueError, match="returned shape"):
-        wlcnn.predict_mosaic(lambda x: np.zeros((len(x), 64, 64, 1)), np.zeros((3, 500, 500)), stride=111)
+        wlcnn.predict_mosaic(lambda x: np.zeros((len(x), 64, 64, 1)), np.zeros((3, 500, 500)),
+                             stride=111)
 
 
 def test_keras_model_mosaic_equals_the_average_written_out():
@@ -98,14 +104,16 @@ def test_keras_model_mosaic_equals_the_average_written_out():
     cfg = dataclasses.replace(CFG, filter_size=5)
     model = wlcnn.build_model(cfg, "Fiducial", conv="direct")
     grid = np.random.default_rng(52).normal(0, 0.3, (4, cfg.npix, cfg.npix))
-    mean, count = wlcnn.predict_mosaic(model, grid, cfg, stride=111, orientations=("rot0", "rot90"), batch_size=3)
+    mean, count = wlcnn.predict_mosaic(model, grid, cfg, stride=111, orientations=("rot0", "rot90"),
+                                       batch_size=3)
     total, n = np.zeros((166, 166)), np.zeros((166, 166))
     b = cfg.loss_border_pix
     for t in ("rot0", "rot90"):
         for my in (0, 37):
             for mx in (0, 37):
                 x, _ = wlcnn.subfield(grid, None, my, mx, t, cfg, 3)
-                y = np.rot90(model(x[None], training=False).numpy()[0, ..., 0], -1 if t == "rot90" else 0)
+                y = model(x[None], training=False).numpy()[0, ..., 0]
+                y = np.rot90(y, -1 if t == "rot90" else 0)
                 total[my + b:my + 128 - b, mx + b:mx + 128 - b] += y[b:128 - b, b:128 - b]
                 n[my + b:my + 128 - b, mx + b:mx + 128 - b] += 1
     np.testing.assert_array_equal(count, n)
@@ -129,7 +137,8 @@ def test_each_run_of_a_multi_run_mosaic_is_its_own_mosaic():
     """Runs share each cut subfield; run k's mosaic must still be predict_mosaic of run k."""
     grid, vals = _blocky_field(CFG, 56)
     truth = _truth_predictor(CFG)
-    out = wlcnn.predict_mosaic_runs([truth, lambda x: 2.0 * truth(x)], grid, CFG, stride=36, orientations=6)
+    out = wlcnn.predict_mosaic_runs([truth, lambda x: 2.0 * truth(x)], grid, CFG, stride=36,
+                                    orientations=6)
     covered = out.count > 0
     np.testing.assert_array_equal(out.runs[0][covered], vals[covered])
     np.testing.assert_array_equal(out.runs[1][covered], 2.0 * vals[covered])
@@ -166,7 +175,8 @@ def test_smoothing_kernel_has_the_requested_fwhm():
     # linear interpolation of the two half-maximum crossings
     x = np.arange(201.0)
     left = np.interp(prof.max() / 2, prof[above[0] - 1:above[0] + 1], x[above[0] - 1:above[0] + 1])
-    right = np.interp(prof.max() / 2, prof[above[-1]:above[-1] + 2][::-1], x[above[-1]:above[-1] + 2][::-1])
+    tail = slice(above[-1], above[-1] + 2)
+    right = np.interp(prof.max() / 2, prof[tail][::-1], x[tail][::-1])
     # 1 %: linear interpolation between samples of a Gaussian 6.6 pixels in σ
     assert (right - left) * CFG.pixel_arcsec / 60 == pytest.approx(fwhm, rel=0.01)
     np.testing.assert_array_equal(wlcnn.smooth_map(delta, 0.0, CFG), delta)  # FWHM 0: unchanged
@@ -190,7 +200,8 @@ def _cluster_maps(n=4, seed=54, size=60):
 def test_perfect_prediction_scores_R1_D0_M1_and_no_offset():
     t = _cluster_maps()
     row = wlcnn.paper_metrics(t, t.copy())
-    assert (row["R"], row["R_err"], row["D"], row["M_ratio"], row["dpeak"]) == (1.0, 0.0, 0.0, 1.0, 0.0)
+    got = (row["R"], row["R_err"], row["D"], row["M_ratio"], row["dpeak"])
+    assert got == (1.0, 0.0, 0.0, 1.0, 0.0)
 
 
 def test_half_the_truth_scores_R_and_M_one_half_and_D_zero():
@@ -321,9 +332,11 @@ def evaluation(tiny_dataset):
     region = wlcnn.mosaic_coverage(ds.config) > 0
 
     def cnn(grid):  # stand-in "runs": KS93 at two smoothings, cut to the CNN's region
-        return np.stack([np.where(region, wlcnn.ks93_mosaic(grid, ds.config, f), np.nan) for f in (1.0, 1.5)])
+        return np.stack([np.where(region, wlcnn.ks93_mosaic(grid, ds.config, f), np.nan)
+                         for f in (1.0, 1.5)])
     methods = {"KS93": lambda grid: wlcnn.ks93_mosaic(grid, ds.config, 1.0), "CNN": cnn}
-    return wlcnn.evaluate_methods(ds.clusters("test"), methods, ds.config, total=ds.count("test"), progress=False)
+    return wlcnn.evaluate_methods(ds.clusters("test"), methods, ds.config,
+                                  total=ds.count("test"), progress=False)
 
 
 def test_methods_are_scored_on_the_same_pixels(evaluation):
@@ -335,12 +348,14 @@ def test_methods_are_scored_on_the_same_pixels(evaluation):
 
 def test_ks93_smoothing_choice_follows_its_criterion(tiny_dataset):
     ds = wlcnn.ClusterDataset(tiny_dataset)
-    fwhm, rows = wlcnn.choose_ks93_smoothing(ds.clusters("val"), config=ds.config, fwhm_grid=(0.5, 1.0, 2.0))
-    assert [r["fwhm_arcmin"] for r in rows] == [0.5, 1.0, 2.0] and sum(r["chosen"] for r in rows) == 1
+    fwhm, rows = wlcnn.choose_ks93_smoothing(ds.clusters("val"), config=ds.config,
+                                             fwhm_grid=(0.5, 1.0, 2.0))
+    assert [r["fwhm_arcmin"] for r in rows] == [0.5, 1.0, 2.0]
+    assert sum(r["chosen"] for r in rows) == 1
     best = min(rows, key=lambda r: (r["rank_sum"], r["D"]))
     assert fwhm == best["fwhm_arcmin"] and best["chosen"]
-    fwhm_d, rows_d = wlcnn.choose_ks93_smoothing(ds.clusters("val"), config=ds.config, fwhm_grid=(0.5, 1.0, 2.0),
-                                              criterion="D")
+    fwhm_d, rows_d = wlcnn.choose_ks93_smoothing(ds.clusters("val"), config=ds.config,
+                                                 fwhm_grid=(0.5, 1.0, 2.0), criterion="D")
     assert fwhm_d == min(rows_d, key=lambda r: r["D"])["fwhm_arcmin"]
 
 

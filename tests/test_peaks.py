@@ -18,7 +18,7 @@ def small_field(size_arcmin=16.0):
 
 
 def _bilinear(field, x_arcsec, y_arcsec, pixel_arcsec):
-    """A map at positions (arcsec from the lower-left corner), pixel (i, j) centred at (j + ½, i + ½)."""
+    """A map at positions (arcsec from the lower-left corner), pixel (i, j) at (j + ½, i + ½)."""
     coords = np.stack([y_arcsec / pixel_arcsec - 0.5, x_arcsec / pixel_arcsec - 0.5])
     return scipy.ndimage.map_coordinates(field, coords, order=1, mode="nearest")
 

@@ -38,7 +38,8 @@ def test_every_target_is_a_window_of_its_clusters_mosaic_truth(tiny_dataset):
     x, y = _first_batches(tiny_dataset, k=1)[0][0]
     for target in y.numpy()[..., 0]:
         # 1e-30: TensorFlow flushes float32 denormals (< 1.2e-38) to zero
-        found = any(np.abs(wlcnn.orient_map(target, t_inv) - mos[m_y:m_y + 128, m_x:m_x + 128]).max() < 1e-30
+        found = any(np.abs(wlcnn.orient_map(target, t_inv)
+                           - mos[m_y:m_y + 128, m_x:m_x + 128]).max() < 1e-30
                     for mos in mosaics for t_inv in wlcnn.ORIENTATIONS
                     for m_y in range(38) for m_x in range(38)
                     if abs(mos[m_y, m_x] - wlcnn.orient_map(target, t_inv)[0, 0]) < 1e-30)

@@ -1,5 +1,6 @@
 """§4.2: real shear catalogs in sky coordinates in, FITS mass maps out (``reconstruct``)."""
 import dataclasses
+import functools
 import sys
 
 import keras
@@ -35,9 +36,12 @@ def nfw_kappa_gamma(x, y, x0, y0, m200, c200, z_l, z_s):
     dx, dy = x - x0, y - y0
     r = np.maximum(np.hypot(dx, dy), 0.1) * mpc_per_arcsec
     kappa = wlcnn.nfw_sigma(r, m200, c200, z_l, cosmo) / sc
-    gamma_t = (wlcnn.nfw_mean_sigma(r, m200, c200, z_l, cosmo) - wlcnn.nfw_sigma(r, m200, c200, z_l, cosmo)) / sc
+    delta_sigma = (wlcnn.nfw_mean_sigma(r, m200, c200, z_l, cosmo)
+                   - wlcnn.nfw_sigma(r, m200, c200, z_l, cosmo))
+    gamma_t = delta_sigma / sc
     phi = np.arctan2(dy, dx)
-    return kappa, -gamma_t * np.cos(2 * phi), -gamma_t * np.sin(2 * phi)  # γ = −γ_t e^{2iφ} (README)
+    # γ = −γ_t e^{2iφ} (README)
+    return kappa, -gamma_t * np.cos(2 * phi), -gamma_t * np.sin(2 * phi)
 
 
 def sky_catalog(n=N_SOURCES, seed=SEED, sigma_e=SIGMA_E, field_arcmin=FIELD_ARCMIN, center=CENTER):
@@ -54,10 +58,12 @@ def sky_catalog(n=N_SOURCES, seed=SEED, sigma_e=SIGMA_E, field_arcmin=FIELD_ARCM
     eps = wlcnn.lens_ellipticity(wlcnn.draw_intrinsic_ellipticity(n, sigma_e, rng), g)
     wcs = reconstruct_catalog.tangent_plane_wcs(center)
     ra, dec = wcs.pixel_to_world_values(x, y)
-    eps = eps * np.exp(-2j * reconstruct_catalog.local_north_angle(ra, dec, wcs))  # plane frame -> local (West, North)
+    # plane frame -> local (West, North)
+    eps = eps * np.exp(-2j * reconstruct_catalog.local_north_angle(ra, dec, wcs))
     clump = wcs.pixel_to_world_values(*CLUMP_OFFSET_ARCSEC)
+    # mixed case: names match case-insensitively
     table = Table({"RA": ra, "Dec": dec, "E1": eps.real, "E2": eps.imag,
-                   "Weight": np.full(n, 1.0 / sigma_e**2)})  # mixed case: names match case-insensitively
+                   "Weight": np.full(n, 1.0 / sigma_e**2)})
     return table, (float(clump[0]), float(clump[1]))
 
 
@@ -89,12 +95,14 @@ def catalog():
 def valid_table(n=50, seed=0):
     """A small clean catalog for the bad-catalog tests (only reading is exercised)."""
     rng = np.random.default_rng(seed)
-    return Table({"ra": CENTER[0] + rng.uniform(-0.05, 0.05, n), "dec": CENTER[1] + rng.uniform(-0.05, 0.05, n),
-                  "e1": rng.normal(0, 0.2, n), "e2": rng.normal(0, 0.2, n), "weight": np.full(n, 16.0)})
+    return Table({"ra": CENTER[0] + rng.uniform(-0.05, 0.05, n),
+                  "dec": CENTER[1] + rng.uniform(-0.05, 0.05, n),
+                  "e1": rng.normal(0, 0.2, n), "e2": rng.normal(0, 0.2, n),
+                  "weight": np.full(n, 16.0)})
 
 
 # ---------------------------------------------------------------------------
-# Tangent plane: x towards West, y towards North (DESIGN.md "Lensing")
+# Tangent plane: x towards West, y towards North
 # ---------------------------------------------------------------------------
 def test_source_east_of_centre_gets_smaller_x_and_north_larger_y():
     wcs = reconstruct_catalog.tangent_plane_wcs(CENTER)
@@ -111,7 +119,8 @@ def test_source_east_of_centre_gets_smaller_x_and_north_larger_y():
 def test_map_wcs_puts_west_at_larger_column_and_centre_on_a_pixel_corner():
     geometry = reconstruct_catalog.field_geometry(FIELD_ARCMIN)
     wcs = reconstruct_catalog.map_wcs(CENTER, geometry)
-    assert wcs.wcs.cdelt[0] < 0 < wcs.wcs.cdelt[1]  # RA decreases with the column: North up, East left
+    # RA decreases with the column: North up, East left
+    assert wcs.wcs.cdelt[0] < 0 < wcs.wcs.cdelt[1]
     px, py = wcs.world_to_pixel_values(*CENTER)
     half = geometry.npix / 2 - 0.5  # corner between pixels npix/2 − 1 and npix/2
     assert (px, py) == pytest.approx((half, half), abs=1e-9)  # exact up to round-off
@@ -122,8 +131,8 @@ def test_local_north_rotation_is_minus_ra_offset_times_sin_dec():
     center = (30.0, 60.0)
     wcs = reconstruct_catalog.tangent_plane_wcs(center)
     d_ra = 0.5  # degrees of RA
-    psi = reconstruct_catalog.local_north_angle(np.array([center[0] + d_ra, center[0] - d_ra, center[0]]),
-                                  np.full(3, center[1]), wcs)
+    ra = np.array([center[0] + d_ra, center[0] - d_ra, center[0]])
+    psi = reconstruct_catalog.local_north_angle(ra, np.full(3, center[1]), wcs)
     want = np.radians(d_ra) * np.sin(np.radians(center[1]))
     # The small-angle form is exact to O(Δα³): 1e-3 relative at 0.5°.
     np.testing.assert_allclose(psi, [-want, want, 0.0], rtol=1e-3, atol=1e-12)
@@ -151,8 +160,10 @@ def test_weights_become_sigma_and_sigma_column_is_used_as_is():
     table = valid_table()
     table["w"] = table["weight"] * 4.0
     table["sig"] = np.full(len(table), 0.3)
-    np.testing.assert_allclose(reconstruct_catalog.read_catalog(table, weight_col="w").sigma, 1 / np.sqrt(64.0))
-    np.testing.assert_array_equal(reconstruct_catalog.read_catalog(table, sigma_col="sig").sigma, 0.3)
+    by_weight = reconstruct_catalog.read_catalog(table, weight_col="w")
+    np.testing.assert_allclose(by_weight.sigma, 1 / np.sqrt(64.0))
+    by_sigma = reconstruct_catalog.read_catalog(table, sigma_col="sig")
+    np.testing.assert_array_equal(by_sigma.sigma, 0.3)
 
 
 # ---------------------------------------------------------------------------
@@ -270,8 +281,9 @@ def test_zero_weight_rows_are_dropped_as_flagged():
 def test_every_source_outside_the_field_is_an_error(tmp_path, run_dir):
     table = valid_table()
     with pytest.raises(ValueError, match="none of the 50 sources lies inside the 1.15′ field"):
-        reconstruct_catalog.reconstruct(table, run_dir, tmp_path / "k.fits", center=(CENTER[0] + 1.0, CENTER[1]),
-                          size_arcmin=1.0, png=False)
+        reconstruct_catalog.reconstruct(table, run_dir, tmp_path / "k.fits",
+                                        center=(CENTER[0] + 1.0, CENTER[1]),
+                                        size_arcmin=1.0, png=False)
     assert not (tmp_path / "k.fits").exists()
 
 
@@ -290,7 +302,8 @@ def test_header_only_csv_is_an_error(tmp_path):
 
 
 def test_unknown_coordinate_system_is_an_error():
-    with pytest.raises(ValueError, match="unknown coordinate_system 'galactic'.*euclidean.*celestial"):
+    with pytest.raises(ValueError,
+                       match="unknown coordinate_system 'galactic'.*euclidean.*celestial"):
         reconstruct_catalog.read_catalog(valid_table(), coordinate_system="galactic")
 
 
@@ -302,8 +315,9 @@ def test_weight_and_sigma_columns_together_are_an_error(tmp_path, run_dir):
     path = tmp_path / "cat.fits"
     table.write(path)
     with pytest.raises(SystemExit) as exc:  # argparse: mutually exclusive options
-        reconstruct_catalog.main([str(path), "--models", str(run_dir), "--out", str(tmp_path / "k.fits"),
-                    "--weight-col", "weight", "--sigma-col", "sig"])
+        reconstruct_catalog.main([str(path), "--models", str(run_dir),
+                                  "--out", str(tmp_path / "k.fits"),
+                                  "--weight-col", "weight", "--sigma-col", "sig"])
     assert exc.value.code == 2
 
 
@@ -326,7 +340,8 @@ def test_non_numeric_positions_are_an_error():
 def test_model_built_for_another_grid_is_an_error(tmp_path, models):
     other = dataclasses.replace(wlcnn.PAPER, field_arcmin=30.0)  # 3.6″ pixels, not 3.84″
     with pytest.raises(ValueError, match="another grid than the data's.*field_arcmin"):
-        reconstruct_catalog.reconstruct(valid_table(), models, tmp_path / "k.fits", config=other, png=False)
+        reconstruct_catalog.reconstruct(valid_table(), models, tmp_path / "k.fits",
+                                        config=other, png=False)
     with pytest.raises(ValueError, match="differ in grid.*field_arcmin"):
         reconstruct_catalog.check_models([models[0], tiny_model(5, other)])
 
@@ -396,15 +411,17 @@ def test_noise_fill_covers_every_tile_beyond_the_field_and_the_holes_only():
     want = density * ((hi - lo) ** 2 - (2 * half) ** 2)
     assert out_input.sum() == pytest.approx(want, rel=5 / np.sqrt(want))
     # ... and on the input's corner pixels too (the whole input is covered).
-    grid = reconstruct_catalog.grid_tile(fx, fy, *np.zeros((2, len(fx))), np.full(len(fx), 0.3), geo,
-                           geo.tile_starts[0], geo.tile_starts[0])
+    grid = reconstruct_catalog.grid_tile(fx, fy, *np.zeros((2, len(fx))),
+                                         np.full(len(fx), 0.3), geo,
+                                         geo.tile_starts[0], geo.tile_starts[0])
     assert grid[3][[0, 0, -1, -1], [0, -1, 0, -1]].min() > 0
 
 
 def test_noise_fill_keeps_the_catalogs_noise_and_removes_its_shear():
     geo = reconstruct_catalog.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
     x, y, e1, e2, sig = holed_catalog()
-    fx, fy, f1, f2, fs = reconstruct_catalog.noise_fill(x, y, e1, e2, sig, geo, np.random.default_rng(1))
+    fx, fy, f1, f2, fs = reconstruct_catalog.noise_fill(x, y, e1, e2, sig, geo,
+                                                        np.random.default_rng(1))
     # The catalog's mean ε is the shear (0.2, −0.1); the fill's is zero, to 5 standard
     # errors (|ε| rms ~0.4 over ~80,000 fill sources: 0.007).  A fill that kept the
     # phase, or turned ε by ψ instead of 2ψ (⟨e^{iψ}⟩ = 2i/π), would be off by ≥ 0.1.
@@ -440,10 +457,11 @@ def test_noise_fill_is_reproducible_and_needs_a_source_in_the_field():
 
 def test_reconstruct_fills_no_data_with_noise_by_default_and_says_so(tmp_path, models, catalog):
     kw = dict(stride=TEST_STRIDE, png=False)
-    a = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "a.fits", n_fills=2, seed=4, **kw)
-    b = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "b.fits", n_fills=2, seed=4, **kw)
-    c = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "c.fits", n_fills=2, seed=5, **kw)
-    e = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "e.fits", outside="empty", **kw)
+    run = functools.partial(reconstruct_catalog.reconstruct, catalog[0], models)
+    a = run(tmp_path / "a.fits", n_fills=2, seed=4, **kw)
+    b = run(tmp_path / "b.fits", n_fills=2, seed=4, **kw)
+    c = run(tmp_path / "c.fits", n_fills=2, seed=5, **kw)
+    e = run(tmp_path / "e.fits", outside="empty", **kw)
     np.testing.assert_array_equal(a.kappa_cnn, b.kappa_cnn)  # same seed, same map
     assert not np.array_equal(a.kappa_cnn, c.kappa_cnn)
     np.testing.assert_array_equal(a.kappa_ks93, e.kappa_ks93)  # KS93 never sees the fill
@@ -474,7 +492,8 @@ def test_bad_fill_options_are_errors(tmp_path, models, kw, match):
 # ---------------------------------------------------------------------------
 # End to end: FITS catalog in, FITS maps out, through the command line
 # ---------------------------------------------------------------------------
-def test_cli_writes_four_maps_whose_wcs_puts_the_clump_at_the_ks93_peak(tmp_path, run_dir, catalog, capsys):
+def test_cli_writes_four_maps_whose_wcs_puts_the_clump_at_the_ks93_peak(tmp_path, run_dir,
+                                                                         catalog, capsys):
     table, clump = catalog[0].copy(), catalog[1]
     table["E1"][:4] = np.nan  # 4 NaN rows: dropped and reported
     cat_path = tmp_path / "catalog.fits"
@@ -487,7 +506,8 @@ def test_cli_writes_four_maps_whose_wcs_puts_the_clump_at_the_ks93_peak(tmp_path
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "dropped 4 of 2000 rows (4 with NaN" in captured.err
-    assert f"{N_SOURCES - 4} sources in the field of {N_SOURCES} rows (dropped: 4 NaN" in captured.out
+    assert (f"{N_SOURCES - 4} sources in the field of {N_SOURCES} rows (dropped: 4 NaN"
+            in captured.out)
     with fits.open(out) as hdul:
         assert [h.name for h in hdul[1:]] == list(reconstruct_catalog.MAP_EXTENSIONS)
         assert hdul[0].header["NDRNAN"] == 4 and hdul[0].header["NRUNS"] == 2
@@ -524,7 +544,8 @@ def test_euclidean_and_celestial_catalogs_give_the_same_maps(tmp_path, models, c
     cel["E2"] = -cel["E2"]
     kw = dict(stride=TEST_STRIDE, n_fills=1, png=False)
     a = reconstruct_catalog.reconstruct(table, models, tmp_path / "euclidean.fits", **kw)
-    b = reconstruct_catalog.reconstruct(cel, models, tmp_path / "celestial.fits", coordinate_system="celestial", **kw)
+    b = reconstruct_catalog.reconstruct(cel, models, tmp_path / "celestial.fits",
+                                        coordinate_system="celestial", **kw)
     # −(−e2) is exact, so the same numbers go through the same arithmetic.
     for name in ("kappa_cnn", "kappa_cnn_std", "kappa_ks93", "density"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
@@ -536,7 +557,8 @@ def test_other_redshifts_are_recorded_not_used_to_rescale_kappa(tmp_path, models
     kw = dict(stride=TEST_STRIDE, n_fills=1, png=False)
     a = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "a.fits", **kw)
     with pytest.warns(UserWarning, match="trained for z_l = 0.5, z_s = 1.5"):
-        b = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "b.fits", z_lens=0.87, z_source=1.2, **kw)
+        b = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "b.fits",
+                                            z_lens=0.87, z_source=1.2, **kw)
     np.testing.assert_array_equal(a.kappa_cnn, b.kappa_cnn)
     np.testing.assert_array_equal(a.kappa_ks93, b.kappa_ks93)
     h = fits.getheader(tmp_path / "b.fits")
@@ -547,11 +569,13 @@ def test_other_redshifts_are_recorded_not_used_to_rescale_kappa(tmp_path, models
     assert "not rescaled" in str(h["HISTORY"])
 
 
-def test_without_matplotlib_the_fits_is_written_and_the_png_skipped(tmp_path, models, catalog, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # `from matplotlib.figure import …` fails
+def test_without_matplotlib_the_fits_is_written_and_the_png_skipped(tmp_path, models, catalog,
+                                                                    monkeypatch):
+    # `from matplotlib.figure import …` fails
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.warns(UserWarning, match="matplotlib is not installed: no PNG"):
-        res = reconstruct_catalog.reconstruct(catalog[0], models[:1], tmp_path / "k.fits", stride=TEST_STRIDE,
-                                              n_fills=1)
+        res = reconstruct_catalog.reconstruct(catalog[0], models[:1], tmp_path / "k.fits",
+                                              stride=TEST_STRIDE, n_fills=1)
     assert res.png_path is None and not (tmp_path / "k.png").exists()
     assert fits.getheader(tmp_path / "k.fits", "KAPPA_CNN")["NRUNS"] == 1
 
@@ -595,7 +619,8 @@ def test_ks93_smoothing_follows_the_catalogs_density_unless_given(tmp_path, mode
     assert reconstruct_catalog.ks93_fwhm_for_density(100.0) == pytest.approx(0.625, rel=1e-12)
     with pytest.raises(ValueError, match="density must be positive"):
         reconstruct_catalog.ks93_fwhm_for_density(0.0)
-    kw = dict(size_arcmin=FIELD_ARCMIN, center=CENTER, stride=TEST_STRIDE, outside="empty", png=False)
+    kw = dict(size_arcmin=FIELD_ARCMIN, center=CENTER, stride=TEST_STRIDE, outside="empty",
+              png=False)
     res = reconstruct_catalog.reconstruct(covering_table(12.0, 16.0), models[:1],
                                           tmp_path / "k.fits", **kw)
     h = fits.getheader(tmp_path / "k.fits")
@@ -626,7 +651,8 @@ def test_weight_scale_is_one_for_inverse_variance_weights():
 @pytest.mark.parametrize("off", [10.0, 0.1])
 def test_weights_off_by_ten_are_rescaled_with_a_warning_or_kept_on_request(tmp_path, models, off):
     table = covering_table(12.0, 16.0)
-    kw = dict(size_arcmin=FIELD_ARCMIN, center=CENTER, stride=TEST_STRIDE, outside="empty", png=False)
+    kw = dict(size_arcmin=FIELD_ARCMIN, center=CENTER, stride=TEST_STRIDE, outside="empty",
+              png=False)
     right = reconstruct_catalog.reconstruct(table, models[:1], tmp_path / "right.fits", **kw)
     assert abs(right.weights["factor"] - 1) < reconstruct_catalog.WEIGHT_TOLERANCE
     wrong = table.copy()
