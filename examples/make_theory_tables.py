@@ -46,7 +46,10 @@ import time
 import numpy as np
 from astropy.table import Table
 
-import pyccl as ccl
+try:  # the `theory` extra; --help works without it
+    import pyccl as ccl
+except ImportError:
+    ccl = None
 
 C_KM_S = 299792.458  # speed of light [km/s]
 
@@ -145,6 +148,8 @@ def main(argv=None):
     p.add_argument("--one-halo-m-min", type=float, default=3e13,
                    help="mass cut of the cl_1h_ccl column [Msun]")
     args = p.parse_args(argv)
+    if ccl is None:
+        raise SystemExit('make_theory_tables: needs pyccl and camb: pip install -e ".[theory]"')
     t0 = time.time()
     cosmo = build_cosmology(args)
     # Every option spelled out, so the tables say exactly how to remake them.
