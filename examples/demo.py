@@ -1,6 +1,6 @@
 """Demo: one simulated cluster reconstructed by KS93 and by the shipped CNN.
 
-    python examples/demo.py            # writes out/demo.png: 20 s of CPU, 48 s wall on 2 busy cores
+    python examples/demo.py            # writes out/demo.png in ~20 s on 2 CPU cores
 
 It simulates one 32′ × 32′ cluster field like the test set of the shipped model (a truncated
 NFW cluster with line-of-sight halos and large-scale structure), its catalog of 25 sources per
