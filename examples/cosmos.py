@@ -11,8 +11,8 @@ in examples/data/cosmos/ (README there: source, licence, citation).  The shape
 weights are relative (median 1), so they are rescaled to ⟨w (e1² + e2²)/2⟩ = 1
 before anything else: w is then 1/σ² per component, as the gridding needs.
 
-    python examples/cosmos.py --quick    # the central 26′, one tile: 48 s on 2 shared cores
-    python examples/cosmos.py            # the whole field, 36 tiles: 23 min on 2 shared cores
+    python examples/cosmos.py --quick    # the central 26′, one tile: 16 s on 2 cores
+    python examples/cosmos.py            # the whole field, 64 tiles: 5 min on 2 cores
     python examples/cosmos.py --from-maps out/cosmos/cosmos_maps.fits   # redo peaks and stacks
 
 Outputs in ``--out`` (default out/cosmos): cosmos_maps.fits (KAPPA_CNN, KAPPA_KS93,
@@ -22,18 +22,18 @@ groups, like the COSMOS map of Massey et al. 2007).  The last line printed is a
 JSON object: stack S/N, completeness and purity per method and threshold.
 
 Result of the default run (shipped quick model, both runs, stride 36, 4 CNN and 16 KS93
-noise realisations; 1,365 s with the 2 cores shared by ~10 other jobs): 60 of the 72 groups
+noise realisations; 317 s on 2 cores beside a background job): 60 of the 72 groups
 lie in the footprint, 46 of them at 0.1 < z < 0.9.  Stacked κ at those 46 against random
-sets of 46 positions: S/N 11.2 for the CNN (κ 0.0135 against −0.0051 ± 0.0017) and 8.0 for
-KS93 (0.0427 against 0.0000 ± 0.0053).  Peaks within 2′ of a group (chance level 0.14):
+sets of 46 positions: S/N 10.9 for the CNN (κ 0.0132 against −0.0051 ± 0.0017) and 8.0 for
+KS93 (0.0429 against −0.0001 ± 0.0054).  Peaks within 2′ of a group (chance level 0.14):
 
     method  S/N >= 3       S/N >= 4       S/N >= 5      (completeness / purity, n peaks)
-    CNN     0.54 / 0.34 112   0.41 / 0.44 66   0.33 / 0.50 44
-    KS93    0.50 / 0.42  83   0.09 / 0.67  6   0.00 / —     0
+    CNN     0.57 / 0.35 113   0.46 / 0.43 70   0.35 / 0.45 49
+    KS93    0.50 / 0.42  83   0.07 / 0.50  4   0.00 / —     0
 
 The CNN's S/N is not Gaussian (the network's reply to noise has a heavy positive
-tail), so its thresholds are not KS93's: at about the same purity (0.42-0.44) the CNN
-finds 0.41 of the groups (S/N >= 4) and KS93 0.50 (S/N >= 3).
+tail), so its thresholds are not KS93's: at about the same purity (0.42-0.43) the CNN
+finds 0.46 of the groups (S/N >= 4) and KS93 0.50 (S/N >= 3).
 """
 # ## Setup
 import argparse
