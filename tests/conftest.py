@@ -30,3 +30,18 @@ def tiny_dataset(tmp_path_factory):
     wlcnn.write_dataset(path, {"train": 6, "val": 3, "test": 2}, seed=1, field_fn=blob_field,
                         shard_size=2, masks=True, progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def evaluation(tiny_dataset):
+    """KS93 and a stand-in CNN (KS93 at two smoothings as two "runs", cut to the CNN's
+    region) evaluated on the tiny dataset's test clusters."""
+    ds = wlcnn.ClusterDataset(tiny_dataset)
+    region = wlcnn.mosaic_coverage(ds.config) > 0
+
+    def cnn(grid):
+        return np.stack([np.where(region, wlcnn.ks93_mosaic(grid, ds.config, f), np.nan)
+                         for f in (1.0, 1.5)])
+    methods = {"KS93": lambda grid: wlcnn.ks93_mosaic(grid, ds.config, 1.0), "CNN": cnn}
+    return wlcnn.evaluate_methods(ds.clusters("test"), methods, ds.config,
+                                  total=ds.count("test"), progress=False)

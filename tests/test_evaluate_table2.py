@@ -81,19 +81,6 @@ def test_fitted_wiener_filter_passes_large_scales_and_damps_small_ones(tiny_data
 # ---------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def evaluation(tiny_dataset):
-    ds = wlcnn.ClusterDataset(tiny_dataset)
-    region = wlcnn.mosaic_coverage(ds.config) > 0
-
-    def cnn(grid):  # stand-in "runs": KS93 at two smoothings, cut to the CNN's region
-        return np.stack([np.where(region, wlcnn.ks93_mosaic(grid, ds.config, f), np.nan)
-                         for f in (1.0, 1.5)])
-    methods = {"KS93": lambda grid: wlcnn.ks93_mosaic(grid, ds.config, 1.0), "CNN": cnn}
-    return wlcnn.evaluate_methods(ds.clusters("test"), methods, ds.config, total=ds.count("test"),
-                                  progress=False)
-
-
 @pytest.fixture
 def no_matplotlib(monkeypatch):
     """matplotlib as in an environment without the plot extra: every import of it fails."""

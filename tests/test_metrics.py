@@ -324,21 +324,8 @@ def test_metrics_use_only_pixels_evaluated_in_both_maps():
 
 
 # ---------------------------------------------------------------------------
-# The report
+# Evaluating methods (the `evaluation` fixture: tests/conftest.py)
 # ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def evaluation(tiny_dataset):
-    ds = wlcnn.ClusterDataset(tiny_dataset)
-    region = wlcnn.mosaic_coverage(ds.config) > 0
-
-    def cnn(grid):  # stand-in "runs": KS93 at two smoothings, cut to the CNN's region
-        return np.stack([np.where(region, wlcnn.ks93_mosaic(grid, ds.config, f), np.nan)
-                         for f in (1.0, 1.5)])
-    methods = {"KS93": lambda grid: wlcnn.ks93_mosaic(grid, ds.config, 1.0), "CNN": cnn}
-    return wlcnn.evaluate_methods(ds.clusters("test"), methods, ds.config,
-                                  total=ds.count("test"), progress=False)
-
-
 def test_methods_are_scored_on_the_same_pixels(evaluation):
     region = wlcnn.mosaic_coverage(evaluation.config) > 0
     for maps in [evaluation.truth] + list(evaluation.maps.values()):
