@@ -547,8 +547,7 @@ def noise_fill(x, y, e1, e2, sigma, geometry, rng):
     zero padding of KS93 makes too.  Rotated galaxies are the usual weak-lensing
     noise realisation (e.g. Van Waerbeke et al. 2000).
     """
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError("rng must be a numpy.random.Generator (e.g. np.random.default_rng(seed))")
+    wlcnn.check_rng(rng)
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     e = np.asarray(e1, np.float64) + 1j * np.asarray(e2, np.float64)
     sigma = np.asarray(sigma, np.float64)
