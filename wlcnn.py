@@ -657,8 +657,12 @@ def make_cluster(field, config, rng, masks=False):
 
 
 def atomic_write(path, write):
-    """Call ``write(tmp_path)`` then rename: a file is complete or absent."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Call ``write(tmp_path)`` then rename: a file is complete or absent.
+
+    The temporary file is hidden and ends as ``path`` does, for writers that
+    read the format from the name (Keras, matplotlib)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -1776,13 +1780,7 @@ def save_model(model, path):
     if path.suffix != ".keras":
         raise ValueError(f"{path}: model files end in .keras")
     model_info(model)  # refuses a model without its description
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    try:
-        model.save(tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: model.save(tmp, overwrite=True))
 
 
 def load_model(path, compile=True):
@@ -2097,9 +2095,25 @@ def _save_best(model, twin, run_dir):
         save_model(twin, run_dir / "best.keras")
 
 
+class _Snapshots(keras.callbacks.Callback):
+    """Keeps the weights after every ``every``-th epoch (snapshot-NNNN.weights.h5)."""
+
+    def __init__(self, run_dir, every):
+        super().__init__()
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+            raise ValueError(f"snapshot_every must be a whole number of epochs >= 1, "
+                             f"got {every!r}")
+        self.run_dir, self.every = Path(run_dir), int(every)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0:
+            atomic_write(self.run_dir / f"snapshot-{epoch + 1:04d}.weights.h5",
+                         self.model.save_weights)
+
+
 def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLoss",
           run_index=0, seed=0, conv="auto", mixed_precision=False, strategy=None,
-          verbose=1, callbacks=()):
+          verbose=1, callbacks=(), snapshot_every=None):
     """Train one run (§2.3.2) into ``out_dir/run_XX``, resuming it if it was interrupted.
 
     ``train_ds`` is an endless stream of float32 batches (x (B, S, S, C), y (B,
@@ -2108,7 +2122,9 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     ``mixed_precision`` trains in mixed_float16 but for the FFT and output
     layers. ``strategy`` defaults to ``MirroredStrategy`` over several GPUs.
     ``verbose``: 0 silent, 1 a line an epoch, 2 Keras's progress bar too.
-    ``callbacks`` run before each epoch's backup.
+    ``callbacks`` run before each epoch's backup. ``snapshot_every`` = N keeps
+    the weights after every N-th epoch, snapshot-NNNN.weights.h5, for a learning
+    curve; it is no setting of the run (it may change on resumption).
 
     Returns ``run.json``: the settings, ``epochs_done``, ``best_epoch``,
     ``best_val_loss`` (of best.keras, re-read), ``samples_per_s`` (median),
@@ -2128,6 +2144,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; one of {list(VARIANTS)}")
     run_dir = run_path(out_dir, run_index)
+    snapshots = [] if snapshot_every is None else [_Snapshots(run_dir, snapshot_every)]
     settings = _settings(config, preset, variant, run_index, seed, conv, mixed_precision)
     info = _check_settings(run_dir, settings)
     if info is not None and info.get("status") == "complete":
@@ -2182,7 +2199,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
            keras.callbacks.ModelCheckpoint(
                run_dir / "best-{epoch:04d}.weights.h5", save_best_only=True,
                save_weights_only=True, initial_value_threshold=best_so_far),
-           keep_two, *callbacks,
+           keep_two, *snapshots, *callbacks,
            # two generations: a backup broken mid-write falls back to the previous one
            keras.callbacks.BackupAndRestore(run_dir / "backup", double_checkpoint=True,
                                             delete_checkpoint=False)]

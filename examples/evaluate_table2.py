@@ -9,8 +9,10 @@ Each test cluster's catalog is gridded once and given to every method: KS93 at t
 smoothing the validation clusters prefer, a Wiener filter, the Seitz & Schneider
 (1995) reduced-shear iteration and the CNN (the mean mosaic of its runs), all scored
 by the paper's four metrics on the pixels the CNN mosaic covers.  The report holds
-table2.md/.csv, clusters.csv, ks93_smoothing.csv, report.json and Figs. 2-8 (and 10
-for masked catalogs; figures need ``pip install -e ".[plot]"``).
+table2.md/.csv, clusters.csv, ks93_smoothing.csv, mass_bias.csv (M_pred/M_truth binned by
+the truth's mass), report.json and Figs. 2-8 (and 10 for masked catalogs; figures need
+``pip install -e ".[plot]"``).  ``--cache DIR`` keeps the CNN mosaics, so that a long
+evaluation resumes and a model is predicted once however many reports use it.
 
 2-core CPU, quick mosaic: 5.6 s a test cluster a run; 11 min for the shipped two-run
 model on the 60 test clusters of data/quick, giving the CNN R 0.573, D 1.96, M ratio
@@ -20,6 +22,7 @@ model on the 60 test clusters of data/quick, giving the CNN R 0.573, D 1.96, M r
 # ## Setup
 import argparse
 import csv
+import hashlib
 import importlib
 import itertools
 import json
@@ -268,6 +271,30 @@ def cluster_rows(results):
     return rows
 
 
+def mass_bias_rows(results, n_bins=None):
+    """M_pred/M_truth of every method in equal-count bins of the truth's M_cl (§3.3).
+
+    One row a bin: its M_truth range and median, and for each method the median
+    ratio with its 16th and 84th percentiles over the bin's clusters.
+    """
+    n_bins = N_MEDIAN_BINS if n_bins is None else int(n_bins)
+    m_t, _ = wlcnn.cluster_masses(results.truth, results.truth)
+    ratios = {name: wlcnn.cluster_masses(results.truth, results.maps[name])[1] / m_t
+              for name in results.methods}
+    rows = []
+    for chunk in np.array_split(np.argsort(m_t), n_bins):
+        if not chunk.size:
+            continue
+        row = {"M_truth_min": float(m_t[chunk].min()), "M_truth_max": float(m_t[chunk].max()),
+               "M_truth_median": float(np.median(m_t[chunk])), "n_clusters": int(chunk.size)}
+        for name, ratio in ratios.items():
+            lo, mid, hi = np.percentile(ratio[chunk], [16, 50, 84])
+            row.update({f"{name}": float(mid), f"{name}_p16": float(lo),
+                        f"{name}_p84": float(hi)})
+        rows.append(row)
+    return rows
+
+
 # ## Figures 2-8 and 10 (matplotlib, object-oriented: no pyplot state, no display)
 MAP_CMAP = "magma"
 CONTOUR_LEVELS = (0.683, 0.954, 0.997)  # "1σ, 2σ and 3σ" of the joint distributions (Fig. 4)
@@ -451,6 +478,30 @@ def figure_mass(results, path):
     return _save(fig, path)
 
 
+def figure_mass_bias(results, path):
+    """M_pred/M_truth against M_cl truth, every method on one panel (Fig. 6 as a ratio).
+
+    Points: the median ratio in equal-count bins of M_cl truth; bars: its 16-84 %
+    range over the bin's clusters (:func:`mass_bias_rows`).
+    """
+    rows = mass_bias_rows(results)
+    fig, axes = _figure(1, size=5.0)
+    ax = axes[0, 0]
+    x = np.array([r["M_truth_median"] for r in rows])
+    shift = 1.0 + 0.015 * (np.arange(len(results.methods)) - (len(results.methods) - 1) / 2)
+    for j, name in enumerate(results.methods):
+        mid = np.array([r[name] for r in rows])
+        err = [mid - [r[f"{name}_p16"] for r in rows], [r[f"{name}_p84"] for r in rows] - mid]
+        ax.errorbar(x * shift[j], mid, yerr=err, fmt="o-", ms=4, capsize=2, label=name,
+                    color=f"C{j % 10}")
+    ax.axhline(1.0, ls=":", color="0.5")
+    ax.set_xscale("log")
+    ax.set_xlabel("M_cl truth (Σκ, r ≤ 10 px)")
+    ax.set_ylabel("M_cl pred / M_cl truth")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def figure_centroid_mass(results, path):
     """Fig. 7: Δ_peak against the true cluster mass M_cl (§3.4)."""
     m_t, _ = wlcnn.cluster_masses(results.truth, results.truth)
@@ -519,6 +570,7 @@ def write_figures(results, out_dir, example=None, pair=("KS93", "CNN")):
             ("fig4_joint_kappa.png", figure_joint, {}),
             ("fig5_joint_kappa_tilde.png", figure_joint, {"normalised": True}),
             ("fig6_mass.png", figure_mass, {}),
+            ("fig6_mass_bias.png", figure_mass_bias, {}),
             ("fig7_centroid_mass.png", figure_centroid_mass, {})]
     if all(m in results.maps for m in pair):
         jobs.append(("fig8_centroid_pair.png", figure_centroid_pair,
@@ -603,24 +655,71 @@ def write_report(results, out_dir, meta=None, notes=(), example=None, paper=wlcn
 
 # ## Evaluate: a dataset's test split, every method on the same pixels
 def _model_groups(paths):
-    """Method name -> models for each ``--models`` path: "CNN" when all share
-    one variant, else the variant names (Table 3 of Appendix A)."""
-    groups = {}
-    for path in paths:
-        models = wlcnn.load_runs(path)
-        groups.setdefault(wlcnn.model_info(models[0])["variant"], []).extend(models)
-    return {"CNN": sum(groups.values(), [])} if len(groups) == 1 else groups
+    """Method name -> models for the ``--models`` paths.
+
+    A path written ``NAME=PATH`` is a row of its own, named NAME (a quick and a
+    paper-scale model side by side).  The other paths are pooled: "CNN" when
+    they share one variant (their runs averaged), else a row per variant (Table 3
+    of Appendix A).
+    """
+    labelled, pooled = {}, {}
+    for path in map(os.fspath, paths):
+        name, sep, where = path.partition("=")
+        if sep and not os.path.exists(path):
+            if not name or name in labelled:
+                raise ValueError(f"--models {path!r}: a row needs a name of its own")
+            labelled[name] = wlcnn.load_runs(where)
+        else:
+            models = wlcnn.load_runs(path)
+            pooled.setdefault(wlcnn.model_info(models[0])["variant"], []).extend(models)
+    if len(pooled) == 1:
+        pooled = {"CNN": sum(pooled.values(), [])}
+    clash = set(pooled) & set(labelled)
+    if clash:
+        raise ValueError(f"--models: row name(s) {sorted(clash)} given twice")
+    return {**pooled, **labelled}
+
+
+def models_sha256(models):
+    """SHA-256 of the models' weights, in order: what a CNN mosaic depends on besides its grid."""
+    h = hashlib.sha256()
+    for model in models:
+        for w in model.get_weights():
+            h.update(repr(w.shape).encode() + np.ascontiguousarray(w, np.float32).tobytes())
+    return h.hexdigest()
+
+
+def cached_method(fn, cache_dir):
+    """``fn(grid)`` with each result kept in ``cache_dir`` under the SHA-256 of its grid.
+
+    A long evaluation then resumes where it stopped, and a model evaluated once
+    is not predicted again when rows are added.  Each file is written then
+    renamed; ``cache_dir`` must be specific to ``fn`` (its name holds the key).
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+
+    def run(grid):
+        key = hashlib.sha256(np.ascontiguousarray(grid, np.float32).tobytes()).hexdigest()
+        path = os.path.join(cache_dir, f"{key[:32]}.npy")
+        if os.path.exists(path):
+            return np.load(path)
+        out = np.asarray(fn(grid), dtype=np.float64)
+        wlcnn.atomic_write(path, lambda tmp: np.save(tmp, out))
+        return out
+    return run
 
 
 def evaluate_directory(data_dir, model_paths, out_dir, stride=12, orientations=1, limit=None,
                        n_val_smoothing=50, wiener=True, ss95=True, figures=True, overwrite=False,
-                       progress=True, command=None):
+                       progress=True, command=None, cache=None):
     """Table 2 and the figures for a dataset's test split, written to ``out_dir``.
 
     ``model_paths``: run directories or model files (``wlcnn.load_runs``),
     several variants giving a row each.  ``stride`` and ``orientations`` 12 and 1
     make the quick mosaic (100 subfields a cluster), 3 and 6 the paper's (8,664).
-    ``limit``: the first test clusters only.  The KS93 smoothing is chosen on
+    ``limit``: the first test clusters only.  ``cache``: a directory keeping each
+    CNN mosaic (:func:`cached_method`), keyed by the weights, stride and
+    orientations; a rerun reads them back.  The KS93 smoothing is chosen on
     ``n_val_smoothing`` validation clusters, the Wiener spectra fitted on the
     training clusters (else the validation ones, with a warning).  Returns the
     Table 2 rows.
@@ -652,6 +751,9 @@ def evaluate_directory(data_dir, model_paths, out_dir, stride=12, orientations=1
     methods = baseline_methods(config, fwhm, wf, ss95)
     for name, models in groups.items():
         methods[name] = wlcnn.cnn_method(models, config, stride=stride, orientations=orientations)
+        if cache is not None:
+            key = f"{models_sha256(models)[:16]}-stride{stride}-orient{orientations}"
+            methods[name] = cached_method(methods[name], os.path.join(cache, key))
     total = n_test if limit is None else min(limit, n_test)
     clusters = itertools.islice(ds.clusters("test"), total)
     results = wlcnn.evaluate_methods(clusters, methods, config, total=total, progress=progress)
@@ -660,7 +762,8 @@ def evaluate_directory(data_dir, model_paths, out_dir, stride=12, orientations=1
             "orientations": orientations, "ks93_fwhm_arcmin": fwhm, "wiener_split": wiener_split,
             "n_test_clusters": total, "wlcnn": wlcnn.__version__}
     write_report(results, out_dir, meta=meta, notes=notes, figures=figures, overwrite=overwrite,
-                 extra_tables={"ks93_smoothing": smoothing_rows})
+                 extra_tables={"ks93_smoothing": smoothing_rows,
+                               "mass_bias": mass_bias_rows(results)})
     return wlcnn.table2(results)
 
 
@@ -668,7 +771,9 @@ def main(argv=None):
     """Evaluate models against the baselines on a dataset's test split; returns the exit status."""
     p = argparse.ArgumentParser(description="Table 2 and Figs. 2-8 on a dataset's test split")
     p.add_argument("--data", required=True, help="dataset directory")
-    p.add_argument("--models", required=True, nargs="+", help="run directories or .keras files")
+    p.add_argument("--models", required=True, nargs="+",
+                   help="run directories or .keras files, pooled into one CNN row; "
+                        "NAME=PATH makes a row of its own")
     p.add_argument("--out", required=True, help="report directory (complete or absent)")
     p.add_argument("--stride", type=int, default=12,
                    help="offset step in input pixels, a multiple of 3 (paper: 3 = 1,444 offsets)")
@@ -680,6 +785,8 @@ def main(argv=None):
     p.add_argument("--no-ss95", action="store_true")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--cache", default=None,
+                   help="directory keeping the CNN mosaics: a rerun resumes and reuses them")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     try:
@@ -687,7 +794,7 @@ def main(argv=None):
             args.data, args.models, args.out, stride=args.stride, orientations=args.orientations,
             limit=args.limit, n_val_smoothing=args.n_val_smoothing, wiener=not args.no_wiener,
             ss95=not args.no_ss95, figures=not args.no_figures, overwrite=args.overwrite,
-            command="python examples/evaluate_table2.py " + shlex.join(argv))
+            cache=args.cache, command="python examples/evaluate_table2.py " + shlex.join(argv))
     except (ValueError, TypeError, OSError) as exc:
         print(f"evaluate_table2: error: {exc}", file=sys.stderr)
         return 2

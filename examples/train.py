@@ -35,6 +35,8 @@ def main(argv=None):
                    help="a new source catalog at every cluster visit (beyond the paper)")
     p.add_argument("--conv", default="auto", choices=["auto", "fft", "direct"])
     p.add_argument("--mixed-precision", action="store_true")
+    p.add_argument("--snapshot-every", type=int, default=None, metavar="N",
+                   help="keep the weights after every N-th epoch (a learning curve's points)")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
                    help="0 silent, 1 a line an epoch, 2 Keras's progress bar too")
     g = p.add_argument_group("changes to the preset (a resumed run must repeat them)")
@@ -48,7 +50,8 @@ def main(argv=None):
         infos = wlcnn.train_from_directory(
             args.data, args.out, preset, args.variant, args.runs, args.seed,
             fresh_catalogs=args.fresh_catalogs, conv=args.conv,
-            mixed_precision=args.mixed_precision, verbose=args.verbose)
+            mixed_precision=args.mixed_precision, verbose=args.verbose,
+            snapshot_every=args.snapshot_every)
     except (ValueError, TypeError, OSError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2

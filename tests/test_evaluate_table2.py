@@ -15,7 +15,8 @@ from conftest import blob_field
 
 CFG = wlcnn.PAPER
 FIGURES = {"fig2_maps.png", "fig3_distributions.png", "fig4_joint_kappa.png",
-           "fig5_joint_kappa_tilde.png", "fig6_mass.png", "fig7_centroid_mass.png",
+           "fig5_joint_kappa_tilde.png", "fig6_mass.png", "fig6_mass_bias.png",
+           "fig7_centroid_mass.png",
            "fig8_centroid_pair.png", "fig10_masked.png"}  # the tiny dataset has star masks
 TABLES = {"table2.csv", "table2.md", "clusters.csv", "report.json"}
 
@@ -212,3 +213,66 @@ def test_evaluate_without_a_training_split_fits_wiener_on_validation_and_says_so
     assert report["meta"]["wiener_split"] == "val"
     assert any("validation clusters" in note for note in report["notes"])
     assert "no training split" in open(out / "table2.md").read()
+
+
+# ---------------------------------------------------------------------------
+# Mass bias, named rows, the mosaic cache
+# ---------------------------------------------------------------------------
+def test_mass_bias_bins_hold_each_methods_exact_ratio(evaluation):
+    truth = evaluation.truth
+    scaled = dataclasses.replace(evaluation, maps={"half": 0.5 * truth, "same": truth.copy()})
+    rows = evaluate_table2.mass_bias_rows(scaled, n_bins=2)
+    m_t, _ = wlcnn.cluster_masses(truth, truth)
+    assert [r["n_clusters"] for r in rows] == [1, 1]  # the two test clusters, one a bin
+    # bins in increasing truth mass, each its own cluster's M_cl
+    assert [r["M_truth_median"] for r in rows] == pytest.approx(sorted(m_t), rel=1e-12)
+    for r in rows:
+        # M_cl is a sum of κ: a map of half the truth has half its mass, to round-off
+        assert r["half"] == r["half_p16"] == r["half_p84"] == pytest.approx(0.5, rel=1e-12)
+        assert r["same"] == pytest.approx(1.0, rel=1e-12)
+
+
+def test_cached_method_computes_each_grid_once(tmp_path):
+    calls = []
+
+    def fn(grid):
+        calls.append(1)
+        return grid[..., 0] * 2.0
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    cached = evaluate_table2.cached_method(fn, tmp_path / "m")
+    first = cached(a)
+    np.testing.assert_array_equal(cached(a), first)  # read back bit for bit
+    np.testing.assert_array_equal(first, a[..., 0] * 2.0)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(cached(b), b[..., 0] * 2.0)  # another grid: computed
+    assert len(calls) == 2
+    assert len(os.listdir(tmp_path / "m")) == 2  # no temporary file left
+
+
+def test_named_model_rows_are_evaluated_apart_and_read_back_from_the_cache(
+        tiny_dataset, saved_model, tmp_path, monkeypatch):
+    other = tmp_path / "other.keras"
+    wlcnn.save_model(wlcnn.build_model(dataclasses.replace(CFG, filter_size=5), "Fiducial"), other)
+    cache = tmp_path / "cache"
+    kwargs = dict(stride=48, limit=1, n_val_smoothing=2, wiener=False, ss95=False,
+                  figures=False, progress=False, cache=cache)
+    rows = evaluate_table2.evaluate_directory(
+        tiny_dataset, [f"first={saved_model}", f"second={other}"], tmp_path / "a", **kwargs)
+    assert [r["method"] for r in rows] == ["KS93", "first", "second"]
+    # two weight sets, one mosaic each (one cluster): two cache directories of one file
+    assert sorted(len(os.listdir(cache / d)) for d in os.listdir(cache)) == [1, 1]
+    assert rows[1]["R"] != rows[2]["R"]  # other weights, other maps
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("a cached mosaic was predicted again")
+    monkeypatch.setattr(wlcnn, "predict_mosaic_runs", no_prediction)
+    again = evaluate_table2.evaluate_directory(
+        tiny_dataset, [f"second={other}", f"first={saved_model}"], tmp_path / "b", **kwargs)
+    by_name = {r["method"]: r for r in again}
+    for r in rows:
+        assert by_name[r["method"]] == r  # the same numbers, from the cache
+    with pytest.raises(ValueError, match="name of its own"):
+        evaluate_table2.evaluate_directory(
+            tiny_dataset, [f"x={saved_model}", f"x={other}"], tmp_path / "c", **kwargs)

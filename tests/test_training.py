@@ -186,6 +186,27 @@ def test_reloaded_models_predict_as_at_their_best_epoch(trained):
     assert len(wlcnn.load_runs(out / "run_01")) == 1
 
 
+def test_snapshots_hold_the_weights_of_their_epoch(tmp_path):
+    preset = dataclasses.replace(TINY, epochs=4, n_runs=1)
+    data = synthetic_data(2)
+    rec = Recorder(data[1][0])
+    wlcnn.train(*data, tmp_path, CFG, preset, seed=3, verbose=0, callbacks=[rec],
+                snapshot_every=2)
+    d = tmp_path / "run_00"
+    assert sorted(p.name for p in d.glob("snapshot-*")) == [
+        "snapshot-0002.weights.h5", "snapshot-0004.weights.h5"]  # kept after the run
+    model = wlcnn.build_model(CFG)
+    for n in (2, 4):
+        model.load_weights(d / f"snapshot-{n:04d}.weights.h5")
+        # the same weights through the same ops: round-off only
+        np.testing.assert_allclose(model(rec.x_val, training=False).numpy(),
+                                   rec.fits[0]["epochs"][n - 1][2], rtol=0, atol=1e-6)
+    assert not list(d.glob(".tmp-*"))  # written then renamed
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="snapshot_every"):
+            wlcnn.train(*data, tmp_path / "bad", CFG, preset, verbose=0, snapshot_every=bad)
+
+
 # --------------------------------------------------------------------------
 # Resume after an interruption
 # --------------------------------------------------------------------------
