@@ -542,3 +542,49 @@ def test_shipped_quick_model_loads_and_predicts_as_recorded():
         p = model.predict(x, verbose=0)[0, :, :, 0].astype(np.float64)
         got = (p.mean(), p.std(), p[64, 64], p[10, 100], np.abs(p).sum())
         np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# The learning curve of a run's snapshots (examples/learning_curve.py)
+# --------------------------------------------------------------------------
+def test_learning_curve_scores_each_snapshot_as_evaluate_methods_does(tiny_dataset, tmp_path):
+    import learning_curve
+    runs = tmp_path / "runs"
+    # the paper preset cut to seconds, as above, with a snapshot after every epoch
+    cmd = [sys.executable, str(EXAMPLES / "train.py"), "--data", str(tiny_dataset),
+           "--out", str(runs), "--preset", "paper", "--runs", "1", "--epochs", "2",
+           "--steps-per-epoch", "1", "--batch-size", "2", "--n-val", "2",
+           "--snapshot-every", "1", "--verbose", "0"]
+    env = dict(os.environ, PYTHONPATH=str(EXAMPLES.parent))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run, out = runs / "run_00", tmp_path / "curve"
+    argv = ["--run", str(run), "--data", str(tiny_dataset), "--out", str(out),
+            "--n-clusters", "2", "--stride", "36"]
+    assert learning_curve.main(argv) == 0
+    rows = learning_curve.read_rows(out / "learning_curve.csv")
+    assert [(r["epoch"], r["samples"]) for r in rows] == [(1, 2), (2, 4)]  # 1 step of 2
+    history = wlcnn.read_history(run / "history.csv")
+    assert [r["val_loss"] for r in rows] == [h["val_loss"] for h in history]
+    # the reference: the snapshot's model through evaluate_methods on the same clusters
+    info = json.loads((run / "run.json").read_text())
+    config, model = learning_curve.run_config(info)
+    ds = wlcnn.ClusterDataset(tiny_dataset)
+    for r in rows:
+        model.load_weights(run / f"snapshot-{r['epoch']:04d}.weights.h5")
+        ev = wlcnn.evaluate_methods(
+            list(ds.clusters("val"))[:2], {"CNN": wlcnn.cnn_method([model], config, stride=36,
+                                                         orientations=1)},
+            config, progress=False)
+        ref = wlcnn.table2(ev)[0]
+        for k in learning_curve.METRIC_KEYS:
+            # the same maps and pixels by two paths: float64 sums, round-off only
+            assert r[k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
+    assert {"learning_curve.png", "history.csv", "run.json", "paper_focalloss.keras"} <= \
+        set(os.listdir(out))
+    assert len(wlcnn.load_runs(out)) == 1  # --models OUT works
+    # a rerun scores nothing again: the rows are read back, not recomputed
+    (out / "learning_curve.csv").write_text(
+        (out / "learning_curve.csv").read_text().replace(str(rows[0]["R"]), "0.5", 1))
+    assert learning_curve.main(argv) == 0
+    assert learning_curve.read_rows(out / "learning_curve.csv")[0]["R"] == 0.5

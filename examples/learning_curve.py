@@ -1,0 +1,162 @@
+"""The learning curve of a training run: validation loss and the §3 metrics against samples seen.
+
+    python examples/learning_curve.py --run runs/paper/run_00 --data data/paper \
+        --out examples/paper_run
+
+A run trained with ``train.py --snapshot-every N`` keeps its weights after every
+N-th epoch.  Each snapshot's CNN reconstructs the first ``--n-clusters``
+validation clusters (mosaic of ``--stride``, one orientation), scored by R, D,
+M_pred/M_truth and Δ_peak (§3) on the pixels the mosaic covers, beside KS93 at
+the smoothing those clusters prefer.  The validation loss is the run's own, on
+its fixed validation subfields (history.csv).  Writes learning_curve.csv and
+learning_curve.png into ``--out`` with the run's history.csv and run.json and,
+once the run is complete, its best weights as paper_focalloss.keras (so that
+``--models OUT`` works in evaluate_table2.py and reconstruct_catalog.py).
+Rerunning scores only the snapshots not yet in learning_curve.csv.
+Each snapshot costs ~70 s on 2 idle CPU cores (50 clusters, stride 18).
+"""
+# ## Setup
+import argparse
+import csv
+import dataclasses
+import itertools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import wlcnn
+
+COLUMNS = ("epoch", "samples", "val_loss", "loss", "R", "D", "M_ratio", "dpeak")
+METRIC_KEYS = ("R", "D", "M_ratio", "dpeak")
+METRICS = (("val_loss", "validation loss (eq. 11)", None), ("R", "R (eq. 14)", 1.0),
+           ("D", "D (eq. 15)", 0.0), ("M_ratio", "M_pred / M_truth", 1.0),
+           ("dpeak", "Δ_peak [pixel]", 0.0))
+
+
+def read_rows(path):
+    """The rows of learning_curve.csv, as floats (epoch and samples ints)."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: int(v) if k in ("epoch", "samples") else float(v) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+
+
+def write_rows(rows, path):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS)
+            w.writeheader()
+            w.writerows(sorted(rows, key=lambda r: r["epoch"]))
+    wlcnn.atomic_write(path, write)
+
+
+def run_config(info):
+    """The Config and the model a run's ``run.json`` describes (its preset applied)."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
+    config = dataclasses.replace(wlcnn.PAPER, **fields)
+    return config, wlcnn.build_model(config, info["variant"], info["conv"])
+
+
+# ## Evaluate
+def score(grids, truths, method, config):
+    """The §3 metrics of ``method(grid)`` over the clusters (NaN outside its mosaic)."""
+    maps = [np.asarray(method(g), dtype=np.float64) for g in grids]
+    maps = [m.mean(axis=0) if m.ndim == 3 else m for m in maps]
+    ok = [np.isfinite(t) & np.isfinite(m) for t, m in zip(truths, maps)]
+    return wlcnn.paper_metrics([np.where(k, t, np.nan) for k, t in zip(ok, truths)],
+                               [np.where(k, m, np.nan) for k, m in zip(ok, maps)])
+
+
+def figure(rows, ks93, path, fwhm):
+    """Five panels against samples seen: validation loss and the four metrics."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(16, 3.4), layout="constrained")
+    axes = fig.subplots(1, len(METRICS))
+    x = np.array([r["samples"] for r in rows])
+    for ax, (key, label, ideal) in zip(axes, METRICS):
+        ax.plot(x, [r[key] for r in rows], "o-", color="C0", label="CNN")
+        if key in ks93:
+            ax.axhline(ks93[key], ls="--", color="C3", label=f"KS93 ({fwhm:g}′)")
+        if ideal is not None:
+            ax.axhline(ideal, ls=":", color="0.5")
+        ax.set_xlabel("samples seen")
+        ax.set_title(label)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=8)
+    wlcnn.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+
+
+def main(argv=None):
+    """Score every snapshot of a run; returns the exit status."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="a run directory (run_XX) with snapshots")
+    p.add_argument("--data", required=True, help="the run's dataset (its val split is scored)")
+    p.add_argument("--out", required=True, help="directory of the curve and the run's files")
+    p.add_argument("--n-clusters", type=int, default=50, help="validation clusters scored")
+    p.add_argument("--stride", type=int, default=18, help="mosaic offset step (paper: 3)")
+    args = p.parse_args(argv)
+    run, out = Path(args.run), Path(args.out)
+    info = json.loads((run / "run.json").read_text())
+    snapshots = sorted(run.glob("snapshot-*.weights.h5"))
+    if not snapshots:
+        print(f"learning_curve: error: {run} has no snapshot-*.weights.h5 "
+              "(train.py --snapshot-every N)", file=sys.stderr)
+        return 2
+    try:
+        import matplotlib.figure  # noqa: F401  (checked before the long work)
+    except ImportError:
+        print('learning_curve: error: the figure needs matplotlib: pip install -e ".[plot]"',
+              file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    config, model = run_config(info)
+    per_epoch = info["preset"]["steps_per_epoch"] * info["preset"]["batch_size"]
+    history = {r["epoch"] + 1: r for r in wlcnn.read_history(run / "history.csv")}
+
+    # ## Data: the validation clusters, gridded once
+    ds = wlcnn.ClusterDataset(args.data)
+    clusters = list(itertools.islice(ds.clusters("val"), args.n_clusters))
+    grids = [wlcnn.grid_table(c["catalog"], config) for c in clusters]
+    truths = [wlcnn.mosaic_truth(np.asarray(c["kappa"], np.float64), config) for c in clusters]
+    region = wlcnn.mosaic_coverage(config, args.stride) > 0
+    fwhm, _ = wlcnn.choose_ks93_smoothing(clusters, config=config, mask=region)
+    ks93 = score(grids, truths, lambda g: np.where(
+        region, wlcnn.ks93_mosaic(g, config, fwhm), np.nan), config)
+
+    # ## Evaluate each snapshot not yet scored
+    path = out / "learning_curve.csv"
+    rows = read_rows(path)
+    done = {r["epoch"] for r in rows}
+    for snap in snapshots:
+        epoch = int(snap.name[9:13])
+        if epoch in done or epoch not in history:
+            continue
+        model.load_weights(snap)
+        m = score(grids, truths, wlcnn.cnn_method([model], config, stride=args.stride,
+                                                   orientations=1), config)
+        rows.append({"epoch": epoch, "samples": epoch * per_epoch,
+                     "val_loss": history[epoch]["val_loss"], "loss": history[epoch]["loss"],
+                     **{k: m[k] for k in METRIC_KEYS}})
+        write_rows(rows, path)  # after each snapshot: an interruption loses none
+        print(f"epoch {epoch}: {epoch * per_epoch:,} samples, val_loss "
+              f"{history[epoch]['val_loss']:.4g}, R {m['R']:.3f}, D {m['D']:.2f}, "
+              f"M {m['M_ratio']:.3f}, Δ_peak {m['dpeak']:.2f}", flush=True)
+    rows = read_rows(path)
+    figure(rows, ks93, out / "learning_curve.png", fwhm)
+    for name in ("history.csv", "run.json"):
+        shutil.copyfile(run / name, out / name)
+    if info.get("status") == "complete":
+        wlcnn.atomic_write(out / "paper_focalloss.keras",
+                           lambda tmp: shutil.copyfile(run / "best.keras", tmp))
+    summary = {"ks93_fwhm_arcmin": fwhm, "ks93": {k: ks93[k] for k in METRIC_KEYS},
+               "n_clusters": len(clusters), "stride": args.stride, "curve": rows}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
