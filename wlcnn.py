@@ -1942,9 +1942,9 @@ def check_data(train_ds, val, config, channels, batch_size, steps_needed):
                          f"the preset asks for {batch_size}")
 
 
-def _fingerprint(val):
-    """SHA-256 of the validation set: a resumed run must validate on the same
-    subfields, or its choice of the best epoch would mix two yardsticks."""
+def validation_sha256(val):
+    """SHA-256 of a validation set (x, y), run.json's ``val_sha256``: a resumed run must
+    validate on the same subfields, or its choice of the best epoch would mix two yardsticks."""
     h = hashlib.sha256()
     for a in val:
         h.update(repr(np.shape(a)).encode() + np.ascontiguousarray(a, np.float32).tobytes())
@@ -2151,7 +2151,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
         return info
     check_data(train_ds, val, config, VARIANTS[variant]["channels"], preset.batch_size,
                preset.steps_per_epoch * preset.epochs)
-    val_sha = _fingerprint(val)
+    val_sha = validation_sha256(val)
     if info is not None and info.get("val_sha256") != val_sha:
         raise ValueError(f"{run_dir} was validated on another validation set; "
                          "use another output directory")

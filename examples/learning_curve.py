@@ -7,8 +7,9 @@ A run trained with ``train.py --snapshot-every N`` keeps its weights after every
 N-th epoch.  Each snapshot's CNN reconstructs the first ``--n-clusters``
 validation clusters (mosaic of ``--stride``, one orientation), scored by R, D,
 M_pred/M_truth and Δ_peak (§3) on the pixels the mosaic covers, beside KS93 at
-the smoothing those clusters prefer.  The validation loss is the run's own, on
-its fixed validation subfields (history.csv).  Writes learning_curve.csv and
+the smoothing those clusters prefer (ks93_reference.json).  The validation loss
+is the run's own, on its fixed validation subfields (history.csv), beside that
+of the same KS93 cut to the Output layer's 49 × 49 filter.  Writes learning_curve.csv and
 learning_curve.png into ``--out`` with the run's history.csv and run.json and,
 once the run is complete, its best weights as paper_focalloss.keras (so that
 ``--models OUT`` works in evaluate_table2.py and reconstruct_catalog.py).
@@ -19,6 +20,7 @@ Each snapshot costs ~70 s on 2 idle CPU cores (50 clusters, stride 18).
 import argparse
 import csv
 import dataclasses
+import importlib
 import itertools
 import json
 import shutil
@@ -61,6 +63,18 @@ def run_config(info):
     return config, wlcnn.build_model(config, info["variant"], info["conv"])
 
 
+def ks93_val_loss(data_dir, info, config, fwhm_arcmin):
+    """The loss (eq. 11) of KS93 on the run's validation subfields: KS93 smoothed by
+    ``fwhm_arcmin`` and cut to the Output layer's filter (``wlcnn.truncated_ks93``), the
+    map a network of Table 1 can hold.  NaN if the subfields drawn again are not the run's."""
+    x, y = wlcnn.fixed_subfields(data_dir, "val", info["preset"]["n_val"], 0,
+                                 wlcnn.VARIANTS[info["variant"]]["channels"], config)
+    if wlcnn.validation_sha256((x, y)) != info["val_sha256"]:
+        return float("nan")
+    pred = wlcnn.truncated_ks93(x, config.filter_size, fwhm_arcmin, config).astype(np.float32)
+    return float(wlcnn.make_loss(config, info["variant"])(y, pred))
+
+
 # ## Evaluate
 def score(grids, truths, method, config):
     """The §3 metrics of ``method(grid)`` over the clusters (NaN outside its mosaic)."""
@@ -79,7 +93,7 @@ def figure(rows, ks93, path, fwhm):
     x = np.array([r["samples"] for r in rows])
     for ax, (key, label, ideal) in zip(axes, METRICS):
         ax.plot(x, [r[key] for r in rows], "o-", color="C0", label="CNN")
-        if key in ks93:
+        if np.isfinite(ks93.get(key, np.nan)):
             ax.axhline(ks93[key], ls="--", color="C3", label=f"KS93 ({fwhm:g}′)")
         if ideal is not None:
             ax.axhline(ideal, ls=":", color="0.5")
@@ -106,8 +120,8 @@ def main(argv=None):
         print(f"learning_curve: error: {run} has no snapshot-*.weights.h5 "
               "(train.py --snapshot-every N)", file=sys.stderr)
         return 2
-    try:
-        import matplotlib.figure  # noqa: F401  (checked before the long work)
+    try:  # before the long work
+        importlib.import_module("matplotlib.figure")
     except ImportError:
         print('learning_curve: error: the figure needs matplotlib: pip install -e ".[plot]"',
               file=sys.stderr)
@@ -123,9 +137,17 @@ def main(argv=None):
     grids = [wlcnn.grid_table(c["catalog"], config) for c in clusters]
     truths = [wlcnn.mosaic_truth(np.asarray(c["kappa"], np.float64), config) for c in clusters]
     region = wlcnn.mosaic_coverage(config, args.stride) > 0
-    fwhm, _ = wlcnn.choose_ks93_smoothing(clusters, config=config, mask=region)
-    ks93 = score(grids, truths, lambda g: np.where(
-        region, wlcnn.ks93_mosaic(g, config, fwhm), np.nan), config)
+    ref_path = out / "ks93_reference.json"
+    key = {"n_clusters": len(clusters), "stride": args.stride, "val_sha256": info["val_sha256"]}
+    ref = json.loads(ref_path.read_text()) if ref_path.exists() else {}
+    if {k: ref.get(k) for k in key} != key:
+        fwhm, _ = wlcnn.choose_ks93_smoothing(clusters, config=config, mask=region)
+        ks93 = score(grids, truths, lambda g: np.where(
+            region, wlcnn.ks93_mosaic(g, config, fwhm), np.nan), config)
+        ref = dict(key, fwhm_arcmin=fwhm, val_loss=ks93_val_loss(args.data, info, config, fwhm),
+                   **{k: ks93[k] for k in METRIC_KEYS})
+        wlcnn.atomic_write(ref_path, lambda tmp: Path(tmp).write_text(json.dumps(ref, indent=1)))
+    fwhm, ks93 = ref["fwhm_arcmin"], ref
 
     # ## Evaluate each snapshot not yet scored
     path = out / "learning_curve.csv"
@@ -152,8 +174,7 @@ def main(argv=None):
     if info.get("status") == "complete":
         wlcnn.atomic_write(out / "paper_focalloss.keras",
                            lambda tmp: shutil.copyfile(run / "best.keras", tmp))
-    summary = {"ks93_fwhm_arcmin": fwhm, "ks93": {k: ks93[k] for k in METRIC_KEYS},
-               "n_clusters": len(clusters), "stride": args.stride, "curve": rows}
+    summary = {"ks93": ks93, "curve": rows}
     print(json.dumps(summary))
     return 0
 

@@ -580,8 +580,14 @@ def test_learning_curve_scores_each_snapshot_as_evaluate_methods_does(tiny_datas
         for k in learning_curve.METRIC_KEYS:
             # the same maps and pixels by two paths: float64 sums, round-off only
             assert r[k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
-    assert {"learning_curve.png", "history.csv", "run.json", "paper_focalloss.keras"} <= \
-        set(os.listdir(out))
+    assert {"learning_curve.png", "history.csv", "run.json", "paper_focalloss.keras",
+            "ks93_reference.json"} <= set(os.listdir(out))
+    ref = json.loads((out / "ks93_reference.json").read_text())
+    # the run's validation set drawn again (same fingerprint), so KS93's loss is on it
+    x, y = wlcnn.fixed_subfields(tiny_dataset, "val", 2, 0, 3, config)
+    pred = wlcnn.truncated_ks93(x, config.filter_size, ref["fwhm_arcmin"], config)
+    assert ref["val_loss"] == pytest.approx(
+        float(wlcnn.make_loss(config)(y, pred.astype(np.float32))), rel=1e-6)  # float32 sums
     assert len(wlcnn.load_runs(out)) == 1  # --models OUT works
     # a rerun scores nothing again: the rows are read back, not recomputed
     (out / "learning_curve.csv").write_text(
