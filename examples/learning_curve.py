@@ -66,13 +66,15 @@ def run_config(info):
 def ks93_val_loss(data_dir, info, config, fwhm_arcmin):
     """The loss (eq. 11) of KS93 on the run's validation subfields: KS93 smoothed by
     ``fwhm_arcmin`` and cut to the Output layer's filter (``wlcnn.truncated_ks93``), the
-    map a network of Table 1 can hold.  NaN if the subfields drawn again are not the run's."""
+    map a network of Table 1 can hold, and that of a zero map.  NaN if the subfields drawn
+    again are not the run's."""
     x, y = wlcnn.fixed_subfields(data_dir, "val", info["preset"]["n_val"], 0,
                                  wlcnn.VARIANTS[info["variant"]]["channels"], config)
     if wlcnn.validation_sha256((x, y)) != info["val_sha256"]:
-        return float("nan")
+        return float("nan"), float("nan")
     pred = wlcnn.truncated_ks93(x, config.filter_size, fwhm_arcmin, config).astype(np.float32)
-    return float(wlcnn.make_loss(config, info["variant"])(y, pred))
+    loss = wlcnn.make_loss(config, info["variant"])
+    return float(loss(y, pred)), float(loss(y, np.zeros_like(y)))
 
 
 # ## Evaluate
@@ -85,12 +87,18 @@ def score(grids, truths, method, config):
                                [np.where(k, m, np.nan) for k, m in zip(ok, maps)])
 
 
-def figure(rows, ks93, path, fwhm):
-    """Five panels against samples seen: validation loss and the four metrics."""
+def figure(rows, history, per_epoch, ks93, path, fwhm):
+    """Five panels against samples seen: validation loss (every epoch) and the four metrics
+    (every snapshot)."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(16, 3.4), layout="constrained")
     axes = fig.subplots(1, len(METRICS))
     x = np.array([r["samples"] for r in rows])
+    epochs = sorted(history)
+    axes[0].plot([e * per_epoch for e in epochs], [history[e]["val_loss"] for e in epochs],
+                 "-", color="C0", lw=1)
+    if np.isfinite(ks93.get("zero_val_loss", np.nan)):
+        axes[0].axhline(ks93["zero_val_loss"], ls="-.", color="0.4", label="κ = 0")
     for ax, (key, label, ideal) in zip(axes, METRICS):
         ax.plot(x, [r[key] for r in rows], "o-", color="C0", label="CNN")
         if np.isfinite(ks93.get(key, np.nan)):
@@ -98,8 +106,10 @@ def figure(rows, ks93, path, fwhm):
         if ideal is not None:
             ax.axhline(ideal, ls=":", color="0.5")
         ax.set_xlabel("samples seen")
+        ax.set_xlim(left=0)
         ax.set_title(label)
     axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     wlcnn.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
@@ -144,7 +154,8 @@ def main(argv=None):
         fwhm, _ = wlcnn.choose_ks93_smoothing(clusters, config=config, mask=region)
         ks93 = score(grids, truths, lambda g: np.where(
             region, wlcnn.ks93_mosaic(g, config, fwhm), np.nan), config)
-        ref = dict(key, fwhm_arcmin=fwhm, val_loss=ks93_val_loss(args.data, info, config, fwhm),
+        val_loss, zero_loss = ks93_val_loss(args.data, info, config, fwhm)
+        ref = dict(key, fwhm_arcmin=fwhm, val_loss=val_loss, zero_val_loss=zero_loss,
                    **{k: ks93[k] for k in METRIC_KEYS})
         wlcnn.atomic_write(ref_path, lambda tmp: Path(tmp).write_text(json.dumps(ref, indent=1)))
     fwhm, ks93 = ref["fwhm_arcmin"], ref
@@ -168,7 +179,7 @@ def main(argv=None):
               f"{history[epoch]['val_loss']:.4g}, R {m['R']:.3f}, D {m['D']:.2f}, "
               f"M {m['M_ratio']:.3f}, Δ_peak {m['dpeak']:.2f}", flush=True)
     rows = read_rows(path)
-    figure(rows, ks93, out / "learning_curve.png", fwhm)
+    figure(rows, history, per_epoch, ks93, out / "learning_curve.png", fwhm)
     for name in ("history.csv", "run.json"):
         shutil.copyfile(run / name, out / name)
     if info.get("status") == "complete":

@@ -586,8 +586,10 @@ def test_learning_curve_scores_each_snapshot_as_evaluate_methods_does(tiny_datas
     # the run's validation set drawn again (same fingerprint), so KS93's loss is on it
     x, y = wlcnn.fixed_subfields(tiny_dataset, "val", 2, 0, 3, config)
     pred = wlcnn.truncated_ks93(x, config.filter_size, ref["fwhm_arcmin"], config)
+    loss = wlcnn.make_loss(config)
     assert ref["val_loss"] == pytest.approx(
-        float(wlcnn.make_loss(config)(y, pred.astype(np.float32))), rel=1e-6)  # float32 sums
+        float(loss(y, pred.astype(np.float32))), rel=1e-6)  # float32 sums
+    assert ref["zero_val_loss"] == pytest.approx(float(loss(y, 0 * y)), rel=1e-6)
     assert len(wlcnn.load_runs(out)) == 1  # --models OUT works
     # a rerun scores nothing again: the rows are read back, not recomputed
     (out / "learning_curve.csv").write_text(
