@@ -19,7 +19,6 @@ Each snapshot costs ~70 s on 2 idle CPU cores (50 clusters, stride 18).
 # ## Setup
 import argparse
 import csv
-import dataclasses
 import importlib
 import itertools
 import json
@@ -58,8 +57,7 @@ def write_rows(rows, path):
 
 def run_config(info):
     """The Config and the model a run's ``run.json`` describes (its preset applied)."""
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
-    config = dataclasses.replace(wlcnn.PAPER, **fields)
+    config = wlcnn.config_from_dict(info["config"])
     return config, wlcnn.build_model(config, info["variant"], info["conv"])
 
 
@@ -78,13 +76,11 @@ def ks93_val_loss(data_dir, info, config, fwhm_arcmin):
 
 
 # ## Evaluate
-def score(grids, truths, method, config):
-    """The §3 metrics of ``method(grid)`` over the clusters (NaN outside its mosaic)."""
-    maps = [np.asarray(method(g), dtype=np.float64) for g in grids]
-    maps = [m.mean(axis=0) if m.ndim == 3 else m for m in maps]
-    ok = [np.isfinite(t) & np.isfinite(m) for t, m in zip(truths, maps)]
-    return wlcnn.paper_metrics([np.where(k, t, np.nan) for k, t in zip(ok, truths)],
-                               [np.where(k, m, np.nan) for k, m in zip(ok, maps)])
+def score(clusters, method, config):
+    """The §3 metrics of ``method(grid)`` over the clusters, on the pixels it covers
+    (``wlcnn.evaluate_methods``)."""
+    return wlcnn.table2(wlcnn.evaluate_methods(clusters, {"m": method}, config,
+                                               progress=False))[0]
 
 
 def figure(rows, history, per_epoch, ks93, path, fwhm):
@@ -141,18 +137,16 @@ def main(argv=None):
     per_epoch = info["preset"]["steps_per_epoch"] * info["preset"]["batch_size"]
     history = {r["epoch"] + 1: r for r in wlcnn.read_history(run / "history.csv")}
 
-    # ## Data: the validation clusters, gridded once
+    # ## Data: the validation clusters, read once
     ds = wlcnn.ClusterDataset(args.data)
     clusters = list(itertools.islice(ds.clusters("val"), args.n_clusters))
-    grids = [wlcnn.grid_table(c["catalog"], config) for c in clusters]
-    truths = [wlcnn.mosaic_truth(np.asarray(c["kappa"], np.float64), config) for c in clusters]
     region = wlcnn.mosaic_coverage(config, args.stride) > 0
     ref_path = out / "ks93_reference.json"
     key = {"n_clusters": len(clusters), "stride": args.stride, "val_sha256": info["val_sha256"]}
     ref = json.loads(ref_path.read_text()) if ref_path.exists() else {}
     if {k: ref.get(k) for k in key} != key:
         fwhm, _ = wlcnn.choose_ks93_smoothing(clusters, config=config, mask=region)
-        ks93 = score(grids, truths, lambda g: np.where(
+        ks93 = score(clusters, lambda g: np.where(
             region, wlcnn.ks93_mosaic(g, config, fwhm), np.nan), config)
         val_loss, zero_loss = ks93_val_loss(args.data, info, config, fwhm)
         ref = dict(key, fwhm_arcmin=fwhm, val_loss=val_loss, zero_val_loss=zero_loss,
@@ -169,8 +163,8 @@ def main(argv=None):
         if epoch in done or epoch not in history:
             continue
         model.load_weights(snap)
-        m = score(grids, truths, wlcnn.cnn_method([model], config, stride=args.stride,
-                                                   orientations=1), config)
+        m = score(clusters, wlcnn.cnn_method([model], config, stride=args.stride,
+                                             orientations=1), config)
         rows.append({"epoch": epoch, "samples": epoch * per_epoch,
                      "val_loss": history[epoch]["val_loss"], "loss": history[epoch]["loss"],
                      **{k: m[k] for k in METRIC_KEYS}})
