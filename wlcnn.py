@@ -2086,29 +2086,52 @@ def _build(config, variant, conv, mixed):
     return keras.models.clone_model(model, clone_function=clone)
 
 
-def _save_best(model, twin, run_dir):
+def _save_best(twin, run_dir):
     """The newest best weights, as a float32 model without optimizer, to best.keras."""
     files = _best_files(run_dir)
     if files:
-        model.load_weights(files[-1][1])
-        twin.set_weights(model.get_weights())
+        twin.load_weights(files[-1][1])
         save_model(twin, run_dir / "best.keras")
+
+
+def _save_weights(model, twin, path):
+    """``model``'s weights without Adam's state (a third of the bytes), atomically."""
+    twin.set_weights(model.get_weights())
+    atomic_write(path, twin.save_weights)
+
+
+class _BestWeights(keras.callbacks.Callback):
+    """Keeps the weights of a new lowest validation loss (best-NNNN.weights.h5,
+    NNNN epochs done), as ``ModelCheckpoint(save_best_only=True)`` would, but
+    through ``twin`` so that the file holds no optimizer state."""
+
+    def __init__(self, run_dir, twin, best_so_far):
+        super().__init__()
+        self.run_dir, self.twin = Path(run_dir), twin
+        self.best = np.inf if best_so_far is None else best_so_far
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = logs.get("val_loss", np.nan)
+        if np.isfinite(loss) and loss < self.best:
+            self.best = loss
+            _save_weights(self.model, self.twin,
+                          self.run_dir / f"best-{epoch + 1:04d}.weights.h5")
 
 
 class _Snapshots(keras.callbacks.Callback):
     """Keeps the weights after every ``every``-th epoch (snapshot-NNNN.weights.h5)."""
 
-    def __init__(self, run_dir, every):
+    def __init__(self, run_dir, every, twin=None):
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
             raise ValueError(f"snapshot_every must be a whole number of epochs >= 1, "
                              f"got {every!r}")
-        self.run_dir, self.every = Path(run_dir), int(every)
+        self.run_dir, self.every, self.twin = Path(run_dir), int(every), twin
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0:
-            atomic_write(self.run_dir / f"snapshot-{epoch + 1:04d}.weights.h5",
-                         self.model.save_weights)
+            _save_weights(self.model, self.twin,
+                          self.run_dir / f"snapshot-{epoch + 1:04d}.weights.h5")
 
 
 def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLoss",
@@ -2134,9 +2157,8 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     -----
     Keras's ``BackupAndRestore`` saves weights, Adam's state and the epoch
     count after each epoch: an epoch is finished once backed up. Before that,
-    ``CSVLogger`` appends it to history.csv and ``ModelCheckpoint`` writes the
-    weights of a new lowest validation loss to best-NNNN.weights.h5 (NNNN
-    epochs done). A resumption drops the rows and files of unfinished epochs,
+    ``CSVLogger`` appends it to history.csv and the weights of a new lowest
+    validation loss go to best-NNNN.weights.h5 (NNNN epochs done). A resumption drops the rows and files of unfinished epochs,
     so the log holds each epoch once and the best weights belong to it.
     """
     preset = get_preset(preset)
@@ -2144,7 +2166,8 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; one of {list(VARIANTS)}")
     run_dir = run_path(out_dir, run_index)
-    snapshots = [] if snapshot_every is None else [_Snapshots(run_dir, snapshot_every)]
+    if snapshot_every is not None:  # refused before any work
+        _Snapshots(run_dir, snapshot_every)
     settings = _settings(config, preset, variant, run_index, seed, conv, mixed_precision)
     info = _check_settings(run_dir, settings)
     if info is not None and info.get("status") == "complete":
@@ -2178,7 +2201,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
                                   variant, preset.learning_rate_schedule())
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    twin = build_model(config, variant, conv)  # float32: what is saved
+    twin = build_model(config, variant, conv)  # float32, no optimizer: what is saved
     if preset.init == "ks93" and done == 0:  # on resumption the backup has the weights
         # take() iterates the dataset anew: fit still sees these batches
         n_batches = -(-preset.n_init // preset.batch_size)
@@ -2196,10 +2219,9 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     cbs = [log,
            keras.callbacks.TerminateOnNaN(raise_error=True),  # no NaN epoch is backed up
            keras.callbacks.CSVLogger(history, append=True),
-           keras.callbacks.ModelCheckpoint(
-               run_dir / "best-{epoch:04d}.weights.h5", save_best_only=True,
-               save_weights_only=True, initial_value_threshold=best_so_far),
-           keep_two, *snapshots, *callbacks,
+           _BestWeights(run_dir, twin, best_so_far), keep_two,
+           *([] if snapshot_every is None else [_Snapshots(run_dir, snapshot_every, twin)]),
+           *callbacks,
            # two generations: a backup broken mid-write falls back to the previous one
            keras.callbacks.BackupAndRestore(run_dir / "backup", double_checkpoint=True,
                                             delete_checkpoint=False)]
@@ -2211,7 +2233,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     except RuntimeError as err:
         if "NaN or Inf loss" not in str(err):
             raise
-        _save_best(model, twin, run_dir)
+        _save_best(twin, run_dir)
         raise FloatingPointError(
             f"{run_dir.name}: the training loss became NaN or infinite ({err}); the run "
             "resumes from its last finished epoch: lower the learning rate or check the "
@@ -2221,7 +2243,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     if len(rows) < preset.epochs and not log.time_limited:
         raise ValueError(f"{run_dir.name}: the training dataset ran out after {len(rows)} "
                          "epochs; it must be endless")
-    _save_best(model, twin, run_dir)
+    _save_best(twin, run_dir)
     if not (run_dir / "best.keras").exists():
         raise ValueError(f"{run_dir.name}: no finite validation loss, no model saved")
     # the number reported is that of the file, re-read: it also proves it loads
@@ -2250,6 +2272,50 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
 # ---------------------------------------------------------------------------
 # Several runs, from a dataset directory, and loading them back
 # ---------------------------------------------------------------------------
+def carry_run(run_dir, dest_dir):
+    """Copy what resuming an unfinished run needs to ``dest_dir`` (a new run_XX).
+
+    Parameters
+    ----------
+    run_dir : path
+        A run directory of ``train``, its training stopped.
+    dest_dir : path
+        Replaced by: run.json, history.csv, the newest best-NNNN.weights.h5 and
+        backup/{latest.weights.h5, training_metadata.json}. The same ``train``
+        call with ``dest_dir`` as its run directory goes on from the last
+        finished epoch, Adam's state included.
+
+    Returns
+    -------
+    list of Path
+        The files copied, relative to ``dest_dir``.
+
+    Notes
+    -----
+    For a run that must outlive its machine: the copy leaves out the snapshots
+    and the previous backup generation, so it is the backup (weights and Adam's
+    moments, three times the weights) plus the best weights. A copy taken
+    while ``train`` writes may hold a half-written backup: stop it first.
+    """
+    run_dir, dest_dir = Path(run_dir), Path(dest_dir)
+    if _read_json(run_dir / "run.json") is None or _epochs_backed_up(run_dir) == 0:
+        raise ValueError(f"{run_dir} holds no backed-up epoch of a run to carry")
+    if _read_json(run_dir / "run.json").get("status") == "complete":
+        raise ValueError(f"{run_dir} is complete: its best.keras is the model to keep")
+    files = [Path("run.json"), Path("history.csv"), Path("backup/latest.weights.h5"),
+             Path("backup/training_metadata.json")]
+    best = _best_files(run_dir)
+    files += [best[-1][1].relative_to(run_dir)] if best else []
+    tmp = dest_dir.with_name(f".tmp-{os.getpid()}-{dest_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f in files:
+        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run_dir / f, tmp / f)
+    shutil.rmtree(dest_dir, ignore_errors=True)
+    os.replace(tmp, dest_dir)
+    return files
+
+
 def train_runs(data_fn, out_dir, config=PAPER, preset="paper", variant="FocalLoss", seed=0,
                runs=None, **kwargs):
     """Train runs 0..K-1 (§2.3.2: "10 independent runs"), skipping complete

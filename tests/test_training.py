@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -251,6 +252,43 @@ def test_resume_after_interruption(tmp_path, where, epoch):
     # (batching round-off only, as above)
     assert info["best_val_loss"] == pytest.approx(
         min(r["val_loss"] for r in rows), rel=1e-5)
+
+
+def test_a_carried_run_resumes_elsewhere_as_it_would_in_place(tmp_path):
+    preset = dataclasses.replace(TINY, epochs=4, steps_per_epoch=3)
+    with pytest.raises(Interrupt):
+        wlcnn.train(*synthetic_data(3), tmp_path / "here", CFG, preset, seed=1, verbose=0,
+                    callbacks=[Interrupter(2, "batch")])
+    here, there = tmp_path / "here" / "run_00", tmp_path / "there" / "run_00"
+    with pytest.raises(ValueError, match="no backed-up epoch"):
+        wlcnn.carry_run(tmp_path / "nothing", there)
+    (there / "backup").mkdir(parents=True)
+    (there / "backup" / "stale.weights.h5").write_text("")  # replaced, not merged
+    files = wlcnn.carry_run(here, there)
+    best = [f.name for f in files if f.name.startswith("best-")]
+    assert sorted(str(f) for f in files) == sorted(
+        ["run.json", "history.csv", "backup/latest.weights.h5",
+         "backup/training_metadata.json"] + best)
+    assert len(best) == 1 and sorted(p.relative_to(there) for p in there.rglob("*")
+                                     if p.is_file()) == sorted(files)
+    # the best weights hold no Adam moments (a third of the backup's bytes)
+    with h5py.File(there / "backup/latest.weights.h5") as backup, \
+            h5py.File(there / best[0]) as weights:
+        assert "optimizer" in backup and "optimizer" not in weights
+
+    recs = {}
+    for name in ("here", "there"):  # the same stream, built anew for each
+        recs[name] = Recorder(synthetic_data(3)[1][0])
+        info = wlcnn.train(*synthetic_data(3), tmp_path / name, CFG, preset, seed=1,
+                           verbose=0, callbacks=[recs[name]])
+        assert info["status"] == "complete" and info["epochs_done"] == 4
+    first = recs["there"].fits[0]
+    assert first["first"] == 2 and first["iterations"] == 2 * preset.steps_per_epoch
+    for (e1, l1, p1), (e2, l2, p2) in zip(recs["here"].fits[0]["epochs"], first["epochs"]):
+        # the same weights, Adam state and batches: the same epochs, up to the
+        # threads' summation order on the CPU
+        assert e1 == e2 and l1 == pytest.approx(l2, rel=1e-5)
+        np.testing.assert_allclose(p1, p2, rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------
