@@ -2298,10 +2298,11 @@ def carry_run(run_dir, dest_dir):
     while ``train`` writes may hold a half-written backup: stop it first.
     """
     run_dir, dest_dir = Path(run_dir), Path(dest_dir)
-    if _read_json(run_dir / "run.json") is None or _epochs_backed_up(run_dir) == 0:
-        raise ValueError(f"{run_dir} holds no backed-up epoch of a run to carry")
-    if _read_json(run_dir / "run.json").get("status") == "complete":
+    info = _read_json(run_dir / "run.json")
+    if info is not None and info.get("status") == "complete":
         raise ValueError(f"{run_dir} is complete: its best.keras is the model to keep")
+    if info is None or _epochs_backed_up(run_dir) == 0:
+        raise ValueError(f"{run_dir} holds no backed-up epoch of a run to carry")
     files = [Path("run.json"), Path("history.csv"), Path("backup/latest.weights.h5"),
              Path("backup/training_metadata.json")]
     best = _best_files(run_dir)

@@ -254,6 +254,13 @@ def test_resume_after_interruption(tmp_path, where, epoch):
         min(r["val_loss"] for r in rows), rel=1e-5)
 
 
+def test_carry_run_refuses_a_complete_run(trained, tmp_path):
+    out, _, _ = trained
+    with pytest.raises(ValueError, match="is complete"):
+        wlcnn.carry_run(out / "run_00", tmp_path / "run_00")
+    assert not (tmp_path / "run_00").exists()
+
+
 def test_a_carried_run_resumes_elsewhere_as_it_would_in_place(tmp_path):
     preset = dataclasses.replace(TINY, epochs=4, steps_per_epoch=3)
     with pytest.raises(Interrupt):
