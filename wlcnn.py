@@ -1996,7 +1996,10 @@ def _best_files(run_dir):
 
 def _drop_unfinished(run_dir, done):
     """Forget what epochs >= ``done`` wrote before an interruption (their log
-    rows and best weights, possibly half written): they are redone."""
+    rows and best weights, possibly half written): they are redone. The hidden
+    temporaries of ``atomic_write`` left by a writer killed mid-write go too."""
+    for tmp in Path(run_dir).glob(".tmp-*"):
+        tmp.unlink()
     history = Path(run_dir) / "history.csv"
     if history.exists():
         lines = history.read_text().splitlines(keepends=True)

@@ -546,6 +546,8 @@ def test_train_script_resumes_after_kill_without_losing_an_epoch(tiny_dataset, t
     done = json.loads((out / "run_00" / "backup" / "training_metadata.json").read_text())
     assert done["epoch"] >= 1
     assert json.loads((out / "run_00" / "run.json").read_text())["status"] == "running"
+    # what a kill during a weights write leaves (it may or may not have hit one)
+    (out / "run_00" / ".tmp-999-best-0003.weights.h5").write_bytes(b"half an HDF5 file")
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout + again.stderr
