@@ -656,13 +656,18 @@ def make_cluster(field, config, rng, masks=False):
             "meta": dict(field.get("meta", {}))}
 
 
+#: Name prefix of the hidden temporaries written before a rename: a resumed run
+#: removes the ones a writer killed mid-write left behind.
+TMP_PREFIX = ".tmp-"
+
+
 def atomic_write(path, write):
     """Call ``write(tmp_path)`` then rename: a file is complete or absent.
 
     The temporary file is hidden and ends as ``path`` does, for writers that
     read the format from the name (Keras, matplotlib)."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -1998,7 +2003,7 @@ def _drop_unfinished(run_dir, done):
     """Forget what epochs >= ``done`` wrote before an interruption (their log
     rows and best weights, possibly half written): they are redone. The hidden
     temporaries of ``atomic_write`` left by a writer killed mid-write go too."""
-    for tmp in Path(run_dir).glob(".tmp-*"):
+    for tmp in Path(run_dir).glob(TMP_PREFIX + "*"):
         tmp.unlink()
     history = Path(run_dir) / "history.csv"
     if history.exists():
@@ -2310,7 +2315,7 @@ def carry_run(run_dir, dest_dir):
              Path("backup/training_metadata.json")]
     best = _best_files(run_dir)
     files += [best[-1][1].relative_to(run_dir)] if best else []
-    tmp = dest_dir.with_name(f".tmp-{os.getpid()}-{dest_dir.name}")
+    tmp = dest_dir.with_name(f"{TMP_PREFIX}{os.getpid()}-{dest_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     for f in files:
         (tmp / f).parent.mkdir(parents=True, exist_ok=True)

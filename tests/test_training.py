@@ -591,6 +591,26 @@ def test_shipped_quick_model_loads_and_predicts_as_recorded():
         np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_shipped_paper_model_loads_and_predicts_as_recorded():
+    models = wlcnn.load_runs(EXAMPLES / "paper_run")
+    assert len(models) == 1  # paper_focalloss.keras: the best epoch of the paper-preset run
+    info = json.loads((EXAMPLES / "paper_run" / "run.json").read_text())
+    assert info["status"] == "complete" and info["preset"]["name"] == "paper"
+    assert info["epochs_done"] == info["preset"]["epochs"] == 200
+    rng = np.random.default_rng(2021)
+    x = np.concatenate([rng.normal(0, 0.3, (1, 386, 386, 2)),
+                        np.full((1, 386, 386, 1), 0.3)], axis=-1).astype("float32")
+    # as for the quick model: recorded when the file was written; 1e-5 relative is
+    # margin for oneDNN's reordered float32 sums, a changed weight moves them by > 1e-3
+    want = (-0.026090754985061082, 0.010125545466446555, -0.031755413860082626,
+            -0.011855082586407661, 427.98063656993327)
+    model = models[0]
+    assert wlcnn.model_info(model)["variant"] == "FocalLoss"
+    p = model.predict(x, verbose=0)[0, :, :, 0].astype(np.float64)
+    got = (p.mean(), p.std(), p[64, 64], p[10, 100], np.abs(p).sum())
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------
 # The learning curve of a run's snapshots (examples/learning_curve.py)
 # --------------------------------------------------------------------------
