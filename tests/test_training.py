@@ -570,25 +570,30 @@ def test_train_script_resumes_after_kill_without_losing_an_epoch(tiny_dataset, t
 # --------------------------------------------------------------------------
 # The shipped model
 # --------------------------------------------------------------------------
-def test_shipped_quick_model_loads_and_predicts_as_recorded():
-    models = wlcnn.load_runs(EXAMPLES / "quick_model")
-    assert len(models) == 2  # quick_focalloss.keras (seed 0), quick_focalloss_seed1.keras
+def _assert_predicts_as_recorded(model, want):
+    """Mean, std, two pixels and sum |kappa| of the model's 128^2 prediction for a
+    fixed input, against the values recorded when the file was written."""
+    assert wlcnn.model_info(model)["variant"] == "FocalLoss"
     rng = np.random.default_rng(2021)
     x = np.concatenate([rng.normal(0, 0.3, (1, 386, 386, 2)),
                         np.full((1, 386, 386, 1), 0.3)], axis=-1).astype("float32")
-    # mean, std, two pixels and sum |kappa| of each model's 128^2 prediction,
-    # recorded when the files were written; the same weights through the same
-    # ops agree to float32 round-off (~1e-7 relative; 1e-5 is margin for
-    # oneDNN's reordered sums, a changed weight or layer moves them by > 1e-3)
+    p = model.predict(x, verbose=0)[0, :, :, 0].astype(np.float64)
+    got = (p.mean(), p.std(), p[64, 64], p[10, 100], np.abs(p).sum())
+    # the same weights through the same ops agree to float32 round-off (~1e-7
+    # relative; 1e-5 is margin for oneDNN's reordered sums, a changed weight or
+    # layer moves them by > 1e-3)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_shipped_quick_model_loads_and_predicts_as_recorded():
+    models = wlcnn.load_runs(EXAMPLES / "quick_model")
+    assert len(models) == 2  # quick_focalloss.keras (seed 0), quick_focalloss_seed1.keras
     recorded = [(-0.025141862161824235, 0.0093837524261681, -0.029826944693922997,
                  -0.019245570525527, 412.39420236099977),
                 (-0.03017003939091012, 0.008780091786885873, -0.035236380994319916,
                  -0.021637624129652977, 494.3059253806714)]
     for model, want in zip(models, recorded):
-        assert wlcnn.model_info(model)["variant"] == "FocalLoss"
-        p = model.predict(x, verbose=0)[0, :, :, 0].astype(np.float64)
-        got = (p.mean(), p.std(), p[64, 64], p[10, 100], np.abs(p).sum())
-        np.testing.assert_allclose(got, want, rtol=1e-5)
+        _assert_predicts_as_recorded(model, want)
 
 
 def test_shipped_paper_model_loads_and_predicts_as_recorded():
@@ -597,18 +602,9 @@ def test_shipped_paper_model_loads_and_predicts_as_recorded():
     info = json.loads((EXAMPLES / "paper_run" / "run.json").read_text())
     assert info["status"] == "complete" and info["preset"]["name"] == "paper"
     assert info["epochs_done"] == info["preset"]["epochs"] == 200
-    rng = np.random.default_rng(2021)
-    x = np.concatenate([rng.normal(0, 0.3, (1, 386, 386, 2)),
-                        np.full((1, 386, 386, 1), 0.3)], axis=-1).astype("float32")
-    # as for the quick model: recorded when the file was written; 1e-5 relative is
-    # margin for oneDNN's reordered float32 sums, a changed weight moves them by > 1e-3
-    want = (-0.026090754985061082, 0.010125545466446555, -0.031755413860082626,
-            -0.011855082586407661, 427.98063656993327)
-    model = models[0]
-    assert wlcnn.model_info(model)["variant"] == "FocalLoss"
-    p = model.predict(x, verbose=0)[0, :, :, 0].astype(np.float64)
-    got = (p.mean(), p.std(), p[64, 64], p[10, 100], np.abs(p).sum())
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    _assert_predicts_as_recorded(models[0], (-0.026090754985061082, 0.010125545466446555,
+                                             -0.031755413860082626, -0.011855082586407661,
+                                             427.98063656993327))
 
 
 # --------------------------------------------------------------------------
