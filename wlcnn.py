@@ -162,6 +162,7 @@ class Config:
 
 PAPER = Config()
 
+
 #: FWHM of a Gaussian in units of its standard deviation, 2 sqrt(2 ln 2).
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
@@ -578,43 +579,8 @@ def simulate_catalog(kappa, gamma1, gamma2, config=PAPER, rng=None, masks=None):
 
 
 # ---------------------------------------------------------------------------
-# §2.3.1 Training data: dataset files (shards + manifest)
+# §2.3.1 Training data: a cluster record and its target κ at output resolution
 # ---------------------------------------------------------------------------
-#: Splits of a dataset, in the order their seeds and shards are numbered.
-SPLITS = ("train", "val", "test")
-#: Config fields that define a dataset's content (the network's fields do not).
-DATA_FIELDS = ("H0", "Om0", "z_lens", "z_source", "field_arcmin", "npix", "fwhm_arcsec",
-               "kernel_cut_sigma", "empty_pixel_error", "source_density_arcmin2", "sigma_e",
-               "mag_min", "mag_peak", "mag_max", "count_slope", "completeness_width_mag",
-               "sigma_meas_floor", "sigma_meas_at_cut", "stars_per_400arcmin2",
-               "star_radius_arcmin", "star_near_peak_arcmin")
-DATASET_FORMAT = "wlcnn-dataset"
-DATASET_VERSION = 1
-CATALOG_COLUMNS = ("x", "y", "mag", "sigma", "e1", "e2")
-MASK_COLUMNS = ("x", "y", "radius")
-
-
-def _data_config(config):
-    """The data-defining part of a Config, as JSON would write it."""
-    return json.loads(json.dumps({k: getattr(config, k) for k in DATA_FIELDS}))
-
-
-def _check_split(split):
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return split
-
-
-def cluster_rng(seed, split, index):
-    """The random generator of cluster ``index`` of ``split``.
-
-    It depends on (seed, split, index) alone, so a cluster is the same whichever shard, job
-    or worker makes it.
-    """
-    key = (SPLITS.index(_check_split(split)), int(index))
-    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
-
-
 def _block_mean(a, n, config):
     """Mean of the last two axes over 3 × 3 blocks [3J + 1, 3J + 4), J < n: the footprint of
     an output pixel through Conv2D-1 (3 × 3, valid) and the 3 × 3 AvgPool of Table 1."""
@@ -654,219 +620,6 @@ def make_cluster(field, config, rng, masks=False):
     return {"kappa": kappa, "gamma1": np.asarray(field["gamma1"]),
             "gamma2": np.asarray(field["gamma2"]), "catalog": catalog, "masks": mask_table,
             "meta": dict(field.get("meta", {}))}
-
-
-#: Name prefix of the hidden temporaries written before a rename: a resumed run
-#: removes the ones a writer killed mid-write left behind.
-TMP_PREFIX = ".tmp-"
-
-
-def atomic_write(path, write):
-    """Call ``write(tmp_path)`` then rename: a file is complete or absent.
-
-    The temporary file is hidden and ends as ``path`` does, for writers that
-    read the format from the name (Keras, matplotlib)."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _shard_name(split, k):
-    return f"{split}/shard-{k:05d}.npz"
-
-
-def _write_shard(task):
-    """Make clusters first, ..., first + n - 1 of a split and write them as one shard."""
-    out_dir, split, k, first, n, config, seed, masks, field_fn = task
-    clusters = []
-    for i in range(first, first + n):
-        rng = cluster_rng(seed, split, i)
-        clusters.append(make_cluster(field_fn(config, rng, split, i), config, rng, masks))
-    arrays = {"index": np.arange(first, first + n, dtype=np.int64)}
-    for key in ("kappa", "gamma1", "gamma2"):
-        arrays[key] = np.stack([c[key] for c in clusters]).astype(np.float32)
-    # catalogs and masks are ragged: concatenated, with offsets
-    for prefix, key, cols in (("cat", "catalog", CATALOG_COLUMNS), ("mask", "masks", MASK_COLUMNS)):
-        lengths = [len(c[key]) for c in clusters]
-        arrays[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        for col in cols:
-            # positions and masks keep float64; magnitudes and shapes need no more than float32
-            dtype = np.float32 if prefix == "cat" and col not in ("x", "y") else np.float64
-            values = [np.asarray(c[key][col], dtype=np.float64) for c in clusters]
-            arrays[f"{prefix}_{col}"] = np.concatenate(values).astype(dtype)
-    arrays["meta"] = np.array([json.dumps(c["meta"], sort_keys=True) for c in clusters])
-
-    def write(tmp):
-        # np.savez_compressed stamps zip entries with a fixed date: same seed, same bytes
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-
-    atomic_write(Path(out_dir) / _shard_name(split, k), write)
-
-
-class Progress:
-    """A one-line progress bar on stderr (items done, rate, time left)."""
-
-    def __init__(self, total, label, stream=None):
-        self.total, self.label, self.done, self.t0 = total, label, 0, time.time()
-        self.stream = sys.stderr if stream is None else stream
-
-    def update(self, k=1):
-        self.done += k
-        elapsed = time.time() - self.t0
-        left = elapsed / max(self.done, 1) * (self.total - self.done)
-        bar = "#" * int(30 * self.done / max(self.total, 1))
-        self.stream.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} "
-                          f"{elapsed:6.0f}s elapsed, ~{left:5.0f}s left")
-        if self.done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
-def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=False,
-                  shard_size=25, workers=1, shard=None, generator="simulate", progress=True):
-    """Simulate clusters into ``out_dir`` as ``{split}/shard-NNNNN.npz`` files and a manifest.
-
-    ``counts``: clusters per split (the paper's: train 5,000, val 1,800, test 200, §2.3.1).
-    ``field_fn(config, rng, split, index)`` returns a cluster's ``kappa``, ``gamma1``,
-    ``gamma2`` and ``meta`` (``examples/simulate_skies.py``, ``examples/ingest_raytraced.py``);
-    ``masks``: bright-star masks (§3.5). Every draw derives from ``seed`` (:func:`cluster_rng`):
-    the same seed writes the same bytes. A shard is written under a temporary name and
-    renamed, so a rerun makes only the missing shards. ``shard=(i, n)`` makes the shards
-    numbered i mod n (one job of a batch array). The run that finds every shard written adds
-    ``manifest.json`` (with each shard's SHA-256) and returns it; the others return None.
-    """
-    if not callable(field_fn):
-        raise TypeError("write_dataset needs field_fn(config, rng, split, index), e.g. "
-                        "simulate_skies.simulated_field (examples/) or a ray-traced reader")
-    for split, n in counts.items():
-        _check_split(split)
-        if int(n) < 0:
-            raise ValueError(f"negative count for split {split!r}")
-    if shard_size < 1 or workers < 1:
-        raise ValueError("shard_size and workers must be positive")
-    out = Path(out_dir)
-    plan = [(split, k, first, min(shard_size, int(counts.get(split, 0)) - first))
-            for split in SPLITS
-            for k, first in enumerate(range(0, int(counts.get(split, 0)), shard_size))]
-    if not plan:
-        raise ValueError("no clusters requested: every split count is zero")
-    manifest_path = out / "manifest.json"
-    header = {"format": DATASET_FORMAT, "version": DATASET_VERSION, "generator": generator,
-              "seed": int(seed), "masks": bool(masks), "shard_size": int(shard_size),
-              "counts": {s: int(counts.get(s, 0)) for s in SPLITS},
-              "config": _data_config(config)}
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if {k: old.get(k) for k in header} != header:
-            raise ValueError(f"{out} holds a dataset made with other settings; use another --out")
-    for split in SPLITS:
-        (out / split).mkdir(parents=True, exist_ok=True)
-    tasks = [(str(out), s, k, first, n, config, seed, masks, field_fn)
-             for j, (s, k, first, n) in enumerate(plan)
-             if (shard is None or j % shard[1] == shard[0])
-             and not (out / _shard_name(s, k)).exists()]
-    bar = Progress(len(tasks), "simulate shards") if progress and tasks else None
-    if workers == 1 or len(tasks) <= 1:
-        for t in tasks:
-            _write_shard(t)
-            bar and bar.update()
-    else:
-        # "spawn": forking a process that has imported TensorFlow can deadlock
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for _ in pool.map(_write_shard, tasks):
-                bar and bar.update()
-    if not all((out / _shard_name(s, k)).exists() for s, k, _, _ in plan):
-        return None
-    shards = {s: [] for s in SPLITS}
-    for s, k, first, n in plan:
-        shards[s].append({"file": _shard_name(s, k), "split": s, "first": first, "n": n,
-                          "sha256": _sha256(out / _shard_name(s, k))})
-    packages = {"wlcnn": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
-                "astropy": astropy.__version__}
-    manifest = dict(header, shards=shards, packages=packages)
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
-    return manifest
-
-
-class ClusterDataset:
-    """Read access to a dataset of :func:`write_dataset`.
-
-    With ``config``, the dataset must have been made with the same data fields (ValueError
-    otherwise); ``verify`` checks each shard's SHA-256 as it is loaded.
-    """
-
-    def __init__(self, path, config=None, verify=True):
-        self.path = Path(path)
-        mpath = self.path / "manifest.json"
-        if not mpath.exists():
-            raise ValueError(f"{self.path} is not a complete wlcnn dataset (no manifest.json)")
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{mpath} is corrupt: {exc}") from None
-        if (self.manifest.get("format") != DATASET_FORMAT
-                or self.manifest.get("version") != DATASET_VERSION):
-            raise ValueError(f"{self.path}: not a wlcnn dataset of format version "
-                             f"{DATASET_VERSION}")
-        stored = self.manifest["config"]
-        self.config = config_from_dict(stored)  # the other fields: the paper's
-        if config is not None and _data_config(config) != stored:
-            diff = [k for k in DATA_FIELDS if _data_config(config)[k] != stored[k]]
-            raise ValueError(f"{self.path} was made with another config "
-                             f"(differs in {', '.join(diff)})")
-        self.verify = verify
-
-    def count(self, split):
-        """Number of clusters in ``split``."""
-        return int(self.manifest["counts"][_check_split(split)])
-
-    def shards(self, split):
-        """The shard entries (file, first, n, sha256) of ``split``."""
-        return self.manifest["shards"][_check_split(split)]
-
-    def load_shard(self, split, k):
-        """All arrays of shard ``k`` of ``split`` (dict of numpy arrays)."""
-        entry = self.shards(split)[k]
-        path = self.path / entry["file"]
-        if not path.exists():
-            raise ValueError(f"missing shard {path}")
-        if self.verify and _sha256(path) != entry["sha256"]:
-            raise ValueError(f"corrupt shard {path}: checksum differs from the manifest")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise ValueError(f"corrupt shard {path}: {exc}") from None
-
-    def clusters(self, split, shard_ids=None):
-        """The records of ``split`` (as :func:`make_cluster`, plus ``index``), one shard in
-        memory at a time."""
-        for k in range(len(self.shards(split))) if shard_ids is None else shard_ids:
-            a = self.load_shard(split, k)
-            co, mo = a["cat_offsets"], a["mask_offsets"]
-            for i in range(len(a["kappa"])):
-                cat = {c: a[f"cat_{c}"][co[i]:co[i + 1]].astype(np.float64)
-                       for c in CATALOG_COLUMNS}
-                masks = {c: a[f"mask_{c}"][mo[i]:mo[i + 1]] for c in MASK_COLUMNS}
-                yield {"index": int(a["index"][i]), "kappa": a["kappa"][i],
-                       "gamma1": a["gamma1"][i], "gamma2": a["gamma2"][i],
-                       "catalog": Table(cat), "masks": Table(masks),
-                       "meta": json.loads(str(a["meta"][i]))}
 
 
 # ---------------------------------------------------------------------------
@@ -1212,6 +965,8 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
 # Keras kernel layout -> (in, out, h, w), and back; Conv2D keeps its kernel as
 # (h, w, in, out), Conv2DTranspose as (h, w, out, in).
 _TO_IOHW = {False: (2, 3, 0, 1), True: (3, 2, 0, 1)}
+
+
 _FROM_IOHW = {False: (2, 3, 0, 1), True: (2, 3, 1, 0)}
 
 
@@ -1315,6 +1070,8 @@ def _fft_conv(transpose):
 
 
 _correlate_valid = _fft_conv(transpose=False)
+
+
 _convolve_full = _fft_conv(transpose=True)
 
 
@@ -1422,6 +1179,7 @@ class FFTConv2DTranspose(_FFTConvBase):
 # ---------------------------------------------------------------------------
 FORMAT_VERSION = 1  # of the description stored in every saved model
 
+
 # Appendix A. ``filter_size`` None: Config.filter_size (§2.3.2). Input channels: (ε̄1, ε̄2,
 # Δε) of §2.3.2, plus the smoothed source density for 4Channel.
 VARIANTS = {
@@ -1433,12 +1191,14 @@ VARIANTS = {
     "NoSkip":    dict(channels=3, filter_size=None, skip=False, focal=False),
 }
 
+
 # Table 1, column "Multiplied to". Multiply-4 takes Multiply-1, not Multiply-3 as the
 # pattern of the rows above it would suggest; we follow the table. The skip tensor is the
 # raw Multiply-# output, not its batch-normalised copy: the table names Multiply-# layers
 # and lists no BN layer, so BN (§2.3.2: "batch normalization to the output of each
 # Multiply-#") sits on the main path only, as in the Keras code the table reads like.
 MULTIPLIED_TO = {1: "avgpool", 2: "multiply_1", 3: "multiply_2", 4: "multiply_1"}
+
 
 INFO_LAYER = "wlcnn_info"
 
@@ -1546,7 +1306,7 @@ def _check_version(version, where):
 
 
 # ---------------------------------------------------------------------------
-# §2.3.2 Losses: eq. 11-12 and A1
+# §2.3.2 The loss (eq. 11-12 and A1) and the optimizer
 # ---------------------------------------------------------------------------
 @keras.saving.register_keras_serializable(package="wlcnn")
 class KappaLoss(keras.losses.Loss):
@@ -1612,7 +1372,660 @@ def compile_model(model, config=PAPER, variant=None, learning_rate=None):
 
 
 # ---------------------------------------------------------------------------
-# §2.3.2 Training: starting from KS93 instead of random weights (beyond the paper)
+# §3 Mosaics: every subfield's prediction on the full-field output grid
+# ---------------------------------------------------------------------------
+#: The orientation that undoes each of :data:`ORIENTATIONS` (90° ↔ 270°; a mirror itself).
+INVERSE_ORIENTATION = {"rot0": "rot0", "rot90": "rot270", "rot180": "rot180",
+                       "rot270": "rot90", "flip_x": "flip_x", "flip_y": "flip_y"}
+
+
+#: Subfields predicted at once by default: on a CPU a batch of 16 predicts ~3× faster a
+#: subfield than one at a time (``examples/bench_inference.py``), and wastes little on the
+#: zero-padded last batch of a 100-subfield mosaic.
+MOSAIC_BATCH = 16
+
+
+def mosaic_offsets(config=PAPER, stride=None):
+    """Offset indices m (one axis) of a mosaic's subfields, one every ``stride`` input pixels.
+
+    ``stride`` is a multiple of ``offset_step``; the default, ``offset_step``, gives the
+    paper's 38 a side (1,444 in all, §2.3.2); 12 gives 10 a side.
+    """
+    step = config.offset_step
+    stride = step if stride is None else int(stride)
+    if stride < step or stride % step:
+        raise ValueError(f"stride must be a positive multiple of {step} input pixels, "
+                         f"got {stride}")
+    return np.arange(0, config.n_offsets, stride // step)
+
+
+def mosaic_orientations(orientations=6):
+    """The orientations a mosaic averages, from 1 (as observed), 6 (the paper's, §2.3.2) or
+    distinct names of :data:`ORIENTATIONS`."""
+    if isinstance(orientations, (int, np.integer)) and not isinstance(orientations, bool):
+        if orientations == 1:
+            return ("rot0",)
+        if orientations == len(ORIENTATIONS):
+            return ORIENTATIONS
+        raise ValueError(f"orientations must be 1 or {len(ORIENTATIONS)} (or names), "
+                         f"got {orientations}")
+    names = (orientations,) if isinstance(orientations, str) else tuple(orientations)
+    bad = [t for t in names if t not in ORIENTATIONS]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(f"orientations must be distinct names from {ORIENTATIONS}, "
+                         f"got {names}")
+    return names
+
+
+def _check_border(border_pix, config):
+    border = config.loss_border_pix if border_pix is None else int(border_pix)
+    if not 0 <= border < config.output_npix // 2:
+        raise ValueError(f"border_pix must be in [0, {config.output_npix // 2}), got {border}")
+    return border
+
+
+def mosaic_coverage(config=PAPER, stride=None, border_pix=None):
+    """How many subfields of one orientation predict each mosaic pixel (see
+    :func:`predict_mosaic`). With the paper's offsets and border the covered square is
+    mosaic pixels [14, 151), 26.3′ a side (the paper shows "the central 26.6′", Fig. 2)."""
+    border = _check_border(border_pix, config)
+    line = np.zeros(config.mosaic_npix, dtype=np.int64)
+    for m in mosaic_offsets(config, stride):
+        line[m + border:m + config.output_npix - border] += 1
+    return np.outer(line, line)
+
+
+def _predictor(predict_fn, batch_size):
+    """A batch predictor from a Keras model or a callable. A model runs ``predict_on_batch``
+    on batches zero-padded to ``batch_size``, so a shorter last batch traces no new graph."""
+    if isinstance(predict_fn, keras.Model):
+        def run(x):
+            b = len(x)
+            if b < batch_size:
+                x = np.concatenate([x, np.zeros((batch_size - b,) + x.shape[1:], x.dtype)])
+            return np.asarray(predict_fn.predict_on_batch(x))[:b]
+        return run
+    if not callable(predict_fn):
+        raise TypeError("predict_fn must be a keras.Model or a callable on batches of "
+                        "subfields")
+    return predict_fn
+
+
+def predict_mosaic(predict_fn, grid, config=PAPER, stride=None, orientations=6, channels=None,
+                   batch_size=MOSAIC_BATCH, border_pix=None):
+    """Average the predictions of every (offset, orientation) subfield on the mosaic grid (§3).
+
+    ``predict_fn`` is a Keras model or a callable from float32 subfields (B, 386, 386, C) to
+    κ (B, 128, 128[, 1]); ``grid`` a gridded catalog (:func:`grid_catalog`). ``stride`` and
+    ``orientations``: :func:`mosaic_offsets`, :func:`mosaic_orientations`. ``channels``:
+    default the model's, else 3. ``border_pix``: output pixels left out on each side, default
+    the loss's, since "the convergence estimates near the field boundary can easily be
+    influenced by the nonvanishing filter size" (§2.3.2).
+
+    Returns the mean κ (NaN where no subfield reaches) and the number of predictions in each
+    pixel. Each prediction's orientation is undone first. The paper's 8,664 predictions all
+    come from one catalog: their mean has no less noise than one of them (§3, footnote 2).
+    """
+    means, count = _mosaics([predict_fn], grid, config, stride, orientations, channels,
+                            batch_size, border_pix)
+    return means[0], count
+
+
+def _mosaics(predict_fns, grid, config, stride, orientations, channels, batch_size,
+             border_pix):
+    """Mosaics of several predictors in one pass over the subfields (each cut once)."""
+    offsets = mosaic_offsets(config, stride)
+    orients = mosaic_orientations(orientations)
+    border = _check_border(border_pix, config)
+    if channels is None:
+        first = predict_fns[0]
+        channels = first.input_shape[-1] if isinstance(first, keras.Model) else 3
+    channels = int(channels)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    grid = np.asarray(grid)
+    if grid.ndim != 3 or grid.shape[0] < channels or grid.shape[1:] != (config.npix,) * 2:
+        raise ValueError(f"grid must have shape (>={channels}, {config.npix}, {config.npix}), "
+                         f"got {grid.shape}")
+    runs = [_predictor(fn, batch_size) for fn in predict_fns]
+    o, n = config.output_npix, config.mosaic_npix
+    keep = slice(border, o - border)
+    total = np.zeros((len(runs), n, n))
+    count = np.zeros((n, n), dtype=np.int64)
+    tasks = [(my, mx, t) for t in orients for my in offsets for mx in offsets]
+    for start in range(0, len(tasks), batch_size):
+        chunk = tasks[start:start + batch_size]
+        x = np.stack([subfield(grid, None, my, mx, t, config, channels)[0]
+                      for my, mx, t in chunk])
+        for r, run in enumerate(runs):
+            y = np.asarray(run(x), dtype=np.float64)
+            if y.shape[:3] != (len(chunk), o, o) or y.ndim not in (3, 4):
+                raise ValueError(f"predict_fn returned shape {y.shape} for {len(chunk)} "
+                                 f"subfields; expected ({len(chunk)}, {o}, {o}, 1)")
+            for (my, mx, t), pred in zip(chunk, y.reshape(len(chunk), o, o)):
+                window = (slice(my + border, my + o - border), slice(mx + border, mx + o - border))
+                total[r][window] += orient_map(pred, INVERSE_ORIENTATION[t])[keep, keep]
+        for my, mx, _ in chunk:
+            count[my + border:my + o - border, mx + border:mx + o - border] += 1
+    has = count > 0
+    means = np.full(total.shape, np.nan)
+    means[:, has] = total[:, has] / count[has]
+    return means, count
+
+
+class MosaicRuns(NamedTuple):
+    """Mosaics of K independent training runs (:func:`predict_mosaic_runs`)."""
+    mean: np.ndarray   #: (mosaic_npix, mosaic_npix), mean over runs: the estimate
+    std: np.ndarray    #: (mosaic_npix, mosaic_npix), sample std over runs (ddof=1): its error
+    count: np.ndarray  #: (mosaic_npix, mosaic_npix), contributions per run
+    runs: np.ndarray   #: (K, mosaic_npix, mosaic_npix), each run's mosaic
+
+
+def _mosaic_runs(runs, count):
+    """MosaicRuns of K runs' maps (K, n, n); the spread of one run is 0 (NaN uncovered)."""
+    std = runs.std(axis=0, ddof=1) if len(runs) > 1 else np.where(np.isnan(runs[0]), np.nan, 0.0)
+    return MosaicRuns(runs.mean(axis=0), std, count, runs)
+
+
+def predict_mosaic_runs(models, grid, config=PAPER, **kwargs):
+    """Mosaics of the K independently trained runs, their mean and standard deviation.
+
+    §2.3.2: "the standard deviations from the 10 runs are used as error estimates" (Fig. 11).
+    ``kwargs``: stride, orientations, channels, batch_size, border_pix of
+    :func:`predict_mosaic`; each subfield is cut once for every run.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("no models")
+    kw = dict(stride=None, orientations=6, channels=None, batch_size=MOSAIC_BATCH,
+              border_pix=None)
+    unknown = set(kwargs) - set(kw)
+    if unknown:
+        raise TypeError(f"unknown arguments {sorted(unknown)}")
+    kw.update(kwargs)
+    return _mosaic_runs(*_mosaics(models, grid, config, **kw))
+
+
+# ---------------------------------------------------------------------------
+# §3 The KS93 baseline on the same gridded catalogs
+# ---------------------------------------------------------------------------
+#: FWHMs (arcmin) offered to the validation choice of the KS93 smoothing.
+KS93_FWHM_GRID = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+
+
+def smooth_map(kappa, fwhm_arcmin, config=PAPER):
+    """Gaussian smoothing of an input-grid map (FWHM in arcmin; 0: unchanged).
+
+    The boundary mirrors the map, so that the edge is not diluted towards κ = 0.
+    """
+    if fwhm_arcmin < 0:
+        raise ValueError(f"fwhm_arcmin must be >= 0, got {fwhm_arcmin}")
+    kappa = np.asarray(kappa, dtype=np.float64)
+    if fwhm_arcmin == 0:
+        return kappa
+    sigma_pix = fwhm_arcmin * 60.0 / config.pixel_arcsec / FWHM_PER_SIGMA
+    return scipy.ndimage.gaussian_filter(kappa, sigma_pix, mode="reflect")
+
+
+def ks93_mosaic(grid, config=PAPER, fwhm_arcmin=0.0):
+    """The KS93 baseline on the mosaic grid: :func:`ks93` of the gridded ε̄1, ε̄2, smoothed
+    (:func:`smooth_map`; the paper gives no FWHM: :func:`choose_ks93_smoothing`), then
+    averaged over the blocks of :func:`mosaic_truth`, so it shares the truth's pixels."""
+    grid = np.asarray(grid)
+    return mosaic_truth(smooth_map(ks93(grid[0], grid[1]), fwhm_arcmin, config), config)
+
+
+# ---------------------------------------------------------------------------
+# §3.2-3.4 The paper's metrics: R, D (eq. 13-16), M_cl and Δ_peak
+# ---------------------------------------------------------------------------
+METRIC_BINS = 50            # histogram bins of the weights (§3.2)
+
+
+CLIP_SIGMA = 3.0            # clipping of R (§3.2)
+
+
+CLIP_MAX_ITER = 100         # cap on the clipping iterations
+
+
+MASS_RADIUS_PIX = 10        # aperture of M_cl: 10 mosaic pixels = 1.92′ (§3.3)
+
+
+CENTROID_WINDOW_PIX = 21    # top-hat window of the centroid, 21 × 21 pixels (§3.4)
+
+
+PERCENTILES = (16.0, 84.0)  # the "1σ" range of the medians (§3.3, §3.4)
+
+
+class WeightedStat(NamedTuple):
+    """A weighted mean and weighted standard deviation (R, D of Table 2)."""
+    value: float
+    err: float
+    n_pixels: int  #: pixels in the final sum
+    n_iter: int    #: clipping iterations (0 where there is no clipping)
+
+
+class PercentileStat(NamedTuple):
+    """A median with its 16th/84th percentiles, as value −minus +plus (Table 2)."""
+    value: float
+    minus: float          #: median − 16th percentile
+    plus: float           #: 84th percentile − median
+    values: np.ndarray    #: the per-cluster values summarised
+
+
+def _stack_maps(maps, name):
+    a = np.asarray(maps, dtype=np.float64)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.shape[0] == 0:
+        raise ValueError(f"{name} must be a map (ny, nx) or a list of maps (n, ny, nx), "
+                         f"got shape {a.shape}")
+    return a
+
+
+def _pairs(truth_maps, pred_maps):
+    """Truth and prediction maps (n, ny, nx), both NaN where either is: every metric uses
+    only the pixels evaluated in both."""
+    t = _stack_maps(truth_maps, "truth_maps")
+    p = _stack_maps(pred_maps, "pred_maps")
+    if t.shape != p.shape:
+        raise ValueError(f"truth and prediction maps differ in shape: {t.shape} vs {p.shape}")
+    ok = np.isfinite(t) & np.isfinite(p)
+    return np.where(ok, t, np.nan), np.where(ok, p, np.nan)
+
+
+def _histogram_weights(values, bins=METRIC_BINS):
+    """Weights ω = 1 / f(value), f the ``bins``-bin histogram density of ``values`` (eq. 16).
+
+    The histogram keeps ω finite where the density of the truth is noisy (§3.2).
+    """
+    density, edges = np.histogram(values, bins=bins, density=True)
+    idx = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
+    return 1.0 / density[idx]  # every occupied bin has density > 0
+
+
+def _weighted_mean_std(x, w):
+    mean = np.sum(w * x) / np.sum(w)
+    return mean, np.sqrt(np.sum(w * (x - mean) ** 2) / np.sum(w))
+
+
+def metric_R(truth_maps, pred_maps, bins=METRIC_BINS, clip_sigma=CLIP_SIGMA,
+             max_iter=CLIP_MAX_ITER):
+    """R, the weighted mean of κ_pred/κ_truth, clipped at 3σ, and its weighted std (eq. 14).
+
+    Over every pixel evaluated in both maps (NaN: not evaluated) of every cluster, pooled,
+    with :func:`_histogram_weights` of κ_truth, so that each range of κ_truth counts alike
+    rather than the many pixels near zero. The pixels within ``clip_sigma`` weighted stds of
+    the previous weighted mean are kept until the kept set no longer changes (§3.2). Pixels
+    with κ_truth = 0 have no ratio. 1 is perfect; Table 2: "0.407 ± 0.288".
+    """
+    t, p = _pairs(truth_maps, pred_maps)
+    ok = np.isfinite(t)
+    t, p = t[ok], p[ok]
+    if t.size == 0:
+        raise ValueError("no pixel is evaluated in both maps")
+    w = _histogram_weights(t, bins)
+    nz = t != 0
+    r, w = p[nz] / t[nz], w[nz]
+    keep = np.ones(r.size, dtype=bool)
+    n_iter = 0
+    mean, std = _weighted_mean_std(r, w)
+    while n_iter < max_iter:
+        # a spread at round-off level has nothing left to clip (and would clip all)
+        if std <= 8 * np.finfo(float).eps * max(1.0, abs(mean)):
+            break
+        new = np.abs(r - mean) <= clip_sigma * std
+        n_iter += 1
+        if np.array_equal(new, keep):
+            break
+        keep = new
+        mean, std = _weighted_mean_std(r[keep], w[keep])
+    return WeightedStat(float(mean), float(std), int(keep.sum()), n_iter)
+
+
+def normalized_kappa(kappa):
+    """κ̃ = (κ − ⟨κ⟩) / Δκ, mean and std (ddof = 0) over the finite pixels of a map (eq. 13).
+
+    NaN pixels stay NaN; a constant map has no scale, and its κ̃ is 0.
+    """
+    kappa = np.asarray(kappa, dtype=np.float64)
+    mean, std = np.nanmean(kappa), np.nanstd(kappa)
+    return (kappa - mean) / std if std > 0 else np.where(np.isnan(kappa), np.nan, 0.0)
+
+
+def metric_D(truth_maps, pred_maps, bins=METRIC_BINS):
+    """D, the weighted mean of |κ̃_pred − κ̃_truth|, and its weighted std (eq. 15).
+
+    Each map is normalised (:func:`normalized_kappa`) over the pixels evaluated in both maps
+    of its pair; the weights are :func:`_histogram_weights` of κ̃_truth over all clusters;
+    no clipping (§3.2 clips R only). D ignores the amplitude and the mass sheet: 0 is
+    perfect; Table 2: "4.36 ± 3.77".
+    """
+    t, p = _pairs(truth_maps, pred_maps)
+    tt, pp = [], []
+    for ti, pi in zip(t, p):
+        ok = np.isfinite(ti)
+        if ok.any():
+            tt.append(normalized_kappa(ti[ok]))
+            pp.append(normalized_kappa(pi[ok]))
+    if not tt:
+        raise ValueError("no pixel is evaluated in both maps")
+    tt, pp = np.concatenate(tt), np.concatenate(pp)
+    w = _histogram_weights(tt, bins)
+    mean, std = _weighted_mean_std(np.abs(pp - tt), w)
+    return WeightedStat(float(mean), float(std), int(tt.size), 0)
+
+
+def peak_pixel(kappa):
+    """(row, col) of the highest finite pixel of a map."""
+    kappa = np.asarray(kappa, dtype=np.float64)
+    if not np.isfinite(kappa).any():
+        raise ValueError("the map has no finite pixel")
+    return np.unravel_index(np.nanargmax(kappa), kappa.shape)
+
+
+def aperture_mass(kappa, centre, radius_pix=MASS_RADIUS_PIX):
+    """M_cl (§3.3): Σ κ over the pixels whose centre lies within ``radius_pix`` of ``centre``
+    (row, col); NaN pixels add nothing. × Σ_c × pixel area gives a projected mass."""
+    kappa = np.asarray(kappa, dtype=np.float64)
+    yy, xx = np.indices(kappa.shape)
+    inside = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius_pix ** 2
+    return float(np.nansum(kappa[inside]))
+
+
+def _percentile_stat(values, percentiles=PERCENTILES):
+    values = np.asarray(values, dtype=np.float64)
+    lo, med, hi = np.percentile(values, [percentiles[0], 50.0, percentiles[1]])
+    return PercentileStat(float(med), float(med - lo), float(hi - med), values)
+
+
+def cluster_masses(truth_maps, pred_maps, radius_pix=MASS_RADIUS_PIX):
+    """M_cl of truth and prediction of each cluster, both about the truth's highest pixel,
+    over the pixels evaluated in both maps (§3.3): two arrays (n,)."""
+    t, p = _pairs(truth_maps, pred_maps)
+    centres = [peak_pixel(ti) for ti in t]
+    m_t = np.array([aperture_mass(ti, c, radius_pix) for ti, c in zip(t, centres)])
+    m_p = np.array([aperture_mass(pi, c, radius_pix) for pi, c in zip(p, centres)])
+    return m_t, m_p
+
+
+def mass_ratio(truth_maps, pred_maps, radius_pix=MASS_RADIUS_PIX, percentiles=PERCENTILES):
+    """Median of M_pred / M_truth over clusters with its 16th and 84th percentiles (§3.3;
+    Table 2: "0.867 +0.327 −0.296")."""
+    m_t, m_p = cluster_masses(truth_maps, pred_maps, radius_pix)
+    return _percentile_stat(m_p / m_t, percentiles)
+
+
+def peak_centroid(kappa, window_pix=CENTROID_WINDOW_PIX):
+    """(row, col) of a map's peak: the first moment of κ in the ``window_pix``² top-hat
+    window about its highest pixel (§3.4).
+
+    Where the window holds negative κ its minimum is subtracted first ("rescaled ... such
+    that the minimum value within the window becomes zero"), so every weight is ≥ 0 and the
+    centroid stays in the window. NaN pixels weigh nothing. A window clipped by the map's
+    edge pulls the centroid inwards. A window with no weight returns the highest pixel.
+    """
+    if window_pix < 1 or window_pix % 2 == 0:
+        raise ValueError(f"window_pix must be a positive odd integer, got {window_pix}")
+    kappa = np.asarray(kappa, dtype=np.float64)
+    i, j = peak_pixel(kappa)
+    h = window_pix // 2
+    r0, r1 = max(i - h, 0), min(i + h + 1, kappa.shape[0])
+    c0, c1 = max(j - h, 0), min(j + h + 1, kappa.shape[1])
+    w = kappa[r0:r1, c0:c1]
+    lowest = np.nanmin(w)
+    if lowest < 0:
+        w = w - lowest
+    w = np.nan_to_num(w, nan=0.0)
+    total = w.sum()
+    if total <= 0:
+        return float(i), float(j)
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    return float((w * yy).sum() / total), float((w * xx).sum() / total)
+
+
+def centroid_offsets(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX):
+    """Δ_peak of each cluster (§3.4): the distance in mosaic pixels between the centroids
+    (:func:`peak_centroid`) of prediction and truth, over the pixels evaluated in both."""
+    t, p = _pairs(truth_maps, pred_maps)
+    out = np.empty(len(t))
+    for i, (ti, pi) in enumerate(zip(t, p)):
+        ct, cp = peak_centroid(ti, window_pix), peak_centroid(pi, window_pix)
+        out[i] = np.hypot(ct[0] - cp[0], ct[1] - cp[1])
+    return out
+
+
+def centroid_offset(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX,
+                    percentiles=PERCENTILES):
+    """Median Δ_peak over clusters with its 16th and 84th percentiles, in mosaic pixels
+    (§3.4; Table 2: "3.10 +25.64 −2.00")."""
+    return _percentile_stat(centroid_offsets(truth_maps, pred_maps, window_pix), percentiles)
+
+
+def paper_metrics(truth_maps, pred_maps):
+    """The four metrics of Table 2 as a row dict (see :data:`TABLE2_COLUMNS`)."""
+    t, p = _pairs(truth_maps, pred_maps)
+    r, d = metric_R(t, p), metric_D(t, p)
+    m, dp = mass_ratio(t, p), centroid_offset(t, p)
+    return {"R": r.value, "R_err": r.err, "D": d.value, "D_err": d.err,
+            "M_ratio": m.value, "M_minus": m.minus, "M_plus": m.plus,
+            "dpeak": dp.value, "dpeak_minus": dp.minus, "dpeak_plus": dp.plus,
+            "n_clusters": len(t)}
+
+
+# ===========================================================================
+# Machinery: running the method at scale
+#
+# Nothing below is the paper's method: files written whole or not at all, dataset
+# files, saved models, training runs that resume, and the evaluation of methods
+# over a test set.
+# ===========================================================================
+
+# ---------------------------------------------------------------------------
+# Files written whole or not at all, and a progress bar
+# ---------------------------------------------------------------------------
+#: Name prefix of the hidden temporaries written before a rename: a resumed run
+#: removes the ones a writer killed mid-write left behind.
+TMP_PREFIX = ".tmp-"
+
+
+def atomic_write(path, write):
+    """Call ``write(tmp_path)`` then rename: a file is complete or absent.
+
+    The temporary file is hidden and ends as ``path`` does, for writers that
+    read the format from the name (Keras, matplotlib)."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _atomic_write_text(path, text):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _read_json(path):
+    return json.loads(Path(path).read_text()) if Path(path).exists() else None
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Progress:
+    """A one-line progress bar on stderr (items done, rate, time left)."""
+
+    def __init__(self, total, label, stream=None):
+        self.total, self.label, self.done, self.t0 = total, label, 0, time.time()
+        self.stream = sys.stderr if stream is None else stream
+
+    def update(self, k=1):
+        self.done += k
+        elapsed = time.time() - self.t0
+        left = elapsed / max(self.done, 1) * (self.total - self.done)
+        bar = "#" * int(30 * self.done / max(self.total, 1))
+        self.stream.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} "
+                          f"{elapsed:6.0f}s elapsed, ~{left:5.0f}s left")
+        if self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------
+# Dataset files: shards of clusters and their manifest (read side; they are written
+# by examples/simulate_skies.py)
+# ---------------------------------------------------------------------------
+#: Splits of a dataset, in the order their seeds and shards are numbered.
+SPLITS = ("train", "val", "test")
+
+
+#: Config fields that define a dataset's content (the network's fields do not).
+DATA_FIELDS = ("H0", "Om0", "z_lens", "z_source", "field_arcmin", "npix", "fwhm_arcsec",
+               "kernel_cut_sigma", "empty_pixel_error", "source_density_arcmin2", "sigma_e",
+               "mag_min", "mag_peak", "mag_max", "count_slope", "completeness_width_mag",
+               "sigma_meas_floor", "sigma_meas_at_cut", "stars_per_400arcmin2",
+               "star_radius_arcmin", "star_near_peak_arcmin")
+
+
+DATASET_FORMAT = "wlcnn-dataset"
+
+
+DATASET_VERSION = 1
+
+
+CATALOG_COLUMNS = ("x", "y", "mag", "sigma", "e1", "e2")
+
+
+MASK_COLUMNS = ("x", "y", "radius")
+
+
+def _data_config(config):
+    """The data-defining part of a Config, as JSON would write it."""
+    return json.loads(json.dumps({k: getattr(config, k) for k in DATA_FIELDS}))
+
+
+def _check_split(split):
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def cluster_rng(seed, split, index):
+    """The random generator of cluster ``index`` of ``split``.
+
+    It depends on (seed, split, index) alone, so a cluster is the same whichever shard, job
+    or worker makes it.
+    """
+    key = (SPLITS.index(_check_split(split)), int(index))
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
+
+
+class ClusterDataset:
+    """Read access to a dataset of ``simulate_skies.write_dataset`` (examples/).
+
+    With ``config``, the dataset must have been made with the same data fields (ValueError
+    otherwise); ``verify`` checks each shard's SHA-256 as it is loaded.
+    """
+
+    def __init__(self, path, config=None, verify=True):
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.exists():
+            raise ValueError(f"{self.path} is not a complete wlcnn dataset (no manifest.json)")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{mpath} is corrupt: {exc}") from None
+        if (self.manifest.get("format") != DATASET_FORMAT
+                or self.manifest.get("version") != DATASET_VERSION):
+            raise ValueError(f"{self.path}: not a wlcnn dataset of format version "
+                             f"{DATASET_VERSION}")
+        stored = self.manifest["config"]
+        self.config = config_from_dict(stored)  # the other fields: the paper's
+        if config is not None and _data_config(config) != stored:
+            diff = [k for k in DATA_FIELDS if _data_config(config)[k] != stored[k]]
+            raise ValueError(f"{self.path} was made with another config "
+                             f"(differs in {', '.join(diff)})")
+        self.verify = verify
+
+    def count(self, split):
+        """Number of clusters in ``split``."""
+        return int(self.manifest["counts"][_check_split(split)])
+
+    def shards(self, split):
+        """The shard entries (file, first, n, sha256) of ``split``."""
+        return self.manifest["shards"][_check_split(split)]
+
+    def load_shard(self, split, k):
+        """All arrays of shard ``k`` of ``split`` (dict of numpy arrays)."""
+        entry = self.shards(split)[k]
+        path = self.path / entry["file"]
+        if not path.exists():
+            raise ValueError(f"missing shard {path}")
+        if self.verify and _sha256(path) != entry["sha256"]:
+            raise ValueError(f"corrupt shard {path}: checksum differs from the manifest")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise ValueError(f"corrupt shard {path}: {exc}") from None
+
+    def clusters(self, split, shard_ids=None):
+        """The records of ``split`` (as :func:`make_cluster`, plus ``index``), one shard in
+        memory at a time."""
+        for k in range(len(self.shards(split))) if shard_ids is None else shard_ids:
+            a = self.load_shard(split, k)
+            co, mo = a["cat_offsets"], a["mask_offsets"]
+            for i in range(len(a["kappa"])):
+                cat = {c: a[f"cat_{c}"][co[i]:co[i + 1]].astype(np.float64)
+                       for c in CATALOG_COLUMNS}
+                masks = {c: a[f"mask_{c}"][mo[i]:mo[i + 1]] for c in MASK_COLUMNS}
+                yield {"index": int(a["index"][i]), "kappa": a["kappa"][i],
+                       "gamma1": a["gamma1"][i], "gamma2": a["gamma2"][i],
+                       "catalog": Table(cat), "masks": Table(masks),
+                       "meta": json.loads(str(a["meta"][i]))}
+
+
+# ---------------------------------------------------------------------------
+# Saving and loading models
+# ---------------------------------------------------------------------------
+def save_model(model, path):
+    """Write a model of ``build_model`` to a ``.keras`` file atomically (a hidden
+    temporary file renamed over ``path``: a crash never leaves a truncated model)."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"{path}: model files end in .keras")
+    model_info(model)  # refuses a model without its description
+    atomic_write(path, lambda tmp: model.save(tmp, overwrite=True))
+
+
+def load_model(path, compile=True):
+    """Read a model written by ``save_model``; ``model_info`` describes it.
+
+    Raises ValueError, before Keras rebuilds any layer, if the file holds no
+    wlcnn description or one of another format version.
+    """
+    path = os.fspath(path)
+    with zipfile.ZipFile(path) as zf:
+        config = json.loads(zf.read("config.json"))
+    layers = config.get("config", {}).get("layers", [])
+    info = next((layer["config"].get("info") for layer in layers
+                 if layer.get("config", {}).get("name") == INFO_LAYER), None)
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: not a wlcnn model (no {INFO_LAYER!r} description)")
+    _check_version(info.get("format_version"), path)
+    return keras.saving.load_model(path, compile=compile)
+
+
+# ---------------------------------------------------------------------------
+# Training: starting from KS93 instead of random weights (beyond the paper)
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KS93Start:
@@ -1776,40 +2189,11 @@ def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
 
 
 # ---------------------------------------------------------------------------
-# §2.3.2 Saving and loading models
-# ---------------------------------------------------------------------------
-def save_model(model, path):
-    """Write a model of ``build_model`` to a ``.keras`` file atomically (a hidden
-    temporary file renamed over ``path``: a crash never leaves a truncated model)."""
-    path = Path(path)
-    if path.suffix != ".keras":
-        raise ValueError(f"{path}: model files end in .keras")
-    model_info(model)  # refuses a model without its description
-    atomic_write(path, lambda tmp: model.save(tmp, overwrite=True))
-
-
-def load_model(path, compile=True):
-    """Read a model written by ``save_model``; ``model_info`` describes it.
-
-    Raises ValueError, before Keras rebuilds any layer, if the file holds no
-    wlcnn description or one of another format version.
-    """
-    path = os.fspath(path)
-    with zipfile.ZipFile(path) as zf:
-        config = json.loads(zf.read("config.json"))
-    layers = config.get("config", {}).get("layers", [])
-    info = next((layer["config"].get("info") for layer in layers
-                 if layer.get("config", {}).get("name") == INFO_LAYER), None)
-    if not isinstance(info, dict):
-        raise ValueError(f"{path}: not a wlcnn model (no {INFO_LAYER!r} description)")
-    _check_version(info.get("format_version"), path)
-    return keras.saving.load_model(path, compile=compile)
-
-
-# ---------------------------------------------------------------------------
-# §2.3.2 Training: presets
+# Training: presets and checks of the data
 # ---------------------------------------------------------------------------
 LR_SCHEDULES = ("constant", "cosine")
+
+
 INITS = ("glorot", "ks93")
 
 
@@ -1957,20 +2341,12 @@ def validation_sha256(val):
 
 
 # ---------------------------------------------------------------------------
-# §2.3.2 Training: one run, run_XX/{run.json, history.csv, best.keras} and,
-# while it runs, backup/ (Keras's BackupAndRestore) and best-NNNN.weights.h5
+# Training: one run, run_XX/{run.json, history.csv, best.keras} and, while it
+# runs, backup/ (Keras's BackupAndRestore) and best-NNNN.weights.h5
 # ---------------------------------------------------------------------------
 def run_path(out_dir, run_index):
     """``out_dir/run_XX``."""
     return Path(out_dir) / f"run_{run_index:02d}"
-
-
-def _atomic_write_text(path, text):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _read_json(path):
-    return json.loads(Path(path).read_text()) if Path(path).exists() else None
 
 
 def read_history(path):
@@ -2278,7 +2654,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
 
 
 # ---------------------------------------------------------------------------
-# Several runs, from a dataset directory, and loading them back
+# Training: several runs, from a dataset directory, and loading them back
 # ---------------------------------------------------------------------------
 def carry_run(run_dir, dest_dir):
     """Copy what resuming an unfinished run needs to ``dest_dir`` (a new run_XX).
@@ -2417,436 +2793,6 @@ def load_runs(path):
     if not files:
         raise ValueError(f"{path}: no .keras model and no complete run")
     return [load_model(f, compile=False) for f in files]
-
-
-# ---------------------------------------------------------------------------
-# §3 Mosaics: every subfield's prediction on the full-field output grid
-# ---------------------------------------------------------------------------
-#: The orientation that undoes each of :data:`ORIENTATIONS` (90° ↔ 270°; a mirror itself).
-INVERSE_ORIENTATION = {"rot0": "rot0", "rot90": "rot270", "rot180": "rot180",
-                       "rot270": "rot90", "flip_x": "flip_x", "flip_y": "flip_y"}
-
-#: Subfields predicted at once by default: on a CPU a batch of 16 predicts ~3× faster a
-#: subfield than one at a time (``examples/bench_inference.py``), and wastes little on the
-#: zero-padded last batch of a 100-subfield mosaic.
-MOSAIC_BATCH = 16
-
-
-def mosaic_offsets(config=PAPER, stride=None):
-    """Offset indices m (one axis) of a mosaic's subfields, one every ``stride`` input pixels.
-
-    ``stride`` is a multiple of ``offset_step``; the default, ``offset_step``, gives the
-    paper's 38 a side (1,444 in all, §2.3.2); 12 gives 10 a side.
-    """
-    step = config.offset_step
-    stride = step if stride is None else int(stride)
-    if stride < step or stride % step:
-        raise ValueError(f"stride must be a positive multiple of {step} input pixels, "
-                         f"got {stride}")
-    return np.arange(0, config.n_offsets, stride // step)
-
-
-def mosaic_orientations(orientations=6):
-    """The orientations a mosaic averages, from 1 (as observed), 6 (the paper's, §2.3.2) or
-    distinct names of :data:`ORIENTATIONS`."""
-    if isinstance(orientations, (int, np.integer)) and not isinstance(orientations, bool):
-        if orientations == 1:
-            return ("rot0",)
-        if orientations == len(ORIENTATIONS):
-            return ORIENTATIONS
-        raise ValueError(f"orientations must be 1 or {len(ORIENTATIONS)} (or names), "
-                         f"got {orientations}")
-    names = (orientations,) if isinstance(orientations, str) else tuple(orientations)
-    bad = [t for t in names if t not in ORIENTATIONS]
-    if bad or not names or len(set(names)) != len(names):
-        raise ValueError(f"orientations must be distinct names from {ORIENTATIONS}, "
-                         f"got {names}")
-    return names
-
-
-def _check_border(border_pix, config):
-    border = config.loss_border_pix if border_pix is None else int(border_pix)
-    if not 0 <= border < config.output_npix // 2:
-        raise ValueError(f"border_pix must be in [0, {config.output_npix // 2}), got {border}")
-    return border
-
-
-def mosaic_coverage(config=PAPER, stride=None, border_pix=None):
-    """How many subfields of one orientation predict each mosaic pixel (see
-    :func:`predict_mosaic`). With the paper's offsets and border the covered square is
-    mosaic pixels [14, 151), 26.3′ a side (the paper shows "the central 26.6′", Fig. 2)."""
-    border = _check_border(border_pix, config)
-    line = np.zeros(config.mosaic_npix, dtype=np.int64)
-    for m in mosaic_offsets(config, stride):
-        line[m + border:m + config.output_npix - border] += 1
-    return np.outer(line, line)
-
-
-def _predictor(predict_fn, batch_size):
-    """A batch predictor from a Keras model or a callable. A model runs ``predict_on_batch``
-    on batches zero-padded to ``batch_size``, so a shorter last batch traces no new graph."""
-    if isinstance(predict_fn, keras.Model):
-        def run(x):
-            b = len(x)
-            if b < batch_size:
-                x = np.concatenate([x, np.zeros((batch_size - b,) + x.shape[1:], x.dtype)])
-            return np.asarray(predict_fn.predict_on_batch(x))[:b]
-        return run
-    if not callable(predict_fn):
-        raise TypeError("predict_fn must be a keras.Model or a callable on batches of "
-                        "subfields")
-    return predict_fn
-
-
-def predict_mosaic(predict_fn, grid, config=PAPER, stride=None, orientations=6, channels=None,
-                   batch_size=MOSAIC_BATCH, border_pix=None):
-    """Average the predictions of every (offset, orientation) subfield on the mosaic grid (§3).
-
-    ``predict_fn`` is a Keras model or a callable from float32 subfields (B, 386, 386, C) to
-    κ (B, 128, 128[, 1]); ``grid`` a gridded catalog (:func:`grid_catalog`). ``stride`` and
-    ``orientations``: :func:`mosaic_offsets`, :func:`mosaic_orientations`. ``channels``:
-    default the model's, else 3. ``border_pix``: output pixels left out on each side, default
-    the loss's, since "the convergence estimates near the field boundary can easily be
-    influenced by the nonvanishing filter size" (§2.3.2).
-
-    Returns the mean κ (NaN where no subfield reaches) and the number of predictions in each
-    pixel. Each prediction's orientation is undone first. The paper's 8,664 predictions all
-    come from one catalog: their mean has no less noise than one of them (§3, footnote 2).
-    """
-    means, count = _mosaics([predict_fn], grid, config, stride, orientations, channels,
-                            batch_size, border_pix)
-    return means[0], count
-
-
-def _mosaics(predict_fns, grid, config, stride, orientations, channels, batch_size,
-             border_pix):
-    """Mosaics of several predictors in one pass over the subfields (each cut once)."""
-    offsets = mosaic_offsets(config, stride)
-    orients = mosaic_orientations(orientations)
-    border = _check_border(border_pix, config)
-    if channels is None:
-        first = predict_fns[0]
-        channels = first.input_shape[-1] if isinstance(first, keras.Model) else 3
-    channels = int(channels)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    grid = np.asarray(grid)
-    if grid.ndim != 3 or grid.shape[0] < channels or grid.shape[1:] != (config.npix,) * 2:
-        raise ValueError(f"grid must have shape (>={channels}, {config.npix}, {config.npix}), "
-                         f"got {grid.shape}")
-    runs = [_predictor(fn, batch_size) for fn in predict_fns]
-    o, n = config.output_npix, config.mosaic_npix
-    keep = slice(border, o - border)
-    total = np.zeros((len(runs), n, n))
-    count = np.zeros((n, n), dtype=np.int64)
-    tasks = [(my, mx, t) for t in orients for my in offsets for mx in offsets]
-    for start in range(0, len(tasks), batch_size):
-        chunk = tasks[start:start + batch_size]
-        x = np.stack([subfield(grid, None, my, mx, t, config, channels)[0]
-                      for my, mx, t in chunk])
-        for r, run in enumerate(runs):
-            y = np.asarray(run(x), dtype=np.float64)
-            if y.shape[:3] != (len(chunk), o, o) or y.ndim not in (3, 4):
-                raise ValueError(f"predict_fn returned shape {y.shape} for {len(chunk)} "
-                                 f"subfields; expected ({len(chunk)}, {o}, {o}, 1)")
-            for (my, mx, t), pred in zip(chunk, y.reshape(len(chunk), o, o)):
-                window = (slice(my + border, my + o - border), slice(mx + border, mx + o - border))
-                total[r][window] += orient_map(pred, INVERSE_ORIENTATION[t])[keep, keep]
-        for my, mx, _ in chunk:
-            count[my + border:my + o - border, mx + border:mx + o - border] += 1
-    has = count > 0
-    means = np.full(total.shape, np.nan)
-    means[:, has] = total[:, has] / count[has]
-    return means, count
-
-
-class MosaicRuns(NamedTuple):
-    """Mosaics of K independent training runs (:func:`predict_mosaic_runs`)."""
-    mean: np.ndarray   #: (mosaic_npix, mosaic_npix), mean over runs: the estimate
-    std: np.ndarray    #: (mosaic_npix, mosaic_npix), sample std over runs (ddof=1): its error
-    count: np.ndarray  #: (mosaic_npix, mosaic_npix), contributions per run
-    runs: np.ndarray   #: (K, mosaic_npix, mosaic_npix), each run's mosaic
-
-
-def _mosaic_runs(runs, count):
-    """MosaicRuns of K runs' maps (K, n, n); the spread of one run is 0 (NaN uncovered)."""
-    std = runs.std(axis=0, ddof=1) if len(runs) > 1 else np.where(np.isnan(runs[0]), np.nan, 0.0)
-    return MosaicRuns(runs.mean(axis=0), std, count, runs)
-
-
-def predict_mosaic_runs(models, grid, config=PAPER, **kwargs):
-    """Mosaics of the K independently trained runs, their mean and standard deviation.
-
-    §2.3.2: "the standard deviations from the 10 runs are used as error estimates" (Fig. 11).
-    ``kwargs``: stride, orientations, channels, batch_size, border_pix of
-    :func:`predict_mosaic`; each subfield is cut once for every run.
-    """
-    models = list(models)
-    if not models:
-        raise ValueError("no models")
-    kw = dict(stride=None, orientations=6, channels=None, batch_size=MOSAIC_BATCH,
-              border_pix=None)
-    unknown = set(kwargs) - set(kw)
-    if unknown:
-        raise TypeError(f"unknown arguments {sorted(unknown)}")
-    kw.update(kwargs)
-    return _mosaic_runs(*_mosaics(models, grid, config, **kw))
-
-
-# ---------------------------------------------------------------------------
-# §3 The KS93 baseline on the same gridded catalogs
-# ---------------------------------------------------------------------------
-#: FWHMs (arcmin) offered to the validation choice of the KS93 smoothing.
-KS93_FWHM_GRID = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
-
-
-def smooth_map(kappa, fwhm_arcmin, config=PAPER):
-    """Gaussian smoothing of an input-grid map (FWHM in arcmin; 0: unchanged).
-
-    The boundary mirrors the map, so that the edge is not diluted towards κ = 0.
-    """
-    if fwhm_arcmin < 0:
-        raise ValueError(f"fwhm_arcmin must be >= 0, got {fwhm_arcmin}")
-    kappa = np.asarray(kappa, dtype=np.float64)
-    if fwhm_arcmin == 0:
-        return kappa
-    sigma_pix = fwhm_arcmin * 60.0 / config.pixel_arcsec / FWHM_PER_SIGMA
-    return scipy.ndimage.gaussian_filter(kappa, sigma_pix, mode="reflect")
-
-
-def ks93_mosaic(grid, config=PAPER, fwhm_arcmin=0.0):
-    """The KS93 baseline on the mosaic grid: :func:`ks93` of the gridded ε̄1, ε̄2, smoothed
-    (:func:`smooth_map`; the paper gives no FWHM: :func:`choose_ks93_smoothing`), then
-    averaged over the blocks of :func:`mosaic_truth`, so it shares the truth's pixels."""
-    grid = np.asarray(grid)
-    return mosaic_truth(smooth_map(ks93(grid[0], grid[1]), fwhm_arcmin, config), config)
-
-
-# ---------------------------------------------------------------------------
-# §3.2-3.4 The paper's metrics: R, D (eq. 13-16), M_cl and Δ_peak
-# ---------------------------------------------------------------------------
-METRIC_BINS = 50            # histogram bins of the weights (§3.2)
-CLIP_SIGMA = 3.0            # clipping of R (§3.2)
-CLIP_MAX_ITER = 100         # cap on the clipping iterations
-MASS_RADIUS_PIX = 10        # aperture of M_cl: 10 mosaic pixels = 1.92′ (§3.3)
-CENTROID_WINDOW_PIX = 21    # top-hat window of the centroid, 21 × 21 pixels (§3.4)
-PERCENTILES = (16.0, 84.0)  # the "1σ" range of the medians (§3.3, §3.4)
-
-
-class WeightedStat(NamedTuple):
-    """A weighted mean and weighted standard deviation (R, D of Table 2)."""
-    value: float
-    err: float
-    n_pixels: int  #: pixels in the final sum
-    n_iter: int    #: clipping iterations (0 where there is no clipping)
-
-
-class PercentileStat(NamedTuple):
-    """A median with its 16th/84th percentiles, as value −minus +plus (Table 2)."""
-    value: float
-    minus: float          #: median − 16th percentile
-    plus: float           #: 84th percentile − median
-    values: np.ndarray    #: the per-cluster values summarised
-
-
-def _stack_maps(maps, name):
-    a = np.asarray(maps, dtype=np.float64)
-    if a.ndim == 2:
-        a = a[None]
-    if a.ndim != 3 or a.shape[0] == 0:
-        raise ValueError(f"{name} must be a map (ny, nx) or a list of maps (n, ny, nx), "
-                         f"got shape {a.shape}")
-    return a
-
-
-def _pairs(truth_maps, pred_maps):
-    """Truth and prediction maps (n, ny, nx), both NaN where either is: every metric uses
-    only the pixels evaluated in both."""
-    t = _stack_maps(truth_maps, "truth_maps")
-    p = _stack_maps(pred_maps, "pred_maps")
-    if t.shape != p.shape:
-        raise ValueError(f"truth and prediction maps differ in shape: {t.shape} vs {p.shape}")
-    ok = np.isfinite(t) & np.isfinite(p)
-    return np.where(ok, t, np.nan), np.where(ok, p, np.nan)
-
-
-def _histogram_weights(values, bins=METRIC_BINS):
-    """Weights ω = 1 / f(value), f the ``bins``-bin histogram density of ``values`` (eq. 16).
-
-    The histogram keeps ω finite where the density of the truth is noisy (§3.2).
-    """
-    density, edges = np.histogram(values, bins=bins, density=True)
-    idx = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
-    return 1.0 / density[idx]  # every occupied bin has density > 0
-
-
-def _weighted_mean_std(x, w):
-    mean = np.sum(w * x) / np.sum(w)
-    return mean, np.sqrt(np.sum(w * (x - mean) ** 2) / np.sum(w))
-
-
-def metric_R(truth_maps, pred_maps, bins=METRIC_BINS, clip_sigma=CLIP_SIGMA,
-             max_iter=CLIP_MAX_ITER):
-    """R, the weighted mean of κ_pred/κ_truth, clipped at 3σ, and its weighted std (eq. 14).
-
-    Over every pixel evaluated in both maps (NaN: not evaluated) of every cluster, pooled,
-    with :func:`_histogram_weights` of κ_truth, so that each range of κ_truth counts alike
-    rather than the many pixels near zero. The pixels within ``clip_sigma`` weighted stds of
-    the previous weighted mean are kept until the kept set no longer changes (§3.2). Pixels
-    with κ_truth = 0 have no ratio. 1 is perfect; Table 2: "0.407 ± 0.288".
-    """
-    t, p = _pairs(truth_maps, pred_maps)
-    ok = np.isfinite(t)
-    t, p = t[ok], p[ok]
-    if t.size == 0:
-        raise ValueError("no pixel is evaluated in both maps")
-    w = _histogram_weights(t, bins)
-    nz = t != 0
-    r, w = p[nz] / t[nz], w[nz]
-    keep = np.ones(r.size, dtype=bool)
-    n_iter = 0
-    mean, std = _weighted_mean_std(r, w)
-    while n_iter < max_iter:
-        # a spread at round-off level has nothing left to clip (and would clip all)
-        if std <= 8 * np.finfo(float).eps * max(1.0, abs(mean)):
-            break
-        new = np.abs(r - mean) <= clip_sigma * std
-        n_iter += 1
-        if np.array_equal(new, keep):
-            break
-        keep = new
-        mean, std = _weighted_mean_std(r[keep], w[keep])
-    return WeightedStat(float(mean), float(std), int(keep.sum()), n_iter)
-
-
-def normalized_kappa(kappa):
-    """κ̃ = (κ − ⟨κ⟩) / Δκ, mean and std (ddof = 0) over the finite pixels of a map (eq. 13).
-
-    NaN pixels stay NaN; a constant map has no scale, and its κ̃ is 0.
-    """
-    kappa = np.asarray(kappa, dtype=np.float64)
-    mean, std = np.nanmean(kappa), np.nanstd(kappa)
-    return (kappa - mean) / std if std > 0 else np.where(np.isnan(kappa), np.nan, 0.0)
-
-
-def metric_D(truth_maps, pred_maps, bins=METRIC_BINS):
-    """D, the weighted mean of |κ̃_pred − κ̃_truth|, and its weighted std (eq. 15).
-
-    Each map is normalised (:func:`normalized_kappa`) over the pixels evaluated in both maps
-    of its pair; the weights are :func:`_histogram_weights` of κ̃_truth over all clusters;
-    no clipping (§3.2 clips R only). D ignores the amplitude and the mass sheet: 0 is
-    perfect; Table 2: "4.36 ± 3.77".
-    """
-    t, p = _pairs(truth_maps, pred_maps)
-    tt, pp = [], []
-    for ti, pi in zip(t, p):
-        ok = np.isfinite(ti)
-        if ok.any():
-            tt.append(normalized_kappa(ti[ok]))
-            pp.append(normalized_kappa(pi[ok]))
-    if not tt:
-        raise ValueError("no pixel is evaluated in both maps")
-    tt, pp = np.concatenate(tt), np.concatenate(pp)
-    w = _histogram_weights(tt, bins)
-    mean, std = _weighted_mean_std(np.abs(pp - tt), w)
-    return WeightedStat(float(mean), float(std), int(tt.size), 0)
-
-
-def peak_pixel(kappa):
-    """(row, col) of the highest finite pixel of a map."""
-    kappa = np.asarray(kappa, dtype=np.float64)
-    if not np.isfinite(kappa).any():
-        raise ValueError("the map has no finite pixel")
-    return np.unravel_index(np.nanargmax(kappa), kappa.shape)
-
-
-def aperture_mass(kappa, centre, radius_pix=MASS_RADIUS_PIX):
-    """M_cl (§3.3): Σ κ over the pixels whose centre lies within ``radius_pix`` of ``centre``
-    (row, col); NaN pixels add nothing. × Σ_c × pixel area gives a projected mass."""
-    kappa = np.asarray(kappa, dtype=np.float64)
-    yy, xx = np.indices(kappa.shape)
-    inside = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius_pix ** 2
-    return float(np.nansum(kappa[inside]))
-
-
-def _percentile_stat(values, percentiles=PERCENTILES):
-    values = np.asarray(values, dtype=np.float64)
-    lo, med, hi = np.percentile(values, [percentiles[0], 50.0, percentiles[1]])
-    return PercentileStat(float(med), float(med - lo), float(hi - med), values)
-
-
-def cluster_masses(truth_maps, pred_maps, radius_pix=MASS_RADIUS_PIX):
-    """M_cl of truth and prediction of each cluster, both about the truth's highest pixel,
-    over the pixels evaluated in both maps (§3.3): two arrays (n,)."""
-    t, p = _pairs(truth_maps, pred_maps)
-    centres = [peak_pixel(ti) for ti in t]
-    m_t = np.array([aperture_mass(ti, c, radius_pix) for ti, c in zip(t, centres)])
-    m_p = np.array([aperture_mass(pi, c, radius_pix) for pi, c in zip(p, centres)])
-    return m_t, m_p
-
-
-def mass_ratio(truth_maps, pred_maps, radius_pix=MASS_RADIUS_PIX, percentiles=PERCENTILES):
-    """Median of M_pred / M_truth over clusters with its 16th and 84th percentiles (§3.3;
-    Table 2: "0.867 +0.327 −0.296")."""
-    m_t, m_p = cluster_masses(truth_maps, pred_maps, radius_pix)
-    return _percentile_stat(m_p / m_t, percentiles)
-
-
-def peak_centroid(kappa, window_pix=CENTROID_WINDOW_PIX):
-    """(row, col) of a map's peak: the first moment of κ in the ``window_pix``² top-hat
-    window about its highest pixel (§3.4).
-
-    Where the window holds negative κ its minimum is subtracted first ("rescaled ... such
-    that the minimum value within the window becomes zero"), so every weight is ≥ 0 and the
-    centroid stays in the window. NaN pixels weigh nothing. A window clipped by the map's
-    edge pulls the centroid inwards. A window with no weight returns the highest pixel.
-    """
-    if window_pix < 1 or window_pix % 2 == 0:
-        raise ValueError(f"window_pix must be a positive odd integer, got {window_pix}")
-    kappa = np.asarray(kappa, dtype=np.float64)
-    i, j = peak_pixel(kappa)
-    h = window_pix // 2
-    r0, r1 = max(i - h, 0), min(i + h + 1, kappa.shape[0])
-    c0, c1 = max(j - h, 0), min(j + h + 1, kappa.shape[1])
-    w = kappa[r0:r1, c0:c1]
-    lowest = np.nanmin(w)
-    if lowest < 0:
-        w = w - lowest
-    w = np.nan_to_num(w, nan=0.0)
-    total = w.sum()
-    if total <= 0:
-        return float(i), float(j)
-    yy, xx = np.mgrid[r0:r1, c0:c1]
-    return float((w * yy).sum() / total), float((w * xx).sum() / total)
-
-
-def centroid_offsets(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX):
-    """Δ_peak of each cluster (§3.4): the distance in mosaic pixels between the centroids
-    (:func:`peak_centroid`) of prediction and truth, over the pixels evaluated in both."""
-    t, p = _pairs(truth_maps, pred_maps)
-    out = np.empty(len(t))
-    for i, (ti, pi) in enumerate(zip(t, p)):
-        ct, cp = peak_centroid(ti, window_pix), peak_centroid(pi, window_pix)
-        out[i] = np.hypot(ct[0] - cp[0], ct[1] - cp[1])
-    return out
-
-
-def centroid_offset(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX,
-                    percentiles=PERCENTILES):
-    """Median Δ_peak over clusters with its 16th and 84th percentiles, in mosaic pixels
-    (§3.4; Table 2: "3.10 +25.64 −2.00")."""
-    return _percentile_stat(centroid_offsets(truth_maps, pred_maps, window_pix), percentiles)
-
-
-def paper_metrics(truth_maps, pred_maps):
-    """The four metrics of Table 2 as a row dict (see :data:`TABLE2_COLUMNS`)."""
-    t, p = _pairs(truth_maps, pred_maps)
-    r, d = metric_R(t, p), metric_D(t, p)
-    m, dp = mass_ratio(t, p), centroid_offset(t, p)
-    return {"R": r.value, "R_err": r.err, "D": d.value, "D_err": d.err,
-            "M_ratio": m.value, "M_minus": m.minus, "M_plus": m.plus,
-            "dpeak": dp.value, "dpeak_minus": dp.minus, "dpeak_plus": dp.plus,
-            "n_clusters": len(t)}
 
 
 # ---------------------------------------------------------------------------

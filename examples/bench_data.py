@@ -52,9 +52,9 @@ def main(argv=None):
 
     # ## Pipeline: fresh catalogs, gridding, subfields, batches
     with tempfile.TemporaryDirectory() as tmp:
-        wlcnn.write_dataset(tmp, {"train": args.clusters, "val": 2}, cfg, seed=1,
-                            field_fn=simulate_skies.simulated_field, shard_size=2,
-                            progress=False)
+        simulate_skies.write_dataset(tmp, {"train": args.clusters, "val": 2}, cfg, seed=1,
+                                     field_fn=simulate_skies.simulated_field, shard_size=2,
+                                     progress=False)
         train, _ = wlcnn.training_data(tmp, args.batch_size, seed=0, n_val=2,
                                        fresh_catalogs=True)
         it = iter(train)

@@ -27,7 +27,8 @@ import scipy.ndimage
 import scipy.special
 from astropy.io import fits
 
-from wlcnn import FWHM_PER_SIGMA, PAPER, check_map, check_positive, shear_from_kappa, write_dataset
+from simulate_skies import write_dataset
+from wlcnn import FWHM_PER_SIGMA, PAPER, check_map, check_positive, shear_from_kappa
 
 #: Header keyword of a map's side in degrees, as MassiveNuS and LensTools write it.
 MASSIVENUS_ANGLE_KEY = "ANGLE"
@@ -335,7 +336,7 @@ def ingest_dataset(paths, out_dir, n_val, n_test, config=PAPER, seed=0, masks=Fa
     n_val, n_test : int
         Clusters for validation and test, the last ones in map order; the rest train.
     config, seed, masks, shard_size, workers, progress
-        As ``wlcnn.write_dataset``; the seed draws the source catalogs and masks.
+        As ``simulate_skies.write_dataset``; the seed draws the source catalogs and masks.
     angle_key, hdu, **find_kwargs
         As :func:`read_convergence_map` and :func:`find_clusters`.
     """

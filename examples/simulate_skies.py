@@ -33,12 +33,18 @@ resumes an interrupted dataset.
 """
 # ## Setup
 import argparse
+import concurrent.futures
 import functools
+import json
+import multiprocessing
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+import astropy
 import numpy as np
+import scipy
 import scipy.fft
 import scipy.special
 from astropy import constants as const
@@ -791,8 +797,114 @@ def simulate_cluster_field(config: Config, rng, sim: SimulatorConfig = SIMULATOR
 
 
 # ## Dataset
+# ---------------------------------------------------------------------------
+# Dataset files: the simulated clusters as {split}/shard-NNNNN.npz and a manifest
+# (wlcnn.ClusterDataset reads them)
+# ---------------------------------------------------------------------------
+def _shard_name(split, k):
+    return f"{split}/shard-{k:05d}.npz"
+
+
+def _write_shard(task):
+    """Make clusters first, ..., first + n - 1 of a split and write them as one shard."""
+    out_dir, split, k, first, n, config, seed, masks, field_fn = task
+    clusters = []
+    for i in range(first, first + n):
+        rng = wlcnn.cluster_rng(seed, split, i)
+        clusters.append(wlcnn.make_cluster(field_fn(config, rng, split, i), config, rng, masks))
+    arrays = {"index": np.arange(first, first + n, dtype=np.int64)}
+    for key in ("kappa", "gamma1", "gamma2"):
+        arrays[key] = np.stack([c[key] for c in clusters]).astype(np.float32)
+    # catalogs and masks are ragged: concatenated, with offsets
+    for prefix, key, cols in (("cat", "catalog", wlcnn.CATALOG_COLUMNS),
+                              ("mask", "masks", wlcnn.MASK_COLUMNS)):
+        lengths = [len(c[key]) for c in clusters]
+        arrays[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        for col in cols:
+            # positions and masks keep float64; magnitudes and shapes need no more than float32
+            dtype = np.float32 if prefix == "cat" and col not in ("x", "y") else np.float64
+            values = [np.asarray(c[key][col], dtype=np.float64) for c in clusters]
+            arrays[f"{prefix}_{col}"] = np.concatenate(values).astype(dtype)
+    arrays["meta"] = np.array([json.dumps(c["meta"], sort_keys=True) for c in clusters])
+
+    def write(tmp):
+        # np.savez_compressed stamps zip entries with a fixed date: same seed, same bytes
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    wlcnn.atomic_write(Path(out_dir) / _shard_name(split, k), write)
+
+
+def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=False,
+                  shard_size=25, workers=1, shard=None, generator="simulate", progress=True):
+    """Simulate clusters into ``out_dir`` as ``{split}/shard-NNNNN.npz`` files and a manifest.
+
+    ``counts``: clusters per split (the paper's: train 5,000, val 1,800, test 200, §2.3.1).
+    ``field_fn(config, rng, split, index)`` returns a cluster's ``kappa``, ``gamma1``,
+    ``gamma2`` and ``meta`` (:func:`simulated_field`, ``examples/ingest_raytraced.py``);
+    ``masks``: bright-star masks (§3.5). Every draw derives from ``seed``
+    (:func:`wlcnn.cluster_rng`): the same seed writes the same bytes. A shard is written
+    under a temporary name and renamed, so a rerun makes only the missing shards. ``shard=(i, n)`` makes the shards
+    numbered i mod n (one job of a batch array). The run that finds every shard written adds
+    ``manifest.json`` (with each shard's SHA-256) and returns it; the others return None.
+    """
+    if not callable(field_fn):
+        raise TypeError("write_dataset needs field_fn(config, rng, split, index), e.g. "
+                        "simulate_skies.simulated_field (examples/) or a ray-traced reader")
+    for split, n in counts.items():
+        wlcnn._check_split(split)
+        if int(n) < 0:
+            raise ValueError(f"negative count for split {split!r}")
+    if shard_size < 1 or workers < 1:
+        raise ValueError("shard_size and workers must be positive")
+    out = Path(out_dir)
+    plan = [(split, k, first, min(shard_size, int(counts.get(split, 0)) - first))
+            for split in wlcnn.SPLITS
+            for k, first in enumerate(range(0, int(counts.get(split, 0)), shard_size))]
+    if not plan:
+        raise ValueError("no clusters requested: every split count is zero")
+    manifest_path = out / "manifest.json"
+    header = {"format": wlcnn.DATASET_FORMAT, "version": wlcnn.DATASET_VERSION,
+              "generator": generator,
+              "seed": int(seed), "masks": bool(masks), "shard_size": int(shard_size),
+              "counts": {s: int(counts.get(s, 0)) for s in wlcnn.SPLITS},
+              "config": wlcnn._data_config(config)}
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if {k: old.get(k) for k in header} != header:
+            raise ValueError(f"{out} holds a dataset made with other settings; use another --out")
+    for split in wlcnn.SPLITS:
+        (out / split).mkdir(parents=True, exist_ok=True)
+    tasks = [(str(out), s, k, first, n, config, seed, masks, field_fn)
+             for j, (s, k, first, n) in enumerate(plan)
+             if (shard is None or j % shard[1] == shard[0])
+             and not (out / _shard_name(s, k)).exists()]
+    bar = wlcnn.Progress(len(tasks), "simulate shards") if progress and tasks else None
+    if workers == 1 or len(tasks) <= 1:
+        for t in tasks:
+            _write_shard(t)
+            bar and bar.update()
+    else:
+        # "spawn": forking a process that has imported TensorFlow can deadlock
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for _ in pool.map(_write_shard, tasks):
+                bar and bar.update()
+    if not all((out / _shard_name(s, k)).exists() for s, k, _, _ in plan):
+        return None
+    shards = {s: [] for s in wlcnn.SPLITS}
+    for s, k, first, n in plan:
+        shards[s].append({"file": _shard_name(s, k), "split": s, "first": first, "n": n,
+                          "sha256": wlcnn._sha256(out / _shard_name(s, k))})
+    packages = {"wlcnn": wlcnn.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+                "astropy": astropy.__version__}
+    manifest = dict(header, shards=shards, packages=packages)
+    wlcnn._atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    return manifest
+
+
 def simulated_field(config, rng, split, index):
-    """``field_fn`` of ``wlcnn.write_dataset``: a cluster field, its halos kept as metadata."""
+    """``field_fn`` of :func:`write_dataset`: a cluster field, its halos kept as metadata."""
     field = simulate_cluster_field(config, rng)
     field["meta"] = {"main": {k: float(v) for k, v in field["main"].items()},
                      "companions": [{k: float(v) for k, v in h.items()}
@@ -828,7 +940,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     counts = {"train": args.n_train, "val": args.n_val, "test": args.n_test}
     try:
-        manifest = wlcnn.write_dataset(args.out, counts, PAPER, args.seed,
+        manifest = write_dataset(args.out, counts, PAPER, args.seed,
                                        field_fn=simulated_field, masks=args.masks,
                                        shard_size=args.shard_size, workers=args.workers,
                                        shard=args.shard)

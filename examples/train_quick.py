@@ -62,8 +62,8 @@ def main(argv=None):
     # structure; its catalog of 25 sources per arcmin² is stored, and
     # training draws a new catalog at every visit (fresh_catalogs).
     counts = {"train": args.train, "val": args.val, "test": args.test}
-    wlcnn.write_dataset(out / "data", counts, config, args.seed,
-                        field_fn=simulate_skies.simulated_field, shard_size=8)
+    simulate_skies.write_dataset(out / "data", counts, config, args.seed,
+                                 field_fn=simulate_skies.simulated_field, shard_size=8)
     t_data = time.perf_counter()
 
     # ## Model

@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import wlcnn
+from simulate_skies import write_dataset
 
 
 def blob_field(config, rng, *_):
@@ -27,8 +28,8 @@ def blob_field(config, rng, *_):
 def tiny_dataset(tmp_path_factory):
     """6 train / 3 val / 2 test clusters in shards of 2, with star masks."""
     path = tmp_path_factory.mktemp("tiny")
-    wlcnn.write_dataset(path, {"train": 6, "val": 3, "test": 2}, seed=1, field_fn=blob_field,
-                        shard_size=2, masks=True, progress=False)
+    write_dataset(path, {"train": 6, "val": 3, "test": 2}, seed=1, field_fn=blob_field,
+                  shard_size=2, masks=True, progress=False)
     return path
 
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import wlcnn
+from simulate_skies import write_dataset
 
 CFG = wlcnn.PAPER
 ZERO = np.zeros((CFG.npix, CFG.npix))
@@ -138,18 +139,18 @@ def test_dataset_round_trip_keeps_maps_catalogs_and_manifest(tiny_dataset):
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path, tiny_dataset):
-    wlcnn.write_dataset(tmp_path, {"train": 6, "val": 3, "test": 2}, seed=1, field_fn=blob_field,
-                        shard_size=2, masks=True, progress=False)
+    write_dataset(tmp_path, {"train": 6, "val": 3, "test": 2}, seed=1, field_fn=blob_field,
+                  shard_size=2, masks=True, progress=False)
     assert _files(tmp_path) == _files(tiny_dataset)
 
 
 def test_shards_made_by_separate_jobs_form_one_dataset(tmp_path, tiny_dataset):
     kw = dict(counts={"train": 6, "val": 3, "test": 2}, seed=1, field_fn=blob_field, shard_size=2,
               masks=True, progress=False)
-    assert wlcnn.write_dataset(tmp_path, shard=(1, 3), **kw) is None   # incomplete: no manifest yet
+    assert write_dataset(tmp_path, shard=(1, 3), **kw) is None   # incomplete: no manifest yet
     assert not (tmp_path / "manifest.json").exists()
-    assert wlcnn.write_dataset(tmp_path, shard=(0, 3), **kw) is None
-    assert wlcnn.write_dataset(tmp_path, shard=(2, 3), workers=2, **kw) is not None
+    assert write_dataset(tmp_path, shard=(0, 3), **kw) is None
+    assert write_dataset(tmp_path, shard=(2, 3), workers=2, **kw) is not None
     assert _files(tmp_path) == _files(tiny_dataset)
 
 
@@ -165,12 +166,12 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(tmp_path, tiny_
     kw = dict(counts={"train": 6, "val": 3, "test": 2}, seed=1, shard_size=2, masks=True,
               progress=False)
     with pytest.raises(KeyboardInterrupt):
-        wlcnn.write_dataset(tmp_path, field_fn=flaky, **kw)
+        write_dataset(tmp_path, field_fn=flaky, **kw)
     assert not list(tmp_path.rglob("*.tmp-*"))  # nothing half-written left behind
     shards = sorted(p.name for p in (tmp_path / "train").glob("*.npz"))
     assert shards == ["shard-00000.npz", "shard-00001.npz"]
     calls.clear()
-    wlcnn.write_dataset(tmp_path, field_fn=blob_field_counting(calls), **kw)
+    write_dataset(tmp_path, field_fn=blob_field_counting(calls), **kw)
     assert len(calls) == 11 - 4  # the two finished shards (4 clusters) are not redone
     assert _files(tmp_path) == _files(tiny_dataset)
 
@@ -206,10 +207,10 @@ def test_dataset_of_another_config_or_split_is_refused(tmp_path, tiny_dataset):
     with pytest.raises(ValueError, match="unknown split"):
         ds.count("training")
     with pytest.raises(ValueError, match="other settings"):
-        wlcnn.write_dataset(tiny_dataset, {"train": 7}, seed=1, field_fn=blob_field, progress=False)
+        write_dataset(tiny_dataset, {"train": 7}, seed=1, field_fn=blob_field, progress=False)
     with pytest.raises(ValueError, match="manifest"):
         wlcnn.ClusterDataset(tmp_path)
     with pytest.raises(ValueError, match="unknown split"):
-        wlcnn.write_dataset(tmp_path, {"training": 2}, field_fn=blob_field, progress=False)
+        write_dataset(tmp_path, {"training": 2}, field_fn=blob_field, progress=False)
     with pytest.raises(ValueError, match="zero"):
-        wlcnn.write_dataset(tmp_path, {"train": 0}, field_fn=blob_field, progress=False)
+        write_dataset(tmp_path, {"train": 0}, field_fn=blob_field, progress=False)

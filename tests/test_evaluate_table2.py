@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import wlcnn
+from simulate_skies import write_dataset
 import evaluate_table2
 from conftest import blob_field
 
@@ -202,7 +203,7 @@ def test_evaluate_command_writes_table2_for_a_saved_model(tiny_dataset, saved_mo
 def test_evaluate_without_a_training_split_fits_wiener_on_validation_and_says_so(saved_model,
                                                                                  tmp_path):
     data = tmp_path / "data"
-    wlcnn.write_dataset(data, {"val": 2, "test": 1}, seed=3, field_fn=blob_field, progress=False)
+    write_dataset(data, {"val": 2, "test": 1}, seed=3, field_fn=blob_field, progress=False)
     out = tmp_path / "report"
     with pytest.warns(UserWarning, match="no training split"):
         rows = evaluate_table2.evaluate_directory(data, [saved_model], out, stride=48,

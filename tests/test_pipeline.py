@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import wlcnn
+from simulate_skies import write_dataset
 
 tf = pytest.importorskip("tensorflow")
 
@@ -69,7 +70,7 @@ def test_fixed_validation_set_is_reproducible_and_rejects_empty_splits(tiny_data
     b = wlcnn.fixed_subfields(tiny_dataset, "val", n=3, seed=2)
     np.testing.assert_array_equal(a[0], b[0])
     from conftest import blob_field
-    wlcnn.write_dataset(tmp_path, {"train": 2, "val": 0}, field_fn=blob_field, progress=False)
+    write_dataset(tmp_path, {"train": 2, "val": 0}, field_fn=blob_field, progress=False)
     with pytest.raises(ValueError, match="no val clusters"):
         wlcnn.training_data(tmp_path, batch_size=2)
     with pytest.raises(ValueError, match="unknown split"):
