@@ -1327,7 +1327,7 @@ class KappaLoss(keras.losses.Loss):
         self.focal_floor = float(focal_floor)
 
     def call(self, y_true, y_pred):
-        t, p = _inner(y_true, self.border_pix), _inner(y_pred, self.border_pix)
+        t, p = _scored_window(y_true, self.border_pix), _scored_window(y_pred, self.border_pix)
         err = tf.square(p - tf.cast(t, p.dtype))
         if self.focal:
             # eq. 12: w = 1 + |κ| / max(κ) over the sample's scored window. A window that
@@ -1344,7 +1344,7 @@ class KappaLoss(keras.losses.Loss):
                 "focal": self.focal, "focal_floor": self.focal_floor}
 
 
-def _inner(maps, border):
+def _scored_window(maps, border):
     """(B, N, N[, 1]) -> (B, N - 2 border, N - 2 border)."""
     maps = tf.convert_to_tensor(maps)
     if maps.shape.rank == 4:
@@ -1622,7 +1622,7 @@ def _stack_maps(maps, name):
     return a
 
 
-def _pairs(truth_maps, pred_maps):
+def _evaluated_pixels(truth_maps, pred_maps):
     """Truth and prediction maps (n, ny, nx), both NaN where either is: every metric uses
     only the pixels evaluated in both."""
     t = _stack_maps(truth_maps, "truth_maps")
@@ -1658,7 +1658,7 @@ def metric_R(truth_maps, pred_maps, bins=METRIC_BINS, clip_sigma=CLIP_SIGMA,
     the previous weighted mean are kept until the kept set no longer changes (§3.2). Pixels
     with κ_truth = 0 have no ratio. 1 is perfect; Table 2: "0.407 ± 0.288".
     """
-    t, p = _pairs(truth_maps, pred_maps)
+    t, p = _evaluated_pixels(truth_maps, pred_maps)
     ok = np.isfinite(t)
     t, p = t[ok], p[ok]
     if t.size == 0:
@@ -1700,7 +1700,7 @@ def metric_D(truth_maps, pred_maps, bins=METRIC_BINS):
     no clipping (§3.2 clips R only). D ignores the amplitude and the mass sheet: 0 is
     perfect; Table 2: "4.36 ± 3.77".
     """
-    t, p = _pairs(truth_maps, pred_maps)
+    t, p = _evaluated_pixels(truth_maps, pred_maps)
     tt, pp = [], []
     for ti, pi in zip(t, p):
         ok = np.isfinite(ti)
@@ -1741,7 +1741,7 @@ def _percentile_stat(values, percentiles=PERCENTILES):
 def cluster_masses(truth_maps, pred_maps, radius_pix=MASS_RADIUS_PIX):
     """M_cl of truth and prediction of each cluster, both about the truth's highest pixel,
     over the pixels evaluated in both maps (§3.3): two arrays (n,)."""
-    t, p = _pairs(truth_maps, pred_maps)
+    t, p = _evaluated_pixels(truth_maps, pred_maps)
     centres = [peak_pixel(ti) for ti in t]
     m_t = np.array([aperture_mass(ti, c, radius_pix) for ti, c in zip(t, centres)])
     m_p = np.array([aperture_mass(pi, c, radius_pix) for pi, c in zip(p, centres)])
@@ -1786,7 +1786,7 @@ def peak_centroid(kappa, window_pix=CENTROID_WINDOW_PIX):
 def centroid_offsets(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX):
     """Δ_peak of each cluster (§3.4): the distance in mosaic pixels between the centroids
     (:func:`peak_centroid`) of prediction and truth, over the pixels evaluated in both."""
-    t, p = _pairs(truth_maps, pred_maps)
+    t, p = _evaluated_pixels(truth_maps, pred_maps)
     out = np.empty(len(t))
     for i, (ti, pi) in enumerate(zip(t, p)):
         ct, cp = peak_centroid(ti, window_pix), peak_centroid(pi, window_pix)
@@ -1803,7 +1803,7 @@ def centroid_offset(truth_maps, pred_maps, window_pix=CENTROID_WINDOW_PIX,
 
 def paper_metrics(truth_maps, pred_maps):
     """The four metrics of Table 2 as a row dict (see :data:`TABLE2_COLUMNS`)."""
-    t, p = _pairs(truth_maps, pred_maps)
+    t, p = _evaluated_pixels(truth_maps, pred_maps)
     r, d = metric_R(t, p), metric_D(t, p)
     m, dp = mass_ratio(t, p), centroid_offset(t, p)
     return {"R": r.value, "R_err": r.err, "D": d.value, "D_err": d.err,
@@ -2453,7 +2453,7 @@ class _EpochLog(keras.callbacks.Callback):
             self.model.stop_training = self.time_limited = True
 
 
-def _build(config, variant, conv, mixed):
+def _model_to_train(config, variant, conv, mixed):
     """The model to train; with ``mixed``, in mixed_float16 except the FFT
     layers (``rfft2d`` has no float16 kernel) and the output (κ and the loss
     stay float32)."""
@@ -2470,51 +2470,51 @@ def _build(config, variant, conv, mixed):
     return keras.models.clone_model(model, clone_function=clone)
 
 
-def _save_best(twin, run_dir):
+def _save_best(float32_copy, run_dir):
     """The newest best weights, as a float32 model without optimizer, to best.keras."""
     files = _best_files(run_dir)
     if files:
-        twin.load_weights(files[-1][1])
-        save_model(twin, run_dir / "best.keras")
+        float32_copy.load_weights(files[-1][1])
+        save_model(float32_copy, run_dir / "best.keras")
 
 
-def _save_weights(model, twin, path):
+def _save_weights(model, float32_copy, path):
     """``model``'s weights without Adam's state (a third of the bytes), atomically."""
-    twin.set_weights(model.get_weights())
-    atomic_write(path, twin.save_weights)
+    float32_copy.set_weights(model.get_weights())
+    atomic_write(path, float32_copy.save_weights)
 
 
 class _BestWeights(keras.callbacks.Callback):
     """Keeps the weights of a new lowest validation loss (best-NNNN.weights.h5,
     NNNN epochs done), as ``ModelCheckpoint(save_best_only=True)`` would, but
-    through ``twin`` so that the file holds no optimizer state."""
+    through ``float32_copy`` so that the file holds no optimizer state."""
 
-    def __init__(self, run_dir, twin, best_so_far):
+    def __init__(self, run_dir, float32_copy, best_so_far):
         super().__init__()
-        self.run_dir, self.twin = Path(run_dir), twin
+        self.run_dir, self.float32_copy = Path(run_dir), float32_copy
         self.best = np.inf if best_so_far is None else best_so_far
 
     def on_epoch_end(self, epoch, logs=None):
         loss = logs.get("val_loss", np.nan)
         if np.isfinite(loss) and loss < self.best:
             self.best = loss
-            _save_weights(self.model, self.twin,
+            _save_weights(self.model, self.float32_copy,
                           self.run_dir / f"best-{epoch + 1:04d}.weights.h5")
 
 
 class _Snapshots(keras.callbacks.Callback):
     """Keeps the weights after every ``every``-th epoch (snapshot-NNNN.weights.h5)."""
 
-    def __init__(self, run_dir, every, twin=None):
+    def __init__(self, run_dir, every, float32_copy=None):
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
             raise ValueError(f"snapshot_every must be a whole number of epochs >= 1, "
                              f"got {every!r}")
-        self.run_dir, self.every, self.twin = Path(run_dir), int(every), twin
+        self.run_dir, self.every, self.float32_copy = Path(run_dir), int(every), float32_copy
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0:
-            _save_weights(self.model, self.twin,
+            _save_weights(self.model, self.float32_copy,
                           self.run_dir / f"snapshot-{epoch + 1:04d}.weights.h5")
 
 
@@ -2533,7 +2533,8 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     the weights after every N-th epoch, snapshot-NNNN.weights.h5, for a learning
     curve; it is no setting of the run (it may change on resumption).
 
-    Returns ``run.json``: the settings, ``epochs_done``, ``best_epoch``,
+    Returns ``run.json``: the settings, ``epochs_done``, ``best_epoch`` (counted from 1,
+    as in the weight files' names),
     ``best_val_loss`` (of best.keras, re-read), ``samples_per_s`` (median),
     ``wall_s``, ``stopped`` ("epochs" or "time_limit"), versions.
 
@@ -2581,11 +2582,11 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
         if mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
         with strategy.scope():
-            model = compile_model(_build(config, variant, conv, mixed_precision), config,
+            model = compile_model(_model_to_train(config, variant, conv, mixed_precision), config,
                                   variant, preset.learning_rate_schedule())
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    twin = build_model(config, variant, conv)  # float32, no optimizer: what is saved
+    float32_copy = build_model(config, variant, conv)  # float32, no optimizer: what is saved
     if preset.init == "ks93" and done == 0:  # on resumption the backup has the weights
         # take() iterates the dataset anew: fit still sees these batches
         n_batches = -(-preset.n_init // preset.batch_size)
@@ -2598,13 +2599,13 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
         print(f"{run_dir.name}: resuming after epoch {done}")
 
     log = _EpochLog(run_dir.name, preset, sum(r["epoch_s"] for r in rows), verbose)
-    keep_two = keras.callbacks.LambdaCallback(  # the finished best and the new one
+    drop_older_best = keras.callbacks.LambdaCallback(  # the finished best and the new one
         on_epoch_end=lambda epoch, logs: [p.unlink() for _, p in _best_files(run_dir)[:-2]])
     cbs = [log,
            keras.callbacks.TerminateOnNaN(raise_error=True),  # no NaN epoch is backed up
            keras.callbacks.CSVLogger(history, append=True),
-           _BestWeights(run_dir, twin, best_so_far), keep_two,
-           *([] if snapshot_every is None else [_Snapshots(run_dir, snapshot_every, twin)]),
+           _BestWeights(run_dir, float32_copy, best_so_far), drop_older_best,
+           *([] if snapshot_every is None else [_Snapshots(run_dir, snapshot_every, float32_copy)]),
            *callbacks,
            # two generations: a backup broken mid-write falls back to the previous one
            keras.callbacks.BackupAndRestore(run_dir / "backup", double_checkpoint=True,
@@ -2617,7 +2618,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     except RuntimeError as err:
         if "NaN or Inf loss" not in str(err):
             raise
-        _save_best(twin, run_dir)
+        _save_best(float32_copy, run_dir)
         raise FloatingPointError(
             f"{run_dir.name}: the training loss became NaN or infinite ({err}); the run "
             "resumes from its last finished epoch: lower the learning rate or check the "
@@ -2627,7 +2628,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     if len(rows) < preset.epochs and not log.time_limited:
         raise ValueError(f"{run_dir.name}: the training dataset ran out after {len(rows)} "
                          "epochs; it must be endless")
-    _save_best(twin, run_dir)
+    _save_best(float32_copy, run_dir)
     if not (run_dir / "best.keras").exists():
         raise ValueError(f"{run_dir.name}: no finite validation loss, no model saved")
     # the number reported is that of the file, re-read: it also proves it loads
@@ -2637,7 +2638,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     info = dict(settings, status="complete", val_sha256=val_sha,
                 epochs_done=len(rows), epochs_planned=preset.epochs,
                 stopped="time_limit" if log.time_limited else "epochs",
-                best_epoch=int(np.nanargmin(val_losses)),
+                best_epoch=int(np.nanargmin(val_losses)) + 1,  # 1-based, as the files
                 best_val_loss=float(make_loss(config, variant)(val[1], pred)),
                 samples_per_s=float(np.nanmedian([r["samples_per_s"] for r in rows])),
                 wall_s=float(sum(r["epoch_s"] for r in rows)),

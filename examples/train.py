@@ -61,7 +61,7 @@ def main(argv=None):
         return 130
     for i, info in enumerate(infos):
         print(f"run_{i:02d}: best val_loss {info['best_val_loss']:.4g} at epoch "
-              f"{info['best_epoch'] + 1} of {info['epochs_done']}, "
+              f"{info['best_epoch']} of {info['epochs_done']}, "
               f"{info['samples_per_s']:.1f} samples/s")
     return 0
 

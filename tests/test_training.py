@@ -136,7 +136,7 @@ def test_tiny_training_writes_a_complete_run(trained):
         # ~8e-3 after the first epoch, ~2e-3 after the next ones (the 0.1
         # offset and the block means being learnt); a factor 2 is margin
         assert min(val[1:]) < 0.5 * val[0]
-        assert info["best_epoch"] == int(np.argmin(val))
+        assert info["best_epoch"] == int(np.argmin(val)) + 1  # counted from 1
         # best.keras re-read and re-evaluated gives the logged minimum; the
         # two sums differ in batching only (float32 round-off ~1e-7)
         assert info["best_val_loss"] == pytest.approx(min(val), rel=1e-5)
@@ -177,7 +177,7 @@ def test_reloaded_models_predict_as_at_their_best_epoch(trained):
     for model, info, fit in zip(models, infos, rec.fits):
         assert wlcnn.model_info(model)["config"]["learning_rate"] == \
             TINY.learning_rate  # the description records the schedule
-        epoch, _, pred = fit["epochs"][info["best_epoch"]]
+        epoch, _, pred = fit["epochs"][info["best_epoch"] - 1]
         # the same weights through the same ops: round-off only
         np.testing.assert_allclose(model.predict(rec.x_val, verbose=0), pred,
                                    rtol=0, atol=1e-6)
@@ -489,7 +489,7 @@ def test_mirrored_strategy_and_mixed_precision(tmp_path, init):
     # what is trained: float16 but for the FFT layers and the output
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        mixed = wlcnn._build(CFG, "FocalLoss", "fft", mixed=True)
+        mixed = wlcnn._model_to_train(CFG, "FocalLoss", "fft", mixed=True)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     policy = {layer.name: layer.dtype_policy.name for layer in mixed.layers}
