@@ -1,5 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Gaussian gridding of a source catalog (paper §2.3.2; DESIGN.md "Gridding").
+"""Gaussian gridding of a source catalog (paper §2.3.2).
+
+The frames and pixel conventions are those of wlcnn.py's docstring ("Conventions");
+the NumPy reference ``wlcnn.grid_catalog_numpy`` computes the same sums plainly.
 
 Called only through ``wlcnn.grid_catalog``, which validates every input, so
 this loop trusts its arguments.  Accumulation is in float64; the five sums of a
@@ -48,18 +51,19 @@ def grid(const double[::1] x, const double[::1] y, const double[::1] e1,
     covers the rows and columns within ``rcut`` of it, clipped to the grid.
     Its weight there is W = exp(-k d²), k = 1/(2σ²) in pixels: W is
     separable, and along a row or column g(d + 1) = g(d) r(d) with
-    r(d + 1) = r(d) q, q = exp(-2k), so three exp() a source, none a tap.
+    r(d + 1) = r(d) step, step = exp(-2k), so three exp() a source, none a tap.
     Weights are u = 1/σ_e².  Sources and sums are kept in buffers of this
     call (a ring of as many grid rows as a footprint spans), not of the grid.
 
     out : (4, ny, nx) float64 result, overwritten.
     """
     cdef Py_ssize_t n = x.shape[0], ny = out.shape[1], nx = out.shape[2]
-    cdef Py_ssize_t s, t, i, j, kk, kend, i0, i1, j0, ncol, ir, m, nring = 1
+    # slot: a source's place in row order; kend: the end of row i's sources there
+    cdef Py_ssize_t s, t, i, j, slot, kend, i0, i1, j0, ncol, ir, m, nring = 1
     cdef double xp, yp, dx, dy, g, r, rx, wy, gj, gj2, inv
-    cdef double q = exp(-2.0 * k)
-    cdef double v[4]
-    cdef double *a
+    cdef double step = exp(-2.0 * k)  # the ratio of successive ratios r(d + 1) / r(d)
+    cdef double row_terms[4]  # W_y (u, u ε1, u ε2, W_y u) of one source on one row
+    cdef double *sums  # the five sums of a ring pixel
     cdef double *o1
     cdef double *o2
     cdef double *o3
@@ -68,8 +72,11 @@ def grid(const double[::1] x, const double[::1] y, const double[::1] e1,
     cdef double[:, ::1] w
     # A counting sort of the sources on their first row.  (Sorting them on
     # the column within a row as well measured no faster: the ring is in L2.)
+    # One zeroed block, one free: the counts then starts of the rows (ny + 1) and
+    # each source's key, its first row (n), behind them.
     cdef Py_ssize_t *start = <Py_ssize_t *> calloc(ny + 1 + n, sizeof(Py_ssize_t))
     cdef Py_ssize_t *key = start + ny + 1
+    # + 1: with no sources malloc(0) may return NULL, which would read as out of memory
     cdef Source *sources = <Source *> malloc(n * sizeof(Source) + 1)
     cdef double *gx = <double *> malloc(2 * (nx + 1) * sizeof(double))
     cdef double *ring = NULL
@@ -112,9 +119,9 @@ def grid(const double[::1] x, const double[::1] y, const double[::1] e1,
                 if key[s] < 0:
                     continue
                 i0 = key[s]  # the footprint's first row, found in the first pass
-                kk = start[i0]
+                slot = start[i0]
                 start[i0] += 1
-                src = &sources[kk]
+                src = &sources[slot]
                 xp = x[s] / pixel_arcsec - 0.5
                 yp = y[s] / pixel_arcsec - 0.5
                 j0 = ceil_in(xp - rcut, 0, nx)
@@ -123,46 +130,46 @@ def grid(const double[::1] x, const double[::1] y, const double[::1] e1,
                 src.ncol = floor_in(xp + rcut, -1, nx - 1) - j0 + 1
                 dx = j0 - xp
                 dy = i0 - yp
-                w[0, kk] = -k * (dx * dx + dy * dy)
-                w[1, kk] = -k * (2.0 * dx + 1.0)
-                w[2, kk] = -k * (2.0 * dy + 1.0)
+                w[0, slot] = -k * (dx * dx + dy * dy)
+                w[1, slot] = -k * (2.0 * dx + 1.0)
+                w[2, slot] = -k * (2.0 * dy + 1.0)
                 src.u = 1.0 / (sigma[s] * sigma[s])
                 src.ue1 = src.u * e1[s]
                 src.ue2 = src.u * e2[s]
         np.exp(warr, out=warr)
         with nogil:
             # (start[i] now ends the sources of row i.)
-            kk = 0
+            slot = 0
             for i in range(ny):
                 # Add the sources whose footprint starts on row i; after them
                 # no source reaches row i, which is then finished.
                 kend = start[i]
-                while kk < kend:
-                    src = &sources[kk]
+                while slot < kend:
+                    src = &sources[slot]
                     ncol = src.ncol
                     gj = 1.0
-                    rx = w[1, kk]
+                    rx = w[1, slot]
                     for j in range(ncol):
                         gx[2 * j] = gj
                         gx[2 * j + 1] = gj * gj
                         gj = gj * rx
-                        rx = rx * q
-                    g = w[0, kk]
-                    r = w[2, kk]
-                    kk += 1
+                        rx = rx * step
+                    g = w[0, slot]
+                    r = w[2, slot]
+                    slot += 1
                     ir = i % nring
                     for t in range(src.nrow):
                         wy = g
                         g = g * r
-                        r = r * q
-                        # Per row v = W_y (u, u ε1, u ε2, W_y u); per tap the
-                        # sums gain g_x v, with g_x² for the W² term
+                        r = r * step
+                        # Per row row_terms = W_y (u, u ε1, u ε2, W_y u); per tap the
+                        # sums gain g_x row_terms, with g_x² for the W² term
                         # (Σ W² u² σ² = Σ W² u).
-                        v[0] = wy * src.u
-                        v[1] = wy * src.ue1
-                        v[2] = wy * src.ue2
-                        v[3] = v[0] * wy
-                        a = ring + (ir * nx + src.j0) * 5
+                        row_terms[0] = wy * src.u
+                        row_terms[1] = wy * src.ue1
+                        row_terms[2] = wy * src.ue2
+                        row_terms[3] = row_terms[0] * wy
+                        sums = ring + (ir * nx + src.j0) * 5
                         ir = ir + 1
                         if ir == nring:
                             ir = 0
@@ -171,31 +178,31 @@ def grid(const double[::1] x, const double[::1] y, const double[::1] e1,
                             # ring.  (g_x, g_x²) side by side load as one pair.
                             gj = gx[2 * j]
                             gj2 = gx[2 * j + 1]
-                            a[0] += gj * v[0]
-                            a[1] += gj * v[1]
-                            a[2] += gj * v[2]
-                            a[3] += gj2 * v[3]
-                            a[4] += gj * wy
-                            a += 5
+                            sums[0] += gj * row_terms[0]
+                            sums[1] += gj * row_terms[1]
+                            sums[2] += gj * row_terms[2]
+                            sums[3] += gj2 * row_terms[3]
+                            sums[4] += gj * wy
+                            sums += 5
 
                 # Write row i out, then zero its ring row for row i + nring.
                 o1 = &out[0, i, 0]
                 o2 = &out[1, i, 0]
                 o3 = &out[2, i, 0]
                 o4 = &out[3, i, 0]
-                a = ring + (i % nring) * nx * 5
+                sums = ring + (i % nring) * nx * 5
                 for j in range(nx):
-                    if a[0] > 0.0:
-                        inv = 1.0 / a[0]
-                        o1[j] = a[1] * inv
-                        o2[j] = a[2] * inv
-                        o3[j] = sqrt(a[3]) * inv
+                    if sums[0] > 0.0:
+                        inv = 1.0 / sums[0]
+                        o1[j] = sums[1] * inv
+                        o2[j] = sums[2] * inv
+                        o3[j] = sqrt(sums[3]) * inv
                     else:
                         o1[j] = 0.0
                         o2[j] = 0.0
                         o3[j] = empty_error
-                    o4[j] = a[4] * density_norm
-                    a += 5
+                    o4[j] = sums[4] * density_norm
+                    sums += 5
                 memset(ring + (i % nring) * nx * 5, 0, nx * 5 * sizeof(double))
     finally:
         free(ring)

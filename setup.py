@@ -1,17 +1,9 @@
 """Build the Cython gridder ``_grid`` beside the single module ``wlcnn``."""
-import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-extensions = [
-    Extension(
-        "_grid",
-        ["_grid.pyx"],
-        include_dirs=[np.get_include()],
-        extra_compile_args=["-O3"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    )
-]
+# _grid.pyx uses typed memoryviews only, no NumPy C API: no NumPy headers
+extensions = [Extension("_grid", ["_grid.pyx"], extra_compile_args=["-O3"])]
 
 setup(
     py_modules=["wlcnn"],

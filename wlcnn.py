@@ -133,8 +133,6 @@ class Config:
     n_offsets: int = 38                 # 38 x 38 = 1,444 offsets, §2.3.2
     first_kernel: int = 3               # Table 1 Conv2D-1
     pool: int = 3                       # Table 1 AvgPool
-    output_npix: int = 128              # Table 1 output
-    mosaic_npix: int = 166              # full-field output grid: (500 - 2) // 3
     # -- network (§2.3.2, Table 1, Appendix A) --------------------------------
     filter_size: int = 49               # TransConv2D-# / Conv2D-# filters, §2.3.2
     n_filters: int = 8                  # channels of every block, Table 1
@@ -159,6 +157,23 @@ class Config:
         """Standard deviation of the Gaussian gridding kernel in arcsec."""
         return self.fwhm_arcsec / FWHM_PER_SIGMA
 
+    @property
+    def output_npix(self) -> int:
+        """Side of the network's output in output pixels, Conv2D-1 (valid) then the pool of
+        Table 1: (386 - 2) // 3 = 128 for the paper."""
+        return (self.subfield_npix - self.first_kernel + 1) // self.pool
+
+    @property
+    def mosaic_npix(self) -> int:
+        """Side of the full-field output grid, the mosaic, in output pixels: the same layers
+        over the whole field, (500 - 2) // 3 = 166 for the paper."""
+        return (self.npix - self.first_kernel + 1) // self.pool
+
+
+#: Config's sizes derived from its fields, which saved models and run.json files record
+#: beside the fields (:func:`config_dict`).
+DERIVED_SIZES = ("output_npix", "mosaic_npix")
+
 
 PAPER = Config()
 
@@ -168,8 +183,24 @@ FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
 def config_from_dict(d):
-    """A Config from a dict of its fields (as JSON stores it: lists back to tuples)."""
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    """A Config from a dict of its fields (as JSON stores it: lists back to tuples).
+
+    The derived sizes of :data:`DERIVED_SIZES` that the dict may record are checked against
+    the fields, not taken: ValueError if one disagrees.
+    """
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v
+                       for k, v in d.items() if k not in DERIVED_SIZES})
+    wrong = {k: d[k] for k in DERIVED_SIZES if k in d and d[k] != getattr(config, k)}
+    if wrong:
+        raise ValueError(f"the recorded sizes {wrong} disagree with the fields, which give "
+                         f"{ {k: getattr(config, k) for k in wrong} }")
+    return config
+
+
+def config_dict(config):
+    """``config`` as saved models and run.json files record it: its fields, then the
+    derived sizes of :data:`DERIVED_SIZES` (for readers of those files)."""
+    return {**dataclasses.asdict(config), **{k: getattr(config, k) for k in DERIVED_SIZES}}
 
 
 def cosmology(config: Config = PAPER) -> FlatLambdaCDM:
@@ -1253,17 +1284,16 @@ def build_model(config=PAPER, variant="FocalLoss", conv="auto"):
         raise ValueError(f"unknown variant {variant!r}; one of {list(VARIANTS)}")
     spec = VARIANTS[variant]
     f = spec["filter_size"] or config.filter_size
-    n_conv1 = config.subfield_npix - config.first_kernel + 1
-    if n_conv1 % config.pool or n_conv1 // config.pool != config.output_npix:
+    if (config.subfield_npix - config.first_kernel + 1) % config.pool:
         raise ValueError(f"subfield_npix={config.subfield_npix}, first_kernel="
-                         f"{config.first_kernel} and pool={config.pool} give no "
-                         f"{config.output_npix}^2 output grid")
+                         f"{config.first_kernel} and pool={config.pool} give no whole "
+                         "output grid")
     conv = resolve_conv(conv)
     Conv, TransConv = ((FFTConv2D, FFTConv2DTranspose) if conv == "fft" else
                        (keras.layers.Conv2D, keras.layers.Conv2DTranspose))
     info = dict(format_version=FORMAT_VERSION, variant=variant, channels=spec["channels"],
                 filter_size=f, skip=spec["skip"], loss="focal" if spec["focal"] else "mse",
-                conv=conv, config=dataclasses.asdict(config))
+                conv=conv, config=config_dict(config))
 
     L = keras.layers
     n = config.n_filters
@@ -2402,7 +2432,7 @@ def _settings(config, preset, variant, run_index, seed, conv, mixed):
     p.pop("n_runs")
     return json.loads(json.dumps(dict(
         preset=p, variant=variant, run_index=run_index, seed=seed, conv=resolve_conv(conv),
-        mixed_precision=bool(mixed), config=dataclasses.asdict(config))))
+        mixed_precision=bool(mixed), config=config_dict(config))))
 
 
 def _check_settings(run_dir, settings):
@@ -2753,10 +2783,8 @@ def train_from_directory(data_dir, out_dir, preset="quick", variant="FocalLoss",
     manifest = _read_json(Path(data_dir) / "manifest.json")
     if manifest is None:
         raise ValueError(f"{data_dir}: no manifest.json, not a dataset")
-    fields = {k: tuple(v) if isinstance(v, list) else v  # JSON made tuples lists
-              for k, v in manifest.get("config", {}).items()}
     try:
-        config = dataclasses.replace(config, **fields)
+        config = config_from_dict({**dataclasses.asdict(config), **manifest.get("config", {})})
     except TypeError as err:
         raise ValueError(f"{data_dir}: manifest config does not fit this Config ({err})") from None
     channels = VARIANTS[variant]["channels"]

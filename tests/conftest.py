@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny dataset of cheap Gaussian-blob clusters."""
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,17 @@ def blob_field(config, rng, *_):
     kappa = 0.4 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (0.03 * n) ** 2))
     g1, g2 = wlcnn.shear_from_kappa(kappa)
     return {"kappa": kappa, "gamma1": g1, "gamma2": g2, "meta": {"cx": float(cx), "cy": float(cy)}}
+
+
+def rewrite_zip_entry(src, dst, entry, old, new):
+    """Copy the zip file ``src`` (a .keras model) to ``dst`` with the bytes ``old`` of member
+    ``entry`` replaced by ``new``: a file as another release would write it."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == entry:
+                data = data.replace(old, new)
+            zout.writestr(item, data)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import wlcnn
 CFG = wlcnn.PAPER
 #: A self-consistent small grid (62 → 50 → 16 output pixels, 5 offsets a side,
 #: a 20-pixel mosaic), for the exhaustive stride-3 × 6-orientation mosaic.
-SMALL = dataclasses.replace(CFG, npix=62, subfield_npix=50, n_offsets=5, output_npix=16,
-                            mosaic_npix=20, loss_border_pix=2)
+SMALL = dataclasses.replace(CFG, npix=62, subfield_npix=50, n_offsets=5,
+                            loss_border_pix=2)
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """§2.3.2 and Appendix A: FFT layers against Keras's own, Table 1, the losses, saving."""
 import dataclasses
 import os
-import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
@@ -12,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import wlcnn
+from conftest import rewrite_zip_entry
 
 # float32 through an FFT of ~100^2 points and sums of f^2 * C ~ 2e4 products:
 # round-off ~1e-6 of the largest output (oneDNN reorders Keras's sums too);
@@ -29,7 +29,7 @@ def small_config(n_out, filter_size, border):
     """A reduced Table 1 grid: n_out^2 output, same kernel/pool as the
     paper."""
     return dataclasses.replace(
-        wlcnn.PAPER, output_npix=n_out, filter_size=filter_size,
+        wlcnn.PAPER, filter_size=filter_size,
         subfield_npix=wlcnn.PAPER.pool * n_out + wlcnn.PAPER.first_kernel - 1,
         loss_border_pix=border)
 
@@ -213,14 +213,8 @@ def test_load_rejects_foreign_files(tmp_path):
     cfg = small_config(n_out=8, filter_size=3, border=1)
     wlcnn.save_model(wlcnn.build_model(cfg), tmp_path / "m.keras")
     # rewrite the stored format version, as a future release would
-    with zipfile.ZipFile(tmp_path / "m.keras") as src, zipfile.ZipFile(
-            tmp_path / "future.keras", "w") as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename == "config.json":
-                data = data.replace(b'"format_version": 1',
-                                    b'"format_version": 99')
-            dst.writestr(item, data)
+    rewrite_zip_entry(tmp_path / "m.keras", tmp_path / "future.keras", "config.json",
+                      b'"format_version": 1', b'"format_version": 99')
     with pytest.raises(ValueError, match="format 99"):
         wlcnn.load_model(tmp_path / "future.keras")
 

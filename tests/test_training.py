@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -22,12 +21,13 @@ import tensorflow as tf
 import keras
 
 import wlcnn
+from conftest import rewrite_zip_entry
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # Table 1 shrunk: (50 - 3 + 1) / 3 = 16 output pixels.
-CFG = dataclasses.replace(wlcnn.PAPER, subfield_npix=50, output_npix=16,
-                          filter_size=5, loss_border_pix=2)
+CFG = dataclasses.replace(wlcnn.PAPER, subfield_npix=50, filter_size=5,
+                          loss_border_pix=2)
 TINY = wlcnn.TrainPreset("tiny", learning_rate=1e-3, batch_size=4,
                          steps_per_epoch=5, epochs=4, n_runs=2, clipnorm=1.0,
                          n_val=8)
@@ -309,8 +309,7 @@ def run_tiny(tmp_path, data, variant="FocalLoss", preset=TINY):
     ("FocalLoss", 4, CFG, "channels differ"),
     ("4Channel", 3, CFG, "channels differ"),
     # a dataset of another grid: 53^2 inputs, 17^2 targets
-    ("FocalLoss", 3, dataclasses.replace(wlcnn.PAPER, subfield_npix=53,
-                                         output_npix=17), "grid differ"),
+    ("FocalLoss", 3, dataclasses.replace(wlcnn.PAPER, subfield_npix=53), "grid differ"),
 ])
 def test_mismatched_dataset(tmp_path, variant, channels, cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -373,14 +372,8 @@ def test_model_of_another_format_version(trained, tmp_path):
     src = trained[0] / "run_00" / "best.keras"
     (tmp_path / "run_00").mkdir()
     (tmp_path / "run_00" / "run.json").write_text('{"status": "complete"}')
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(
-            tmp_path / "run_00" / "best.keras", "w") as zout:
-        for item in zin.infolist():
-            data = zin.read(item)
-            if item.filename == "config.json":
-                data = data.replace(b'"format_version": 1',
-                                    b'"format_version": 2')
-            zout.writestr(item, data)
+    rewrite_zip_entry(src, tmp_path / "run_00" / "best.keras", "config.json",
+                      b'"format_version": 1', b'"format_version": 2')
     with pytest.raises(ValueError, match="format 2"):
         wlcnn.load_runs(tmp_path)
     with pytest.raises(ValueError, match="no .keras model"):
@@ -456,7 +449,7 @@ def test_train_from_directory_with_time_limit(tmp_path):
     def data_fn(path, config, batch_size, seed, channels, n_val):
         calls.append((path, config, batch_size, channels, n_val))
         return synthetic_data(seed, channels, config, batch_size, n_val)
-    base = dataclasses.replace(CFG, subfield_npix=386, output_npix=128)
+    base = dataclasses.replace(CFG, subfield_npix=386)
     # a budget that one epoch exceeds: stopped after it, the run complete
     preset = dataclasses.replace(TINY, epochs=50, time_limit_s=1e-3)
     infos = wlcnn.train_from_directory(data_dir, tmp_path / "out", preset,
