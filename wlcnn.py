@@ -3,26 +3,33 @@
 The reference implementation of Hong, Park, Jee, Bak & Cha (2021), "Weak-lensing Mass
 Reconstruction of Galaxy Clusters with Convolutional Neural Network" (ApJ 923, 266).
 
-Reading list: the method, in the paper's order
-----------------------------------------------
-* ``Config``: every number the paper fixes.
+Reading list: the method, in the paper's order (the file's order)
+-----------------------------------------------------------------
+* ``Config``: every number the paper fixes (``PAPER``).
 * §2.1 ``sigma_crit`` (eq. 4), ``reduced_shear`` (eq. 2), ``lens_ellipticity`` (eq. 7).
 * §2.2 ``shear_from_kappa`` (eq. 8; its kernel, eq. 9, in ``ks_kernel``) and its inverse,
   ``ks93`` (eq. 10, Kaiser & Squires 1993).
-* §2.3.1 training skies: ``nfw_kappa_map`` (NFW halos), ``simulate_catalog`` (sources with
-  shape and measurement noise), ``draw_star_masks`` (§3.5), ``mosaic_truth`` (the target).
+* §2.3.1 training data: ``nfw_kappa_map`` (an NFW halo's κ), ``simulate_catalog`` (sources
+  with shape and measurement noise), ``draw_star_masks`` (§3.5), ``mosaic_truth`` (the
+  target) and ``make_cluster`` (one cluster record). The training skies themselves (halos,
+  large-scale structure) come from ``examples/simulate_skies.py``, which also writes them
+  as dataset files.
 * §2.3.2 the network: ``grid_catalog`` (the 7″ Gaussian gridding of a catalog),
-  ``subfield`` and ``orient_shear`` (crops and the six orientations), ``build_model``
-  (Table 1 and the variants of Appendix A), ``FFTConv2D`` and ``FFTConv2DTranspose`` (its
-  large convolutions), ``KappaLoss`` (eq. 11, eq. 12, eq. A1), ``compile_model``, ``train``.
+  ``subfield`` and ``orient_shear`` (crops and the six orientations), ``training_data`` (the
+  tf.data input pipeline), ``FFTConv2D`` and ``FFTConv2DTranspose`` (its large
+  convolutions), ``build_model`` (Table 1 and the variants of Appendix A), ``KappaLoss``
+  (eq. 11, eq. 12, eq. A1), ``compile_model``.
 * §3 evaluation: ``predict_mosaic``, ``ks93_mosaic``, ``normalized_kappa`` (eq. 13),
-  ``metric_R`` (eq. 14), ``metric_D`` (eq. 15), ``_histogram_weights`` (eq. 16),
-  ``mass_ratio`` (§3.3), ``peak_centroid`` (§3.4), ``table2``.
+  ``metric_R`` (eq. 14), ``metric_D`` (eq. 15, its weights eq. 16), ``mass_ratio`` (§3.3),
+  ``peak_centroid`` (§3.4).
 
-The rest is machinery around them: dataset files (``write_dataset``, ``ClusterDataset``),
-the tf.data input pipeline (``training_data``), a start of the weights from KS93
-(``initialize_as_ks93``, beyond the paper), saving and loading, the files of training runs,
-the choice of the KS93 smoothing and ``evaluate_methods``.
+The final section, "Machinery: running the method at scale", holds what runs it: files
+written whole or not at all (``atomic_write``, ``Progress``), dataset files
+(``ClusterDataset``), saving and loading (``save_model``, ``load_model``), a start of the
+weights from KS93 (``initialize_as_ks93``, beyond the paper), training runs that resume
+(``TrainPreset``, ``train``, ``carry_run``, ``train_runs``, ``train_from_directory``,
+``load_runs``), the choice of the KS93 smoothing (``choose_ks93_smoothing``) and the
+evaluation of methods on a test set (``evaluate_methods``, ``table2``).
 
 Conventions (everywhere below)
 ------------------------------
@@ -90,6 +97,33 @@ except ImportError:  # pragma: no cover - exercised only without a build
     _grid = None
 
 __version__ = "0.1.0"
+
+#: The public names, in the file's order.
+__all__ = [
+    "Config", "DERIVED_SIZES", "PAPER", "FWHM_PER_SIGMA", "config_from_dict", "config_dict",
+    "cosmology", "sigma_crit", "reduced_shear", "lens_ellipticity", "padded_shape", "ks_kernel",
+    "check_map", "shear_from_kappa", "ks93", "nfw_scale", "nfw_sigma", "nfw_mean_sigma",
+    "nfw_kappa_map", "check_rng", "draw_intrinsic_ellipticity", "magnitude_pdf", "draw_magnitudes",
+    "measurement_error", "draw_star_masks", "simulate_catalog", "mosaic_truth", "make_cluster",
+    "check_positive", "SIGMA_RANGE", "grid_catalog_numpy", "grid_catalog", "grid_table",
+    "ORIENTATIONS", "orient_map", "spin2_sign", "orient_shear", "subfield", "cluster_grid",
+    "fixed_subfields", "training_data", "FFTConv2D", "FFTConv2DTranspose", "FORMAT_VERSION",
+    "VARIANTS", "MULTIPLIED_TO", "INFO_LAYER", "resolve_conv", "ModelInfo", "build_model",
+    "model_info", "KappaLoss", "make_loss", "compile_model", "INVERSE_ORIENTATION", "MOSAIC_BATCH",
+    "mosaic_offsets", "mosaic_orientations", "mosaic_coverage", "predict_mosaic", "MosaicRuns",
+    "predict_mosaic_runs", "KS93_FWHM_GRID", "smooth_map", "ks93_mosaic", "METRIC_BINS",
+    "CLIP_SIGMA", "CLIP_MAX_ITER", "MASS_RADIUS_PIX", "CENTROID_WINDOW_PIX", "PERCENTILES",
+    "WeightedStat", "PercentileStat", "metric_R", "normalized_kappa", "metric_D", "peak_pixel",
+    "aperture_mass", "cluster_masses", "mass_ratio", "peak_centroid", "centroid_offsets",
+    "centroid_offset", "paper_metrics", "TMP_PREFIX", "atomic_write", "Progress", "SPLITS",
+    "DATA_FIELDS", "DATASET_FORMAT", "DATASET_VERSION", "CATALOG_COLUMNS", "MASK_COLUMNS",
+    "cluster_rng", "ClusterDataset", "save_model", "load_model", "KS93Start", "ks93_kernels",
+    "pooled_input", "truncated_ks93", "initialize_as_ks93", "LR_SCHEDULES", "INITS", "TrainPreset",
+    "PRESETS", "get_preset", "check_data", "validation_sha256", "run_path", "read_history",
+    "train", "carry_run", "train_runs", "train_from_directory", "load_runs", "SMOOTHING_LOSSES",
+    "choose_ks93_smoothing", "TABLE2_COLUMNS", "PAPER_TABLE2", "Evaluation", "star_mask_mosaic",
+    "evaluate_methods", "cnn_method", "table2"
+]
 
 
 # ---------------------------------------------------------------------------
