@@ -42,7 +42,8 @@ def build_parser():
     p.add_argument("--models", required=True, nargs="+",
                    help="run directories or .keras files, pooled into one CNN row; "
                         "NAME=PATH makes a row of its own")
-    p.add_argument("--out", required=True, help="report directory (complete or absent), created with its parents "
+    p.add_argument("--out", required=True,
+                   help="report directory (complete or absent), created with its parents "
                         "if missing")
     p.add_argument("--stride", type=int, default=12,
                    help="offset step in input pixels, a multiple of 3 (paper: 3 = 1,444 offsets)")

@@ -71,7 +71,8 @@ import scipy.ndimage  # noqa: E402
 import scipy.special  # noqa: E402
 from astropy.io import fits  # noqa: E402
 
-from wlcnn import FWHM_PER_SIGMA, PAPER, check_map, check_positive, shear_from_kappa, write_dataset  # noqa: E402
+from wlcnn import (FWHM_PER_SIGMA, PAPER, check_map, check_positive,  # noqa: E402
+                   shear_from_kappa, write_dataset)
 
 #: Header keyword of a map's side in degrees, as MassiveNuS and LensTools write it.
 MASSIVENUS_ANGLE_KEY = "ANGLE"

@@ -33,7 +33,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="a run directory (run_XX) with snapshots")
     p.add_argument("--data", required=True, help="the run's dataset (its val split is scored)")
-    p.add_argument("--out", required=True, help="directory of the curve and the run's files, created with its "
+    p.add_argument("--out", required=True,
+                   help="directory of the curve and the run's files, created with its "
                         "parents if missing")
     p.add_argument("--n-clusters", type=int, default=50, help="validation clusters scored")
     p.add_argument("--stride", type=int, default=18, help="mosaic offset step (paper: 3)")

@@ -51,8 +51,10 @@ def build_parser():
     p.add_argument("--n-fields", type=int, default=50, help="random fields per seed")
     p.add_argument("--n-cluster-fields", type=int, default=4, help="cluster fields per seed")
     p.add_argument("--seed", type=int, default=2021, help="first seed")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: 2 or fewer cores)")
-    p.add_argument("--plot", default="docs/sim_stats.png", help="figure path, in an existing directory ('' for none)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes (default: 2, or the cores if fewer)")
+    p.add_argument("--plot", default="docs/sim_stats.png",
+                   help="figure path, in an existing directory ('' for none)")
     p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
     return p
 
