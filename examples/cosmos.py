@@ -179,7 +179,7 @@ def footprint_map(density, geometry):
 
 # ## Model
 def mass_maps(src, geometry, models, n_cnn, n_ks93, seed, progress=True):
-    """KAPPA_CNN, KAPPA_KS93 and their Significance (mass_peaks) from rotated-shape noise."""
+    """KAPPA_CNN, KAPPA_KS93 and their Significance (skies section 3) from rotated-shape noise."""
     x, y, e1, e2, sigma = src
     rng = np.random.default_rng(seed)
     smooth = NOISE_SMOOTH_ARCMIN * 60.0 / geometry.pixel_arcsec

@@ -1,4 +1,4 @@
-"""Regenerate the ΛCDM tables that the sky simulator (examples/simulate_skies.py) reads.
+"""Regenerate the ΛCDM tables that the sky simulator (examples/skies.py) reads.
 
 For one flat ΛCDM cosmology and one source plane z_s: ``theory_cl.ecsv``, the
 convergence C_ℓ of sources at z_s (Limber, nonlinear P(k)), and
@@ -38,7 +38,7 @@ Choices and their sources
   at R200c, Duffy et al. (2008, MNRAS 390, L64) c(M) for M200c (full sample),
   Tinker 2008 mass function.  Informational only: the simulator recomputes its
   own one-halo term from the mass-function table and the exact profile it
-  paints (simulate_skies.py, ``halo_cl_1h``); the tests use this column as a cross-check.
+  paints (skies.py, ``halo_cl_1h``); the tests use this column as a cross-check.
 """
 import argparse
 import os

@@ -1,9 +1,9 @@
 """
 Title: Realism of the simulated skies against ΛCDM theory
 Description: Power spectrum, one-point PDF and cluster calibration of the
-training-sky simulator (simulate_skies.py), over several seeds.
+training-sky simulator (skies.py, section 1), over several seeds.
 
-The paper trains on ray-traced MassiveNuS convergence maps; simulate_skies.py
+The paper trains on ray-traced MassiveNuS convergence maps; the simulator
 stands in for them and must make skies with the same statistics.  Over random
 fields (not centred on a cluster) this script measures
 
