@@ -4,7 +4,7 @@ Description: Time to simulate one cluster field, and throughput of the tf.data
 pipeline that feeds the network.
 
 Measures, in one run on this machine: the median time to simulate one 32′
-cluster field on one core (``simulate_skies.simulate_cluster_field``: halos,
+cluster field on one core (``skies.simulate_cluster_field``: halos,
 line-of-sight structure, shear on the torus), and the samples per second of
 ``wlcnn.training_data(..., fresh_catalogs=True)``, which draws fresh source
 catalogs, grids them and cuts augmented subfields.  The last line is one JSON
@@ -17,44 +17,62 @@ Run (about 30 s on 2 cores; longer when other jobs share them):
 # ## Setup
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 
-import numpy as np
 
-import wlcnn
-import simulate_skies
-
-
-def main(argv=None):
-    """Run the benchmark; the last printed line is one JSON object."""
+def build_parser():
+    """The command line of this script."""
     p = argparse.ArgumentParser(description="benchmark: simulated fields and the input pipeline")
     p.add_argument("--fields", type=int, default=3, help="fields simulated for the timing")
     p.add_argument("--clusters", type=int, default=4, help="clusters in the scratch dataset")
     p.add_argument("--batches", type=int, default=20, help="batches timed")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, checked."""
+    p = build_parser()
     args = p.parse_args(argv)
     if min(args.fields, args.clusters, args.batches, args.batch_size) < 1:
         p.error("every count must be >= 1")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+import numpy as np  # noqa: E402  (after the command line: see above)
+
+import skies  # noqa: E402
+import wlcnn  # noqa: E402
+
+
+def main(argv=None):
+    """Run the benchmark; the last printed line is one JSON object."""
+    args = parse_args(argv)
     cfg = wlcnn.PAPER
 
     # ## Simulation: one field at a time, one core
-    simulate_skies.simulate_cluster_field(cfg, np.random.default_rng(0))  # fills the caches
+    skies.simulate_cluster_field(cfg, np.random.default_rng(0))  # fills the caches
     times = []
     for seed in range(1, args.fields + 1):
         t0 = time.perf_counter()
-        simulate_skies.simulate_cluster_field(cfg, np.random.default_rng(seed))
+        skies.simulate_cluster_field(cfg, np.random.default_rng(seed))
         times.append(time.perf_counter() - t0)
     sim_s = statistics.median(times)
     print(f"simulate_cluster_field: median {sim_s:.3f} s of {[round(t, 3) for t in times]}")
 
     # ## Pipeline: fresh catalogs, gridding, subfields, batches
     with tempfile.TemporaryDirectory() as tmp:
-        simulate_skies.write_dataset(tmp, {"train": args.clusters, "val": 2}, cfg, seed=1,
-                                     field_fn=simulate_skies.simulated_field, shard_size=2,
-                                     progress=False)
+        skies.write_dataset(tmp, {"train": args.clusters, "val": 2}, cfg, seed=1,
+                            field_fn=skies.simulated_field, shard_size=2,
+                            progress=False)
         train, _ = wlcnn.training_data(tmp, args.batch_size, seed=0, n_val=2,
                                        fresh_catalogs=True)
         it = iter(train)

@@ -12,17 +12,21 @@ is one JSON object of the figures.
 # ## Setup
 import argparse
 import json
+import os
 import time
 
-import numpy as np
-import scipy.ndimage
-
-import wlcnn
-
-parser = argparse.ArgumentParser()
+# The command line before TensorFlow loads: --help and usage errors answer at once.
+parser = argparse.ArgumentParser(description="benchmark: gridding and KS93")
 parser.add_argument("--repeat", type=int, default=30)
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
 args = parser.parse_args()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.verbose else "3")
+import numpy as np  # noqa: E402
+import scipy.ndimage  # noqa: E402
+
+import wlcnn  # noqa: E402
+
 cfg = wlcnn.PAPER
 
 

@@ -24,12 +24,8 @@ import os
 import statistics
 import time
 
-import numpy as np
-
-import wlcnn
-
-
-parser = argparse.ArgumentParser()
+# The command line before TensorFlow loads: --help and usage errors answer at once.
+parser = argparse.ArgumentParser(description="benchmark: inference of the network and the mosaic")
 parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
 parser.add_argument("--reps", type=int, default=3,
                     help="timed calls per batch size (after one warm-up)")
@@ -37,7 +33,13 @@ parser.add_argument("--subset-stride", type=int, default=24,
                     help="stride of the measured part of the paper mosaic")
 parser.add_argument("--direct-batch", type=int, default=2,
                     help="subfields of the direct-convolution timing")
+parser.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
 args = parser.parse_args()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.verbose else "3")
+import numpy as np  # noqa: E402
+
+import wlcnn  # noqa: E402
+
 cfg = wlcnn.PAPER
 n_paper = len(wlcnn.mosaic_offsets(cfg)) ** 2 * len(wlcnn.ORIENTATIONS)   # 8,664
 n_quick = len(wlcnn.mosaic_offsets(cfg, 12)) ** 2                         # 100

@@ -18,13 +18,40 @@ sample), with other jobs on the machine.
 # ## Setup
 import argparse
 import json
+import os
 import statistics
 import time
 
-import numpy as np
-import tensorflow as tf
 
-import wlcnn
+def build_parser():
+    """The command line of this script."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[50, 8])
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed FFT steps per batch size (median)")
+    parser.add_argument("--direct-batch", type=int, default=0,
+                        help="also time one Keras Conv2D step at this batch "
+                             "(slow; 0: skip)")
+    parser.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
+    return parser
+
+
+def parse_args(argv=None):
+    """The command line, checked."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.steps < 1 or min(args.batches) < 1 or args.direct_batch < 0:
+        parser.error("--steps and --batches must be >= 1, --direct-batch >= 0")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+import numpy as np  # noqa: E402  (after the command line: see above)
+import tensorflow as tf  # noqa: E402
+
+import wlcnn  # noqa: E402
 
 CFG = wlcnn.PAPER
 
@@ -66,16 +93,8 @@ def time_steps(conv, batch, steps, warm_up=True):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[50, 8])
-    parser.add_argument("--steps", type=int, default=3,
-                        help="timed FFT steps per batch size (median)")
-    parser.add_argument("--direct-batch", type=int, default=0,
-                        help="also time one Keras Conv2D step at this batch "
-                             "(slow; 0: skip)")
-    args = parser.parse_args(argv)
-    if args.steps < 1 or min(args.batches) < 1 or args.direct_batch < 0:
-        parser.error("--steps and --batches must be >= 1, --direct-batch >= 0")
+    """Time the training steps; the last printed line is one JSON object."""
+    args = parse_args(argv)
     result = {}
     batches = list(args.batches)
     if args.direct_batch and args.direct_batch not in batches:

@@ -6,7 +6,7 @@ Description: 413,467 HST shapes over 1.64 deg² (Schrabback et al. 2010) → til
 groups of Finoguenov et al. (2007) against random positions, and the peaks matched to the groups.
 
 The field (~82′ a side) is wider than the network's 32′ input, so it is tiled
-(``reconstruct_catalog.field_geometry``: 36 overlapping tiles); the data are
+(``skies.field_geometry``: 36 overlapping tiles); the data are
 in examples/data/cosmos/ (README there: source, licence, citation).  The shape
 weights are relative (median 1), so they are rescaled to ⟨w (e1² + e2²)/2⟩ = 1
 before anything else: w is then 1/σ² per component, as the gridding needs.
@@ -44,13 +44,53 @@ import sys
 import time
 import warnings
 
-import numpy as np
-from astropy.io import fits
-from astropy.table import Table
 
-import mass_peaks as mp
-import reconstruct_catalog as rc
-import wlcnn
+def build_parser():
+    """The command line of this script."""
+    p = argparse.ArgumentParser(description="COSMOS mass maps, S/N, peaks and X-ray groups")
+    p.add_argument("--models", default=None,
+                   help="run directory or .keras file(s) (default: examples/quick_model)")
+    p.add_argument("--out", default="out/cosmos",
+                   help="output directory, created with its parents if missing")
+    p.add_argument("--quick", action="store_true",
+                   help="the central 26′ (one tile), fewer realisations")
+    p.add_argument("--size", type=float, default=None,
+                   help="field side, arcmin (default: all of it)")
+    p.add_argument("--cnn-noise", type=int, default=None,
+                   help="CNN noise realisations (default 4; quick 3)")
+    p.add_argument("--ks93-noise", type=int, default=None,
+                   help="KS93 noise realisations (default 16)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="mosaic stride, input pixels (default 36)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-maps", default=None,
+                   help="a previous run's cosmos_maps.fits: redo only the peaks, stacks and figure")
+    p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with ``--out`` checked before any work."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    # --out is made with its parents: what exists of its path must be a directory.
+    path = os.path.abspath(args.out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        p.error(f"--out: {path} is not a directory")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+import numpy as np  # noqa: E402  (after the command line: see above)
+from astropy.io import fits  # noqa: E402
+from astropy.table import Table  # noqa: E402
+
+import skies  # noqa: E402
+import wlcnn  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 DATA_DIR = HERE / "data" / "cosmos"
@@ -111,13 +151,13 @@ def rescale_sigma(e1, e2, sigma):
 def load_field(catalog=CATALOG, size_arcmin=None, config=wlcnn.PAPER, stride=STRIDE):
     """The catalogue on the tangent plane, cut to a square field; the field's geometry."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rc.CatalogWarning)  # the 3,650 |e| >= 1 rows (README)
-        sky = rc.read_catalog(catalog)
-    center = rc.catalog_center(sky.ra, sky.dec)
-    x, y, e1, e2 = rc.project_catalog(sky, center)
+        warnings.simplefilter("ignore", skies.CatalogWarning)  # the 3,650 |e| >= 1 rows (README)
+        sky = skies.read_catalog(catalog)
+    center = skies.catalog_center(sky.ra, sky.dec)
+    x, y, e1, e2 = skies.project_catalog(sky, center)
     if size_arcmin is None:
         size_arcmin = 2.0 * np.max(np.maximum(np.abs(x), np.abs(y))) / 60.0
-    geometry = rc.field_geometry(size_arcmin, config, stride)
+    geometry = skies.field_geometry(size_arcmin, config, stride)
     half = geometry.npix / 2 * geometry.pixel_arcsec
     inside = (np.abs(x) <= half) & (np.abs(y) <= half)
     sigma, scale = rescale_sigma(e1[inside], e2[inside], sky.sigma[inside])
@@ -139,17 +179,17 @@ def footprint_map(density, geometry):
 
 # ## Model
 def mass_maps(src, geometry, models, n_cnn, n_ks93, seed, progress=True):
-    """KAPPA_CNN, KAPPA_KS93 and their Significance (mass_peaks) from rotated-shape noise."""
+    """KAPPA_CNN, KAPPA_KS93 and their Significance (skies section 3) from rotated-shape noise."""
     x, y, e1, e2, sigma = src
     rng = np.random.default_rng(seed)
     smooth = NOISE_SMOOTH_ARCMIN * 60.0 / geometry.pixel_arcsec
     out = {}
-    for name, fn, n in (("ks93", mp.ks93_map_fn(x, y, sigma, geometry), n_ks93),
-                        ("cnn", mp.cnn_map_fn(x, y, sigma, models, geometry, rng), n_cnn)):
+    for name, fn, n in (("ks93", skies.ks93_map_fn(x, y, sigma, geometry), n_ks93),
+                        ("cnn", skies.cnn_map_fn(x, y, sigma, models, geometry, rng), n_cnn)):
         t0 = time.time()
         kappa = fn(e1, e2)
-        noise = mp.noise_maps(fn, e1, e2, n, rng, progress=progress)
-        out[name] = (kappa, mp.significance_map(kappa, noise, smooth))
+        noise = skies.noise_maps(fn, e1, e2, n, rng, progress=progress)
+        out[name] = (kappa, skies.significance_map(kappa, noise, smooth))
         print(f"{name}: map and {n} noise realisations in {time.time() - t0:.0f} s",
               file=sys.stderr)
     return out
@@ -158,8 +198,8 @@ def mass_maps(src, geometry, models, n_cnn, n_ks93, seed, progress=True):
 # ## Evaluate
 def evaluate(maps, wcs, footprint, groups, seed):
     """Stacks at the groups in Z_RANGE, peaks, and completeness / purity per method."""
-    inside = mp.objects_inside(groups["ra"], groups["dec"], wcs, footprint, outside="skip",
-                               what="X-ray groups")
+    inside = skies.objects_inside(groups["ra"], groups["dec"], wcs, footprint, outside="skip",
+                                  what="X-ray groups")
     in_z = inside & (groups["z"] > Z_RANGE[0]) & (groups["z"] < Z_RANGE[1])
     result = {"groups": {"total": len(groups), "in_footprint": int(inside.sum()),
                          "in_z_range": int(in_z.sum())},
@@ -169,18 +209,18 @@ def evaluate(maps, wcs, footprint, groups, seed):
     box = 2 * int(round(PEAK_SEPARATION_ARCMIN / pixel_arcmin)) + 1
     for name, (kappa, sig) in maps.items():
         rng = np.random.default_rng([seed, sorted(maps).index(name)])  # one stream per method
-        st = mp.stack_snr(kappa, wcs, groups["ra"][in_z], groups["dec"][in_z], footprint, rng,
-                          RANDOM_SETS)
+        st = skies.stack_snr(kappa, wcs, groups["ra"][in_z], groups["dec"][in_z], footprint, rng,
+                             RANDOM_SETS)
         result["stack_snr"][name] = round(st.snr, 2)
         values = (st.kappa, st.random_mean, st.random_std)
         result["stack_kappa"][name] = [round(v, 5) for v in values]
-        peaks[name] = mp.find_peaks(sig.snr, kappa, wcs, min(THRESHOLDS), footprint, size=box)
+        peaks[name] = skies.find_peaks(sig.snr, kappa, wcs, min(THRESHOLDS), footprint, size=box)
         # Completeness against the groups lensing can see; purity against every
         # group in the footprint (a peak on a z = 0.05 group is no false peak).
-        comp = mp.completeness_purity(peaks[name], groups["ra"][in_z], groups["dec"][in_z],
-                                      MATCH_RADIUS_ARCMIN, THRESHOLDS)
-        pur = mp.completeness_purity(peaks[name], groups["ra"][inside], groups["dec"][inside],
-                                     MATCH_RADIUS_ARCMIN, THRESHOLDS)
+        comp = skies.completeness_purity(peaks[name], groups["ra"][in_z], groups["dec"][in_z],
+                                         MATCH_RADIUS_ARCMIN, THRESHOLDS)
+        pur = skies.completeness_purity(peaks[name], groups["ra"][inside], groups["dec"][inside],
+                                        MATCH_RADIUS_ARCMIN, THRESHOLDS)
         comp["n_true"], comp["purity"] = pur["n_true"], pur["purity"]
         comp["method"] = name
         tables.append(comp)
@@ -224,7 +264,7 @@ def figure(path, maps, wcs, footprint, groups, peaks):
     for i, name in enumerate(("ks93", "cnn")):
         ax = fig.add_subplot(1, 2, i + 1, projection=wcs)
         snr = np.where(footprint, maps[name][1].snr, np.nan)
-        im = ax.imshow(snr, origin="lower", cmap=rc.MAP_CMAP, vmin=-3, vmax=6)
+        im = ax.imshow(snr, origin="lower", cmap=skies.MAP_CMAP, vmin=-3, vmax=6)
         ax.contour(np.nan_to_num(snr), levels=[3, 4, 5], colors="w", linewidths=0.5)
         tr = ax.get_transform("world")
         for sel, colour, label in ((in_z, "cyan", f"X-ray groups {Z_RANGE[0]} < z < {Z_RANGE[1]}"),
@@ -246,31 +286,12 @@ def figure(path, maps, wcs, footprint, groups, peaks):
     wlcnn.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description="COSMOS mass maps, S/N, peaks and X-ray groups")
-    p.add_argument("--models", default=str(MODEL_DIR), help="run directory or .keras file(s)")
-    p.add_argument("--out", default="out/cosmos", help="output directory")
-    p.add_argument("--quick", action="store_true",
-                   help="the central 26′ (one tile), fewer realisations")
-    p.add_argument("--size", type=float, default=None,
-                   help="field side, arcmin (default: all of it)")
-    p.add_argument("--cnn-noise", type=int, default=None,
-                   help="CNN noise realisations (default 4; quick 3)")
-    p.add_argument("--ks93-noise", type=int, default=None,
-                   help="KS93 noise realisations (default 16)")
-    p.add_argument("--stride", type=int, default=STRIDE, help="mosaic stride, input pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--from-maps", default=None,
-                   help="a previous run's cosmos_maps.fits: redo only the peaks, stacks and figure")
-    return p
-
-
 def read_maps(path):
     """The maps of a previous run's cosmos_maps.fits: (maps, density, footprint, wcs, header)."""
     from astropy.wcs import WCS
     with fits.open(path) as h:
         maps = {n: (h[f"KAPPA_{n.upper()}"].data.astype(np.float64),
-                    mp.Significance(h[f"SNR_{n.upper()}"].data.astype(np.float64), None, None))
+                    skies.Significance(h[f"SNR_{n.upper()}"].data.astype(np.float64), None, None))
                 for n in ("cnn", "ks93")}
         return (maps, h["DENSITY"].data.astype(np.float64), h["FOOTPRINT"].data.astype(bool),
                 WCS(h["KAPPA_CNN"].header), dict(h[0].header))
@@ -278,7 +299,9 @@ def read_maps(path):
 
 def main(argv=None):
     """Run the COSMOS analysis; the last line printed is the JSON result."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    args.models = str(MODEL_DIR) if args.models is None else args.models
+    args.stride = STRIDE if args.stride is None else args.stride
     t0 = time.time()
     size = args.size if args.size is not None else (26.0 if args.quick else None)
     n_cnn = args.cnn_noise or (3 if args.quick else 4)
@@ -290,7 +313,7 @@ def main(argv=None):
             maps, density, footprint, wcs, header = read_maps(args.from_maps)
             n_cnn, n_ks93 = header.get("NCNNNOIS"), header.get("NKSNOIS")
         else:
-            models, config, _ = rc.check_models(args.models)
+            models, config, _ = skies.check_models(args.models)
             src, geometry, center, scale = load_field(CATALOG, size, config, args.stride)
     except (ValueError, OSError, KeyError) as exc:
         print(f"cosmos: error: {exc}", file=sys.stderr)
@@ -301,8 +324,8 @@ def main(argv=None):
               f"RA {center[0]:.4f}°, Dec {center[1]:.4f}° ({geometry.n_tiles} tiles); "
               f"weights × {scale:.2f}", file=sys.stderr)
         maps = mass_maps(src, geometry, models, n_cnn, n_ks93, args.seed)
-        wcs = rc.map_wcs(center, geometry)
-        density = rc.block_mean(rc.grid_field(*src, geometry)[3], config.pool)
+        wcs = skies.map_wcs(center, geometry)
+        density = skies.block_mean(skies.grid_field(*src, geometry)[3], config.pool)
         footprint = footprint_map(density, geometry)
         write_maps(os.fspath(out / "cosmos_maps.fits"), maps, density, footprint, wcs,
                    {"NSOURCE": len(src[0]), "WSCALE": (scale, "weights multiplied by this"),
@@ -311,7 +334,7 @@ def main(argv=None):
                     "STRIDE": geometry.stride, "NRUNS": len(models)})
     result, peaks, table = evaluate(maps, wcs, footprint, groups, args.seed)
     for name, t in peaks.items():
-        mp.write_peaks(t, out / f"peaks_{name}.ecsv", overwrite=True)
+        skies.write_peaks(t, out / f"peaks_{name}.ecsv", overwrite=True)
     table.write(out / "completeness.ecsv", overwrite=True)
     try:
         figure(os.fspath(out / "cosmos.png"), maps, wcs, footprint, groups, peaks)

@@ -25,14 +25,47 @@ cluster that holds the truth's highest pixel, the kind of field behind the long 
 # ## Setup
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+#: Where the figure goes without --out; its directory is made.
+DEFAULT_OUT = "out/demo.png"
 
-import wlcnn
-from simulate_skies import simulate_cluster_field
+
+def build_parser():
+    """The command line of this script."""
+    p = argparse.ArgumentParser(description="one simulated cluster: truth, KS93 and the CNN")
+    p.add_argument("--seed", type=int, default=0, help="seed of the field and its catalog")
+    p.add_argument("--out", default=None,
+                   help=f"figure file, in an existing directory (default {DEFAULT_OUT})")
+    p.add_argument("--no-figure", action="store_true", help="skip the figure (no matplotlib)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="mosaic stride in input pixels (default 12; 3: the paper's 1,444 "
+                        "subfields)")
+    p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with ``--out``'s directory checked before any work."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.out is not None and not args.no_figure:
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            p.error(f"--out: directory {out_dir} does not exist")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+import numpy as np  # noqa: E402  (after the command line: see above)
+
+import skies  # noqa: E402
+import wlcnn  # noqa: E402
 
 CONFIG = wlcnn.PAPER
 #: The shipped model, found from this file so that the demo runs from any directory.
@@ -48,7 +81,7 @@ def simulate_grid(seed, config=CONFIG):
     """A simulated cluster field (truth κ, γ; ``main``: the cluster), its gridded source
     catalog (4, npix, npix) (:func:`wlcnn.grid_table`) and its number of sources."""
     rng = np.random.default_rng(seed)
-    field = simulate_cluster_field(config, rng)
+    field = skies.simulate_cluster_field(config, rng)
     catalog = wlcnn.simulate_catalog(field["kappa"], field["gamma1"], field["gamma2"],
                                      config, rng)
     return field, wlcnn.grid_table(catalog, config), len(catalog)
@@ -101,20 +134,16 @@ def draw(truth, maps, scores, path, config=CONFIG):
 
 def main(argv=None):
     """Run the demo; returns the exit status."""
-    p = argparse.ArgumentParser(description="one simulated cluster: truth, KS93 and the CNN")
-    p.add_argument("--seed", type=int, default=0, help="seed of the field and its catalog")
-    p.add_argument("--out", default="out/demo.png", help="figure file")
-    p.add_argument("--no-figure", action="store_true", help="skip the figure (no matplotlib)")
-    p.add_argument("--stride", type=int, default=STRIDE,
-                   help="mosaic stride in input pixels (3: the paper's 1,444 subfields)")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
+    out = DEFAULT_OUT if args.out is None else args.out
+    stride = STRIDE if args.stride is None else args.stride
     start = time.time()
 
     field, grid, n_sources = simulate_grid(args.seed)
     main_halo = field["main"]
     print(f"cluster M200 = {main_halo['m200_msun']:.3g} M☉ at z = {main_halo['z']}; "
           f"{n_sources} sources")
-    maps = reconstruct(grid, wlcnn.load_runs(MODEL_DIR), stride=args.stride)
+    maps = reconstruct(grid, wlcnn.load_runs(MODEL_DIR), stride=stride)
     truth = wlcnn.mosaic_truth(field["kappa"], CONFIG)
     truth = np.where(np.isfinite(maps["CNN"]), truth, np.nan)
     scores = {name: score(truth, m) for name, m in maps.items()}
@@ -123,11 +152,11 @@ def main(argv=None):
     for name, s in scores.items():
         print(f"{name:<6} {s['R']:6.3f} {s['D']:6.2f} {s['M_ratio']:15.3f} {s['dpeak']:13.2f}")
     if not args.no_figure:
-        draw(truth, maps, scores, args.out)
-        print(f"wrote {args.out}")
+        draw(truth, maps, scores, out)
+        print(f"wrote {out}")
     print(json.dumps({"seed": args.seed, "m200_msun": main_halo["m200_msun"],
                       "n_sources": n_sources, "ks93_fwhm_arcmin": KS93_FWHM_ARCMIN,
-                      "stride": args.stride, **scores, "seconds": round(time.time() - start, 1)}))
+                      "stride": stride, **scores, "seconds": round(time.time() - start, 1)}))
     return 0
 
 

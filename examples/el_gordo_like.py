@@ -29,19 +29,54 @@ the CNN with the outside of the field left empty 3.
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import warnings
 
-import keras
-import numpy as np
-import scipy.ndimage
-from astropy import units as u
-from astropy.table import Table
 
-import reconstruct_catalog
-import simulate_skies
-import wlcnn
+def build_parser():
+    """The command line of this example."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=None,
+                   help="run directories or .keras files (default: examples/quick_model)")
+    p.add_argument("--field-arcmin", type=float, default=10.0,
+                   help="side of the HST-like field (§4.2: ~9′)")
+    p.add_argument("--density", type=float, default=95.0, help="sources per arcmin² (§4.2: ~95)")
+    p.add_argument("--stride", type=int, default=12, help="mosaic offset step (paper: 3)")
+    p.add_argument("--orientations", type=int, default=1, choices=[1, 6], help="paper: 6")
+    p.add_argument("--seed", type=int, default=2014)
+    p.add_argument("--out", default="out/el_gordo_like",
+                   help="directory for the catalog, FITS and PNG, created with its parents if "
+                        "missing")
+    p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with ``--out`` checked before any work."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    # --out is made with its parents: what exists of its path must be a directory.
+    path = os.path.abspath(args.out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        p.error(f"--out: {path} is not a directory")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+import keras  # noqa: E402  (after the command line: see above)
+import numpy as np  # noqa: E402
+import scipy.ndimage  # noqa: E402
+from astropy import units as u  # noqa: E402
+from astropy.table import Table  # noqa: E402
+
+import skies  # noqa: E402
+import wlcnn  # noqa: E402
 
 EL_GORDO = (15.72, -49.25)      # RA, Dec of ACT-CL J0102−4915, degrees
 Z_LENS, Z_SOURCE = 0.87, 1.2    # cluster; effective source redshift (§4.2)
@@ -55,22 +90,6 @@ OUTSKIRTS_ARCMIN = 2.0          # "outside the clumps": beyond 2′ (0.9 Mpc at 
 # spurious peaks: local maxima this many σ above the outskirts' median
 PEAK_SIGMA = 3.0
 DEFAULT_MODELS = pathlib.Path(__file__).resolve().parent / "quick_model"
-
-
-def build_parser():
-    """The command line of this example."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=[str(DEFAULT_MODELS)],
-                   help="run directories or .keras files (default: examples/quick_model)")
-    p.add_argument("--field-arcmin", type=float, default=10.0,
-                   help="side of the HST-like field (§4.2: ~9′)")
-    p.add_argument("--density", type=float, default=95.0, help="sources per arcmin² (§4.2: ~95)")
-    p.add_argument("--stride", type=int, default=12, help="mosaic offset step (paper: 3)")
-    p.add_argument("--orientations", type=int, default=1, choices=[1, 6], help="paper: 6")
-    p.add_argument("--seed", type=int, default=2014)
-    p.add_argument("--out", default="out/el_gordo_like",
-                   help="directory for the catalog, FITS and PNG")
-    return p
 
 
 # ## Data: two NFW clumps on the sky, and the catalog they lens
@@ -88,9 +107,9 @@ class Cluster:
         axis = np.array([np.cos(np.radians(AXIS_DEG)), np.sin(np.radians(AXIS_DEG))])
         self.half_sep = 0.5 * SEPARATION_MPC * self.arcsec_per_mpc
         self.xy = {"NW": axis * self.half_sep, "SE": -axis * self.half_sep}
-        self.c = {k: float(simulate_skies.concentration_duffy08(m, Z_LENS))
+        self.c = {k: float(skies.concentration_duffy08(m, Z_LENS))
                   for k, m in CLUMPS.items()}
-        self.plane = reconstruct_catalog.tangent_plane_wcs(EL_GORDO)
+        self.plane = skies.tangent_plane_wcs(EL_GORDO)
         self.sky = {k: tuple(float(v) for v in self.plane.pixel_to_world_values(*xy))
                     for k, xy in self.xy.items()}
 
@@ -123,7 +142,7 @@ def write_catalog(cluster, args, rng, path, cfg=wlcnn.PAPER):
     sigma_meas = wlcnn.measurement_error(wlcnn.draw_magnitudes(n, cfg, rng), cfg)
     eps = eps + (rng.normal(0.0, 1.0, n) + 1j * rng.normal(0.0, 1.0, n)) * sigma_meas
     ra, dec = cluster.plane.pixel_to_world_values(x, y)
-    eps = eps * np.exp(-2j * reconstruct_catalog.local_north_angle(ra, dec, cluster.plane))
+    eps = eps * np.exp(-2j * skies.local_north_angle(ra, dec, cluster.plane))
     sigma = np.sqrt(cfg.sigma_e**2 + sigma_meas**2)
     Table({"ra": ra, "dec": dec, "e1": eps.real, "e2": eps.imag, "weight": 1.0 / sigma**2}).write(
         path, overwrite=True)
@@ -152,7 +171,8 @@ def spurious_peaks(m, outskirts, sigma_noise):
 
 def main(argv=None):
     """Make the catalog, reconstruct it twice, and compare with the truth; returns 0."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    args.models = [str(DEFAULT_MODELS)] if args.models is None else args.models
     rng = np.random.default_rng(args.seed)
     cfg = wlcnn.PAPER
     out = pathlib.Path(args.out)
@@ -173,13 +193,14 @@ def main(argv=None):
     # holds shear-free noise at the catalog's density, `--outside noise`), and
     # with the input left empty there (`--outside empty`), which the network
     # never saw in training: the difference is this example's lesson.
-    kw = dict(center=EL_GORDO, size_arcmin=args.field_arcmin, z_lens=Z_LENS, z_source=Z_SOURCE,
-              stride=args.stride, orientations=args.orientations, seed=args.seed, overwrite=True)
+    opts = skies.ReconstructOptions(
+        center=EL_GORDO, size_arcmin=args.field_arcmin, z_lens=Z_LENS, z_source=Z_SOURCE,
+        stride=args.stride, orientations=args.orientations, seed=args.seed, overwrite=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        res = reconstruct_catalog.reconstruct(catalog_path, models, out / "kappa.fits", **kw)
-        empty = reconstruct_catalog.reconstruct(catalog_path, models, out / "kappa_empty.fits",
-                                                outside="empty", png=False, **kw)
+        res = skies.reconstruct(catalog_path, models, out / "kappa.fits", opts)
+        empty = skies.reconstruct(catalog_path, models, out / "kappa_empty.fits",
+                                  dataclasses.replace(opts, outside="empty", png=False))
     for w in caught[:len(caught) // 2]:  # the second call repeats the first's notes
         print(f"note: {w.message}", file=sys.stderr)
     print(f"wrote {res.path}" + (f" and {res.png_path}" if res.png_path else "") + f", {empty.path}"
@@ -193,7 +214,7 @@ def main(argv=None):
                                          corner + cluster.xy[k][1], cfg.pool * geo.npix,
                                          cfg.pixel_arcsec, z_l=Z_LENS, z_s=Z_SOURCE,
                                          cosmo=cluster.cosmo) for k in CLUMPS)
-    truth = reconstruct_catalog.block_mean(truth_fine, cfg.pool)
+    truth = skies.block_mean(truth_fine, cfg.pool)
     maps = {"truth": truth, "CNN": res.kappa_cnn, "KS93": res.kappa_ks93,
             "CNN-empty": empty.kappa_cnn}
 
@@ -227,12 +248,12 @@ def main(argv=None):
     # there).  σ: the KS93 noise of this catalog, from the same catalog with every
     # shape turned by 45° (ε → iε: the signal goes to the B mode, the noise stays).
     with warnings.catch_warnings():  # the same rows as above, already reported
-        warnings.simplefilter("ignore", reconstruct_catalog.CatalogWarning)
-        sky = reconstruct_catalog.read_catalog(catalog_path)
-    px, py, e1, e2 = reconstruct_catalog.project_catalog(sky, EL_GORDO)
-    noise_grid = reconstruct_catalog.grid_field(px, py, -e2, e1, sky.sigma, geo)
-    sigma_noise = float(np.std(reconstruct_catalog.ks93_field_map(noise_grid, geo,
-                                                                  res.ks93_fwhm_arcmin)))
+        warnings.simplefilter("ignore", skies.CatalogWarning)
+        sky = skies.read_catalog(catalog_path)
+    px, py, e1, e2 = skies.project_catalog(sky, EL_GORDO)
+    noise_grid = skies.grid_field(px, py, -e2, e1, sky.sigma, geo)
+    sigma_noise = float(np.std(skies.ks93_field_map(noise_grid, geo,
+                                                    res.ks93_fwhm_arcmin)))
     outskirts = np.logical_and.reduce([d > OUTSKIRTS_ARCMIN for d in dist_arcmin.values()])
     spurious = {name: spurious_peaks(m, outskirts, sigma_noise) for name, m in maps.items()}
     print(f"\nspurious peaks above {PEAK_SIGMA:g}σ (σ = {sigma_noise:.4f}, the KS93 noise) "

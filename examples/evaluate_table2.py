@@ -34,11 +34,54 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
-import scipy.fft
-import scipy.ndimage
 
-import wlcnn
+def build_parser():
+    """The command line of this script."""
+    p = argparse.ArgumentParser(description="Table 2 and Figs. 2-8 on a dataset's test split")
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--models", required=True, nargs="+",
+                   help="run directories or .keras files, pooled into one CNN row; "
+                        "NAME=PATH makes a row of its own")
+    p.add_argument("--out", required=True,
+                   help="report directory (complete or absent), created with its parents "
+                        "if missing")
+    p.add_argument("--stride", type=int, default=12,
+                   help="offset step in input pixels, a multiple of 3 (paper: 3 = 1,444 offsets)")
+    p.add_argument("--orientations", type=int, default=1, choices=[1, 6], help="paper: 6")
+    p.add_argument("--limit", type=int, default=None, help="first N test clusters")
+    p.add_argument("--n-val-smoothing", type=int, default=50,
+                   help="validation clusters that choose the KS93 smoothing")
+    p.add_argument("--no-wiener", action="store_true")
+    p.add_argument("--no-ss95", action="store_true")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--cache", default=None,
+                   help="directory keeping the CNN mosaics: a rerun resumes and reuses them")
+    p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with ``--out`` checked before any work."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    # --out is made with its parents: what exists of its path must be a directory.
+    path = os.path.abspath(args.out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        p.error(f"--out: {path} is not a directory")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+import numpy as np  # noqa: E402  (after the command line: see above)
+import scipy.fft  # noqa: E402
+import scipy.ndimage  # noqa: E402
+
+import wlcnn  # noqa: E402
 # No public equivalents: the padded FFT grid and the Fourier multipliers of KS93,
 # which the Wiener filter applies on the same grid as wlcnn.ks93; the progress bar.
 from wlcnn import PAPER, ks_kernel, padded_shape, Progress
@@ -769,26 +812,8 @@ def evaluate_directory(data_dir, model_paths, out_dir, stride=12, orientations=1
 
 def main(argv=None):
     """Evaluate models against the baselines on a dataset's test split; returns the exit status."""
-    p = argparse.ArgumentParser(description="Table 2 and Figs. 2-8 on a dataset's test split")
-    p.add_argument("--data", required=True, help="dataset directory")
-    p.add_argument("--models", required=True, nargs="+",
-                   help="run directories or .keras files, pooled into one CNN row; "
-                        "NAME=PATH makes a row of its own")
-    p.add_argument("--out", required=True, help="report directory (complete or absent)")
-    p.add_argument("--stride", type=int, default=12,
-                   help="offset step in input pixels, a multiple of 3 (paper: 3 = 1,444 offsets)")
-    p.add_argument("--orientations", type=int, default=1, choices=[1, 6], help="paper: 6")
-    p.add_argument("--limit", type=int, default=None, help="first N test clusters")
-    p.add_argument("--n-val-smoothing", type=int, default=50,
-                   help="validation clusters that choose the KS93 smoothing")
-    p.add_argument("--no-wiener", action="store_true")
-    p.add_argument("--no-ss95", action="store_true")
-    p.add_argument("--no-figures", action="store_true", help="tables only")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--cache", default=None,
-                   help="directory keeping the CNN mosaics: a rerun resumes and reuses them")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     try:
         rows = evaluate_directory(
             args.data, args.models, args.out, stride=args.stride, orientations=args.orientations,

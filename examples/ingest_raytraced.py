@@ -22,13 +22,58 @@ import functools
 import os
 import sys
 
-import numpy as np
-import scipy.ndimage
-import scipy.special
-from astropy.io import fits
 
-from simulate_skies import write_dataset
-from wlcnn import FWHM_PER_SIGMA, PAPER, check_map, check_positive, shear_from_kappa
+def build_parser():
+    """The command line of this script."""
+    p = argparse.ArgumentParser(description="cut the clusters of ray-traced κ maps "
+                                "into a training dataset (§2.3.1)")
+    p.add_argument("maps", nargs="+", help="FITS κ maps (image + side in degrees in the header)")
+    p.add_argument("--out", required=True,
+                   help="dataset directory, created with its parents if missing")
+    p.add_argument("--n-val", type=int, required=True, help="validation clusters")
+    p.add_argument("--n-test", type=int, required=True, help="test clusters")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    p.add_argument("--masks", action="store_true", help="bright-star masks (§3.5)")
+    p.add_argument("--workers", type=int, default=1, help="processes making shards")
+    p.add_argument("--shard-size", type=int, default=25, help="clusters per shard file")
+    p.add_argument("--angle-key", default=None,
+                   help="header keyword of the map's side in degrees (default: MassiveNuS's, "
+                        "ANGLE)")
+    p.add_argument("--hdu", type=int, default=0, help="HDU holding the image")
+    p.add_argument("--smooth-arcmin", type=float, default=1.0,
+                   help="FWHM of the detection smoothing, arcmin")
+    p.add_argument("--threshold-sigma", type=float, default=4.0,
+                   help="detection threshold, in robust σ of the smoothed map")
+    p.add_argument("--min-separation-arcmin", type=float, default=4.0,
+                   help="closest distance of two clusters")
+    p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with ``--out`` checked before any work."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    # --out is made with its parents: what exists of its path must be a directory.
+    path = os.path.abspath(args.out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        p.error(f"--out: {path} is not a directory")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+import numpy as np  # noqa: E402  (after the command line: see above)
+import scipy.ndimage  # noqa: E402
+import scipy.special  # noqa: E402
+from astropy.io import fits  # noqa: E402
+
+from skies import write_dataset  # noqa: E402
+from wlcnn import (FWHM_PER_SIGMA, PAPER, check_map, check_positive,  # noqa: E402
+                   shear_from_kappa)
 
 #: Header keyword of a map's side in degrees, as MassiveNuS and LensTools write it.
 MASSIVENUS_ANGLE_KEY = "ANGLE"
@@ -336,7 +381,7 @@ def ingest_dataset(paths, out_dir, n_val, n_test, config=PAPER, seed=0, masks=Fa
     n_val, n_test : int
         Clusters for validation and test, the last ones in map order; the rest train.
     config, seed, masks, shard_size, workers, progress
-        As ``simulate_skies.write_dataset``; the seed draws the source catalogs and masks.
+        As ``skies.write_dataset``; the seed draws the source catalogs and masks.
     angle_key, hdu, **find_kwargs
         As :func:`read_convergence_map` and :func:`find_clusters`.
     """
@@ -361,26 +406,8 @@ def ingest_dataset(paths, out_dir, n_val, n_test, config=PAPER, seed=0, masks=Fa
 # ## Command line
 def main(argv=None):
     """Cut the clusters of ray-traced κ maps into a dataset; returns the exit status."""
-    p = argparse.ArgumentParser(description="cut the clusters of ray-traced κ maps "
-                                "into a training dataset (§2.3.1)")
-    p.add_argument("maps", nargs="+", help="FITS κ maps (image + side in degrees in the header)")
-    p.add_argument("--out", required=True, help="dataset directory")
-    p.add_argument("--n-val", type=int, required=True, help="validation clusters")
-    p.add_argument("--n-test", type=int, required=True, help="test clusters")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument("--masks", action="store_true", help="bright-star masks (§3.5)")
-    p.add_argument("--workers", type=int, default=1, help="processes making shards")
-    p.add_argument("--shard-size", type=int, default=25, help="clusters per shard file")
-    p.add_argument("--angle-key", default=MASSIVENUS_ANGLE_KEY,
-                   help="header keyword of the map's side in degrees")
-    p.add_argument("--hdu", type=int, default=0, help="HDU holding the image")
-    p.add_argument("--smooth-arcmin", type=float, default=1.0,
-                   help="FWHM of the detection smoothing, arcmin")
-    p.add_argument("--threshold-sigma", type=float, default=4.0,
-                   help="detection threshold, in robust σ of the smoothed map")
-    p.add_argument("--min-separation-arcmin", type=float, default=4.0,
-                   help="closest distance of two clusters")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
+    args.angle_key = MASSIVENUS_ANGLE_KEY if args.angle_key is None else args.angle_key
     try:
         manifest = ingest_dataset(args.maps, args.out, args.n_val, args.n_test, PAPER,
                                   args.seed, args.masks, args.shard_size, args.workers,

@@ -1,4 +1,4 @@
-"""Regenerate the ΛCDM tables that the sky simulator (examples/simulate_skies.py) reads.
+"""Regenerate the ΛCDM tables that the sky simulator (examples/skies.py) reads.
 
 For one flat ΛCDM cosmology and one source plane z_s: ``theory_cl.ecsv``, the
 convergence C_ℓ of sources at z_s (Limber, nonlinear P(k)), and
@@ -38,9 +38,10 @@ Choices and their sources
   at R200c, Duffy et al. (2008, MNRAS 390, L64) c(M) for M200c (full sample),
   Tinker 2008 mass function.  Informational only: the simulator recomputes its
   own one-halo term from the mass-function table and the exact profile it
-  paints (simulate_skies.py, ``halo_cl_1h``); the tests use this column as a cross-check.
+  paints (skies.py, ``halo_cl_1h``); the tests use this column as a cross-check.
 """
 import argparse
+import os
 import time
 
 import numpy as np
@@ -129,7 +130,8 @@ def one_halo_cl(cosmo, ell, z_source, m_min_msun, m_max_msun, n_mass=200):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out-dir", default=".")
+    p.add_argument("--out-dir", default=".",
+                   help="directory of the tables, created with its parents if missing")
     p.add_argument("--h", type=float, default=0.7, help="H0 / 100 km/s/Mpc")
     p.add_argument("--omega-m", type=float, default=0.3)
     p.add_argument("--omega-b", type=float, default=0.046)
@@ -148,6 +150,12 @@ def main(argv=None):
     p.add_argument("--one-halo-m-min", type=float, default=3e13,
                    help="mass cut of the cl_1h_ccl column [Msun]")
     args = p.parse_args(argv)
+    # --out-dir is made with its parents: what exists of its path must be a directory.
+    path = os.path.abspath(args.out_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        p.error(f"--out-dir: {path} is not a directory")
     if ccl is None:
         raise SystemExit('make_theory_tables: needs pyccl and camb: pip install -e ".[theory]"')
     t0 = time.time()
@@ -184,6 +192,7 @@ def main(argv=None):
                      "(truncated NFW, Duffy08 c(M), Tinker08)"),
                      one_halo_m_min_msun=args.one_halo_m_min,
                      one_halo_m_max_msun=args.m_max))
+    os.makedirs(args.out_dir, exist_ok=True)
     t_cl.write(f"{args.out_dir}/theory_cl.ecsv", overwrite=True)
 
     # --- mass function ----------------------------------------------------

@@ -1,9 +1,9 @@
 """
 Title: Realism of the simulated skies against ΛCDM theory
 Description: Power spectrum, one-point PDF and cluster calibration of the
-training-sky simulator (simulate_skies.py), over several seeds.
+training-sky simulator (skies.py, section 1), over several seeds.
 
-The paper trains on ray-traced MassiveNuS convergence maps; simulate_skies.py
+The paper trains on ray-traced MassiveNuS convergence maps; the simulator
 stands in for them and must make skies with the same statistics.  Over random
 fields (not centred on a cluster) this script measures
 
@@ -43,12 +43,45 @@ import os
 import sys
 import time
 
-import numpy as np
-import scipy.ndimage
-import scipy.signal
 
-import wlcnn
-import simulate_skies
+def build_parser():
+    """The command line of this script."""
+    p = argparse.ArgumentParser(description="realism of the simulated skies against theory")
+    p.add_argument("--n-seeds", type=int, default=10, help="seeds seed, seed+1, ...")
+    p.add_argument("--n-fields", type=int, default=50, help="random fields per seed")
+    p.add_argument("--n-cluster-fields", type=int, default=4, help="cluster fields per seed")
+    p.add_argument("--seed", type=int, default=2021, help="first seed")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes (default: 2, or the cores if fewer)")
+    p.add_argument("--plot", default="docs/sim_stats.png",
+                   help="figure path, in an existing directory ('' for none)")
+    p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, checked: ``--plot``'s directory exists before any work."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.workers is None:
+        args.workers = min(2, os.cpu_count() or 1)
+    if args.n_seeds < 2 or args.n_fields < 1 or args.n_cluster_fields < 0 or args.workers < 1:
+        p.error("need --n-seeds >= 2 (a scatter), --n-fields >= 1, --workers >= 1")
+    out_dir = os.path.dirname(os.path.abspath(args.plot))
+    if args.plot and not os.path.isdir(out_dir):
+        p.error(f"--plot: directory {out_dir} does not exist")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+import numpy as np  # noqa: E402  (after the command line: see above)
+import scipy.ndimage  # noqa: E402
+import scipy.signal  # noqa: E402
+
+import wlcnn  # noqa: E402
+import skies  # noqa: E402
 
 EDGES = np.logspace(np.log10(500), np.log10(10000), 9)  # ℓ bin edges
 TUKEY_ALPHA = 0.2  # cosine edges of the taper, as a fraction of the field side
@@ -145,15 +178,15 @@ def seed_stats(seed, n_fields, n_cluster_fields, smooth_arcmin=1.0):
     sigma_pix = smooth_arcmin * 60.0 / config.pixel_arcsec
     power, moments = [], np.zeros(4)
     for _ in range(n_fields):
-        kappa = simulate_skies.simulate_cluster_field(config, rng, cluster=False,
-                                                      shear=False)["kappa"]
+        kappa = skies.simulate_cluster_field(config, rng, cluster=False,
+                                             shear=False)["kappa"]
         power.append(binned_power(kappa, config))
         moments += _smoothed_moments(kappa, sigma_pix)
     m_cl, peak, m200 = [], [], []
     nm = config.mosaic_npix
     jj, ii = np.meshgrid(np.arange(nm), np.arange(nm))
     for _ in range(n_cluster_fields):
-        field = simulate_skies.simulate_cluster_field(config, rng, shear=False)
+        field = skies.simulate_cluster_field(config, rng, shear=False)
         mos = wlcnn.mosaic_truth(field["kappa"], config)
         i0, j0 = np.unravel_index(np.argmax(mos), mos.shape)
         # M_cl: the mosaic truth summed within 10 mosaic pixels of its peak (§3.3).
@@ -183,7 +216,7 @@ def run_seeds(seeds, n_fields, n_cluster_fields, workers=1):
 # ## Evaluate
 def cl_deviations(results, config=wlcnn.PAPER):
     """Per-seed deviations C_ℓ(sim)/C_ℓ(theory) − 1, shape (n_seeds, n_bins), and the theory."""
-    theory = binned_theory(lambda ell: simulate_skies.theory_cl(ell, config), config)
+    theory = binned_theory(lambda ell: skies.theory_cl(ell, config), config)
     sims = np.array([r["power"].mean(axis=0) for r in results])
     return sims / theory - 1.0, theory
 
@@ -196,11 +229,11 @@ def one_point(results, smooth_arcmin=1.0, config=wlcnn.PAPER):
     skew = (s3 / n - 3 * mean * s2 / n + 2 * mean**3) / var**1.5
     ell = np.logspace(0, 5.5, 4000)
     sig_rad = np.radians(smooth_arcmin / 60.0)
-    cl = simulate_skies.theory_cl(ell, config)
+    cl = skies.theory_cl(ell, config)
     var_theory = np.trapezoid(ell**2 * cl * np.exp(-(ell * sig_rad) ** 2) / (2 * np.pi),
                               np.log(ell))
-    sim = simulate_skies.SIMULATOR
-    kappa0 = (simulate_skies.kappa0_hilbert2011(config.z_source) if sim.kappa0 is None
+    sim = skies.SIMULATOR
+    kappa0 = (skies.kappa0_hilbert2011(config.z_source) if sim.kappa0 is None
               else sim.kappa0)
     r = np.sqrt(var_theory) / kappa0
     return {"var_sim": float(var), "var_theory": float(var_theory),
@@ -220,11 +253,11 @@ def plot(path, dev, theory, config=wlcnn.PAPER):
     scale_mid = ell_mid * (ell_mid + 1) / (2 * np.pi)
     mean, scatter = dev.mean(axis=0), dev.std(axis=0, ddof=1)
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].loglog(ell, scale * simulate_skies.theory_cl(ell, config), "k-",
+    ax[0].loglog(ell, scale * skies.theory_cl(ell, config), "k-",
                  label="theory (halofit)")
-    ax[0].loglog(ell, scale * simulate_skies.halo_cl_1h(ell, config), "k:",
+    ax[0].loglog(ell, scale * skies.halo_cl_1h(ell, config), "k:",
                  label="field halos, 1-halo (as painted)")
-    ax[0].loglog(ell, scale * simulate_skies.lss_cl(ell, config), "k--",
+    ax[0].loglog(ell, scale * skies.lss_cl(ell, config), "k--",
                  label="log-normal field (target)")
     ax[0].loglog(ell_mid, scale_mid * theory, "ks", mfc="none",
                  label="theory through the estimator")
@@ -246,23 +279,13 @@ def plot(path, dev, theory, config=wlcnn.PAPER):
     ax[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax[1].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def main(argv=None):
     """Run the realism statistics; the last printed line is one JSON object."""
-    p = argparse.ArgumentParser(description="realism of the simulated skies against theory")
-    p.add_argument("--n-seeds", type=int, default=10, help="seeds seed, seed+1, ...")
-    p.add_argument("--n-fields", type=int, default=50, help="random fields per seed")
-    p.add_argument("--n-cluster-fields", type=int, default=4, help="cluster fields per seed")
-    p.add_argument("--seed", type=int, default=2021, help="first seed")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--plot", default="docs/sim_stats.png", help="figure path ('' for none)")
-    args = p.parse_args(argv)
-    if args.n_seeds < 2 or args.n_fields < 1 or args.n_cluster_fields < 0 or args.workers < 1:
-        p.error("need --n-seeds >= 2 (a scatter), --n-fields >= 1, --workers >= 1")
+    args = parse_args(argv)
     t0 = time.perf_counter()
     seeds = range(args.seed, args.seed + args.n_seeds)
     results = run_seeds(seeds, args.n_fields, args.n_cluster_fields, args.workers)

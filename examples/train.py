@@ -11,23 +11,28 @@ Each epoch prints a line with the samples seen, the losses and the rate.
 """
 import argparse
 import dataclasses
+import os
 import sys
-
-import wlcnn
 
 #: Options that replace a field of the preset.
 OVERRIDES = {"epochs": int, "steps_per_epoch": int, "batch_size": int, "n_val": int,
              "learning_rate": float, "init": str}
+#: wlcnn.PRESETS, wlcnn.VARIANTS and wlcnn.INITS by name, so that the command line answers
+#: before TensorFlow loads (tests/test_cli.py checks that they agree).
+PRESET_NAMES = ("paper", "quick")
+VARIANT_NAMES = ("FocalLoss", "Fiducial", "4Channel", "19Filter", "29Filter", "NoSkip")
+INIT_NAMES = ("glorot", "ks93")
 
 
-def main(argv=None):
-    """Train K runs of the CNN on a dataset; returns the exit status."""
+def build_parser():
+    """The command line of this script."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="dataset directory (simulate_skies.py)")
-    p.add_argument("--out", required=True, help="output directory of the runs")
-    p.add_argument("--preset", default="quick", choices=sorted(wlcnn.PRESETS),
+    p.add_argument("--out", required=True,
+                   help="output directory of the runs, created with its parents if missing")
+    p.add_argument("--preset", default="quick", choices=PRESET_NAMES,
                    help="quick: 30 min on a CPU, from KS93; paper: §2.3.2 as published")
-    p.add_argument("--variant", default="FocalLoss", choices=list(wlcnn.VARIANTS),
+    p.add_argument("--variant", default="FocalLoss", choices=VARIANT_NAMES,
                    help="Appendix A variant")
     p.add_argument("--runs", type=int, default=None, help="independent runs (default: preset's)")
     p.add_argument("--seed", type=int, default=0)
@@ -38,12 +43,37 @@ def main(argv=None):
     p.add_argument("--snapshot-every", type=int, default=None, metavar="N",
                    help="keep the weights after every N-th epoch (a learning curve's points)")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
-                   help="0 silent, 1 a line an epoch, 2 Keras's progress bar too")
+                   help="0 silent, 1 a line an epoch, 2 Keras's progress bar and "
+                        "TensorFlow's C++ log too")
     g = p.add_argument_group("changes to the preset (a resumed run must repeat them)")
     for name, kind in OVERRIDES.items():
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       choices=wlcnn.INITS if name == "init" else None)
+                       choices=INIT_NAMES if name == "init" else None)
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with ``--out`` checked before any work."""
+    p = build_parser()
     args = p.parse_args(argv)
+    # --out is made with its parents: what exists of its path must be a directory.
+    path = os.path.abspath(args.out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        p.error(f"--out: {path} is not a directory")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose == 2 else "3")
+import wlcnn  # noqa: E402  (after the command line: see above)
+
+
+def main(argv=None):
+    """Train K runs of the CNN on a dataset; returns the exit status."""
+    args = parse_args(argv)
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     try:
         preset = dataclasses.replace(wlcnn.get_preset(args.preset), **changes)

@@ -29,17 +29,17 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import simulate_skies
-import wlcnn
 
-
-def parse(argv):
+def build_parser():
+    """The command line of this script."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/train_quick", help="work directory (data/, runs/)")
+    p.add_argument("--out", default="runs/train_quick",
+                   help="work directory (data/, runs/), created with its parents if missing")
     p.add_argument("--train", type=int, default=24, help="training clusters")
     p.add_argument("--val", type=int, default=8, help="validation clusters")
     p.add_argument("--test", type=int, default=8, help="test clusters")
@@ -49,12 +49,33 @@ def parse(argv):
     p.add_argument("--stride", type=int, default=12, help="mosaic offset step (paper: 3)")
     p.add_argument("--orientations", type=int, default=1, choices=[1, 6], help="paper: 6")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with ``--out`` checked before any work."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    # --out is made with its parents: what exists of its path must be a directory.
+    path = os.path.abspath(args.out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        p.error(f"--out: {path} is not a directory")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+import skies  # noqa: E402  (after the command line: see above)
+import wlcnn  # noqa: E402
 
 
 def main(argv=None):
     """Simulate, train, evaluate; returns the exit status."""
-    args = parse(argv)
+    args = parse_args(argv)
     out, config, t0 = Path(args.out), wlcnn.PAPER, time.perf_counter()
 
     # ## Data
@@ -62,8 +83,8 @@ def main(argv=None):
     # structure; its catalog of 25 sources per arcmin² is stored, and
     # training draws a new catalog at every visit (fresh_catalogs).
     counts = {"train": args.train, "val": args.val, "test": args.test}
-    simulate_skies.write_dataset(out / "data", counts, config, args.seed,
-                                 field_fn=simulate_skies.simulated_field, shard_size=8)
+    skies.write_dataset(out / "data", counts, config, args.seed,
+                        field_fn=skies.simulated_field, shard_size=8)
     t_data = time.perf_counter()
 
     # ## Model

@@ -36,17 +36,53 @@ The shipped quick model does not beat KS93 here: its S/N has a heavy positive ta
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
 
-import numpy as np
-from astropy.table import Table
 
-import mass_peaks as mp
-import reconstruct_catalog as rc
-import simulate_skies
-import wlcnn
+def build_parser():
+    """The command line of this script."""
+    p = argparse.ArgumentParser(description="halo completeness vs mass and purity, CNN vs KS93")
+    p.add_argument("--models", default=None,
+                   help="run directory or .keras file(s) (default: examples/quick_model)")
+    p.add_argument("--out", default="out/wide_field",
+                   help="output directory, created with its parents if missing")
+    p.add_argument("--size", type=float, default=120.0, help="field side, arcmin (>= 120 for 2°)")
+    p.add_argument("--purity", type=float, default=0.5, help="the common purity of the comparison")
+    p.add_argument("--ks93-fwhm", type=float, default=None,
+                   help="KS93 smoothing, arcmin (default 1.25)")
+    p.add_argument("--cnn-noise", type=int, default=2, help="CNN noise realisations")
+    p.add_argument("--ks93-noise", type=int, default=8, help="KS93 noise realisations")
+    p.add_argument("--stride", type=int, default=None,
+                   help="mosaic stride, input pixels (default 36)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with ``--out`` checked before any work."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    # --out is made with its parents: what exists of its path must be a directory.
+    path = os.path.abspath(args.out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        p.error(f"--out: {path} is not a directory")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+import numpy as np  # noqa: E402  (after the command line: see above)
+from astropy.table import Table  # noqa: E402
+
+import skies  # noqa: E402
+import wlcnn  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 MODEL_DIR = HERE / "quick_model"
@@ -66,7 +102,7 @@ THRESHOLDS = tuple(np.round(np.arange(2.5, 7.01, 0.25), 2))
 EDGE_ARCMIN = 2.0             # peaks and halos this close to the field's edge are left out
 STRIDE = 36
 PEAK_SEPARATION_ARCMIN = 1.0  # a peak is the highest pixel within ±1′, as examples/cosmos.py
-#: KS93 smoothing for ground-based densities (reconstruct_catalog.KS93_MAP_FWHM_ARCMIN's note).
+#: KS93 smoothing for ground-based densities (skies.KS93_MAP_FWHM_ARCMIN's note).
 KS93_FWHM_ARCMIN = 1.25
 #: The noise of a simulated field is homogeneous (uniform sources): its
 #: mean and variance maps are smoothed over 5′ (σ) to a near-global value.
@@ -80,14 +116,14 @@ def simulate_sky(size_arcmin, rng, model_config):
     Returns
     -------
     field : dict
-        From ``simulate_skies.simulate_cluster_field(cluster=False)``.
+        From ``skies.simulate_cluster_field(cluster=False)``.
     src : tuple of numpy.ndarray
         (x, y, e1, e2, sigma), x and y in arcsec from the field centre (x West).
     """
     npix = int(round(size_arcmin * 60.0 / model_config.pixel_arcsec))
     cfg = dataclasses.replace(model_config, field_arcmin=npix * model_config.pixel_arcsec / 60.0,
                               npix=npix, source_density_arcmin2=DENSITY)
-    field = simulate_skies.simulate_cluster_field(cfg, rng, cluster=False)
+    field = skies.simulate_cluster_field(cfg, rng, cluster=False)
     cat = wlcnn.simulate_catalog(field["kappa"], field["gamma1"], field["gamma2"], cfg, rng)
     half = cfg.field_arcmin * 30.0
     src = (np.asarray(cat["x"]) - half, np.asarray(cat["y"]) - half, np.asarray(cat["e1"]),
@@ -99,7 +135,7 @@ def halo_table(field, half):
     """The simulation's halos on the sky (ra, dec in deg), with M200 and z."""
     h = field["field_halos"]
     x, y = h["x_arcsec"] - half, h["y_arcsec"] - half
-    ra, dec = rc.tangent_plane_wcs(CENTER).pixel_to_world_values(x, y)
+    ra, dec = skies.tangent_plane_wcs(CENTER).pixel_to_world_values(x, y)
     return Table({"ra": ra, "dec": dec, "m200": h["m200_msun"], "z": h["z"], "x": x, "y": y})
 
 
@@ -114,8 +150,8 @@ def detection_tables(peaks, halos, half):
     rows = []
     for t in THRESHOLDS:
         sel = peaks[np.asarray(peaks["snr"]) >= t]
-        true, _ = mp.match_peaks(sel, real["ra"], real["dec"], MATCH_RADIUS_ARCMIN)
-        _, found = mp.match_peaks(sel, target["ra"], target["dec"], MATCH_RADIUS_ARCMIN)
+        true, _ = skies.match_peaks(sel, real["ra"], real["dec"], MATCH_RADIUS_ARCMIN)
+        _, found = skies.match_peaks(sel, target["ra"], target["dec"], MATCH_RADIUS_ARCMIN)
         row = {"threshold": float(t), "n_peaks": len(sel),
                "purity": float(true.mean()) if len(sel) else np.nan}
         for lo, hi in zip(MASS_EDGES[:-1], MASS_EDGES[1:]):
@@ -165,27 +201,15 @@ def figure(path, tables, rows):
     wlcnn.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description="halo completeness vs mass and purity, CNN vs KS93")
-    p.add_argument("--models", default=str(MODEL_DIR), help="run directory or .keras file(s)")
-    p.add_argument("--out", default="out/wide_field", help="output directory")
-    p.add_argument("--size", type=float, default=120.0, help="field side, arcmin (>= 120 for 2°)")
-    p.add_argument("--purity", type=float, default=0.5, help="the common purity of the comparison")
-    p.add_argument("--ks93-fwhm", type=float, default=KS93_FWHM_ARCMIN,
-                   help="KS93 smoothing, arcmin")
-    p.add_argument("--cnn-noise", type=int, default=2, help="CNN noise realisations")
-    p.add_argument("--ks93-noise", type=int, default=8, help="KS93 noise realisations")
-    p.add_argument("--stride", type=int, default=STRIDE, help="mosaic stride, input pixels")
-    p.add_argument("--seed", type=int, default=0)
-    return p
-
-
 def main(argv=None):
     """Simulate, reconstruct, detect; the last line printed is the JSON result."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    args.models = str(MODEL_DIR) if args.models is None else args.models
+    args.stride = STRIDE if args.stride is None else args.stride
+    args.ks93_fwhm = KS93_FWHM_ARCMIN if args.ks93_fwhm is None else args.ks93_fwhm
     t0 = time.time()
     try:
-        models, config, _ = rc.check_models(args.models)
+        models, config, _ = skies.check_models(args.models)
     except (ValueError, OSError) as exc:
         print(f"wide_field: error: {exc}", file=sys.stderr)
         return 2
@@ -195,25 +219,26 @@ def main(argv=None):
     field, src, half = simulate_sky(args.size, rng, config)
     halos = halo_table(field, half)
     halos.write(out / "halos.ecsv", overwrite=True)
-    geometry = rc.field_geometry(2 * half / 60.0, config, args.stride)
+    geometry = skies.field_geometry(2 * half / 60.0, config, args.stride)
     print(f"wide field: {2 * half / 60:.1f}′, {len(src[0])} sources, {len(halos)} halos, "
           f"{geometry.n_tiles} tiles ({time.time() - t0:.0f} s)", file=sys.stderr)
-    wcs = rc.map_wcs(CENTER, geometry)
+    wcs = skies.map_wcs(CENTER, geometry)
     x, y, e1, e2, sigma = src
     smooth = NOISE_SMOOTH_ARCMIN * 60.0 / geometry.pixel_arcsec
     edge = int(round(EDGE_ARCMIN * 60.0 / geometry.pixel_arcsec))
     footprint = np.zeros((geometry.npix, geometry.npix), dtype=bool)
     footprint[edge:-edge, edge:-edge] = True
     tables, rows, reached = {}, {}, {}
-    methods = (("ks93", mp.ks93_map_fn(x, y, sigma, geometry, args.ks93_fwhm), args.ks93_noise),
-               ("cnn", mp.cnn_map_fn(x, y, sigma, models, geometry, rng), args.cnn_noise))
+    methods = (("ks93", skies.ks93_map_fn(x, y, sigma, geometry, args.ks93_fwhm), args.ks93_noise),
+               ("cnn", skies.cnn_map_fn(x, y, sigma, models, geometry, rng), args.cnn_noise))
     for name, fn, n in methods:
         t1 = time.time()
         kappa = fn(e1, e2)
-        sig = mp.significance_map(kappa, mp.noise_maps(fn, e1, e2, n, rng, progress=True), smooth)
+        noise = skies.noise_maps(fn, e1, e2, n, rng, progress=True)
+        sig = skies.significance_map(kappa, noise, smooth)
         box = 2 * int(round(PEAK_SEPARATION_ARCMIN * 60.0 / geometry.pixel_arcsec)) + 1
-        peaks = mp.find_peaks(sig.snr, kappa, wcs, min(THRESHOLDS), footprint, size=box)
-        mp.write_peaks(peaks, out / f"peaks_{name}.ecsv", overwrite=True)
+        peaks = skies.find_peaks(sig.snr, kappa, wcs, min(THRESHOLDS), footprint, size=box)
+        skies.write_peaks(peaks, out / f"peaks_{name}.ecsv", overwrite=True)
         tables[name] = detection_tables(peaks, halos, half)
         rows[name], reached[name] = at_purity(tables[name], args.purity)
         print(f"{name}: {time.time() - t1:.0f} s, {len(peaks)} peaks at S/N >= {min(THRESHOLDS)}",

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import wlcnn
-from simulate_skies import write_dataset
+from skies import write_dataset
 
 
 def blob_field(config, rng, *_):

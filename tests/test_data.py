@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import wlcnn
-from simulate_skies import write_dataset
+from skies import write_dataset
 
 CFG = wlcnn.PAPER
 ZERO = np.zeros((CFG.npix, CFG.npix))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import wlcnn
-from simulate_skies import write_dataset
+from skies import write_dataset
 import evaluate_table2
 from conftest import blob_field
 

@@ -1,11 +1,10 @@
-"""Significance maps, peak catalogues, matching and stacking (examples/mass_peaks.py)."""
+"""Significance maps, peak catalogues, matching and stacking (examples/skies.py, section 3)."""
 import numpy as np
 import scipy.ndimage
 import pytest
 from astropy.table import Table
 
-import mass_peaks as mp
-import reconstruct_catalog as rc
+import skies
 import wlcnn
 
 CENTER = (150.1, 2.2)  # a COSMOS-like field centre, degrees
@@ -13,8 +12,8 @@ CENTER = (150.1, 2.2)  # a COSMOS-like field centre, degrees
 
 def small_field(size_arcmin=16.0):
     """A field's output grid and WCS (11.52″ pixels) at CENTER."""
-    geometry = rc.field_geometry(size_arcmin, wlcnn.PAPER)
-    return geometry, rc.map_wcs(CENTER, geometry)
+    geometry = skies.field_geometry(size_arcmin, wlcnn.PAPER)
+    return geometry, skies.map_wcs(CENTER, geometry)
 
 
 def _bilinear(field, x_arcsec, y_arcsec, pixel_arcsec):
@@ -53,7 +52,7 @@ def test_rotation_keeps_modulus_turns_phase_by_twice_a_uniform_angle():
     rng = np.random.default_rng(1)
     n = 200_000
     e1, e2 = 0.3 + 0.05 * rng.normal(size=n), -0.1 + 0.05 * rng.normal(size=n)
-    r1, r2 = mp.rotate_shapes(e1, e2, np.random.default_rng(2))
+    r1, r2 = skies.rotate_shapes(e1, e2, np.random.default_rng(2))
     np.testing.assert_allclose(np.hypot(r1, r2), np.hypot(e1, e2), rtol=1e-12)
     # Spin 2: ε e^{2iψ} with ψ uniform in [0, π), the same draws as the function's.
     psi = np.random.default_rng(2).uniform(0.0, np.pi, n)
@@ -70,19 +69,19 @@ def test_noise_maps_of_a_lensed_catalog_have_zero_mean_where_the_cluster_is():
     geometry, wcs = small_field()
     rng = np.random.default_rng(3)
     x, y, e1, e2, sigma = catalog(geometry, rng, cluster=(180.0, -120.0, 0.3, 60.0))
-    map_fn = mp.ks93_map_fn(x, y, sigma, geometry, fwhm_arcmin=1.0)
+    map_fn = skies.ks93_map_fn(x, y, sigma, geometry, fwhm_arcmin=1.0)
     kappa = map_fn(e1, e2)
-    noise = mp.noise_maps(map_fn, e1, e2, 24, np.random.default_rng(4))
+    noise = skies.noise_maps(map_fn, e1, e2, 24, np.random.default_rng(4))
     assert noise.shape == (24,) + kappa.shape
     iy, ix = np.unravel_index(np.argmax(kappa), kappa.shape)
-    sig = mp.significance_map(kappa, noise)
+    sig = skies.significance_map(kappa, noise)
     assert sig.snr[iy, ix] > 5  # the planted cluster, ~0.23 after smoothing, noise ~0.023
     # Its peak is where it was planted, 3′ West and 2′ South of the centre (the
     # 1″ tangent-plane WCS turns those offsets to the sky independently of
     # the map's WCS); 0.5′: the noise moves a peak of 9σ by ~2 pixels (23″).
-    peak = mp.find_peaks(sig.snr, kappa, wcs, threshold=5.0)[0]
-    ra0, dec0 = rc.tangent_plane_wcs(CENTER).pixel_to_world_values(180.0, -120.0)
-    assert mp._separation_arcmin([peak["ra"]], [peak["dec"]], [ra0], [dec0])[0, 0] < 0.5
+    peak = skies.find_peaks(sig.snr, kappa, wcs, threshold=5.0)[0]
+    ra0, dec0 = skies.tangent_plane_wcs(CENTER).pixel_to_world_values(180.0, -120.0)
+    assert skies._separation_arcmin([peak["ra"]], [peak["dec"]], [ra0], [dec0])[0, 0] < 0.5
     # Mean of the rotated maps at the cluster: zero within 4 standard errors
     # (4: one pixel, a two-sided test that a fixed seed passes by a margin).
     assert abs(noise[:, iy, ix].mean()) < 4 * noise[:, iy, ix].std(ddof=1) / np.sqrt(24)
@@ -92,13 +91,13 @@ def test_snr_of_a_pure_noise_catalog_is_standard_normal():
     geometry, wcs = small_field()
     rng = np.random.default_rng(5)
     x, y, e1, e2, sigma = catalog(geometry, rng)
-    map_fn = mp.ks93_map_fn(x, y, sigma, geometry, fwhm_arcmin=1.0)
-    noise = mp.noise_maps(map_fn, e1, e2, 40, np.random.default_rng(6))
+    map_fn = skies.ks93_map_fn(x, y, sigma, geometry, fwhm_arcmin=1.0)
+    noise = skies.noise_maps(map_fn, e1, e2, 40, np.random.default_rng(6))
     border = 8  # KS93's noise is lower near the zero-padded edge; σ is per pixel: all but a rim
     snrs = []
     for seed in range(6):  # fresh shape noise at the same positions: independent pure-noise maps
         f1, f2 = np.random.default_rng(100 + seed).normal(0.0, 0.25, (2, len(x)))
-        snr = mp.significance_map(map_fn(f1, f2), noise).snr
+        snr = skies.significance_map(map_fn(f1, f2), noise).snr
         snrs.append(snr[border:-border, border:-border].ravel())
     snrs = np.concatenate(snrs)
     # Per-pixel σ from 40 realisations: S/N ~ Student t, std sqrt(39/37) = 1.03.
@@ -113,7 +112,7 @@ def test_smoothed_noise_gives_the_same_snr_scale():
     noise = rng.normal(0.0, 0.02, (6, 60, 60))  # white noise, σ = 0.02 everywhere
     kappa = np.zeros((60, 60))
     kappa[30, 30] = 0.1
-    sig = mp.significance_map(kappa, noise, smooth_pix=6.0)
+    sig = skies.significance_map(kappa, noise, smooth_pix=6.0)
     # 6 maps × ~(2·6)² pixels in the smoothing window: σ known to ~2 %; 5 % margin.
     assert sig.snr[30, 30] == pytest.approx(5.0, rel=0.05)
     assert np.nanmedian(sig.std) == pytest.approx(0.02, rel=0.05)
@@ -121,11 +120,11 @@ def test_smoothed_noise_gives_the_same_snr_scale():
 
 def test_significance_and_noise_maps_reject_bad_input():
     with pytest.raises(ValueError, match="n_realisations"):
-        mp.noise_maps(lambda a, b: np.zeros((2, 2)), [0.1], [0.1], 1, np.random.default_rng(0))
+        skies.noise_maps(lambda a, b: np.zeros((2, 2)), [0.1], [0.1], 1, np.random.default_rng(0))
     with pytest.raises(ValueError, match="noise must have shape"):
-        mp.significance_map(np.zeros((4, 4)), np.zeros((3, 4, 5)))
+        skies.significance_map(np.zeros((4, 4)), np.zeros((3, 4, 5)))
     with pytest.raises(ValueError, match="smooth_pix"):
-        mp.significance_map(np.zeros((4, 4)), np.zeros((3, 4, 4)), smooth_pix=-1)
+        skies.significance_map(np.zeros((4, 4)), np.zeros((3, 4, 4)), smooth_pix=-1)
 
 
 # ---------------------------------------------------------------------------
@@ -145,7 +144,7 @@ def planted_maps(geometry):
 def test_find_peaks_recovers_planted_peaks_on_the_sky():
     geometry, wcs = small_field()
     kappa, snr, planted = planted_maps(geometry)
-    table = mp.find_peaks(snr, kappa, wcs, threshold=4.0)
+    table = skies.find_peaks(snr, kappa, wcs, threshold=4.0)
     # 0.05 / 0.02 = 2.5 < 4: the third peak is below threshold.
     assert len(table) == 2
     assert list(table["snr"]) == pytest.approx([10.0, 5.0], rel=1e-12)
@@ -170,7 +169,7 @@ def test_find_peaks_ignores_pixels_outside_the_footprint():
     kappa, snr, planted = planted_maps(geometry)
     footprint = np.ones_like(snr, dtype=bool)
     footprint[20, 60] = False  # the brightest peak's pixel
-    table = mp.find_peaks(snr, kappa, wcs, threshold=4.0, footprint=footprint)
+    table = skies.find_peaks(snr, kappa, wcs, threshold=4.0, footprint=footprint)
     # Its neighbours, now maxima of the remaining pixels, are > 4 (10 e^{-1/8} = 8.8).
     assert table[0]["snr"] == pytest.approx(10.0 * np.exp(-1 / 8))
     assert (20, 60) not in [(r["y"], r["x"]) for r in table]
@@ -180,15 +179,15 @@ def test_find_peaks_ignores_pixels_outside_the_footprint():
 def test_peak_table_round_trips_with_units(tmp_path, name):
     geometry, wcs = small_field()
     kappa, snr, _ = planted_maps(geometry)
-    table = mp.find_peaks(snr, kappa, wcs, threshold=2.0)
-    path = mp.write_peaks(table, tmp_path / name)
+    table = skies.find_peaks(snr, kappa, wcs, threshold=2.0)
+    path = skies.write_peaks(table, tmp_path / name)
     back = Table.read(path)
     assert len(back) == 3 and back["ra"].unit == "deg" and back["dec"].unit == "deg"
     np.testing.assert_allclose(back["snr"], table["snr"])
     with pytest.raises(FileExistsError):
-        mp.write_peaks(table, path)
+        skies.write_peaks(table, path)
     with pytest.raises(ValueError, match="unknown peak-table format"):
-        mp.write_peaks(table, tmp_path / "peaks.txt")
+        skies.write_peaks(table, tmp_path / "peaks.txt")
 
 
 # ---------------------------------------------------------------------------
@@ -212,23 +211,23 @@ def constructed_peaks():
 
 def test_completeness_and_purity_of_a_constructed_catalogue():
     peaks, ra, dec = constructed_peaks()
-    table = mp.completeness_purity(peaks, ra, dec, radius_arcmin=1.0, thresholds=[3, 4, 5])
+    table = skies.completeness_purity(peaks, ra, dec, radius_arcmin=1.0, thresholds=[3, 4, 5])
     assert list(table["n_peaks"]) == [5, 3, 2]
     assert list(table["completeness"]) == pytest.approx([3 / 4, 2 / 4, 1 / 4])
     assert list(table["purity"]) == pytest.approx([3 / 5, 2 / 3, 1 / 2])
     # A radius below the 0.5′ offsets matches nothing.
-    tight = mp.completeness_purity(peaks, ra, dec, radius_arcmin=0.4, thresholds=[3])
+    tight = skies.completeness_purity(peaks, ra, dec, radius_arcmin=0.4, thresholds=[3])
     assert tight["completeness"][0] == 0 and tight["purity"][0] == 0
     with pytest.raises(ValueError, match="below the peak table"):
-        mp.completeness_purity(peaks, ra, dec, 1.0, thresholds=[2])
+        skies.completeness_purity(peaks, ra, dec, 1.0, thresholds=[2])
 
 
 def test_match_radius_is_a_great_circle_distance():
     # 0.9′ of RA offset on the sky at Dec 60° is 1.8′ of RA coordinate: matched at 1′.
     peaks = Table({"ra": [offset(0.0, 60.0, 0.9, 0.0)[0]], "dec": [60.0]})
-    true, found = mp.match_peaks(peaks, [0.0], [60.0], radius_arcmin=1.0)
+    true, found = skies.match_peaks(peaks, [0.0], [60.0], radius_arcmin=1.0)
     assert true[0] and found[0]
-    true, found = mp.match_peaks(peaks, [0.0], [60.0], radius_arcmin=0.85)
+    true, found = skies.match_peaks(peaks, [0.0], [60.0], radius_arcmin=0.85)
     assert not true[0] and not found[0]
 
 
@@ -239,15 +238,15 @@ def test_objects_outside_the_footprint_error_or_are_skipped():
     ra = np.array([CENTER[0], CENTER[0] + 1.0, wcs.pixel_to_world_values(3, 40)[0]])
     dec = np.array([CENTER[1], CENTER[1], wcs.pixel_to_world_values(3, 40)[1]])
     with pytest.raises(ValueError, match="2 of 3 known objects lie outside"):
-        mp.objects_inside(ra, dec, wcs, footprint)
-    keep = mp.objects_inside(ra, dec, wcs, footprint, outside="skip")
+        skies.objects_inside(ra, dec, wcs, footprint)
+    keep = skies.objects_inside(ra, dec, wcs, footprint, outside="skip")
     assert list(keep) == [True, False, False]
     with pytest.raises(ValueError, match="none of the 1"):
-        mp.objects_inside([CENTER[0] + 5], [CENTER[1]], wcs, footprint, outside="skip")
+        skies.objects_inside([CENTER[0] + 5], [CENTER[1]], wcs, footprint, outside="skip")
     with pytest.raises(ValueError, match="outside must be"):
-        mp.objects_inside(ra, dec, wcs, footprint, outside="ignore")
+        skies.objects_inside(ra, dec, wcs, footprint, outside="ignore")
     with pytest.raises(ValueError, match="NaN"):
-        mp.objects_inside([np.nan], [0.0], wcs, footprint)
+        skies.objects_inside([np.nan], [0.0], wcs, footprint)
 
 
 def test_stack_snr_detects_planted_bumps_and_not_random_positions():
@@ -258,7 +257,7 @@ def test_stack_snr_detects_planted_bumps_and_not_random_positions():
     px = rng.uniform(5, n - 5, (2, 30))
     ra, dec = wcs.pixel_to_world_values(px[0], px[1])
     footprint = np.ones((n, n), dtype=bool)
-    null = mp.stack_snr(kappa, wcs, ra, dec, footprint, np.random.default_rng(9), n_random=500)
+    null = skies.stack_snr(kappa, wcs, ra, dec, footprint, np.random.default_rng(9), n_random=500)
     # Pure noise at the objects: |S/N| < 3 (a 3σ two-sided test; this seed gives well below).
     assert abs(null.snr) < 3
     # Random sets of 30 pixel values (bilinear: < σ each): spread ≤ 0.02 / sqrt(30).
@@ -266,7 +265,7 @@ def test_stack_snr_detects_planted_bumps_and_not_random_positions():
     iy, ix = np.round(px[1]).astype(int), np.round(px[0]).astype(int)
     kappa[iy, ix] += 0.05  # a bump at the nearest pixel of each object
     ra, dec = wcs.pixel_to_world_values(ix, iy)
-    hit = mp.stack_snr(kappa, wcs, ra, dec, footprint, np.random.default_rng(9), n_random=500)
+    hit = skies.stack_snr(kappa, wcs, ra, dec, footprint, np.random.default_rng(9), n_random=500)
     assert hit.n == 30 and hit.kappa == pytest.approx(0.05, abs=0.02 / np.sqrt(30) * 4)
     assert hit.snr > 10  # 0.05 / (0.02 / sqrt(30)) ≈ 14
 
@@ -308,7 +307,7 @@ def test_weight_rescaling_makes_the_weights_inverse_variances():
 # ---------------------------------------------------------------------------
 def test_wide_field_completeness_per_mass_bin_and_purity_on_constructed_halos():
     import wide_field as wf
-    plane = rc.tangent_plane_wcs(wf.CENTER)
+    plane = skies.tangent_plane_wcs(wf.CENTER)
     # Halos (x, y arcsec from the centre, M200, z): two of 1.5e14, one of 3e14,
     # one of 3e14 beyond z = 1 (not a target), one 1.5e14 at the field's edge (left out).
     hx = np.array([-600.0, 600.0, 0.0, 900.0, 2950.0])

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import wlcnn
-from simulate_skies import write_dataset
+from skies import write_dataset
 
 tf = pytest.importorskip("tensorflow")
 

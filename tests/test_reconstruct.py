@@ -1,4 +1,5 @@
-"""§4.2: real shear catalogs in sky coordinates in, FITS mass maps out (``reconstruct``)."""
+"""§4.2: real shear catalogs in sky coordinates in, FITS mass maps out (``skies.reconstruct``
+and its command line, examples/reconstruct_catalog.py)."""
 import dataclasses
 import functools
 import sys
@@ -13,6 +14,7 @@ from astropy.wcs import WCS
 
 import wlcnn
 import reconstruct_catalog
+import skies
 
 
 #: The synthetic cluster field of these tests: a strong NFW clump at the
@@ -26,6 +28,11 @@ N_SOURCES = 2000
 SIGMA_E = 0.24                   # shape noise per component (§2.3.1)
 SEED = 7
 TEST_STRIDE = 36                 # 16 subfields a tile: the tiny untrained model needs no more
+
+
+def reconstruct(catalog, models, out_path, **options):
+    """:func:`skies.reconstruct` with its :class:`skies.ReconstructOptions` given by name."""
+    return skies.reconstruct(catalog, models, out_path, skies.ReconstructOptions(**options))
 
 
 def nfw_kappa_gamma(x, y, x0, y0, m200, c200, z_l, z_s):
@@ -56,10 +63,10 @@ def sky_catalog(n=N_SOURCES, seed=SEED, sigma_e=SIGMA_E, field_arcmin=FIELD_ARCM
                                     wlcnn.PAPER.z_lens, wlcnn.PAPER.z_source)
     g = wlcnn.reduced_shear(g1, g2, kappa)
     eps = wlcnn.lens_ellipticity(wlcnn.draw_intrinsic_ellipticity(n, sigma_e, rng), g)
-    wcs = reconstruct_catalog.tangent_plane_wcs(center)
+    wcs = skies.tangent_plane_wcs(center)
     ra, dec = wcs.pixel_to_world_values(x, y)
     # plane frame -> local (West, North)
-    eps = eps * np.exp(-2j * reconstruct_catalog.local_north_angle(ra, dec, wcs))
+    eps = eps * np.exp(-2j * skies.local_north_angle(ra, dec, wcs))
     clump = wcs.pixel_to_world_values(*CLUMP_OFFSET_ARCSEC)
     # mixed case: names match case-insensitively
     table = Table({"RA": ra, "Dec": dec, "E1": eps.real, "E2": eps.imag,
@@ -105,7 +112,7 @@ def valid_table(n=50, seed=0):
 # Tangent plane: x towards West, y towards North
 # ---------------------------------------------------------------------------
 def test_source_east_of_centre_gets_smaller_x_and_north_larger_y():
-    wcs = reconstruct_catalog.tangent_plane_wcs(CENTER)
+    wcs = skies.tangent_plane_wcs(CENTER)
     one_arcmin_ra = 1 / 60 / np.cos(np.radians(CENTER[1]))  # 1′ on the sky along RA
     x_east, y_east = wcs.world_to_pixel_values(CENTER[0] + one_arcmin_ra, CENTER[1])
     x_north, y_north = wcs.world_to_pixel_values(CENTER[0], CENTER[1] + 1 / 60)
@@ -117,8 +124,8 @@ def test_source_east_of_centre_gets_smaller_x_and_north_larger_y():
 
 
 def test_map_wcs_puts_west_at_larger_column_and_centre_on_a_pixel_corner():
-    geometry = reconstruct_catalog.field_geometry(FIELD_ARCMIN)
-    wcs = reconstruct_catalog.map_wcs(CENTER, geometry)
+    geometry = skies.field_geometry(FIELD_ARCMIN)
+    wcs = skies.map_wcs(CENTER, geometry)
     # RA decreases with the column: North up, East left
     assert wcs.wcs.cdelt[0] < 0 < wcs.wcs.cdelt[1]
     px, py = wcs.world_to_pixel_values(*CENTER)
@@ -129,10 +136,10 @@ def test_map_wcs_puts_west_at_larger_column_and_centre_on_a_pixel_corner():
 def test_local_north_rotation_is_minus_ra_offset_times_sin_dec():
     """Meridians converge towards the pole: a source Δα East sees North tilted by −Δα sin δ."""
     center = (30.0, 60.0)
-    wcs = reconstruct_catalog.tangent_plane_wcs(center)
+    wcs = skies.tangent_plane_wcs(center)
     d_ra = 0.5  # degrees of RA
     ra = np.array([center[0] + d_ra, center[0] - d_ra, center[0]])
-    psi = reconstruct_catalog.local_north_angle(ra, np.full(3, center[1]), wcs)
+    psi = skies.local_north_angle(ra, np.full(3, center[1]), wcs)
     want = np.radians(d_ra) * np.sin(np.radians(center[1]))
     # The small-angle form is exact to O(Δα³): 1e-3 relative at 0.5°.
     np.testing.assert_allclose(psi, [-want, want, 0.0], rtol=1e-3, atol=1e-12)
@@ -142,7 +149,7 @@ def test_default_centre_is_the_middle_of_the_extent_even_across_ra_zero():
     rng = np.random.default_rng(SEED)
     ra = rng.uniform(-0.1, 0.1, 500) % 360.0  # a field straddling RA = 0
     dec = rng.uniform(-30.1, -29.9, 500)
-    ra_c, dec_c = reconstruct_catalog.catalog_center(ra, dec)
+    ra_c, dec_c = skies.catalog_center(ra, dec)
     # The bounding box's middle: within 0.001° (the extreme sources of 500 fall that close
     # to the ±0.1° edges), and RA near 0/360 — not the 180° of a naive mean.
     assert min(ra_c, 360.0 - ra_c) < 1e-3 and dec_c == pytest.approx(-30.0, abs=1e-3)
@@ -150,8 +157,8 @@ def test_default_centre_is_the_middle_of_the_extent_even_across_ra_zero():
 
 def test_celestial_frame_negates_e2():
     table = valid_table()
-    euc = reconstruct_catalog.read_catalog(table)
-    cel = reconstruct_catalog.read_catalog(table, coordinate_system="celestial")
+    euc = skies.read_catalog(table)
+    cel = skies.read_catalog(table, coordinate_system="celestial")
     np.testing.assert_array_equal(cel.e1, euc.e1)
     np.testing.assert_array_equal(cel.e2, -euc.e2)
 
@@ -160,9 +167,9 @@ def test_weights_become_sigma_and_sigma_column_is_used_as_is():
     table = valid_table()
     table["w"] = table["weight"] * 4.0
     table["sig"] = np.full(len(table), 0.3)
-    by_weight = reconstruct_catalog.read_catalog(table, weight_col="w")
+    by_weight = skies.read_catalog(table, weight_col="w")
     np.testing.assert_allclose(by_weight.sigma, 1 / np.sqrt(64.0))
-    by_sigma = reconstruct_catalog.read_catalog(table, sigma_col="sig")
+    by_sigma = skies.read_catalog(table, sigma_col="sig")
     np.testing.assert_array_equal(by_sigma.sigma, 0.3)
 
 
@@ -170,7 +177,7 @@ def test_weights_become_sigma_and_sigma_column_is_used_as_is():
 # Geometry: one tile for a §4.2-sized field, overlapping tiles beyond
 # ---------------------------------------------------------------------------
 def test_small_field_is_one_tile_in_the_middle_of_the_input():
-    g = reconstruct_catalog.field_geometry(9.0)  # the HST field of §4.2
+    g = skies.field_geometry(9.0)  # the HST field of §4.2
     assert g.n_tiles == 1
     assert g.npix == 48  # 9′ = 540″ = 46.9 pixels of 11.52″, rounded up to an even number
     # The field centre is the 32′ input's centre: the input grid starts 16′ East and South of it.
@@ -179,7 +186,7 @@ def test_small_field_is_one_tile_in_the_middle_of_the_input():
 
 @pytest.mark.parametrize("size", [26.0, 32.0, 40.0, 75.0])
 def test_tiles_cover_every_pixel_and_abut_on_one_lattice_of_subfields(size):
-    g = reconstruct_catalog.field_geometry(size)
+    g = skies.field_geometry(size)
     line = np.zeros(g.npix, dtype=int)
     cover = wlcnn.mosaic_coverage(g.config, g.stride)[g.config.mosaic_npix // 2] > 0
     for a in g.tile_starts:
@@ -197,19 +204,19 @@ def test_tiled_mosaic_lands_on_the_right_sky_pixels(catalog, size):
     tiles, offsets and averaging, exactly the field grid's Δε on every pixel: the
     tiles' pixels are the output grid's (no shift, no resampling)."""
     cfg = wlcnn.PAPER
-    g = reconstruct_catalog.field_geometry(size, cfg, stride=TEST_STRIDE)
-    sky = reconstruct_catalog.read_catalog(catalog[0])
-    x, y, e1, e2 = reconstruct_catalog.project_catalog(sky, CENTER)
+    g = skies.field_geometry(size, cfg, stride=TEST_STRIDE)
+    sky = skies.read_catalog(catalog[0])
+    x, y, e1, e2 = skies.project_catalog(sky, CENTER)
     scale = size / FIELD_ARCMIN  # spread the sources over the field
     src = (x * scale, y * scale, e1, e2, sky.sigma)
 
     def footprint_delta_eps(batch):
         lo = (cfg.first_kernel - 1) // 2
         block = batch[:, lo:lo + cfg.pool * cfg.output_npix, lo:lo + cfg.pool * cfg.output_npix, 2]
-        return reconstruct_catalog.block_mean(block, cfg.pool)[..., None]
+        return skies.block_mean(block, cfg.pool)[..., None]
 
-    res = reconstruct_catalog.cnn_field_map(*src, [footprint_delta_eps], g)
-    want = reconstruct_catalog.block_mean(reconstruct_catalog.grid_field(*src, g)[2], cfg.pool)
+    res = skies.cnn_field_map(*src, [footprint_delta_eps], g)
+    want = skies.block_mean(skies.grid_field(*src, g)[2], cfg.pool)
     assert res.count.min() > 0
     # Subfields are float32: agreement to float32 round-off.
     np.testing.assert_allclose(res.mean, want, rtol=1e-6)
@@ -222,11 +229,11 @@ def test_missing_columns_are_named_with_the_available_ones():
     table = valid_table()
     del table["e2"], table["weight"]
     with pytest.raises(ValueError, match=r"missing column.*'e2'.*'weight'.*\['ra', 'dec', 'e1'\]"):
-        reconstruct_catalog.read_catalog(table)
+        skies.read_catalog(table)
 
 
 def test_columns_match_case_insensitively(catalog):
-    sky = reconstruct_catalog.read_catalog(catalog[0])  # columns RA, Dec, E1, E2, Weight
+    sky = skies.read_catalog(catalog[0])  # columns RA, Dec, E1, E2, Weight
     assert len(sky.ra) == N_SOURCES
 
 
@@ -234,16 +241,16 @@ def test_nan_rows_are_dropped_and_counted():
     table = valid_table()
     table["e1"][[3, 7]] = np.nan
     table["dec"][11] = np.nan
-    with pytest.warns(reconstruct_catalog.CatalogWarning, match="dropped 3 of 50 rows.*3 with NaN"):
-        sky = reconstruct_catalog.read_catalog(table)
+    with pytest.warns(skies.CatalogWarning, match="dropped 3 of 50 rows.*3 with NaN"):
+        sky = skies.read_catalog(table)
     assert sky.counts["dropped_nan"] == 3 and len(sky.ra) == 47
 
 
 def test_empty_entries_of_a_csv_count_as_nan(tmp_path):
     path = tmp_path / "cat.csv"
     path.write_text("ra,dec,e1,e2,weight\n150.0,2.2,0.1,,16\n150.01,2.21,0.1,0.2,16\n")
-    with pytest.warns(reconstruct_catalog.CatalogWarning):
-        sky = reconstruct_catalog.read_catalog(path)
+    with pytest.warns(skies.CatalogWarning):
+        sky = skies.read_catalog(path)
     assert sky.counts["dropped_nan"] == 1 and len(sky.ra) == 1
 
 
@@ -251,15 +258,15 @@ def test_all_nan_rows_is_an_error():
     table = valid_table()
     table["e1"] = np.nan
     with pytest.raises(ValueError, match="no usable row among 50 .*50 with NaN"):
-        reconstruct_catalog.read_catalog(table)
+        skies.read_catalog(table)
 
 
 def test_rows_with_abs_e_at_least_one_are_dropped_and_counted():
     table = valid_table()
     table["e1"][0], table["e2"][0] = 0.8, 0.6   # |e| = 1 exactly: dropped
     table["e1"][1] = 1.7
-    with pytest.warns(reconstruct_catalog.CatalogWarning, match="2 with \\|e\\| ≥ 1"):
-        sky = reconstruct_catalog.read_catalog(table)
+    with pytest.warns(skies.CatalogWarning, match="2 with \\|e\\| ≥ 1"):
+        sky = skies.read_catalog(table)
     assert sky.counts["dropped_ellipticity"] == 2 and len(sky.ra) == 48
 
 
@@ -267,23 +274,23 @@ def test_all_rows_with_abs_e_at_least_one_is_an_error():
     table = valid_table()
     table["e1"] = 1.5
     with pytest.raises(ValueError, match="no usable row.*50 with \\|e\\| ≥ 1"):
-        reconstruct_catalog.read_catalog(table)
+        skies.read_catalog(table)
 
 
 def test_zero_weight_rows_are_dropped_as_flagged():
     table = valid_table()
     table["weight"][:5] = 0.0
-    with pytest.warns(reconstruct_catalog.CatalogWarning, match="5 with weight ≤ 0"):
-        sky = reconstruct_catalog.read_catalog(table)
+    with pytest.warns(skies.CatalogWarning, match="5 with weight ≤ 0"):
+        sky = skies.read_catalog(table)
     assert sky.counts["dropped_weight"] == 5
 
 
 def test_every_source_outside_the_field_is_an_error(tmp_path, run_dir):
     table = valid_table()
     with pytest.raises(ValueError, match="none of the 50 sources lies inside the 1.15′ field"):
-        reconstruct_catalog.reconstruct(table, run_dir, tmp_path / "k.fits",
-                                        center=(CENTER[0] + 1.0, CENTER[1]),
-                                        size_arcmin=1.0, png=False)
+        reconstruct(table, run_dir, tmp_path / "k.fits",
+                    center=(CENTER[0] + 1.0, CENTER[1]),
+                    size_arcmin=1.0, png=False)
     assert not (tmp_path / "k.fits").exists()
 
 
@@ -291,27 +298,27 @@ def test_empty_file_is_an_error(tmp_path):
     empty = tmp_path / "empty.fits"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="empty file"):
-        reconstruct_catalog.read_catalog(empty)
+        skies.read_catalog(empty)
 
 
 def test_header_only_csv_is_an_error(tmp_path):
     path = tmp_path / "header.csv"
     path.write_text("ra,dec,e1,e2,weight\n")
     with pytest.raises(ValueError, match="no rows"):
-        reconstruct_catalog.read_catalog(path)
+        skies.read_catalog(path)
 
 
 def test_unknown_coordinate_system_is_an_error():
     with pytest.raises(ValueError,
                        match="unknown coordinate_system 'galactic'.*euclidean.*celestial"):
-        reconstruct_catalog.read_catalog(valid_table(), coordinate_system="galactic")
+        skies.read_catalog(valid_table(), coordinate_system="galactic")
 
 
 def test_weight_and_sigma_columns_together_are_an_error(tmp_path, run_dir):
     table = valid_table()
     table["sig"] = 0.3
     with pytest.raises(ValueError, match="a weight column or a sigma column, not both"):
-        reconstruct_catalog.read_catalog(table, weight_col="w", sigma_col="sig")
+        skies.read_catalog(table, weight_col="w", sigma_col="sig")
     path = tmp_path / "cat.fits"
     table.write(path)
     with pytest.raises(SystemExit) as exc:  # argparse: mutually exclusive options
@@ -334,34 +341,34 @@ def test_non_numeric_positions_are_an_error():
     table = valid_table(3)
     table["ra"] = ["01:02:53", "01:02:54", "01:02:55"]
     with pytest.raises(ValueError, match="column 'ra' is not numeric.*degrees"):
-        reconstruct_catalog.read_catalog(table)
+        skies.read_catalog(table)
 
 
 def test_model_built_for_another_grid_is_an_error(tmp_path, models):
     other = dataclasses.replace(wlcnn.PAPER, field_arcmin=30.0)  # 3.6″ pixels, not 3.84″
     with pytest.raises(ValueError, match="another grid than the data's.*field_arcmin"):
-        reconstruct_catalog.reconstruct(valid_table(), models, tmp_path / "k.fits",
-                                        config=other, png=False)
+        reconstruct(valid_table(), models, tmp_path / "k.fits",
+                    config=other, png=False)
     with pytest.raises(ValueError, match="differ in grid.*field_arcmin"):
-        reconstruct_catalog.check_models([models[0], tiny_model(5, other)])
+        skies.check_models([models[0], tiny_model(5, other)])
 
 
 def test_models_of_another_channel_count_are_an_error(models):
     with pytest.raises(ValueError, match="differ in input channels \\(3 and 4\\)"):
-        reconstruct_catalog.check_models([models[0], tiny_model(6, variant="4Channel")])
+        skies.check_models([models[0], tiny_model(6, variant="4Channel")])
     # A model that wants a channel the gridding does not make (hand-built description).
     info = dict(wlcnn.model_info(models[0]), channels=5)
     inputs = keras.Input((386, 386, 5))
     odd = keras.Model(inputs, wlcnn.ModelInfo(info, name=wlcnn.INFO_LAYER)(inputs))
     with pytest.raises(ValueError, match="expects 5 input channels; the gridded catalog has 4"):
-        reconstruct_catalog.check_models(odd)
+        skies.check_models(odd)
 
 
 def test_existing_output_is_not_overwritten_without_asking(tmp_path, models):
     out = tmp_path / "k.fits"
     out.write_text("keep me")
     with pytest.raises(FileExistsError):
-        reconstruct_catalog.reconstruct(valid_table(), models, out, png=False)
+        reconstruct(valid_table(), models, out, png=False)
     assert out.read_text() == "keep me"
 
 
@@ -387,9 +394,9 @@ def holed_catalog(n=8000, shear=(0.2, -0.1), seed=3):
 
 
 def test_noise_fill_covers_every_tile_beyond_the_field_and_the_holes_only():
-    geo = reconstruct_catalog.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
+    geo = skies.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
     src = holed_catalog()
-    fx, fy = reconstruct_catalog.noise_fill(*src, geo, np.random.default_rng(0))[:2]
+    fx, fy = skies.noise_fill(*src, geo, np.random.default_rng(0))[:2]
     half = geo.npix / 2 * geo.pixel_arcsec
     in_field = (np.abs(fx) <= half) & (np.abs(fy) <= half)
     # Inside the field, fill sources lie only in the fill cells that cover the hole:
@@ -411,17 +418,17 @@ def test_noise_fill_covers_every_tile_beyond_the_field_and_the_holes_only():
     want = density * ((hi - lo) ** 2 - (2 * half) ** 2)
     assert out_input.sum() == pytest.approx(want, rel=5 / np.sqrt(want))
     # ... and on the input's corner pixels too (the whole input is covered).
-    grid = reconstruct_catalog.grid_tile(fx, fy, *np.zeros((2, len(fx))),
-                                         np.full(len(fx), 0.3), geo,
-                                         geo.tile_starts[0], geo.tile_starts[0])
+    grid = skies.grid_tile(fx, fy, *np.zeros((2, len(fx))),
+                           np.full(len(fx), 0.3), geo,
+                           geo.tile_starts[0], geo.tile_starts[0])
     assert grid[3][[0, 0, -1, -1], [0, -1, 0, -1]].min() > 0
 
 
 def test_noise_fill_keeps_the_catalogs_noise_and_removes_its_shear():
-    geo = reconstruct_catalog.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
+    geo = skies.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
     x, y, e1, e2, sig = holed_catalog()
-    fx, fy, f1, f2, fs = reconstruct_catalog.noise_fill(x, y, e1, e2, sig, geo,
-                                                        np.random.default_rng(1))
+    fx, fy, f1, f2, fs = skies.noise_fill(x, y, e1, e2, sig, geo,
+                                          np.random.default_rng(1))
     # The catalog's mean ε is the shear (0.2, −0.1); the fill's is zero, to 5 standard
     # errors (|ε| rms ~0.4 over ~80,000 fill sources: 0.007).  A fill that kept the
     # phase, or turned ε by ψ instead of 2ψ (⟨e^{iψ}⟩ = 2i/π), would be off by ≥ 0.1.
@@ -440,24 +447,24 @@ def test_noise_fill_keeps_the_catalogs_noise_and_removes_its_shear():
 
 
 def test_noise_fill_is_reproducible_and_needs_a_source_in_the_field():
-    geo = reconstruct_catalog.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
+    geo = skies.field_geometry(FIELD_ARCMIN, stride=TEST_STRIDE)
     src = holed_catalog(n=500)
-    a = reconstruct_catalog.noise_fill(*src, geo, np.random.default_rng(5))
-    b = reconstruct_catalog.noise_fill(*src, geo, np.random.default_rng(5))
-    c = reconstruct_catalog.noise_fill(*src, geo, np.random.default_rng(6))
+    a = skies.noise_fill(*src, geo, np.random.default_rng(5))
+    b = skies.noise_fill(*src, geo, np.random.default_rng(5))
+    c = skies.noise_fill(*src, geo, np.random.default_rng(6))
     for u_, v in zip(a, b):
         np.testing.assert_array_equal(u_, v)
     assert len(a[0]) != len(c[0]) or not np.array_equal(a[0], c[0])
     far = (src[0] + 3600.0,) + src[1:]  # every source a degree West of the field
     with pytest.raises(ValueError, match="no source inside the field"):
-        reconstruct_catalog.noise_fill(*far, geo, np.random.default_rng(0))
+        skies.noise_fill(*far, geo, np.random.default_rng(0))
     with pytest.raises(TypeError):
-        reconstruct_catalog.noise_fill(*src, geo, 5)  # a seed is not a Generator
+        skies.noise_fill(*src, geo, 5)  # a seed is not a Generator
 
 
 def test_reconstruct_fills_no_data_with_noise_by_default_and_says_so(tmp_path, models, catalog):
     kw = dict(stride=TEST_STRIDE, png=False)
-    run = functools.partial(reconstruct_catalog.reconstruct, catalog[0], models)
+    run = functools.partial(reconstruct, catalog[0], models)
     a = run(tmp_path / "a.fits", n_fills=2, seed=4, **kw)
     b = run(tmp_path / "b.fits", n_fills=2, seed=4, **kw)
     c = run(tmp_path / "c.fits", n_fills=2, seed=5, **kw)
@@ -471,10 +478,10 @@ def test_reconstruct_fills_no_data_with_noise_by_default_and_says_so(tmp_path, m
     assert fits.getheader(tmp_path / "e.fits")["OUTSIDE"] == "empty"
     assert "NFILLS" not in fits.getheader(tmp_path / "e.fits")
     # The empty mode is the network on the catalog alone.
-    sky = reconstruct_catalog.read_catalog(catalog[0])
-    x, y, e1, e2 = reconstruct_catalog.project_catalog(sky, e.center)
+    sky = skies.read_catalog(catalog[0])
+    x, y, e1, e2 = skies.project_catalog(sky, e.center)
     sigma = sky.sigma / np.sqrt(e.weights["factor"])  # the weights as reconstruct rescaled them
-    want = reconstruct_catalog.cnn_field_map(x, y, e1, e2, sigma, models, e.geometry)
+    want = skies.cnn_field_map(x, y, e1, e2, sigma, models, e.geometry)
     np.testing.assert_array_equal(e.kappa_cnn, want.mean)
     # Each run's map is the mean over the same fills: the runs' spread is theirs alone.
     assert a.runs.shape == (2,) + a.kappa_cnn.shape
@@ -486,7 +493,7 @@ def test_reconstruct_fills_no_data_with_noise_by_default_and_says_so(tmp_path, m
                                        (dict(n_fills=2.5), "n_fills must be a whole number >= 1")])
 def test_bad_fill_options_are_errors(tmp_path, models, kw, match):
     with pytest.raises(ValueError, match=match):
-        reconstruct_catalog.reconstruct(valid_table(), models, tmp_path / "k.fits", png=False, **kw)
+        reconstruct(valid_table(), models, tmp_path / "k.fits", png=False, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -509,7 +516,7 @@ def test_cli_writes_four_maps_whose_wcs_puts_the_clump_at_the_ks93_peak(tmp_path
     assert (f"{N_SOURCES - 4} sources in the field of {N_SOURCES} rows (dropped: 4 NaN"
             in captured.out)
     with fits.open(out) as hdul:
-        assert [h.name for h in hdul[1:]] == list(reconstruct_catalog.MAP_EXTENSIONS)
+        assert [h.name for h in hdul[1:]] == list(skies.MAP_EXTENSIONS)
         assert hdul[0].header["NDRNAN"] == 4 and hdul[0].header["NRUNS"] == 2
         shapes = {h.data.shape for h in hdul[1:]}
         assert len(shapes) == 1
@@ -543,9 +550,9 @@ def test_euclidean_and_celestial_catalogs_give_the_same_maps(tmp_path, models, c
     cel = table.copy()
     cel["E2"] = -cel["E2"]
     kw = dict(stride=TEST_STRIDE, n_fills=1, png=False)
-    a = reconstruct_catalog.reconstruct(table, models, tmp_path / "euclidean.fits", **kw)
-    b = reconstruct_catalog.reconstruct(cel, models, tmp_path / "celestial.fits",
-                                        coordinate_system="celestial", **kw)
+    a = reconstruct(table, models, tmp_path / "euclidean.fits", **kw)
+    b = reconstruct(cel, models, tmp_path / "celestial.fits",
+                    coordinate_system="celestial", **kw)
     # −(−e2) is exact, so the same numbers go through the same arithmetic.
     for name in ("kappa_cnn", "kappa_cnn_std", "kappa_ks93", "density"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
@@ -555,10 +562,10 @@ def test_euclidean_and_celestial_catalogs_give_the_same_maps(tmp_path, models, c
 def test_other_redshifts_are_recorded_not_used_to_rescale_kappa(tmp_path, models, catalog):
     """Shear measures κ of the catalog's own sources; z only changes Σ_c (see redshift_info)."""
     kw = dict(stride=TEST_STRIDE, n_fills=1, png=False)
-    a = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "a.fits", **kw)
+    a = reconstruct(catalog[0], models, tmp_path / "a.fits", **kw)
     with pytest.warns(UserWarning, match="trained for z_l = 0.5, z_s = 1.5"):
-        b = reconstruct_catalog.reconstruct(catalog[0], models, tmp_path / "b.fits",
-                                            z_lens=0.87, z_source=1.2, **kw)
+        b = reconstruct(catalog[0], models, tmp_path / "b.fits",
+                        z_lens=0.87, z_source=1.2, **kw)
     np.testing.assert_array_equal(a.kappa_cnn, b.kappa_cnn)
     np.testing.assert_array_equal(a.kappa_ks93, b.kappa_ks93)
     h = fits.getheader(tmp_path / "b.fits")
@@ -574,8 +581,8 @@ def test_without_matplotlib_the_fits_is_written_and_the_png_skipped(tmp_path, mo
     # `from matplotlib.figure import …` fails
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.warns(UserWarning, match="matplotlib is not installed: no PNG"):
-        res = reconstruct_catalog.reconstruct(catalog[0], models[:1], tmp_path / "k.fits",
-                                              stride=TEST_STRIDE, n_fills=1)
+        res = reconstruct(catalog[0], models[:1], tmp_path / "k.fits",
+                          stride=TEST_STRIDE, n_fills=1)
     assert res.png_path is None and not (tmp_path / "k.png").exists()
     assert fits.getheader(tmp_path / "k.fits", "KAPPA_CNN")["NRUNS"] == 1
 
@@ -592,7 +599,7 @@ def covering_table(side_arcmin, density, hole=None, seed=11):
     if hole is not None:
         keep = ~((x > hole[0]) & (x < hole[1]) & (y > hole[2]) & (y < hole[3]))
         x, y = x[keep], y[keep]
-    ra, dec = reconstruct_catalog.tangent_plane_wcs(CENTER).pixel_to_world_values(x, y)
+    ra, dec = skies.tangent_plane_wcs(CENTER).pixel_to_world_values(x, y)
     e1, e2 = rng.normal(0.0, SIGMA_E, (2, len(x)))
     return Table({"ra": ra, "dec": dec, "e1": e1, "e2": e2, "weight": np.full(len(x), SIGMA_E**-2)})
 
@@ -600,14 +607,14 @@ def covering_table(side_arcmin, density, hole=None, seed=11):
 def test_one_pass_where_the_catalog_covers_the_input_and_n_fills_with_a_hole(tmp_path, models):
     # 34′ of sources cover the 10′ field's whole 32.4′ input (with the kernel's reach).
     kw = dict(size_arcmin=FIELD_ARCMIN, center=CENTER, stride=TEST_STRIDE, n_fills=3, png=False)
-    full = reconstruct_catalog.reconstruct(covering_table(34.0, 4.0), models[:1],
-                                           tmp_path / "full.fits", **kw)
+    full = reconstruct(covering_table(34.0, 4.0), models[:1],
+                       tmp_path / "full.fits", **kw)
     h = fits.getheader(tmp_path / "full.fits")
     assert (h["NPASSES"], h["NFILLS"], h["FILLERR"]) == (1, 3, 0.0)
     assert (h["NCONTEXT"], h["NUNUSED"]) == (full.counts["context"], full.counts["unused"])
     assert full.counts["context"] > 8 * full.counts["used"]  # the input beyond the field is data
-    holed = reconstruct_catalog.reconstruct(covering_table(34.0, 4.0, hole=(-200, 100, -100, 200)),
-                                            models[:1], tmp_path / "hole.fits", **kw)
+    holed = reconstruct(covering_table(34.0, 4.0, hole=(-200, 100, -100, 200)),
+                        models[:1], tmp_path / "hole.fits", **kw)
     h = fits.getheader(tmp_path / "hole.fits")
     assert h["NPASSES"] == 3 and h["FILLERR"] > 0
     assert np.all(np.isfinite(holed.kappa_cnn))
@@ -615,23 +622,23 @@ def test_one_pass_where_the_catalog_covers_the_input_and_n_fills_with_a_hole(tmp
 
 def test_ks93_smoothing_follows_the_catalogs_density_unless_given(tmp_path, models):
     # 1.25′ at the training's 25 arcmin⁻², 0.625′ at 100: the same KS93 noise at both.
-    assert reconstruct_catalog.ks93_fwhm_for_density(25.0) == pytest.approx(1.25, rel=1e-12)
-    assert reconstruct_catalog.ks93_fwhm_for_density(100.0) == pytest.approx(0.625, rel=1e-12)
+    assert skies.ks93_fwhm_for_density(25.0) == pytest.approx(1.25, rel=1e-12)
+    assert skies.ks93_fwhm_for_density(100.0) == pytest.approx(0.625, rel=1e-12)
     with pytest.raises(ValueError, match="density must be positive"):
-        reconstruct_catalog.ks93_fwhm_for_density(0.0)
+        skies.ks93_fwhm_for_density(0.0)
     kw = dict(size_arcmin=FIELD_ARCMIN, center=CENTER, stride=TEST_STRIDE, outside="empty",
               png=False)
-    res = reconstruct_catalog.reconstruct(covering_table(12.0, 16.0), models[:1],
-                                          tmp_path / "k.fits", **kw)
+    res = reconstruct(covering_table(12.0, 16.0), models[:1],
+                      tmp_path / "k.fits", **kw)
     h = fits.getheader(tmp_path / "k.fits")
     # The density is the catalog's, 16 arcmin⁻², to 5 Poisson σ of its ~1,700 sources
     # in the field's interior cells (12 %).
     assert h["DENSITY"] == pytest.approx(16.0, rel=5 / np.sqrt(16.0 * FIELD_ARCMIN**2))
     assert h["KS93FWHM"] == res.ks93_fwhm_arcmin == pytest.approx(
-        reconstruct_catalog.ks93_fwhm_for_density(h["DENSITY"]), rel=1e-12)
+        skies.ks93_fwhm_for_density(h["DENSITY"]), rel=1e-12)
     assert h["KS93RULE"] == "density"
-    reconstruct_catalog.reconstruct(covering_table(12.0, 16.0), models[:1], tmp_path / "g.fits",
-                                    ks93_fwhm_arcmin=0.8, **kw)
+    reconstruct(covering_table(12.0, 16.0), models[:1], tmp_path / "g.fits",
+                ks93_fwhm_arcmin=0.8, **kw)
     h = fits.getheader(tmp_path / "g.fits")
     assert (h["KS93FWHM"], h["KS93RULE"]) == (0.8, "given")
 
@@ -644,8 +651,8 @@ def test_weight_scale_is_one_for_inverse_variance_weights():
     sigma = rng.uniform(0.2, 0.5, 200_000)
     e1, e2 = rng.normal(0.0, sigma, (2, len(sigma)))
     # ⟨w e²/2⟩ of 200,000 χ²₂/2 draws: 1 ± 0.0022; 1 % is 4.5 σ.
-    assert reconstruct_catalog.weight_scale(e1, e2, sigma) == pytest.approx(1.0, rel=0.01)
-    assert reconstruct_catalog.weight_scale(e1, e2, sigma / 3) == pytest.approx(9.0, rel=0.01)
+    assert skies.weight_scale(e1, e2, sigma) == pytest.approx(1.0, rel=0.01)
+    assert skies.weight_scale(e1, e2, sigma / 3) == pytest.approx(9.0, rel=0.01)
 
 
 @pytest.mark.parametrize("off", [10.0, 0.1])
@@ -653,12 +660,12 @@ def test_weights_off_by_ten_are_rescaled_with_a_warning_or_kept_on_request(tmp_p
     table = covering_table(12.0, 16.0)
     kw = dict(size_arcmin=FIELD_ARCMIN, center=CENTER, stride=TEST_STRIDE, outside="empty",
               png=False)
-    right = reconstruct_catalog.reconstruct(table, models[:1], tmp_path / "right.fits", **kw)
-    assert abs(right.weights["factor"] - 1) < reconstruct_catalog.WEIGHT_TOLERANCE
+    right = reconstruct(table, models[:1], tmp_path / "right.fits", **kw)
+    assert abs(right.weights["factor"] - 1) < skies.WEIGHT_TOLERANCE
     wrong = table.copy()
     wrong["weight"] *= off
-    with pytest.warns(reconstruct_catalog.CatalogWarning, match="weights multiplied by"):
-        fixed = reconstruct_catalog.reconstruct(wrong, models[:1], tmp_path / "fixed.fits", **kw)
+    with pytest.warns(skies.CatalogWarning, match="weights multiplied by"):
+        fixed = reconstruct(wrong, models[:1], tmp_path / "fixed.fits", **kw)
     # The factor is the right catalog's over ``off`` (round-off only), and the maps agree
     # to the float32 round-off of the network's inputs (relative 1e-7; 1e-4 of the map's
     # range is ample, the untrained network's κ being ~1e-7 in all).
@@ -666,8 +673,8 @@ def test_weights_off_by_ten_are_rescaled_with_a_warning_or_kept_on_request(tmp_p
     assert fits.getheader(tmp_path / "fixed.fits")["WFACTOR"] == pytest.approx(1 / off, rel=0.1)
     size = np.max(np.abs(right.kappa_cnn))
     np.testing.assert_allclose(fixed.kappa_cnn, right.kappa_cnn, rtol=0, atol=1e-4 * size)
-    kept = reconstruct_catalog.reconstruct(wrong, models[:1], tmp_path / "kept.fits",
-                                           rescale_weights=False, **kw)
+    kept = reconstruct(wrong, models[:1], tmp_path / "kept.fits",
+                       rescale_weights=False, **kw)
     h = fits.getheader(tmp_path / "kept.fits")
     assert h["WFACTOR"] == 1.0 and h["WSCALE"] == pytest.approx(off * right.weights["scale"])
     assert np.max(np.abs(kept.kappa_cnn - right.kappa_cnn)) > 0.5 * size  # the network reads σ
@@ -684,22 +691,22 @@ def ramped_network(batch):
     cfg = wlcnn.PAPER
     lo = (cfg.first_kernel - 1) // 2
     side = cfg.pool * cfg.output_npix
-    g1 = reconstruct_catalog.block_mean(batch[:, lo:lo + side, lo:lo + side, 0], cfg.pool)
+    g1 = skies.block_mean(batch[:, lo:lo + side, lo:lo + side, 0], cfg.pool)
     ramp = 1.0 + np.linspace(0.0, 1.0, cfg.output_npix)
     return (g1 * ramp[None, None, :] * ramp[None, :, None])[..., None]
 
 
 def test_constant_shear_gives_a_seamless_map_over_many_tiles(capsys):
     size, g1 = 45.0, 0.05
-    geo = reconstruct_catalog.field_geometry(size, stride=TEST_STRIDE)
+    geo = skies.field_geometry(size, stride=TEST_STRIDE)
     assert geo.n_tiles == 16
     step = 8.0  # arcsec: a noise-free source lattice, ε̄1 = g1 on every pixel of the field
     half = geo.npix / 2 * geo.pixel_arcsec
     x, y = np.meshgrid(np.arange(-half, half, step), np.arange(-half, half, step))
     x, y = x.ravel(), y.ravel()
-    res = reconstruct_catalog.cnn_field_map(x, y, np.full(x.size, g1), np.zeros(x.size),
-                                            np.full(x.size, 0.3), [ramped_network], geo,
-                                            progress=True)
+    res = skies.cnn_field_map(x, y, np.full(x.size, g1), np.zeros(x.size),
+                              np.full(x.size, 0.3), [ramped_network], geo,
+                              progress=True)
     err = capsys.readouterr().err
     assert "mosaic passes over tiles" in err and "16/16" in err  # the progress bar, to its end
     # One lattice of subfields every 12 output pixels over the whole field: away from the
@@ -715,11 +722,11 @@ def test_constant_shear_gives_a_seamless_map_over_many_tiles(capsys):
 
 
 def test_tiles_without_a_source_are_skipped_and_left_nan():
-    geo = reconstruct_catalog.field_geometry(45.0, stride=TEST_STRIDE)
+    geo = skies.field_geometry(45.0, stride=TEST_STRIDE)
     rng = np.random.default_rng(4)
     x, y = rng.uniform(-1300, -1100, (2, 300))  # a 3′ patch in the South-East corner only
     src = (x, y, *rng.normal(0, SIGMA_E, (2, 300)), np.full(300, SIGMA_E))
-    res = reconstruct_catalog._tiled_cnn(src, [], [ramped_network], geo, 1, 16, False)
+    res = skies._tiled_cnn(src, [], [ramped_network], geo, 1, 16, False)
     assert 0 < res.skipped < geo.n_tiles and res.passes == geo.n_tiles - res.skipped
     assert np.isnan(res.maps.mean[-1, -1]) and res.maps.count[-1, -1] == 0  # North-West corner
     assert np.isfinite(res.maps.mean[0, 0])
@@ -729,4 +736,4 @@ def test_all_weights_zero_is_an_error():
     table = valid_table()
     table["weight"] = 0.0
     with pytest.raises(ValueError, match="no usable row among 50 .*50 with weight ≤ 0"):
-        reconstruct_catalog.read_catalog(table)
+        skies.read_catalog(table)

@@ -7,23 +7,23 @@ from astropy import units as u
 from scipy import integrate
 
 import wlcnn as wl
-import simulate_skies
+import skies
 
 COSMO = wl.cosmology(wl.PAPER)
 # Cuspy, unsmoothed halos for the profile tests.
-RAW = dataclasses.replace(simulate_skies.SIMULATOR, halo_smoothing_fwhm_arcsec=0.0)
+RAW = dataclasses.replace(skies.SIMULATOR, halo_smoothing_fwhm_arcsec=0.0)
 
 
 # ---------------------------------------------------------------------------
 # Theory tables
 # ---------------------------------------------------------------------------
 def test_tables_match_config_and_refuse_another():
-    t = simulate_skies.theory_tables()
+    t = skies.theory_tables()
     assert t.dn_dlnm.shape == (t.z.size, t.log10_m.size)
     assert np.all(np.diff(t.ell) > 0) and np.all(t.cl_kappa > 0)
     other = dataclasses.replace(wl.PAPER, z_source=1.0)
     with pytest.raises(ValueError, match="make_theory_tables.py"):
-        simulate_skies.theory_tables(other)
+        skies.theory_tables(other)
 
 
 def test_one_halo_term_matches_pyccl_table():
@@ -33,11 +33,11 @@ def test_one_halo_term_matches_pyccl_table():
     # M grids (ours starts at z = 0.02) and CCL uses its own Limber kernel.
     from astropy.table import Table
     plain = dataclasses.replace(RAW, concentration_scatter_ln=0.0)
-    tab = Table.read(f"{simulate_skies._HERE}/theory/theory_cl.ecsv")
+    tab = Table.read(f"{skies._HERE}/theory/theory_cl.ecsv")
     assert tab.meta["one_halo_m_min_msun"] == plain.field_m200_min_msun
     ell = np.asarray(tab["ell"])
     sel = (ell >= 100) & (ell <= 1e4)
-    ours = simulate_skies.halo_cl_1h(ell[sel], wl.PAPER, plain)
+    ours = skies.halo_cl_1h(ell[sel], wl.PAPER, plain)
     np.testing.assert_allclose(ours, np.asarray(tab["cl_1h_ccl"])[sel], rtol=0.05)
 
 
@@ -48,7 +48,7 @@ def test_truncated_profile_is_the_projected_density():
     # Closed form (Takada & Jain 2003) against a direct line-of-sight
     # integral of the truncated 3-D NFW; quad is good to ~1e-8 here.
     m, c, z = 3e14, 4.0, 0.5
-    r200, rs, rho_s = (float(v) for v in simulate_skies.halo_scales(m, c, z, COSMO))
+    r200, rs, rho_s = (float(v) for v in skies.halo_scales(m, c, z, COSMO))
     for r in (0.01, 0.2, rs * 0.9995, rs, rs * 1.0004, 0.7, 0.98 * r200):
         def rho(s):
             x = np.hypot(r, s) / rs
@@ -56,15 +56,15 @@ def test_truncated_profile_is_the_projected_density():
 
         los = integrate.quad(rho,
                              0, np.sqrt(r200**2 - r**2), limit=200)[0] * 2
-        assert simulate_skies.tnfw_sigma(r, m, c, z, COSMO) == pytest.approx(los, rel=1e-5)
-    assert simulate_skies.tnfw_sigma(1.01 * r200, m, c, z, COSMO) == 0.0
+        assert skies.tnfw_sigma(r, m, c, z, COSMO) == pytest.approx(los, rel=1e-5)
+    assert skies.tnfw_sigma(1.01 * r200, m, c, z, COSMO) == 0.0
 
 
 def test_untruncated_limit_is_wright_brainerd():
     # τ → ∞ recovers the package's nfw_sigma (Wright & Brainerd 2000); at
     # τ = 1e4 the truncation changes Σ inside r200 by < 1e-4.
     r = np.array([0.05, 0.3, 1.0])
-    ours = simulate_skies.tnfw_sigma(r, 5e14, 4.0, 0.5, COSMO, truncation_r200=1e4)
+    ours = skies.tnfw_sigma(r, 5e14, 4.0, 0.5, COSMO, truncation_r200=1e4)
     np.testing.assert_allclose(ours, wl.nfw_sigma(r, 5e14, 4.0, 0.5, COSMO), rtol=1e-4)
 
 
@@ -74,19 +74,19 @@ def test_pixel_map_conserves_mass():
     sc = wl.sigma_crit(z, wl.PAPER.z_source, COSMO).to_value(u.Msun / u.Mpc**2)
     mpc_per_pix = COSMO.angular_diameter_distance(z).to_value(u.Mpc) * np.radians(pix / 3600)
     x0, y0 = 200.3 * pix, 199.8 * pix  # centre off the pixel grid's symmetry points
-    kmap = simulate_skies.tnfw_kappa_map(m, c, x0, y0, 400, pix, z, sim=RAW, axis_ratio=0.6,
-                                         angle_deg=30)
+    kmap = skies.tnfw_kappa_map(m, c, x0, y0, 400, pix, z, sim=RAW, axis_ratio=0.6,
+                                angle_deg=30)
     # Total: a sphere truncated at r200 projects exactly M200.  0.3 %: the
     # un-oversampled pixels at the sharp truncation edge (Σ ∝ √(r_t − R)).
     assert kmap.sum() * sc * mpc_per_pix**2 == pytest.approx(m, rel=3e-3)
-    circ = simulate_skies.tnfw_kappa_map(m, c, x0, y0, 400, pix, z, sim=RAW)
+    circ = skies.tnfw_kappa_map(m, c, x0, y0, 400, pix, z, sim=RAW)
     jj, ii = np.meshgrid(np.arange(400) + 0.5, np.arange(400) + 0.5)
     rpix = np.hypot(jj - x0 / pix, ii - y0 / pix)
     for rad in (10.0, 40.0):
         inside = circ[rpix < rad].sum() * sc * mpc_per_pix**2
         r_mpc = rad * mpc_per_pix
         exact = integrate.quad(
-            lambda r: 2 * np.pi * r * simulate_skies.tnfw_sigma(r, m, c, z, COSMO),
+            lambda r: 2 * np.pi * r * skies.tnfw_sigma(r, m, c, z, COSMO),
             0, r_mpc, limit=200, points=[r_mpc / 10])[0]
         # Pixels straddling the circle: ± (2πR pixel Σ(R)) / √N_edge ~ 0.5 %
         # at R = 10 pixels, less at 40.
@@ -99,14 +99,14 @@ def test_centre_pixel_is_the_pixel_mean():
     m, c, z = 5e14, 4.0, 0.5
     pix = wl.PAPER.pixel_arcsec
     x0, y0 = 10.3 * pix, 10.6 * pix
-    kmap = simulate_skies.tnfw_kappa_map(m, c, x0, y0, 21, pix, z, sim=RAW)
+    kmap = skies.tnfw_kappa_map(m, c, x0, y0, 21, pix, z, sim=RAW)
     sc = wl.sigma_crit(z, wl.PAPER.z_source, COSMO).to_value(u.Msun / u.Mpc**2)
     mpp = COSMO.angular_diameter_distance(z).to_value(u.Mpc) * np.radians(pix / 3600)
-    _, rs, rho_s = (float(v) for v in simulate_skies.halo_scales(m, c, z, COSMO))
+    _, rs, rho_s = (float(v) for v in skies.halo_scales(m, c, z, COSMO))
 
     def f(y, x):  # κ at (x, y) pixels from the pixel's corner; the cusp is at (0.3, 0.6)
         r = max(np.hypot(x - 0.3, y - 0.6), 1e-12) * mpp / rs
-        return 2 * rho_s * rs * float(simulate_skies._tnfw_g(np.array([r]), c)[0]) / sc
+        return 2 * rho_s * rs * float(skies._tnfw_g(np.array([r]), c)[0]) / sc
 
     exact = integrate.dblquad(f, 0, 1, 0, 1, epsabs=1e-7)[0]
     assert kmap[10, 10] == pytest.approx(exact, rel=1e-2)
@@ -122,8 +122,8 @@ def test_isolated_halo_shear_on_the_torus_is_analytic():
     n, pix = 1000, wl.PAPER.pixel_arcsec
     m, c, z = 8e14, 4.0, 0.5
     kappa = np.zeros((n, n))
-    simulate_skies.paint_tnfw(kappa, n / 2 + 0.3, n / 2 - 0.2, m, c, z, wl.PAPER.z_source, COSMO,
-                              pix, sim=RAW)
+    skies.paint_tnfw(kappa, n / 2 + 0.3, n / 2 - 0.2, m, c, z, wl.PAPER.z_source, COSMO,
+                     pix, sim=RAW)
     g1, g2 = wl.shear_from_kappa(kappa, pad=False)
     jj, ii = np.meshgrid(np.arange(n) + 0.5 - (n / 2 + 0.3), np.arange(n) + 0.5 - (n / 2 - 0.2))
     r_arcmin = np.hypot(jj, ii) * pix / 60
@@ -135,9 +135,9 @@ def test_isolated_halo_shear_on_the_torus_is_analytic():
         ring = np.abs(r_arcmin - r) < 0.05
         rm = r * mpc_per_arcmin
         m2d = integrate.quad(
-            lambda s: 2 * np.pi * s * simulate_skies.tnfw_sigma(s, m, c, z, COSMO), 0, rm,
+            lambda s: 2 * np.pi * s * skies.tnfw_sigma(s, m, c, z, COSMO), 0, rm,
             limit=200, points=[rm / 10])[0]
-        expect = (m2d / (np.pi * rm**2) - simulate_skies.tnfw_sigma(rm, m, c, z, COSMO)) / sc
+        expect = (m2d / (np.pi * rm**2) - skies.tnfw_sigma(rm, m, c, z, COSMO)) / sc
         assert gt[ring].mean() == pytest.approx(expect, rel=0.02)
 
 
@@ -157,15 +157,15 @@ def test_painted_halo_transform_is_the_one_halo_kernel():
     ok = (w >= 0) & (w < edges.size - 1)
     for m, c, z in ((1.5e15, 5.0, 0.2), (5e13, 6.0, 0.9)):
         kappa = np.zeros((n, n))
-        simulate_skies.paint_tnfw(kappa, n / 2, n / 2, m, c, z, wl.PAPER.z_source, COSMO, pix,
-                                  sim=RAW)
+        skies.paint_tnfw(kappa, n / 2, n / 2, m, c, z, wl.PAPER.z_source, COSMO, pix,
+                         sim=RAW)
         # Centred on a pixel corner: the transform is real after the phase
         # shift to the centre (n/2, n/2).
         ft = np.abs(np.fft.fft2(kappa)) * pix_rad**2
-        _, rs, rho_s = (float(v) for v in simulate_skies.halo_scales(m, c, z, COSMO))
+        _, rs, rho_s = (float(v) for v in skies.halo_scales(m, c, z, COSMO))
         d_a = COSMO.angular_diameter_distance(z).to_value(u.Mpc)
         sc = wl.sigma_crit(z, wl.PAPER.z_source, COSMO).to_value(u.Msun / u.Mpc**2)
-        expect = np.abs(simulate_skies.tnfw_fourier(ell / d_a, rs, rho_s, c)) / (sc * d_a**2)
+        expect = np.abs(skies.tnfw_fourier(ell / d_a, rs, rho_s, c)) / (sc * d_a**2)
         nb = edges.size - 1
         ours = np.bincount(w[ok], ft[ok], nb) / np.bincount(w[ok], minlength=nb)
         theirs = np.bincount(w[ok], expect[ok], nb) / np.bincount(w[ok], minlength=nb)
@@ -179,17 +179,17 @@ def test_halo_draw_reproduces_the_table_counts():
     # Expected counts from the table itself (bilinear in ln n, fine
     # trapezoid in z and ln M, astropy volumes), independent of the
     # simulator's cell grid; then a Pearson χ² over 4 z × 4 M bins.
-    t = simulate_skies.theory_tables()
+    t = skies.theory_tables()
     area = np.radians(3.0) ** 2  # 9 deg²: ~ 2,000 halos, fast to draw
     rng = np.random.default_rng(7)
-    halos = simulate_skies.draw_field_halos(area, rng)
+    halos = skies.draw_field_halos(area, rng)
     z_edges = np.array([0.02, 0.4, 0.7, 1.0, 1.5])
     lm_edges = np.log10([3e13, 6e13, 1.2e14, 3e14, 3e15])
     obs = np.histogram2d(halos["z"], np.log10(halos["m200_msun"]), [z_edges, lm_edges])[0]
     zf = np.linspace(0.02, 1.5, 600)
     lmf = np.linspace(lm_edges[0], lm_edges[-1], 600)
     dvdz = COSMO.differential_comoving_volume(zf).to_value(u.Mpc**3 / u.sr)
-    dens = simulate_skies._mass_function_at(t, zf[:, None], lmf[None, :]) * dvdz[:, None] * area
+    dens = skies._mass_function_at(t, zf[:, None], lmf[None, :]) * dvdz[:, None] * area
     exp = np.zeros_like(obs)
     for a in range(4):
         for b in range(4):
@@ -205,16 +205,16 @@ def test_halo_draw_reproduces_the_table_counts():
 
 def test_main_mass_and_concentration_draws():
     rng = np.random.default_rng(3)
-    m = simulate_skies.draw_main_mass(rng, size=4000)
-    sim = simulate_skies.SIMULATOR
+    m = skies.draw_main_mass(rng, size=4000)
+    sim = skies.SIMULATOR
     assert m.min() >= sim.main_m200_min_msun and m.max() <= sim.main_m200_max_msun
     # The mass function falls steeply: most clusters sit near the low end.
     assert np.median(m) < 2 * sim.main_m200_min_msun
-    c = simulate_skies.draw_concentration(np.full(4000, 1e14), 0.5, rng)
+    c = skies.draw_concentration(np.full(4000, 1e14), 0.5, rng)
     # ln c scatter 0.33 about Duffy08 (c = 3.50 at 1e14, z = 0.5); 4000
     # draws: the std of ln c is known to ±0.01 (3σ ≈ 0.011 rel).
     assert np.std(np.log(c)) == pytest.approx(0.33, abs=0.015)
-    assert np.median(c) == pytest.approx(simulate_skies.concentration_duffy08(1e14, 0.5), rel=0.03)
+    assert np.median(c) == pytest.approx(skies.concentration_duffy08(1e14, 0.5), rel=0.03)
 
 
 # ---------------------------------------------------------------------------
@@ -234,16 +234,16 @@ def _periodogram_bins(kappa, pix, edges):
 
 
 def test_lognormal_power_matches_its_input():
-    plan = simulate_skies.lognormal_plan(wl.PAPER, simulate_skies.SIMULATOR, n=1024)
+    plan = skies.lognormal_plan(wl.PAPER, skies.SIMULATOR, n=1024)
     rng = np.random.default_rng(11)
     edges = np.logspace(3, np.log10(2e4), 7)
     runs = []
     for _ in range(6):
-        kappa = simulate_skies.lognormal_lss(rng, plan)[0]
+        kappa = skies.lognormal_lss(rng, plan)[0]
         runs.append(_periodogram_bins(kappa, plan.pixel_rad, edges)[0])
     runs = np.array(runs)
     _, ell, w, ok = _periodogram_bins(kappa, plan.pixel_rad, edges)
-    target = simulate_skies.lss_cl(ell)
+    target = skies.lss_cl(ell)
     nb = edges.size - 1
     target = np.bincount(w[ok], target[ok], nb) / np.bincount(w[ok], minlength=nb)
     mean = runs.mean(0)
@@ -256,13 +256,13 @@ def test_lognormal_power_matches_its_input():
 
 def test_lognormal_zero_mean_and_grid_variance():
     n = 1024
-    plan = simulate_skies.lognormal_plan(wl.PAPER, simulate_skies.SIMULATOR, n=n)
+    plan = skies.lognormal_plan(wl.PAPER, skies.SIMULATOR, n=n)
     rng = np.random.default_rng(5)
-    maps = [simulate_skies.lognormal_lss(rng, plan)[0] for _ in range(6)]
+    maps = [skies.lognormal_lss(rng, plan)[0] for _ in range(6)]
     # Variance of the input spectrum over the grid's modes (k ≠ 0) plus the
     # large-scale modes of the k = 0 cell.
     l1 = 2 * np.pi * np.fft.fftfreq(n, d=plan.pixel_rad)
-    cgrid = simulate_skies.lss_cl(np.hypot(l1[:, None], l1[None, :]))
+    cgrid = skies.lss_cl(np.hypot(l1[:, None], l1[None, :]))
     cgrid[0, 0] = 0
     f = plan.large_factor
     var_large = plan.kappa0**2 * np.expm1(plan.var_g_large)
@@ -282,22 +282,22 @@ def test_lognormal_zero_mean_and_grid_variance():
     assert variances.mean() == pytest.approx(
         expect, abs=4 * variances.std(ddof=1) / np.sqrt(len(maps)) + 0.02 * expect)
     assert all(mp.min() >= -plan.kappa0 for mp in maps)
-    assert f == simulate_skies.SIMULATOR.large_scale_factor
+    assert f == skies.SIMULATOR.large_scale_factor
 
 
 def test_lss_shear_equals_exact_shear_on_the_large_torus():
     # On a small torus (256 px a side) the large-scale modes are periodic on
     # the 8× larger torus, where a plain FFT of the tiled field is exact.
     cfg = dataclasses.replace(wl.PAPER, npix=128, field_arcmin=128 * wl.PAPER.pixel_arcsec / 60)
-    plan = simulate_skies.lognormal_plan(cfg, simulate_skies.SIMULATOR,
-                                         cl_func=simulate_skies.lss_cl, kappa0=0.0464)
+    plan = skies.lognormal_plan(cfg, skies.SIMULATOR,
+                                cl_func=skies.lss_cl, kappa0=0.0464)
     n, f = plan.n, plan.large_factor
-    kappa, k_large, g1_large, _ = simulate_skies.lognormal_lss(np.random.default_rng(1), plan)
-    g_small, coef = simulate_skies.lognormal_gaussians(np.random.default_rng(1), plan)
+    kappa, k_large, g1_large, _ = skies.lognormal_lss(np.random.default_rng(1), plan)
+    g_small, coef = skies.lognormal_gaussians(np.random.default_rng(1), plan)
     g1 = wl.shear_from_kappa(kappa - k_large, pad=False)[0] + g1_large
     x = np.arange(f * n) + 0.5
     k = 2 * np.pi / (f * n) * plan.large_m
-    g_large = simulate_skies._fourier_sum(coef, k, k, x, x)
+    g_large = skies._fourier_sum(coef, k, k, x, x)
     big = plan.kappa0 * np.expm1(np.tile(g_small, (f, f)) + g_large
                                  - 0.5 * (plan.var_g_small + plan.var_g_large))
     np.testing.assert_allclose(big[:n, :n], kappa, atol=1e-12)
@@ -318,10 +318,10 @@ def test_halo_and_lognormal_power_add_up_to_the_theory():
     # and the log-normal's taper exp(−(ℓ/2.5e4)⁴) costs at most 2.6 % of
     # the log-normal part.
     ell = np.logspace(2, 4, 50)
-    theory = simulate_skies.theory_cl(ell)
-    one_halo = simulate_skies.halo_cl_1h(ell)
+    theory = skies.theory_cl(ell)
+    one_halo = skies.halo_cl_1h(ell)
     assert np.all(one_halo < theory)
-    total = one_halo + simulate_skies.lss_cl(ell)
+    total = one_halo + skies.lss_cl(ell)
     np.testing.assert_allclose(total, theory, rtol=0.026 * np.max(1 - one_halo / theory))
     assert np.all(total <= theory * (1 + 1e-12))
 
@@ -338,7 +338,7 @@ def test_cl_estimator_is_unbiased_for_gaussian_fields():
     n, nf = 4 * cfg.npix, cfg.npix
     pix = np.radians(cfg.pixel_arcsec / 3600)
     l1 = 2 * np.pi * np.fft.fftfreq(n, d=pix)
-    amp = np.sqrt(simulate_skies.theory_cl(np.hypot(l1[:, None], l1[None, :]))) / pix
+    amp = np.sqrt(skies.theory_cl(np.hypot(l1[:, None], l1[None, :]))) / pix
     rng = np.random.default_rng(4)
     powers = []
     for _ in range(6):
@@ -346,7 +346,7 @@ def test_cl_estimator_is_unbiased_for_gaussian_fields():
         for a in range(2):
             for b in range(2):
                 powers.append(sim_stats.binned_power(g[a * nf:(a + 1) * nf, b * nf:(b + 1) * nf]))
-    ratio = np.mean(powers, axis=0) / sim_stats.binned_theory(simulate_skies.theory_cl)
+    ratio = np.mean(powers, axis=0) / sim_stats.binned_theory(skies.theory_cl)
     l1f = 2 * np.pi * np.fft.fftfreq(nf, d=pix)
     which = np.digitize(np.hypot(l1f[:, None], l1f[None, :]), sim_stats.EDGES) - 1
     modes = np.bincount(which[(which >= 0) & (which < 8)], minlength=8)
@@ -358,8 +358,8 @@ def test_cl_estimator_is_unbiased_for_gaussian_fields():
 # Whole fields
 # ---------------------------------------------------------------------------
 def test_simulate_cluster_field_reproducible_and_finite():
-    a = simulate_skies.simulate_cluster_field(wl.PAPER, np.random.default_rng(42))
-    b = simulate_skies.simulate_cluster_field(wl.PAPER, np.random.default_rng(42))
+    a = skies.simulate_cluster_field(wl.PAPER, np.random.default_rng(42))
+    b = skies.simulate_cluster_field(wl.PAPER, np.random.default_rng(42))
     npix = wl.PAPER.npix
     for key in ("kappa", "gamma1", "gamma2"):
         assert a[key].shape == (npix, npix) and a[key].dtype == np.float64
@@ -367,7 +367,7 @@ def test_simulate_cluster_field_reproducible_and_finite():
         np.testing.assert_array_equal(a[key], b[key])
     assert a["main"] == b["main"]
     main = a["main"]
-    sim = simulate_skies.SIMULATOR
+    sim = skies.SIMULATOR
     assert sim.main_m200_min_msun <= main["m200_msun"] <= sim.main_m200_max_msun
     centre = wl.PAPER.field_arcmin * 30
     assert np.hypot(main["x_arcsec"] - centre, main["y_arcsec"] - centre) <= (
@@ -377,6 +377,6 @@ def test_simulate_cluster_field_reproducible_and_finite():
     j = int(main["x_arcsec"] / wl.PAPER.pixel_arcsec)
     i = int(main["y_arcsec"] / wl.PAPER.pixel_arcsec)
     assert a["kappa"][i - 2:i + 3, j - 2:j + 3].mean() > 0.15
-    c = simulate_skies.simulate_cluster_field(wl.PAPER, np.random.default_rng(43), cluster=False)
+    c = skies.simulate_cluster_field(wl.PAPER, np.random.default_rng(43), cluster=False)
     assert c["main"] is None and c["companions"] == [] and np.all(np.isfinite(c["kappa"]))
     assert not np.array_equal(a["kappa"], c["kappa"])
