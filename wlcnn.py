@@ -2845,6 +2845,8 @@ def load_runs(path):
     ValueError if there is none or one is not a wlcnn model of this format.
     """
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: model not found (no such file or directory)")
     files = [path] if path.is_file() else sorted(
         p for p in path.glob("*.keras") if not p.name.startswith("."))  # hidden: temporary
     if not files:

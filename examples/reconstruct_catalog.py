@@ -14,7 +14,10 @@ It writes KAPPA_CNN (mean of the runs), KAPPA_CNN_STD (their spread),
 KAPPA_KS93 and DENSITY on one grid of 11.52″ pixels with a celestial WCS
 (North up, East left), and a Fig. 11-like PNG beside it.  On a 10′ catalog
 of 95 sources/arcmin² with the shipped quick model it takes about a minute
-(examples/el_gordo_like.py).
+(examples/el_gordo_like.py).  A catalog that fits one 32′ network input is
+reconstructed from that one input: the default field is then the 26.1′ one
+input predicts (at the default stride), the sources beyond it the input's
+context; wider catalogs are mosaics of abutting inputs.
 
 Conventions it reads:
 
@@ -88,7 +91,9 @@ def build_parser():
                    help="field centre RA,DEC in degrees or HH:MM:SS,DD:MM:SS (default: the "
                         "catalog's; write --center=RA,-DEC for a negative first value)")
     p.add_argument("--size", type=float, default=None,
-                   help="field side in arcmin (default: the catalog's extent)")
+                   help="field side in arcmin (default: the catalog's extent; a catalog that "
+                        "fits one 32′ network input gets the 26.1′ that input predicts, "
+                        "one tile)")
     p.add_argument("--z-lens", type=float, default=None,
                    help="cluster redshift (default: the training's)")
     p.add_argument("--z-source", type=float, default=None,
@@ -119,9 +124,11 @@ def parse_args(argv=None):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         parser.error(f"--out: directory {out_dir} does not exist")
+    for path in (args.catalog, *args.models):  # before TensorFlow loads, not after
+        if not os.path.exists(path):
+            what = "catalog" if path == args.catalog else "--models"
+            parser.error(f"{what}: {path} not found (no such file or directory)")
     return args
-
-
 
 
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
@@ -134,8 +141,8 @@ import skies  # noqa: E402  (after the command line: see above)
 def _report(args, res):
     c, g, f = res.counts, res.geometry, res.fill
     print(f"{args.catalog}: {c['used']} sources in the field of {c['rows']} rows (dropped: "
-          f"{c['dropped_nan']} NaN, {c['dropped_weight']} bad weight, {c['dropped_ellipticity']} "
-          f"|e| >= {skies.MAX_ELLIPTICITY:g}; outside the field: {c['context']} seen by the CNN, "
+          f"{c['dropped_text']} not a number, {c['dropped_nan']} NaN, {c['dropped_weight']} "
+          f"bad weight, {c['dropped_ellipticity']} |e| >= {skies.MAX_ELLIPTICITY:g}; outside the field: {c['context']} seen by the CNN, "
           f"{c['unused']} unused)")
     print(f"field: {g.side_arcmin:.2f}′ about RA {res.center[0]:.5f}°, Dec {res.center[1]:.5f}° "
           f"({g.npix}² pixels of {g.pixel_arcsec:.2f}″, {g.n_tiles} tile(s), "

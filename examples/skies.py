@@ -957,6 +957,15 @@ NOISE_FILLS = 4
 #: (e^-10 ≈ 5e-5 of data cells are empty by chance).
 FILL_CELL_SOURCES = 10.0
 
+#: Slack, as a fraction of the network input's side, of "the catalog fits one
+#: input" (:func:`fits_one_input`): 1 % is 19″ beyond the 32′ input (which already
+#: counts the gridding kernel's 12″ reach), at most ~1 % of a 32′ catalog's sources
+#: per side left unused (and reported).  It absorbs what makes a "32′" catalog a
+#: hair wider in the tangent plane: a box cut in RA and Dec bulges at its corners
+#: by 4.5″ tan δ (18″ at δ = 76°); the projection itself adds < 0.01″ at 16′.
+#: Without it a catalog 0.1′ too wide would be 4 tiles and 4 × the passes.
+SINGLE_TILE_TOLERANCE = 0.01
+
 #: Image extensions of a reconstruction file, in order.
 MAP_EXTENSIONS = ("KAPPA_CNN", "KAPPA_CNN_STD", "KAPPA_KS93", "DENSITY")
 
@@ -975,6 +984,8 @@ NORTH_STEP_ARCSEC = 1.0
 MAP_CMAP = "magma"
 RECON_PANEL_INCH = 4.0
 RECON_DPI = 110
+#: RA ticks per panel of that PNG, at most (WCSAxes picks round values).
+RECON_RA_TICKS = 3
 
 
 # ### Reading a catalog
@@ -989,7 +1000,7 @@ class SkyCatalog(NamedTuple):
     e1: np.ndarray     #: (n,) ellipticity along local West
     e2: np.ndarray     #: (n,) ellipticity along local North-West
     sigma: np.ndarray  #: (n,) per-component ellipticity error σ
-    counts: dict       #: rows, dropped_nan, dropped_weight, dropped_ellipticity
+    counts: dict       #: rows, dropped_text, dropped_nan, dropped_weight, dropped_ellipticity
     source: str        #: file name, or "table"
 
 
@@ -1025,22 +1036,51 @@ def _find_column(table, name, option):
     return matches[0] if matches else None
 
 
-def _float_column(table, name, angle=False):
-    """A column as float64 (masked entries NaN); angles converted to degrees."""
+def _float_column(table, name, source, angle=False):
+    """A column as float64, and its unreadable entries.
+
+    Masked (empty) entries become NaN; so do entries that are not numbers (text
+    in a numeric column), which :func:`read_catalog` drops with the rest of the
+    unusable rows.  A column without a single number is no such column: a
+    ValueError names the file, the column and its first entry.
+
+    Returns
+    -------
+    values : (n,) float64 array
+        Degrees for an angle column with a unit.
+    text_rows : (k,) int array
+        Row indices (0-based) of the entries that are not numbers.
+    """
     col = table[name]
-    if not (np.issubdtype(col.dtype, np.number) or np.issubdtype(col.dtype, np.bool_)):
-        raise ValueError(f"column {name!r} is not numeric (dtype {col.dtype})"
-                         + ("; give RA and Dec in degrees" if angle else ""))
     if np.ndim(col) != 1:
-        raise ValueError(f"column {name!r} holds arrays of shape {col.shape[1:]} per row, "
-                         "not one number")
-    values = np.ma.masked_array(col, dtype=np.float64).filled(np.nan)
+        raise ValueError(f"{source}: column {name!r} holds arrays of shape {col.shape[1:]} per "
+                         "row, not one number")
+    text_rows = np.zeros(0, dtype=int)
+    if np.issubdtype(col.dtype, np.number) or np.issubdtype(col.dtype, np.bool_):
+        values = np.ma.masked_array(col, dtype=np.float64).filled(np.nan)
+    else:  # text: read entry by entry, so that one bad entry costs only its row
+        masked = np.ma.getmaskarray(col)
+        values = np.full(len(col), np.nan)
+        bad = []
+        for i, entry in enumerate(np.ma.getdata(col)):
+            if masked[i]:
+                continue
+            try:
+                values[i] = float(entry)
+            except (TypeError, ValueError):
+                bad.append(i)
+        text_rows = np.asarray(bad, dtype=int)
+        if len(text_rows) and len(text_rows) == (~masked).sum():
+            raise ValueError(
+                f"{source}: column {name!r} is not numeric: its first entry, row "
+                f"{text_rows[0] + 1}, is {str(col[text_rows[0]])!r}"
+                + ("; give RA and Dec in degrees" if angle else ""))
     unit = getattr(col, "unit", None)
     if angle and unit is not None:
         if not u.Unit(unit).is_equivalent(u.deg):
-            raise ValueError(f"column {name!r} has unit {unit}, not an angle")
+            raise ValueError(f"{source}: column {name!r} has unit {unit}, not an angle")
         values = (values * u.Unit(unit)).to_value(u.deg)
-    return values
+    return values, text_rows
 
 
 def read_catalog(catalog, ra_col="ra", dec_col="dec", e1_col="e1", e2_col="e2",
@@ -1055,10 +1095,17 @@ def read_catalog(catalog, ra_col="ra", dec_col="dec", e1_col="e1", e2_col="e2",
     Returns
     -------
     SkyCatalog
-        Clean rows, in the euclidean frame.  Rows with NaN/inf or masked
-        entries, w ≤ 0 (σ outside ``wlcnn.SIGMA_RANGE``) or |ε| ≥ 1 are
-        dropped, counted and reported (:class:`CatalogWarning`); nothing
-        left, missing or non-numeric columns, |Dec| > 90° are ValueErrors.
+        Clean rows, in the euclidean frame.
+
+    Notes
+    -----
+    One policy for unusable rows: a row is dropped, counted by reason and
+    reported in one :class:`CatalogWarning` if any of its five entries is
+    NaN/inf, empty (masked) or not a number (text in a numeric column: the
+    first such row is named), its w ≤ 0 (σ outside ``wlcnn.SIGMA_RANGE``) or
+    its |ε| ≥ 1.  A ValueError instead for what no row can mend: a missing
+    column, a column with no number at all (named with its first entry), no
+    usable row left, |Dec| > 90°.
     """
     if coordinate_system not in COORDINATE_SYSTEMS:
         raise ValueError(f"unknown coordinate_system {coordinate_system!r}; one of "
@@ -1084,11 +1131,15 @@ def read_catalog(catalog, ra_col="ra", dec_col="dec", e1_col="e1", e2_col="e2",
                          "(case is ignored).")
     if len(table) == 0:
         raise ValueError(f"{source}: the catalog has columns {table.colnames} but no rows")
-    ra = _float_column(table, found["ra_col"], angle=True)
-    dec = _float_column(table, found["dec_col"], angle=True)
-    e1 = _float_column(table, found["e1_col"])
-    e2 = _float_column(table, found["e2_col"])
-    err = _float_column(table, found[err_option])
+    columns = {opt: _float_column(table, found[opt], source, angle=opt in ("ra_col", "dec_col"))
+               for opt in wanted}
+    ra, dec, e1, e2, err = (columns[opt][0] for opt in wanted)
+    text = np.zeros(len(table), dtype=bool)
+    first_text = None  # (row, column, entry) of the first entry that is not a number
+    for opt, (_, rows) in columns.items():
+        text[rows] = True
+        if len(rows) and (first_text is None or rows[0] < first_text[0]):
+            first_text = (int(rows[0]), found[opt], str(table[found[opt]][rows[0]]))
 
     finite = np.isfinite(ra) & np.isfinite(dec) & np.isfinite(e1) & np.isfinite(e2)
     finite &= np.isfinite(err)
@@ -1099,10 +1150,14 @@ def read_catalog(catalog, ra_col="ra", dec_col="dec", e1_col="e1", e2_col="e2",
         sigma = err if sigma_col is not None else 1.0 / np.sqrt(err)
     good_err = finite & (sigma >= SIGMA_RANGE[0]) & (sigma <= SIGMA_RANGE[1])
     keep = good_err & (np.hypot(e1, e2) < MAX_ELLIPTICITY)
-    counts = {"rows": len(table), "dropped_nan": int((~finite).sum()),
+    counts = {"rows": len(table), "dropped_text": int(text.sum()),
+              "dropped_nan": int((~finite & ~text).sum()),
               "dropped_weight": int((finite & ~good_err).sum()),
               "dropped_ellipticity": int((good_err & ~keep).sum())}
-    detail = (f"{counts['dropped_nan']} with NaN/inf or empty entries, "
+    detail = (f"{counts['dropped_text']} with an entry that is not a number"
+              + (f" (first: row {first_text[0] + 1}, column {first_text[1]!r}: "
+                 f"{first_text[2]!r})" if first_text else "") + ", "
+              f"{counts['dropped_nan']} with NaN/inf or empty entries, "
               f"{counts['dropped_weight']} with weight ≤ 0 or σ outside "
               f"[{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}], "
               f"{counts['dropped_ellipticity']} with |e| ≥ {MAX_ELLIPTICITY:g}")
@@ -1281,13 +1336,14 @@ def field_geometry(size_arcmin, config=PAPER, stride=12, border_pix=None):
 
     Notes
     -----
-    One 32′ input predicts mosaic pixels [c0, c1) (26.1′ at stride 12).  A
-    field that fits is one tile, the field in the middle of the input, as the
-    9′ HST field of §4.2.  A wider field is one mosaic: the subfield origins
-    form one lattice of step stride/pool output pixels over the whole field,
-    cut into tiles that abut (tile starts N·stride/pool apart, N offsets per
-    tile and axis), so every subfield is predicted once and the tiles leave
-    no seam; the lattice is centred on the field.
+    One 32′ input predicts mosaic pixels [c0, c1) (26.1′ at stride 12,
+    :func:`single_tile_arcmin`).  A field that fits is one tile, the field in
+    the middle of the input, as the 9′ HST field of §4.2.  A wider field is
+    one mosaic: the subfield origins form one lattice of step stride/pool
+    output pixels over the whole field, cut into tiles that abut (tile starts
+    N·stride/pool apart, N offsets per tile and axis), so every subfield is
+    predicted once and the tiles leave no seam; the lattice is centred on the
+    field.
     """
     if not (isinstance(size_arcmin, (int, float, np.number)) and np.isfinite(size_arcmin)
             and size_arcmin > 0):
@@ -1313,6 +1369,58 @@ def field_geometry(size_arcmin, config=PAPER, stride=12, border_pix=None):
         first = -border - excess // 2
         starts = tuple(first + t * len(offsets) * step for t in range(n_tiles))
     return FieldGeometry(npix, p, starts, config, stride, border)
+
+
+def single_tile_arcmin(config=PAPER, stride=12, border_pix=None):
+    """Side (arcmin) of the widest field one network input predicts: 26.1′ at stride 12.
+
+    The mosaic pixels one 32′ input covers with subfield predictions (its
+    subfields' borders left out), rounded down to an even number of pixels;
+    :func:`field_geometry` of this side is one tile, the field in the middle of
+    the input.
+    """
+    row = mosaic_coverage(config, int(stride), border_pix)[config.mosaic_npix // 2]
+    covered = np.flatnonzero(row)
+    npix = 2 * ((int(covered[-1]) + 1 - int(covered[0])) // 2)
+    return npix * config.pixel_arcsec * config.pool / 60.0
+
+
+def fits_one_input(x, y, config=PAPER, stride=12, tolerance=SINGLE_TILE_TOLERANCE):
+    """Whether every source lies in the one network input of a :func:`single_tile_arcmin` field.
+
+    x, y in arcsec from the field centre (NaN ignored).  The input's span
+    counts the gridding kernel's reach (:meth:`FieldGeometry.input_span_arcsec`);
+    ``tolerance`` (a fraction of the input's side, :data:`SINGLE_TILE_TOLERANCE`)
+    is the slack beyond it.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    lo, hi = field_geometry(single_tile_arcmin(config, stride), config, stride).input_span_arcsec()
+    slack = tolerance * config.field_arcmin * 60.0
+    return bool(ok.any() and np.all((x[ok] >= lo - slack) & (x[ok] <= hi + slack)
+                                    & (y[ok] >= lo - slack) & (y[ok] <= hi + slack)))
+
+
+def default_size_arcmin(x, y, config=PAPER, stride=12):
+    """The field side :func:`reconstruct` takes when none is given, arcmin.
+
+    The catalog's extent about the centre, 2 max(|x|, |y|) (x, y arcsec from
+    it), except for a catalog wider than one tile's field that still fits one
+    network input (:func:`fits_one_input`): then the one tile's field,
+    :func:`single_tile_arcmin` (26.1′ at stride 12), so that the whole catalog
+    is the network's one input, as §4.2's HST field is.  A 32′ catalog is one
+    tile (4 noise-filled passes), not the 4 tiles (16 passes) its 32.3′ would
+    need; its sources beyond the field are the input's context.  Wider
+    catalogs keep their extent: abutting tiles.
+    """
+    with np.errstate(invalid="ignore"):
+        extent = 2.0 * np.nanmax(np.maximum(np.abs(x), np.abs(y))) / 60.0
+    if not extent > 0:
+        raise ValueError("the catalog has no extent on the sky (one position): give size_arcmin")
+    one = single_tile_arcmin(config, stride)
+    if extent > one and fits_one_input(x, y, config, stride):
+        return one
+    return float(extent)
 
 
 def _grid_at(x, y, e1, e2, sigma, x0, y0, npix, config):
@@ -1732,8 +1840,14 @@ def figure_reconstruction(kappa_ks93, kappa_cnn, kappa_cnn_std, wcs, path, title
         ax.set_title(name)
         if i == 2 and not np.any(np.nan_to_num(data)):
             ax.text(0.5, 0.5, "one run: no spread", transform=ax.transAxes, ha="center", color="w")
-        ax.coords[0].set_axislabel("RA")
-        ax.coords[1].set_axislabel("Dec")
+        ra, dec = ax.coords[0], ax.coords[1]
+        # RA labels in h m s are ~9 characters: more than 3 on a 4″ panel overlap
+        # (a 32′ field got 5); any that still would are left out.
+        ra.set_ticks(number=RECON_RA_TICKS)
+        ra.set_ticklabel(exclude_overlapping=True)
+        dec.set_ticklabel(exclude_overlapping=True)
+        ra.set_axislabel("RA")
+        dec.set_axislabel("Dec")
         fig.colorbar(im, ax=ax, shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
@@ -1755,6 +1869,7 @@ def _primary_header(sky, coordinate_system, center, geometry, counts, info, n_ru
     h["PIXSCALE"] = (geometry.pixel_arcsec, "[arcsec] map pixel (3 x 3.84 arcsec)")
     for key, name, comment in (
             ("NROWS", "rows", "rows in the catalog"),
+            ("NDRTEXT", "dropped_text", "rows dropped: an entry not a number"),
             ("NDRNAN", "dropped_nan", "rows dropped: NaN/inf or empty entries"),
             ("NDRWGT", "dropped_weight", "rows dropped: weight <= 0 or bad sigma"),
             ("NDRELL", "dropped_ellipticity", f"rows dropped: |e| >= {MAX_ELLIPTICITY:g}"),
@@ -1818,7 +1933,10 @@ class ReconstructOptions:
     center : (float, float), optional
         Field centre (RA, Dec), degrees; default :func:`catalog_center`.
     size_arcmin : float, optional
-        Side of the square field, arcmin; default the catalog's extent about the centre.
+        Side of the square field, arcmin, rounded up to 11.52″ pixels.  Default
+        :func:`default_size_arcmin`: the catalog's extent about the centre, but
+        one tile's field (26.1′ at stride 12) for a catalog that fits one 32′
+        network input (:func:`fits_one_input`), as a 32′ catalog does.
     z_lens, z_source : float, optional
         Lens and effective source redshifts, recorded with Σ_c (default the
         training's); κ is not rescaled (:func:`redshift_info`).
@@ -1924,10 +2042,7 @@ def reconstruct(catalog, models, out_path, options=ReconstructOptions()):
         raise ValueError(f"center must be (RA, Dec) in degrees, got {center}")
     x, y, e1, e2 = project_catalog(sky, center)
     if size_arcmin is None:
-        size_arcmin = 2.0 * np.nanmax(np.maximum(np.abs(x), np.abs(y))) / 60.0
-        if not size_arcmin > 0:
-            raise ValueError("the catalog has no extent on the sky (one position): "
-                             "give size_arcmin")
+        size_arcmin = default_size_arcmin(x, y, config, stride)
     geometry = field_geometry(size_arcmin, config, stride)
 
     # Sources: in the field, in some network input (context), or beyond every input.

@@ -344,6 +344,43 @@ def test_non_numeric_positions_are_an_error():
         skies.read_catalog(table)
 
 
+def test_a_column_with_no_number_names_the_file_the_column_and_its_first_entry(tmp_path):
+    path = tmp_path / "cat.csv"
+    path.write_text("ra,dec,e1,e2,weight\n"
+                    "01:02:53,2.2,0.1,0.2,16\n01:02:54,2.21,0.1,0.2,16\n")
+    with pytest.raises(ValueError, match=r"cat.csv: column 'ra' is not numeric: its first "
+                                         r"entry, row 1, is '01:02:53'"):
+        skies.read_catalog(path)
+
+
+def test_a_text_entry_drops_its_row_as_a_nan_does_and_names_it(tmp_path):
+    """One policy for unusable rows: a text entry costs its row, like NaN, with a note that
+    names the first such row and column."""
+    path = tmp_path / "cat.csv"
+    rows = [f"{150 + 0.001 * i},2.2,0.1,0.2,16" for i in range(5)]
+    rows[2] = "150.002,2.2,bad,0.2,16"    # text in e1: row 3 of the data
+    rows[4] = "150.004,2.2,0.1,0.2,"      # empty weight: NaN
+    path.write_text("ra,dec,e1,e2,weight\n" + "\n".join(rows) + "\n")
+    with pytest.warns(skies.CatalogWarning, match=r"dropped 2 of 5 rows \(1 with an entry that "
+                                                 r"is not a number \(first: row 3, column 'e1': "
+                                                 r"'bad'\), 1 with NaN"):
+        sky = skies.read_catalog(path)
+    assert (sky.counts["dropped_text"], sky.counts["dropped_nan"], len(sky.ra)) == (1, 1, 3)
+    assert sky.ra == pytest.approx([150.0, 150.001, 150.003], abs=1e-12)  # the other rows kept
+
+
+def test_a_missing_model_path_says_not_found(tmp_path, capsys):
+    with pytest.raises(ValueError, match="nomodel: model not found"):
+        wlcnn.load_runs(tmp_path / "nomodel")
+    cat = tmp_path / "cat.csv"
+    cat.write_text("ra,dec,e1,e2,weight\n150.0,2.2,0.1,0.2,16\n")
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error, before any work
+        reconstruct_catalog.parse_args([str(cat), "--models", str(tmp_path / "nomodel"),
+                                        "--out", str(tmp_path / "k.fits")])
+    assert exit_.value.code == 2
+    assert "--models: " in capsys.readouterr().err and not (tmp_path / "k.fits").exists()
+
+
 def test_model_built_for_another_grid_is_an_error(tmp_path, models):
     other = dataclasses.replace(wlcnn.PAPER, field_arcmin=30.0)  # 3.6″ pixels, not 3.84″
     with pytest.raises(ValueError, match="another grid than the data's.*field_arcmin"):
@@ -618,6 +655,46 @@ def test_one_pass_where_the_catalog_covers_the_input_and_n_fills_with_a_hole(tmp
     h = fits.getheader(tmp_path / "hole.fits")
     assert h["NPASSES"] == 3 and h["FILLERR"] > 0
     assert np.all(np.isfinite(holed.kappa_cnn))
+
+
+def test_a_32_arcmin_catalog_is_one_input_and_runs_once_per_fill(tmp_path, models):
+    """The paper's field is one network input: a 32′ catalog gives one tile, 26.1′ wide
+    (what one input predicts), not the four tiles of a 32.3′ field."""
+    one = skies.single_tile_arcmin(wlcnn.PAPER, TEST_STRIDE)
+    assert one == pytest.approx(136 * 11.52 / 60, rel=1e-12)  # 136 px: 10 offsets' coverage
+    assert skies.field_geometry(one, stride=TEST_STRIDE).n_tiles == 1
+    res = reconstruct(covering_table(32.0, 4.0), models[:1],
+                                          tmp_path / "k.fits", stride=TEST_STRIDE, n_fills=2,
+                                          png=False)
+    assert res.geometry.n_tiles == 1 and res.geometry.side_arcmin == pytest.approx(one)
+    # One tile: one pass per fill at most (4 tiles could take 8).  Whether a fill reaches
+    # the input's 0.4′ strip beyond the catalog (the input sits 11.5″ off the field's
+    # centre) depends on the fill cells' size; here (1.6′ cells at 4 arcmin⁻²) none does.
+    assert 1 <= res.fill["passes"] <= 2 and res.fill["skipped"] == 0
+    assert res.counts["unused"] == 0 and res.counts["context"] > 0  # all of it is the input
+    h = fits.getheader(tmp_path / "k.fits")
+    assert (h["NTILES"], h["NPASSES"]) == (1, res.fill["passes"])
+    # An explicit size keeps its meaning: 32′ is 32.26′ of pixels, more than one input
+    # predicts, so 4 tiles.
+    given = reconstruct(covering_table(32.0, 4.0), models[:1],
+                                            tmp_path / "g.fits", size_arcmin=32.0,
+                                            stride=TEST_STRIDE, outside="empty", png=False)
+    assert given.geometry.n_tiles == 4
+
+
+@pytest.mark.parametrize("side, tiles", [(9.0, 1), (20.0, 1), (32.0, 1), (32.3, 1), (34.0, 4),
+                                         (40.0, 9)])
+def test_default_field_is_one_input_up_to_32_arcmin_then_the_catalogs_extent(side, tiles):
+    rng = np.random.default_rng(3)
+    x, y = rng.uniform(-30 * side, 30 * side, (2, 5000))
+    x[:4], y[:4] = [-30 * side, 30 * side, 0, 0], [0, 0, -30 * side, 30 * side]  # the full extent
+    size = skies.default_size_arcmin(x, y, stride=TEST_STRIDE)
+    one = skies.single_tile_arcmin(stride=TEST_STRIDE)
+    # Catalogs within one tile's field keep their extent; up to one input's 32′ (give or
+    # take SINGLE_TILE_TOLERANCE: 32.3′ is 9″ beyond the input on each side, within its
+    # 19″) they are one tile's field; wider ones keep their extent: abutting tiles.
+    assert size == pytest.approx(min(side, one) if side <= 32.3 else side, rel=1e-12)
+    assert skies.field_geometry(size, stride=TEST_STRIDE).n_tiles == tiles
 
 
 def test_ks93_smoothing_follows_the_catalogs_density_unless_given(tmp_path, models):
