@@ -13,7 +13,10 @@ It writes KAPPA_CNN (mean of the runs), KAPPA_CNN_STD (their spread),
 KAPPA_KS93 and DENSITY on one grid of 11.52″ pixels with a celestial WCS
 (North up, East left), and a Fig. 11-like PNG beside it.  On a 10′ catalog
 of 95 sources/arcmin² with the shipped quick model it takes about a minute
-(examples/el_gordo_like.py).
+(examples/el_gordo_like.py).  A catalog that fits one 32′ network input is
+reconstructed from that one input: the default field is then the 26.1′ one
+input predicts (at the default stride), the sources beyond it the input's
+context; wider catalogs are mosaics of abutting inputs.
 
 Conventions it reads:
 
@@ -89,6 +92,15 @@ NOISE_FILLS = 4
 #: (e^-10 ≈ 5e-5 of data cells are empty by chance).
 FILL_CELL_SOURCES = 10.0
 
+#: Slack, as a fraction of the network input's side, of "the catalog fits one
+#: input" (:func:`fits_one_input`): 1 % is 19″ beyond the 32′ input (which already
+#: counts the gridding kernel's 12″ reach), at most ~1 % of a 32′ catalog's sources
+#: per side left unused (and reported).  It absorbs what makes a "32′" catalog a
+#: hair wider in the tangent plane: a box cut in RA and Dec bulges at its corners
+#: by 4.5″ tan δ (19″ at δ = 76°); the projection itself adds < 0.01″ at 16′.
+#: Without it a catalog 0.1′ too wide would be 4 tiles and 4 × the passes.
+SINGLE_TILE_TOLERANCE = 0.01
+
 #: Image extensions of a reconstruction file, in order.
 MAP_EXTENSIONS = ("KAPPA_CNN", "KAPPA_CNN_STD", "KAPPA_KS93", "DENSITY")
 
@@ -107,6 +119,8 @@ NORTH_STEP_ARCSEC = 1.0
 MAP_CMAP = "magma"
 RECON_PANEL_INCH = 4.0
 RECON_DPI = 110
+#: RA ticks per panel of that PNG, at most (WCSAxes picks round values).
+RECON_RA_TICKS = 3
 
 
 # ## Data: reading a catalog
@@ -413,13 +427,14 @@ def field_geometry(size_arcmin, config=PAPER, stride=12, border_pix=None):
 
     Notes
     -----
-    One 32′ input predicts mosaic pixels [c0, c1) (26.1′ at stride 12).  A
-    field that fits is one tile, the field in the middle of the input, as the
-    9′ HST field of §4.2.  A wider field is one mosaic: the subfield origins
-    form one lattice of step stride/pool output pixels over the whole field,
-    cut into tiles that abut (tile starts N·stride/pool apart, N offsets per
-    tile and axis), so every subfield is predicted once and the tiles leave
-    no seam; the lattice is centred on the field.
+    One 32′ input predicts mosaic pixels [c0, c1) (26.1′ at stride 12,
+    :func:`single_tile_arcmin`).  A field that fits is one tile, the field in
+    the middle of the input, as the 9′ HST field of §4.2.  A wider field is
+    one mosaic: the subfield origins form one lattice of step stride/pool
+    output pixels over the whole field, cut into tiles that abut (tile starts
+    N·stride/pool apart, N offsets per tile and axis), so every subfield is
+    predicted once and the tiles leave no seam; the lattice is centred on the
+    field.
     """
     if not (isinstance(size_arcmin, (int, float, np.number)) and np.isfinite(size_arcmin)
             and size_arcmin > 0):
@@ -445,6 +460,58 @@ def field_geometry(size_arcmin, config=PAPER, stride=12, border_pix=None):
         first = -border - excess // 2
         starts = tuple(first + t * len(offsets) * step for t in range(n_tiles))
     return FieldGeometry(npix, p, starts, config, stride, border)
+
+
+def single_tile_arcmin(config=PAPER, stride=12, border_pix=None):
+    """Side (arcmin) of the widest field one network input predicts: 26.1′ at stride 12.
+
+    The mosaic pixels one 32′ input covers with subfield predictions (its
+    subfields' borders left out), rounded down to an even number of pixels;
+    :func:`field_geometry` of this side is one tile, the field in the middle of
+    the input.
+    """
+    row = mosaic_coverage(config, int(stride), border_pix)[config.mosaic_npix // 2]
+    covered = np.flatnonzero(row)
+    npix = 2 * ((int(covered[-1]) + 1 - int(covered[0])) // 2)
+    return npix * config.pixel_arcsec * config.pool / 60.0
+
+
+def fits_one_input(x, y, config=PAPER, stride=12, tolerance=SINGLE_TILE_TOLERANCE):
+    """Whether every source lies in the one network input of a :func:`single_tile_arcmin` field.
+
+    x, y in arcsec from the field centre (NaN ignored).  The input's span
+    counts the gridding kernel's reach (:meth:`FieldGeometry.input_span_arcsec`);
+    ``tolerance`` (a fraction of the input's side, :data:`SINGLE_TILE_TOLERANCE`)
+    is the slack beyond it.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    lo, hi = field_geometry(single_tile_arcmin(config, stride), config, stride).input_span_arcsec()
+    slack = tolerance * config.field_arcmin * 60.0
+    return bool(ok.any() and np.all((x[ok] >= lo - slack) & (x[ok] <= hi + slack)
+                                    & (y[ok] >= lo - slack) & (y[ok] <= hi + slack)))
+
+
+def default_size_arcmin(x, y, config=PAPER, stride=12):
+    """The field side :func:`reconstruct` takes when none is given, arcmin.
+
+    The catalog's extent about the centre, 2 max(|x|, |y|) (x, y arcsec from
+    it), except for a catalog wider than one tile's field that still fits one
+    network input (:func:`fits_one_input`): then the one tile's field,
+    :func:`single_tile_arcmin` (26.1′ at stride 12), so that the whole catalog
+    is the network's one input, as §4.2's HST field is.  A 32′ catalog is one
+    tile (4 noise-filled passes), not the 4 tiles (16 passes) its 32.3′ would
+    need; its sources beyond the field are the input's context.  Wider
+    catalogs keep their extent: abutting tiles.
+    """
+    with np.errstate(invalid="ignore"):
+        extent = 2.0 * np.nanmax(np.maximum(np.abs(x), np.abs(y))) / 60.0
+    if not extent > 0:
+        raise ValueError("the catalog has no extent on the sky (one position): give size_arcmin")
+    one = single_tile_arcmin(config, stride)
+    if extent > one and fits_one_input(x, y, config, stride):
+        return one
+    return float(extent)
 
 
 def _grid_at(x, y, e1, e2, sigma, x0, y0, npix, config):
@@ -864,8 +931,14 @@ def figure_reconstruction(kappa_ks93, kappa_cnn, kappa_cnn_std, wcs, path, title
         ax.set_title(name)
         if i == 2 and not np.any(np.nan_to_num(data)):
             ax.text(0.5, 0.5, "one run: no spread", transform=ax.transAxes, ha="center", color="w")
-        ax.coords[0].set_axislabel("RA")
-        ax.coords[1].set_axislabel("Dec")
+        ra, dec = ax.coords[0], ax.coords[1]
+        # RA labels in h m s are ~9 characters: more than 3 on a 4″ panel overlap
+        # (a 32′ field got 5); any that still would are left out.
+        ra.set_ticks(number=RECON_RA_TICKS)
+        ra.set_ticklabel(exclude_overlapping=True)
+        dec.set_ticklabel(exclude_overlapping=True)
+        ra.set_axislabel("RA")
+        dec.set_axislabel("Dec")
         fig.colorbar(im, ax=ax, shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
@@ -954,7 +1027,10 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
     center : (float, float), optional
         Field centre (RA, Dec), degrees; default :func:`catalog_center`.
     size_arcmin : float, optional
-        Side of the square field; default the catalog's extent about the centre.
+        Side of the square field, rounded up to 11.52″ pixels.  Default
+        :func:`default_size_arcmin`: the catalog's extent about the centre, but
+        one tile's field (26.1′ at stride 12) for a catalog that fits one 32′
+        network input (:func:`fits_one_input`), as a 32′ catalog does.
     z_lens, z_source : float, optional
         Recorded with Σ_c (default the training's); κ is not rescaled
         (:func:`redshift_info`).
@@ -1008,10 +1084,7 @@ def reconstruct(catalog, models, out_path, ra_col="ra", dec_col="dec", e1_col="e
         raise ValueError(f"center must be (RA, Dec) in degrees, got {center}")
     x, y, e1, e2 = project_catalog(sky, center)
     if size_arcmin is None:
-        size_arcmin = 2.0 * np.nanmax(np.maximum(np.abs(x), np.abs(y))) / 60.0
-        if not size_arcmin > 0:
-            raise ValueError("the catalog has no extent on the sky (one position): "
-                             "give size_arcmin")
+        size_arcmin = default_size_arcmin(x, y, config, stride)
     geometry = field_geometry(size_arcmin, config, stride)
 
     # Sources: in the field, in some network input (context), or beyond every input.

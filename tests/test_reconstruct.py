@@ -613,6 +613,46 @@ def test_one_pass_where_the_catalog_covers_the_input_and_n_fills_with_a_hole(tmp
     assert np.all(np.isfinite(holed.kappa_cnn))
 
 
+def test_a_32_arcmin_catalog_is_one_input_and_runs_once_per_fill(tmp_path, models):
+    """The paper's field is one network input: a 32′ catalog gives one tile, 26.1′ wide
+    (what one input predicts), not the four tiles of a 32.3′ field."""
+    one = reconstruct_catalog.single_tile_arcmin(wlcnn.PAPER, TEST_STRIDE)
+    assert one == pytest.approx(136 * 11.52 / 60, rel=1e-12)  # 136 px: 10 offsets' coverage
+    assert reconstruct_catalog.field_geometry(one, stride=TEST_STRIDE).n_tiles == 1
+    res = reconstruct_catalog.reconstruct(covering_table(32.0, 4.0), models[:1],
+                                          tmp_path / "k.fits", stride=TEST_STRIDE, n_fills=2,
+                                          png=False)
+    assert res.geometry.n_tiles == 1 and res.geometry.side_arcmin == pytest.approx(one)
+    # One tile: one pass per fill at most (4 tiles could take 8).  Whether a fill reaches
+    # the input's 0.4′ strip beyond the catalog (the input sits 11.5″ off the field's
+    # centre) depends on the fill cells' size; here (1.6′ cells at 4 arcmin⁻²) none does.
+    assert 1 <= res.fill["passes"] <= 2 and res.fill["skipped"] == 0
+    assert res.counts["unused"] == 0 and res.counts["context"] > 0  # all of it is the input
+    h = fits.getheader(tmp_path / "k.fits")
+    assert (h["NTILES"], h["NPASSES"]) == (1, res.fill["passes"])
+    # An explicit size keeps its meaning: 32′ is 32.26′ of pixels, more than one input
+    # predicts, so 4 tiles.
+    given = reconstruct_catalog.reconstruct(covering_table(32.0, 4.0), models[:1],
+                                            tmp_path / "g.fits", size_arcmin=32.0,
+                                            stride=TEST_STRIDE, outside="empty", png=False)
+    assert given.geometry.n_tiles == 4
+
+
+@pytest.mark.parametrize("side, tiles", [(9.0, 1), (20.0, 1), (32.0, 1), (32.3, 1), (34.0, 4),
+                                         (40.0, 9)])
+def test_default_field_is_one_input_up_to_32_arcmin_then_the_catalogs_extent(side, tiles):
+    rng = np.random.default_rng(3)
+    x, y = rng.uniform(-30 * side, 30 * side, (2, 5000))
+    x[:4], y[:4] = [-30 * side, 30 * side, 0, 0], [0, 0, -30 * side, 30 * side]  # the full extent
+    size = reconstruct_catalog.default_size_arcmin(x, y, stride=TEST_STRIDE)
+    one = reconstruct_catalog.single_tile_arcmin(stride=TEST_STRIDE)
+    # Catalogs within one tile's field keep their extent; up to one input's 32′ (give or
+    # take SINGLE_TILE_TOLERANCE: 32.3′ is 9″ beyond the input on each side, within its
+    # 19″) they are one tile's field; wider ones keep their extent: abutting tiles.
+    assert size == pytest.approx(min(side, one) if side <= 32.3 else side, rel=1e-12)
+    assert reconstruct_catalog.field_geometry(size, stride=TEST_STRIDE).n_tiles == tiles
+
+
 def test_ks93_smoothing_follows_the_catalogs_density_unless_given(tmp_path, models):
     # 1.25′ at the training's 25 arcmin⁻², 0.625′ at 100: the same KS93 noise at both.
     assert reconstruct_catalog.ks93_fwhm_for_density(25.0) == pytest.approx(1.25, rel=1e-12)
