@@ -303,6 +303,46 @@ def test_weight_rescaling_makes_the_weights_inverse_variances():
     np.testing.assert_allclose(sigma, sigma_true, rtol=0.01)
 
 
+def test_cosmos_table_prints_whole_with_fixed_decimals_and_writes_full_precision(tmp_path):
+    import cosmos
+    rng = np.random.default_rng(12)
+    # 30 float columns × 60 rows: far beyond astropy's terminal-sized str (80 × 25).
+    table = cosmos.FullTable({f"column_{i:02d}": rng.uniform(0, 1, 60) / 7 for i in range(30)})
+    table["threshold"] = np.linspace(3.0, 5.0, 60)
+    text = str(table)
+    lines = text.splitlines()
+    assert "..." not in text and len(lines) == 60 + 2  # header, dashes, every row
+    assert lines[0].split() == table.colnames
+    assert lines[2].split()[0] == f"{table['column_00'][0]:.3f}"
+    assert lines[2].split()[-1] == "3.0"
+    table.write(tmp_path / "t.ecsv")
+    back = Table.read(tmp_path / "t.ecsv")
+    np.testing.assert_array_equal(back["column_00"], table["column_00"])  # not the 3 decimals
+
+
+def test_stack_bootstrap_gives_the_scatter_of_the_snr_difference():
+    import cosmos
+    rng = np.random.default_rng(13)
+    n = 50
+    ks93 = rng.normal(0.0, 1.0, n)
+    # Random sets of n positions on a map of unit per-position scatter: σ of their mean 1/√n.
+    stack = {k: mp.Stack(n, float(v.mean()), 0.0, 1 / np.sqrt(n), float(v.mean()) * np.sqrt(n))
+             for k, v in (("ks93", ks93),)}
+    same = cosmos.stack_bootstrap({"cnn": ks93, "ks93": ks93}, {"cnn": stack["ks93"], **stack},
+                                  np.random.default_rng(0))
+    assert same == {"difference": 0.0, "std": 0.0, "cnn_higher": 0.0}  # one map: no difference
+    cnn = rng.normal(0.0, 1.0, n)  # an independent map
+    stack["cnn"] = mp.Stack(n, float(cnn.mean()), 0.0, 1 / np.sqrt(n),
+                            float(cnn.mean()) * np.sqrt(n))
+    res = cosmos.stack_bootstrap({"cnn": cnn, "ks93": ks93}, stack, np.random.default_rng(0))
+    # The result is rounded to 2 decimals (it goes into the JSON): half of 0.01.
+    assert res["difference"] == pytest.approx(stack["cnn"].snr - stack["ks93"].snr, abs=0.005)
+    # Each S/N scatters by ~1 over resampled groups, their difference by √2: 20 % is the
+    # sample scatter of 50 values' σ (10 %) twice, and the 1,000 resamplings add 2 %.
+    assert res["std"] == pytest.approx(np.sqrt(2), rel=0.2)
+    assert 0.0 < res["cnn_higher"] < 1.0
+
+
 # ---------------------------------------------------------------------------
 # Wide-field detection statistics (examples/wide_field.py)
 # ---------------------------------------------------------------------------
