@@ -97,7 +97,7 @@ FILL_CELL_SOURCES = 10.0
 #: counts the gridding kernel's 12″ reach), at most ~1 % of a 32′ catalog's sources
 #: per side left unused (and reported).  It absorbs what makes a "32′" catalog a
 #: hair wider in the tangent plane: a box cut in RA and Dec bulges at its corners
-#: by 4.5″ tan δ (19″ at δ = 76°); the projection itself adds < 0.01″ at 16′.
+#: by 4.5″ tan δ (18″ at δ = 76°); the projection itself adds < 0.01″ at 16′.
 #: Without it a catalog 0.1′ too wide would be 4 tiles and 4 × the passes.
 SINGLE_TILE_TOLERANCE = 0.01
 
