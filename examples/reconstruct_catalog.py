@@ -141,7 +141,7 @@ import skies  # noqa: E402  (after the command line: see above)
 def _report(args, res):
     c, g, f = res.counts, res.geometry, res.fill
     print(f"{args.catalog}: {c['used']} sources in the field of {c['rows']} rows (dropped: "
-          f"{c['dropped_text']} not a number, {c['dropped_nan']} NaN, {c['dropped_weight']} "
+          f"{c['dropped_nan']} NaN, {c['dropped_text']} not a number, {c['dropped_weight']} "
           f"bad weight, {c['dropped_ellipticity']} |e| >= {skies.MAX_ELLIPTICITY:g}; outside the field: {c['context']} seen by the CNN, "
           f"{c['unused']} unused)")
     print(f"field: {g.side_arcmin:.2f}′ about RA {res.center[0]:.5f}°, Dec {res.center[1]:.5f}° "

@@ -1154,10 +1154,10 @@ def read_catalog(catalog, ra_col="ra", dec_col="dec", e1_col="e1", e2_col="e2",
               "dropped_nan": int((~finite & ~text).sum()),
               "dropped_weight": int((finite & ~good_err).sum()),
               "dropped_ellipticity": int((good_err & ~keep).sum())}
-    detail = (f"{counts['dropped_text']} with an entry that is not a number"
-              + (f" (first: row {first_text[0] + 1}, column {first_text[1]!r}: "
-                 f"{first_text[2]!r})" if first_text else "") + ", "
-              f"{counts['dropped_nan']} with NaN/inf or empty entries, "
+    detail = ((f"{counts['dropped_text']} with an entry that is not a number (first: row "
+               f"{first_text[0] + 1}, column {first_text[1]!r}: {first_text[2]!r}), "
+               if first_text else "")
+              + f"{counts['dropped_nan']} with NaN/inf or empty entries, "
               f"{counts['dropped_weight']} with weight ≤ 0 or σ outside "
               f"[{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}], "
               f"{counts['dropped_ellipticity']} with |e| ≥ {MAX_ELLIPTICITY:g}")
