@@ -2607,8 +2607,9 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
     Keras's ``BackupAndRestore`` saves weights, Adam's state and the epoch
     count after each epoch: an epoch is finished once backed up. Before that,
     ``CSVLogger`` appends it to history.csv and the weights of a new lowest
-    validation loss go to best-NNNN.weights.h5 (NNNN epochs done). A resumption drops the rows and files of unfinished epochs,
-    so the log holds each epoch once and the best weights belong to it.
+    validation loss go to best-NNNN.weights.h5 (NNNN epochs done). A resumption drops the
+    rows and files of unfinished epochs, so the log holds each epoch once and the best
+    weights belong to it.
     """
     preset = get_preset(preset)
     config = preset.apply(config)

@@ -65,7 +65,10 @@ def _parse_center(text):
 def build_parser():
     """The command line of this script."""
     p = argparse.ArgumentParser(
-        description="mass maps of a shear catalog in sky coordinates (§4.2)")
+        description="mass maps of a shear catalog in sky coordinates (§4.2)",
+        epilog="Unusable rows (an entry that is NaN, empty or not a number, weight <= 0, "
+               "|e| >= 1) are dropped and counted by reason in one note and the FITS header; "
+               "a missing column, or one with no number at all, is an error that names it.")
     p.add_argument("catalog",
                    help="FITS, CSV or ECSV table: RA, Dec (deg), e1, e2, weight or sigma")
     p.add_argument("--models", required=True, nargs="+", help="run directories or .keras files")
@@ -142,8 +145,8 @@ def _report(args, res):
     c, g, f = res.counts, res.geometry, res.fill
     print(f"{args.catalog}: {c['used']} sources in the field of {c['rows']} rows (dropped: "
           f"{c['dropped_nan']} NaN, {c['dropped_text']} not a number, {c['dropped_weight']} "
-          f"bad weight, {c['dropped_ellipticity']} |e| >= {skies.MAX_ELLIPTICITY:g}; outside the field: {c['context']} seen by the CNN, "
-          f"{c['unused']} unused)")
+          f"bad weight, {c['dropped_ellipticity']} |e| >= {skies.MAX_ELLIPTICITY:g}; outside "
+          f"the field: {c['context']} seen by the CNN, {c['unused']} unused)")
     print(f"field: {g.side_arcmin:.2f}′ about RA {res.center[0]:.5f}°, Dec {res.center[1]:.5f}° "
           f"({g.npix}² pixels of {g.pixel_arcsec:.2f}″, {g.n_tiles} tile(s), "
           f"{len(res.runs)} run(s))")

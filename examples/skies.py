@@ -852,8 +852,8 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
     ``gamma2`` and ``meta`` (:func:`simulated_field`, ``examples/ingest_raytraced.py``);
     ``masks``: bright-star masks (§3.5). Every draw derives from ``seed``
     (:func:`wlcnn.cluster_rng`): the same seed writes the same bytes. A shard is written
-    under a temporary name and renamed, so a rerun makes only the missing shards. ``shard=(i, n)`` makes the shards
-    numbered i mod n (one job of a batch array). The run that finds every shard written adds
+    under a temporary name and renamed, so a rerun makes only the missing shards.
+    ``shard=(i, n)`` makes the shards numbered i mod n (one job of a batch array). The run that finds every shard written adds
     ``manifest.json`` (with each shard's SHA-256) and returns it; the others return None.
     """
     if not callable(field_fn):

@@ -13,11 +13,12 @@ simulation and the training where they stopped.
 
 Default run (24 train / 8 validation / 8 test clusters, 3 epochs of 25 steps of
 8 subfields, stride-12 mosaics with one orientation), 2 CPU cores:
-14 min wall, 4.1 CPU-minutes (the two cores shared with other jobs, load ~15):
-74 s simulating, 572 s training (600 samples; best validation loss 0.00113),
-170 s evaluating. KS93 (1.0′ chosen) R 0.642, D 3.36, M 1.039, Δ_peak 1.56;
-CNN R 0.479, D 2.60, M 0.837, Δ_peak 2.72 pixels: 600 samples are too few,
-the CNN wins D only.
+192 CPU-s (156 s user, 36 s system); 363 s wall with the cores shared with
+other jobs (33 s simulating, 243 s training: 600 samples, best validation loss
+0.00113; 75 s evaluating).  It leaves 141 MB in ``--out``: the dataset (135 MB),
+kept so that rerunning resumes, and the run (6 MB); delete the directory when
+done.  KS93 (1.0′ chosen) R 0.642, D 3.36, M 1.039, Δ_peak 1.56; CNN R 0.479,
+D 2.60, M 0.837, Δ_peak 2.72 pixels: 600 samples are too few, the CNN wins D only.
 
 The full quick chain (simulate_skies.py with 400 / 50 / 60 clusters, train.py
 --preset quick for two seeds, 30 minutes each, evaluate_table2.py on the 60 test

@@ -333,7 +333,8 @@ def ks93_start_inputs(cfg, n, seed):
     yy, xx = np.mgrid[0:s, 0:s] - s / 2
     x = np.empty((n, s, s, 3), "float32")
     for i in range(n):
-        kappa = 0.3 * np.exp(-((xx - rng.uniform(-9, 9))**2 + (yy - rng.uniform(-9, 9))**2) / (2 * 8.0**2))
+        x0, y0 = rng.uniform(-9, 9, 2)
+        kappa = 0.3 * np.exp(-((xx - x0)**2 + (yy - y0)**2) / (2 * 8.0**2))
         g1, g2 = wlcnn.shear_from_kappa(kappa)
         x[i, ..., 0] = g1 + rng.normal(0, 0.25, (s, s))
         x[i, ..., 1] = g2 + rng.normal(0, 0.25, (s, s))

@@ -381,6 +381,11 @@ def test_a_missing_model_path_says_not_found(tmp_path, capsys):
     assert "--models: " in capsys.readouterr().err and not (tmp_path / "k.fits").exists()
 
 
+def test_the_help_states_the_policy_for_unusable_rows():
+    text = " ".join(reconstruct_catalog.build_parser().format_help().split())
+    assert "Unusable rows (an entry that is NaN, empty or not a number" in text
+
+
 def test_model_built_for_another_grid_is_an_error(tmp_path, models):
     other = dataclasses.replace(wlcnn.PAPER, field_arcmin=30.0)  # 3.6″ pixels, not 3.84″
     with pytest.raises(ValueError, match="another grid than the data's.*field_arcmin"):
