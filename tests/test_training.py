@@ -376,7 +376,10 @@ def test_model_of_another_format_version(trained, tmp_path):
                       b'"format_version": 1', b'"format_version": 2')
     with pytest.raises(ValueError, match="format 2"):
         wlcnn.load_runs(tmp_path)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .keras model"):
+        wlcnn.load_runs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="model not found"):
         wlcnn.load_runs(tmp_path / "run_00" / "nothing")
 
 
