@@ -59,13 +59,11 @@ Conventions (everywhere below)
 """
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import dataclasses
 import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import platform
 import shutil
@@ -77,7 +75,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import astropy
 import numpy as np
 import scipy.fft
 import scipy.ndimage

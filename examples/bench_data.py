@@ -17,11 +17,12 @@ Run (about 30 s on 2 cores; longer when other jobs share them):
 # ## Setup
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
+
+import cli  # the command-line conventions; no TensorFlow
 
 
 def build_parser():
@@ -46,7 +47,7 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
     ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    cli.quiet_tensorflow(ARGS.verbose)
 import numpy as np  # noqa: E402  (after the command line: see above)
 
 import skies  # noqa: E402

@@ -12,8 +12,9 @@ is one JSON object of the figures.
 # ## Setup
 import argparse
 import json
-import os
 import time
+
+import cli  # the command-line conventions; no TensorFlow
 
 # The command line before TensorFlow loads: --help and usage errors answer at once.
 parser = argparse.ArgumentParser(description="benchmark: gridding and KS93")
@@ -21,7 +22,7 @@ parser.add_argument("--repeat", type=int, default=30)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
 args = parser.parse_args()
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.verbose else "3")
+cli.quiet_tensorflow(args.verbose)
 import numpy as np  # noqa: E402
 import scipy.ndimage  # noqa: E402
 

@@ -24,6 +24,8 @@ import os
 import statistics
 import time
 
+import cli  # the command-line conventions; no TensorFlow
+
 # The command line before TensorFlow loads: --help and usage errors answer at once.
 parser = argparse.ArgumentParser(description="benchmark: inference of the network and the mosaic")
 parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
@@ -35,7 +37,7 @@ parser.add_argument("--direct-batch", type=int, default=2,
                     help="subfields of the direct-convolution timing")
 parser.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
 args = parser.parse_args()
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.verbose else "3")
+cli.quiet_tensorflow(args.verbose)
 import numpy as np  # noqa: E402
 
 import wlcnn  # noqa: E402

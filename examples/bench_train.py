@@ -18,9 +18,10 @@ sample), with other jobs on the machine.
 # ## Setup
 import argparse
 import json
-import os
 import statistics
 import time
+
+import cli  # the command-line conventions; no TensorFlow
 
 
 def build_parser():
@@ -47,7 +48,7 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
     ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    cli.quiet_tensorflow(ARGS.verbose)
 import numpy as np  # noqa: E402  (after the command line: see above)
 import tensorflow as tf  # noqa: E402
 

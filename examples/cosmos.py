@@ -53,13 +53,15 @@ import sys
 import time
 import warnings
 
+import cli  # the command-line conventions; no TensorFlow
+
 
 def build_parser():
     """The command line of this script."""
     p = argparse.ArgumentParser(description="COSMOS mass maps, S/N, peaks and X-ray groups")
     p.add_argument("--models", default=None,
                    help="run directory or .keras file(s) (default: examples/quick_model)")
-    p.add_argument("--out", default="out/cosmos",
+    p.add_argument("--out", type=cli.output_dir, default="out/cosmos",
                    help="output directory, created with its parents if missing")
     p.add_argument("--quick", action="store_true",
                    help="the central 26′ (one tile), fewer realisations")
@@ -78,22 +80,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    """The command line, with ``--out`` checked before any work."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    # --out is made with its parents: what exists of its path must be a directory.
-    path = os.path.abspath(args.out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        p.error(f"--out: {path} is not a directory")
-    return args
-
-
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    ARGS = build_parser().parse_args()
+    cli.quiet_tensorflow(ARGS.verbose)
 import numpy as np  # noqa: E402  (after the command line: see above)
 from astropy.io import fits  # noqa: E402
 from astropy.table import Table  # noqa: E402
@@ -361,7 +350,7 @@ def read_maps(path):
 
 def main(argv=None):
     """Run the COSMOS analysis; the last line printed is the JSON result."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.models = str(MODEL_DIR) if args.models is None else args.models
     args.stride = STRIDE if args.stride is None else args.stride
     t0 = time.time()

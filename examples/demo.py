@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import cli  # the command-line conventions; no TensorFlow
+
 #: Where the figure goes without --out; its directory is made.
 DEFAULT_OUT = "out/demo.png"
 
@@ -61,7 +63,7 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
     ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    cli.quiet_tensorflow(ARGS.verbose)
 import numpy as np  # noqa: E402  (after the command line: see above)
 
 import skies  # noqa: E402

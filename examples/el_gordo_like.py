@@ -29,10 +29,11 @@ the CNN with the outside of the field left empty 3.
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 import warnings
+
+import cli  # the command-line conventions; no TensorFlow
 
 
 def build_parser():
@@ -46,29 +47,16 @@ def build_parser():
     p.add_argument("--stride", type=int, default=12, help="mosaic offset step (paper: 3)")
     p.add_argument("--orientations", type=int, default=1, choices=[1, 6], help="paper: 6")
     p.add_argument("--seed", type=int, default=2014)
-    p.add_argument("--out", default="out/el_gordo_like",
+    p.add_argument("--out", type=cli.output_dir, default="out/el_gordo_like",
                    help="directory for the catalog, FITS and PNG, created with its parents if "
                         "missing")
     p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
     return p
 
 
-def parse_args(argv=None):
-    """The command line, with ``--out`` checked before any work."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    # --out is made with its parents: what exists of its path must be a directory.
-    path = os.path.abspath(args.out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        p.error(f"--out: {path} is not a directory")
-    return args
-
-
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    ARGS = build_parser().parse_args()
+    cli.quiet_tensorflow(ARGS.verbose)
 import keras  # noqa: E402  (after the command line: see above)
 import numpy as np  # noqa: E402
 import scipy.ndimage  # noqa: E402
@@ -171,7 +159,7 @@ def spurious_peaks(m, outskirts, sigma_noise):
 
 def main(argv=None):
     """Make the catalog, reconstruct it twice, and compare with the truth; returns 0."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.models = [str(DEFAULT_MODELS)] if args.models is None else args.models
     rng = np.random.default_rng(args.seed)
     cfg = wlcnn.PAPER

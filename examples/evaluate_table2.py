@@ -34,6 +34,8 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 
+import cli  # the command-line conventions; no TensorFlow
+
 
 def build_parser():
     """The command line of this script."""
@@ -42,7 +44,7 @@ def build_parser():
     p.add_argument("--models", required=True, nargs="+",
                    help="run directories or .keras files, pooled into one CNN row; "
                         "NAME=PATH makes a row of its own")
-    p.add_argument("--out", required=True,
+    p.add_argument("--out", type=cli.output_dir, required=True,
                    help="report directory (complete or absent), created with its parents "
                         "if missing")
     p.add_argument("--stride", type=int, default=12,
@@ -61,22 +63,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    """The command line, with ``--out`` checked before any work."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    # --out is made with its parents: what exists of its path must be a directory.
-    path = os.path.abspath(args.out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        p.error(f"--out: {path} is not a directory")
-    return args
-
-
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    ARGS = build_parser().parse_args()
+    cli.quiet_tensorflow(ARGS.verbose)
 import numpy as np  # noqa: E402  (after the command line: see above)
 import scipy.fft  # noqa: E402
 import scipy.ndimage  # noqa: E402
@@ -813,7 +802,7 @@ def evaluate_directory(data_dir, model_paths, out_dir, stride=12, orientations=1
 def main(argv=None):
     """Evaluate models against the baselines on a dataset's test split; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         rows = evaluate_directory(
             args.data, args.models, args.out, stride=args.stride, orientations=args.orientations,

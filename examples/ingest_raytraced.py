@@ -22,13 +22,15 @@ import functools
 import os
 import sys
 
+import cli  # the command-line conventions; no TensorFlow
+
 
 def build_parser():
     """The command line of this script."""
     p = argparse.ArgumentParser(description="cut the clusters of ray-traced κ maps "
                                 "into a training dataset (§2.3.1)")
     p.add_argument("maps", nargs="+", help="FITS κ maps (image + side in degrees in the header)")
-    p.add_argument("--out", required=True,
+    p.add_argument("--out", type=cli.output_dir, required=True,
                    help="dataset directory, created with its parents if missing")
     p.add_argument("--n-val", type=int, required=True, help="validation clusters")
     p.add_argument("--n-test", type=int, required=True, help="test clusters")
@@ -50,22 +52,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    """The command line, with ``--out`` checked before any work."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    # --out is made with its parents: what exists of its path must be a directory.
-    path = os.path.abspath(args.out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        p.error(f"--out: {path} is not a directory")
-    return args
-
-
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    ARGS = build_parser().parse_args()
+    cli.quiet_tensorflow(ARGS.verbose)
 import numpy as np  # noqa: E402  (after the command line: see above)
 import scipy.ndimage  # noqa: E402
 import scipy.special  # noqa: E402
@@ -406,7 +395,7 @@ def ingest_dataset(paths, out_dir, n_val, n_test, config=PAPER, seed=0, masks=Fa
 # ## Command line
 def main(argv=None):
     """Cut the clusters of ray-traced κ maps into a dataset; returns the exit status."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.angle_key = MASSIVENUS_ANGLE_KEY if args.angle_key is None else args.angle_key
     try:
         manifest = ingest_dataset(args.maps, args.out, args.n_val, args.n_test, PAPER,

@@ -22,10 +22,11 @@ import csv
 import importlib
 import itertools
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
+
+import cli  # the command-line conventions; no TensorFlow
 
 
 def build_parser():
@@ -33,7 +34,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="a run directory (run_XX) with snapshots")
     p.add_argument("--data", required=True, help="the run's dataset (its val split is scored)")
-    p.add_argument("--out", required=True,
+    p.add_argument("--out", type=cli.output_dir, required=True,
                    help="directory of the curve and the run's files, created with its "
                         "parents if missing")
     p.add_argument("--n-clusters", type=int, default=50, help="validation clusters scored")
@@ -42,22 +43,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    """The command line, with ``--out`` checked before any work."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    # --out is made with its parents: what exists of its path must be a directory.
-    path = os.path.abspath(args.out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        p.error(f"--out: {path} is not a directory")
-    return args
-
-
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    ARGS = build_parser().parse_args()
+    cli.quiet_tensorflow(ARGS.verbose)
 import numpy as np  # noqa: E402  (after the command line: see above)
 
 import wlcnn  # noqa: E402
@@ -144,7 +132,7 @@ def figure(rows, history, per_epoch, ks93, path, fwhm):
 
 def main(argv=None):
     """Score every snapshot of a run; returns the exit status."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     run, out = Path(args.run), Path(args.out)
     info = json.loads((run / "run.json").read_text())
     snapshots = sorted(run.glob("snapshot-*.weights.h5"))

@@ -42,6 +42,8 @@ import os
 import sys
 import warnings
 
+import cli  # the command-line conventions; no TensorFlow
+
 
 def _parse_center(text):
     """``--center``: "RA,DEC" in degrees, or sexagesimal "HH:MM:SS.s,±DD:MM:SS"."""
@@ -72,7 +74,7 @@ def build_parser():
     p.add_argument("catalog",
                    help="FITS, CSV or ECSV table: RA, Dec (deg), e1, e2, weight or sigma")
     p.add_argument("--models", required=True, nargs="+", help="run directories or .keras files")
-    p.add_argument("--out", required=True,
+    p.add_argument("--out", required=True, type=cli.output_file,
                    help="output FITS (KAPPA_CNN, KAPPA_CNN_STD, KAPPA_KS93, DENSITY); "
                         "a PNG like Fig. 11 goes beside it")
     p.add_argument("--ra-col", default="ra",
@@ -121,12 +123,9 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """The command line, with ``--out``'s directory checked before any work."""
+    """The command line, with ``--out``'s directory and the inputs checked before any work."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        parser.error(f"--out: directory {out_dir} does not exist")
     for path in (args.catalog, *args.models):  # before TensorFlow loads, not after
         if not os.path.exists(path):
             what = "catalog" if path == args.catalog else "--models"
@@ -136,7 +135,7 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
     ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    cli.quiet_tensorflow(ARGS.verbose)
 import skies  # noqa: E402  (after the command line: see above)
 
 

@@ -35,6 +35,8 @@ With ``--n-fields 100`` (6 min of CPU): −0.2 % to +3.7 %, scatter 2-10 %; the
 """
 # ## Setup
 import argparse
+
+import cli  # the command-line conventions; no TensorFlow
 import concurrent.futures
 import functools
 import json
@@ -75,7 +77,7 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
     ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    cli.quiet_tensorflow(ARGS.verbose)
 import numpy as np  # noqa: E402  (after the command line: see above)
 import scipy.ndimage  # noqa: E402
 import scipy.signal  # noqa: E402

@@ -34,8 +34,9 @@ resumes an interrupted dataset.
 """
 # ## Setup
 import argparse
-import os
 import sys
+
+import cli  # the command-line conventions; no TensorFlow
 
 
 def _shard_arg(text):
@@ -51,7 +52,7 @@ def _shard_arg(text):
 def build_parser():
     """The command line of this script."""
     p = argparse.ArgumentParser(description="simulate cluster fields into a wlcnn dataset (§2.3.1)")
-    p.add_argument("--out", required=True,
+    p.add_argument("--out", type=cli.output_dir, required=True,
                    help="dataset directory, created with its parents if missing; "
                         "a rerun resumes it")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
@@ -67,22 +68,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    """The command line, with ``--out`` checked before any work."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    # --out is made with its parents: what exists of its path must be a directory.
-    path = os.path.abspath(args.out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        p.error(f"--out: {path} is not a directory")
-    return args
-
-
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    ARGS = build_parser().parse_args()
+    cli.quiet_tensorflow(ARGS.verbose)
 import skies  # noqa: E402  (after the command line: see above)
 import wlcnn  # noqa: E402
 
@@ -90,7 +78,7 @@ import wlcnn  # noqa: E402
 # ## Data
 def main(argv=None):
     """Simulate cluster fields into a dataset; returns the exit status."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     counts = {"train": args.n_train, "val": args.n_val, "test": args.n_test}
     try:
         manifest = skies.write_dataset(args.out, counts, wlcnn.PAPER, args.seed,

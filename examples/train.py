@@ -11,8 +11,9 @@ Each epoch prints a line with the samples seen, the losses and the rate.
 """
 import argparse
 import dataclasses
-import os
 import sys
+
+import cli  # the command-line conventions; no TensorFlow
 
 #: Options that replace a field of the preset.
 OVERRIDES = {"epochs": int, "steps_per_epoch": int, "batch_size": int, "n_val": int,
@@ -28,7 +29,7 @@ def build_parser():
     """The command line of this script."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="dataset directory (simulate_skies.py)")
-    p.add_argument("--out", required=True,
+    p.add_argument("--out", type=cli.output_dir, required=True,
                    help="output directory of the runs, created with its parents if missing")
     p.add_argument("--preset", default="quick", choices=PRESET_NAMES,
                    help="quick: 30 min on a CPU, from KS93; paper: §2.3.2 as published")
@@ -52,28 +53,15 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    """The command line, with ``--out`` checked before any work."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    # --out is made with its parents: what exists of its path must be a directory.
-    path = os.path.abspath(args.out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        p.error(f"--out: {path} is not a directory")
-    return args
-
-
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose == 2 else "3")
+    ARGS = build_parser().parse_args()
+    cli.quiet_tensorflow(ARGS.verbose == 2)
 import wlcnn  # noqa: E402  (after the command line: see above)
 
 
 def main(argv=None):
     """Train K runs of the CNN on a dataset; returns the exit status."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     try:
         preset = dataclasses.replace(wlcnn.get_preset(args.preset), **changes)

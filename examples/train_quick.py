@@ -30,16 +30,17 @@ import argparse
 import dataclasses
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+import cli  # the command-line conventions; no TensorFlow
 
 
 def build_parser():
     """The command line of this script."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/train_quick",
+    p.add_argument("--out", type=cli.output_dir, default="runs/train_quick",
                    help="work directory (data/, runs/), created with its parents if missing")
     p.add_argument("--train", type=int, default=24, help="training clusters")
     p.add_argument("--val", type=int, default=8, help="validation clusters")
@@ -54,29 +55,16 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    """The command line, with ``--out`` checked before any work."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    # --out is made with its parents: what exists of its path must be a directory.
-    path = os.path.abspath(args.out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        p.error(f"--out: {path} is not a directory")
-    return args
-
-
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    ARGS = build_parser().parse_args()
+    cli.quiet_tensorflow(ARGS.verbose)
 import skies  # noqa: E402  (after the command line: see above)
 import wlcnn  # noqa: E402
 
 
 def main(argv=None):
     """Simulate, train, evaluate; returns the exit status."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     out, config, t0 = Path(args.out), wlcnn.PAPER, time.perf_counter()
 
     # ## Data

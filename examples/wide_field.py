@@ -36,10 +36,11 @@ The shipped quick model does not beat KS93 here: its S/N has a heavy positive ta
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 import time
+
+import cli  # the command-line conventions; no TensorFlow
 
 
 def build_parser():
@@ -47,7 +48,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="halo completeness vs mass and purity, CNN vs KS93")
     p.add_argument("--models", default=None,
                    help="run directory or .keras file(s) (default: examples/quick_model)")
-    p.add_argument("--out", default="out/wide_field",
+    p.add_argument("--out", type=cli.output_dir, default="out/wide_field",
                    help="output directory, created with its parents if missing")
     p.add_argument("--size", type=float, default=120.0, help="field side, arcmin (>= 120 for 2°)")
     p.add_argument("--purity", type=float, default=0.5, help="the common purity of the comparison")
@@ -62,22 +63,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    """The command line, with ``--out`` checked before any work."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    # --out is made with its parents: what exists of its path must be a directory.
-    path = os.path.abspath(args.out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        p.error(f"--out: {path} is not a directory")
-    return args
-
-
 if __name__ == "__main__":  # --help and usage errors answer before TensorFlow loads
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if ARGS.verbose else "3")
+    ARGS = build_parser().parse_args()
+    cli.quiet_tensorflow(ARGS.verbose)
 import numpy as np  # noqa: E402  (after the command line: see above)
 from astropy.table import Table  # noqa: E402
 
@@ -203,7 +191,7 @@ def figure(path, tables, rows):
 
 def main(argv=None):
     """Simulate, reconstruct, detect; the last line printed is the JSON result."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.models = str(MODEL_DIR) if args.models is None else args.models
     args.stride = STRIDE if args.stride is None else args.stride
     args.ks93_fwhm = KS93_FWHM_ARCMIN if args.ks93_fwhm is None else args.ks93_fwhm

@@ -1,5 +1,5 @@
 """The example scripts' command lines: --help and usage errors answer before TensorFlow
-loads, and an --out that cannot be written fails before any work (issue 23)."""
+loads, and an --out that cannot be written fails before any work."""
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +64,7 @@ def test_output_file_in_a_missing_directory_fails_before_the_work(tmp_path):
                      tmp_path / "models", "--out", missing / "k.fits", cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == (
-        f"reconstruct_catalog.py: error: --out: directory {missing} does not exist")
+        f"reconstruct_catalog.py: error: argument --out: directory {missing} does not exist")
     assert res.stdout.rstrip().endswith("NO-TENSORFLOW")
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary
 
@@ -76,7 +76,7 @@ def test_output_directory_through_a_file_fails_before_the_work(tmp_path):
                      "--n-val", "1", "--n-test", "1", cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == (
-        f"simulate_skies.py: error: --out: {blocker} is not a directory")
+        f"simulate_skies.py: error: argument --out: {blocker} is not a directory")
     assert res.stdout.rstrip().endswith("NO-TENSORFLOW")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
@@ -84,11 +84,12 @@ def test_output_directory_through_a_file_fails_before_the_work(tmp_path):
 def test_output_directory_is_made_with_its_parents(tmp_path, capsys):
     import train
     out = tmp_path / "new" / "runs"
-    args = train.parse_args(["--data", str(tmp_path), "--out", str(out)])
+    args = train.build_parser().parse_args(["--data", str(tmp_path), "--out", str(out)])
     assert args.out == str(out) and not out.exists()  # checked, not yet made
     with pytest.raises(SystemExit) as exc:
-        train.parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "x" / "y"),
-                          "--preset", "nope"])
+        train.build_parser().parse_args(["--data", str(tmp_path),
+                                         "--out", str(tmp_path / "x" / "y"),
+                                         "--preset", "nope"])
     assert exc.value.code == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err
 
