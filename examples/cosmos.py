@@ -210,18 +210,18 @@ class FullTable(Table):
         return "\n".join(shown.pformat(max_lines=-1, max_width=-1))
 
 
-def stack_bootstrap(values, stacks, rng, n_sets=BOOTSTRAP_SETS):
+def stack_bootstrap(stacks, rng, n_sets=BOOTSTRAP_SETS):
     """Scatter of the stacked S/N difference CNN − KS93 over the groups, by bootstrap.
 
-    ``values``: {method: κ at each stacked group} (the same groups, in order);
-    ``stacks``: {method: :class:`skies.Stack`} of those groups.  The groups
+    ``stacks``: {method: :class:`skies.Stack`} of the same groups (their
+    ``values``, κ at each group, in the same order).  The groups
     are resampled with replacement, the same draw for both methods (their maps
     share the shapes), and each stack's S/N recomputed against its random sets,
     (mean κ − random mean) / random σ.  Returns a dict: ``difference`` (CNN −
     KS93 of the data), ``std`` (its bootstrap standard deviation),
     ``cnn_higher`` (fraction of resamplings with the CNN's S/N above KS93's).
     """
-    v = {k: np.asarray(values[k], np.float64) for k in ("cnn", "ks93")}
+    v = {k: np.asarray(stacks[k].values, np.float64) for k in ("cnn", "ks93")}
     idx = rng.integers(0, v["cnn"].size, (int(n_sets), v["cnn"].size))
     snr = {k: (v[k][idx].mean(axis=1) - stacks[k].random_mean) / stacks[k].random_std
            for k in v}
@@ -249,7 +249,7 @@ def evaluate(maps, wcs, footprint, groups, seed):
     result = {"groups": {"total": len(groups), "in_footprint": int(inside.sum()),
                          "in_z_range": int(in_z.sum())},
               "stack_snr": {}, "stack_kappa": {}, "completeness": {}, "purity": {}}
-    peaks, tables, stacks, at_groups = {}, [], {}, {}
+    peaks, tables, stacks = {}, [], {}
     pixel_arcmin = wcs.proj_plane_pixel_scales()[0].to_value("arcmin")
     box = 2 * int(round(PEAK_SEPARATION_ARCMIN / pixel_arcmin)) + 1
     for name, (kappa, sig) in maps.items():
@@ -257,7 +257,6 @@ def evaluate(maps, wcs, footprint, groups, seed):
         st = skies.stack_snr(kappa, wcs, groups["ra"][in_z], groups["dec"][in_z], footprint, rng,
                              RANDOM_SETS)
         stacks[name] = st
-        at_groups[name] = skies.values_at(kappa, wcs, groups["ra"][in_z], groups["dec"][in_z])
         result["stack_snr"][name] = round(st.snr, 2)
         values = (st.kappa, st.random_mean, st.random_std)
         result["stack_kappa"][name] = [round(v, 5) for v in values]
@@ -280,8 +279,7 @@ def evaluate(maps, wcs, footprint, groups, seed):
     chance = inside.sum() * np.pi * MATCH_RADIUS_ARCMIN**2 / area
     result["chance_purity"] = round(min(1.0, chance), 3)
     if set(stacks) == {"cnn", "ks93"}:
-        result["stack_snr_bootstrap"] = stack_bootstrap(at_groups, stacks,
-                                                        np.random.default_rng([seed, 2]))
+        result["stack_snr_bootstrap"] = stack_bootstrap(stacks, np.random.default_rng([seed, 2]))
         result["note"] = stack_note(result)
     from astropy.table import vstack
     return result, peaks, FullTable(vstack(tables))

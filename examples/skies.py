@@ -2470,6 +2470,7 @@ class Stack(NamedTuple):
     random_mean: float   #: mean over random sets of n positions
     random_std: float    #: spread (ddof = 1) of those sets' means
     snr: float           #: (kappa − random_mean) / random_std
+    values: np.ndarray   #: (n,) κ at each object (their mean is ``kappa``)
 
 
 def stack_snr(kappa, wcs, ra, dec, footprint, rng, n_random=2000):
@@ -2486,8 +2487,9 @@ def stack_snr(kappa, wcs, ra, dec, footprint, rng, n_random=2000):
     ra = np.atleast_1d(np.asarray(ra, np.float64))
     if ra.size == 0:
         raise ValueError("no objects to stack")
-    stacked = float(np.mean(values_at(kappa, wcs, ra, dec)))
+    at_objects = values_at(kappa, wcs, ra, dec)
+    stacked = float(np.mean(at_objects))
     rra, rdec = random_positions(wcs, footprint, ra.size * int(n_random), rng)
     sets = values_at(kappa, wcs, rra, rdec).reshape(int(n_random), ra.size).mean(axis=1)
     mean, std = float(sets.mean()), float(sets.std(ddof=1))
-    return Stack(ra.size, stacked, mean, std, (stacked - mean) / std)
+    return Stack(ra.size, stacked, mean, std, (stacked - mean) / std, at_objects)
