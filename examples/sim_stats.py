@@ -55,23 +55,20 @@ def build_parser():
     p.add_argument("--seed", type=int, default=2021, help="first seed")
     p.add_argument("--workers", type=int, default=None,
                    help="processes (default: 2, or the cores if fewer)")
-    p.add_argument("--plot", default="docs/sim_stats.png",
+    p.add_argument("--plot", type=cli.output_file, default="docs/sim_stats.png",
                    help="figure path, in an existing directory ('' for none)")
     p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
     return p
 
 
 def parse_args(argv=None):
-    """The command line, checked: ``--plot``'s directory exists before any work."""
+    """The command line, checked before any work (``--plot``'s directory by its type)."""
     p = build_parser()
     args = p.parse_args(argv)
     if args.workers is None:
         args.workers = min(2, os.cpu_count() or 1)
     if args.n_seeds < 2 or args.n_fields < 1 or args.n_cluster_fields < 0 or args.workers < 1:
         p.error("need --n-seeds >= 2 (a scatter), --n-fields >= 1, --workers >= 1")
-    out_dir = os.path.dirname(os.path.abspath(args.plot))
-    if args.plot and not os.path.isdir(out_dir):
-        p.error(f"--plot: directory {out_dir} does not exist")
     return args
 
 
