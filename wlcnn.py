@@ -1251,7 +1251,15 @@ VARIANTS = {
     "19Filter":  dict(channels=3, filter_size=19, skip=True, focal=False),
     "29Filter":  dict(channels=3, filter_size=29, skip=True, focal=False),
     "NoSkip":    dict(channels=3, filter_size=None, skip=False, focal=False),
+    # Beyond the paper: FocalLoss's network and eq. 11-12 plus a term on the aperture mass
+    # M_cl (§3.3) about the truth's peak (KappaLoss), weighted by mass_weight.
+    "FocalMass": dict(channels=3, filter_size=None, skip=True, focal=True, mass_weight=1.0),
 }
+
+
+def _loss_name(spec):
+    """The loss a VARIANTS entry trains with, as model_info records it."""
+    return ("focal" if spec["focal"] else "mse") + ("+mass" if spec.get("mass_weight") else "")
 
 
 # Table 1, column "Multiplied to". Multiply-4 takes Multiply-1, not Multiply-3 as the
@@ -1323,7 +1331,7 @@ def build_model(config=PAPER, variant="FocalLoss", conv="auto"):
     Conv, TransConv = ((FFTConv2D, FFTConv2DTranspose) if conv == "fft" else
                        (keras.layers.Conv2D, keras.layers.Conv2DTranspose))
     info = dict(format_version=FORMAT_VERSION, variant=variant, channels=spec["channels"],
-                filter_size=f, skip=spec["skip"], loss="focal" if spec["focal"] else "mse",
+                filter_size=f, skip=spec["skip"], loss=_loss_name(spec),
                 conv=conv, config=config_dict(config))
 
     L = keras.layers
@@ -1371,38 +1379,72 @@ def _check_version(version, where):
 # ---------------------------------------------------------------------------
 @keras.saving.register_keras_serializable(package="wlcnn")
 class KappaLoss(keras.losses.Loss):
-    """Squared error of κ (eq. 11) with the focal weights (eq. 12), or plain (eq. A1).
+    """Squared error of κ (eq. 11) with the focal weights (eq. 12), or plain (eq. A1), and
+    optionally a term on the aperture mass (beyond the paper: the FocalMass variant).
 
     The outer ``border_pix`` output pixels of each side are not scored (§2.3.2).
     ``call(y_true, y_pred)`` takes (B, N, N[, 1]) maps and returns one value a sample: the
     mean over the scored pixels rather than eq. 11's sum, so that it does not depend on the
     grid; Adam is invariant to the factor (up to its epsilon and ``Config.clipnorm``, which
     are set for the mean).
+
+    Notes
+    -----
+    With ``mass_weight`` λ > 0 each sample adds λ (κ̄_pred − κ̄_true)², κ̄ the mean κ within
+    ``mass_radius_pix`` output pixels of the truth's highest scored pixel: M_cl of §3.3 per
+    pixel. A pixel loss alone is minimised by the posterior mean of each pixel, which
+    spreads a peak whose position the noise blurs and so moves mass out of the aperture
+    that §3.3 measures; the term asks for the aperture mass itself.
     """
 
     def __init__(self, border_pix=PAPER.loss_border_pix, focal=True,
-                 focal_floor=PAPER.focal_floor, name=None, **kwargs):
-        super().__init__(name=name or ("focal_loss" if focal else "mse_loss"), **kwargs)
+                 focal_floor=PAPER.focal_floor, mass_weight=0.0, mass_radius_pix=None,
+                 name=None, **kwargs):
+        if mass_weight < 0 or (mass_weight > 0 and not (mass_radius_pix or 0) > 0):
+            raise ValueError("mass_weight must be >= 0, and > 0 only with a positive "
+                             f"mass_radius_pix; got {mass_weight}, {mass_radius_pix}")
+        default = ("focal" if focal else "mse") + ("_mass" if mass_weight else "") + "_loss"
+        super().__init__(name=name or default, **kwargs)
         self.border_pix = int(border_pix)
         self.focal = bool(focal)
         self.focal_floor = float(focal_floor)
+        self.mass_weight = float(mass_weight)
+        self.mass_radius_pix = None if mass_radius_pix is None else float(mass_radius_pix)
 
     def call(self, y_true, y_pred):
         t, p = _scored_window(y_true, self.border_pix), _scored_window(y_pred, self.border_pix)
-        err = tf.square(p - tf.cast(t, p.dtype))
+        t = tf.cast(t, p.dtype)
+        err = tf.square(p - t)
         if self.focal:
             # eq. 12: w = 1 + |κ| / max(κ) over the sample's scored window. A window that
             # misses the cluster has max(κ) near zero or negative, and the literal weights
             # blow up and make training diverge: the denominator is max(max|κ|,
             # focal_floor), so 1 <= w <= 2.
-            a = tf.abs(tf.cast(t, p.dtype))
+            a = tf.abs(t)
             peak = tf.reduce_max(a, axis=(1, 2), keepdims=True)
             err = (1.0 + a / tf.maximum(peak, self.focal_floor)) * err
-        return tf.reduce_mean(err, axis=(1, 2))
+        loss = tf.reduce_mean(err, axis=(1, 2))
+        if self.mass_weight:
+            inside = _aperture_about_peak(t, self.mass_radius_pix)
+            mean_in = lambda k: tf.reduce_sum(inside * k, (1, 2)) / tf.reduce_sum(inside, (1, 2))
+            loss = loss + self.mass_weight * tf.square(mean_in(p) - mean_in(t))
+        return loss
 
     def get_config(self):
         return {**super().get_config(), "border_pix": self.border_pix,
-                "focal": self.focal, "focal_floor": self.focal_floor}
+                "focal": self.focal, "focal_floor": self.focal_floor,
+                "mass_weight": self.mass_weight, "mass_radius_pix": self.mass_radius_pix}
+
+
+def _aperture_about_peak(maps, radius_pix):
+    """(B, N, M) -> (B, N, M) of 1 within ``radius_pix`` of each map's highest pixel, else 0
+    (:func:`aperture_mass`'s disk; the first highest pixel where several tie)."""
+    n, m = maps.shape[1], maps.shape[2]
+    at = tf.argmax(tf.reshape(maps, (-1, n * m)), axis=1, output_type=tf.int32)
+    row, col = (tf.cast(v, maps.dtype)[:, None, None] for v in (at // m, at % m))
+    yy = tf.cast(tf.range(n), maps.dtype)[None, :, None]
+    xx = tf.cast(tf.range(m), maps.dtype)[None, None, :]
+    return tf.cast((yy - row) ** 2 + (xx - col) ** 2 <= radius_pix ** 2, maps.dtype)
 
 
 def _scored_window(maps, border):
@@ -1415,8 +1457,11 @@ def _scored_window(maps, border):
 
 
 def make_loss(config=PAPER, variant="FocalLoss"):
-    """The :class:`KappaLoss` of ``variant``: focal for FocalLoss, plain for the others."""
-    return KappaLoss(config.loss_border_pix, VARIANTS[variant]["focal"], config.focal_floor)
+    """The :class:`KappaLoss` of ``variant``: focal for FocalLoss, plain for the Appendix A
+    variants, focal plus the aperture-mass term for FocalMass."""
+    spec = VARIANTS[variant]
+    return KappaLoss(config.loss_border_pix, spec["focal"], config.focal_floor,
+                     spec.get("mass_weight", 0.0), MASS_RADIUS_PIX)
 
 
 def compile_model(model, config=PAPER, variant=None, learning_rate=None):
@@ -1427,8 +1472,12 @@ def compile_model(model, config=PAPER, variant=None, learning_rate=None):
     """
     variant = variant or model_info(model)["variant"]
     lr = config.learning_rate if learning_rate is None else learning_rate
+    # A loss beyond eq. 11-12 also logs eq. 12 itself ("val_focal_loss" in history.csv),
+    # the number that compares it with the paper's loss.
+    extra = ([KappaLoss(config.loss_border_pix, True, config.focal_floor)]
+             if VARIANTS[variant].get("mass_weight") else [])
     model.compile(optimizer=keras.optimizers.Adam(lr, clipnorm=config.clipnorm),
-                  loss=make_loss(config, variant))
+                  loss=make_loss(config, variant), metrics=extra)
     return model
 
 

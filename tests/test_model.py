@@ -135,13 +135,13 @@ def test_table1_shapes_and_parameters(conv):
 @pytest.mark.parametrize("variant,channels,f,skip", [
     ("FocalLoss", 3, 49, True), ("Fiducial", 3, 49, True),
     ("4Channel", 4, 49, True), ("19Filter", 3, 19, True),
-    ("29Filter", 3, 29, True), ("NoSkip", 3, 49, False)])
+    ("29Filter", 3, 29, True), ("NoSkip", 3, 49, False), ("FocalMass", 3, 49, True)])
 def test_variants(variant, channels, f, skip):
     model = wlcnn.build_model(variant=variant)
     info = wlcnn.model_info(model)
     assert (info["variant"], info["channels"], info["filter_size"]) == (
         variant, channels, f)
-    assert info["loss"] == ("focal" if variant == "FocalLoss" else "mse")
+    assert info["loss"] == {"FocalLoss": "focal", "FocalMass": "focal+mass"}.get(variant, "mse")
     assert tuple(model.input.shape[1:]) == (386, 386, channels)
     assert tuple(model.output.shape[1:]) == (128, 128, 1)
     names = [layer.name for layer in model.layers]
@@ -259,6 +259,46 @@ def test_loss_hand_value():
     loss = wlcnn.KappaLoss(border_pix=1, focal=True, focal_floor=0.01)
     assert float(loss(truth, np.zeros_like(truth))) == pytest.approx(
         0.1484375, rel=1e-6)  # exact in binary; float32 reductions only
+
+
+def test_mass_term_is_the_aperture_mass_error_about_the_truth_peak():
+    # FocalMass = eq. 12 + λ (κ̄_pred − κ̄_true)², κ̄ = M_cl / (pixels in the disk) of §3.3,
+    # so its extra term must equal the one built from wlcnn.aperture_mass on the scored
+    # window, about the truth's highest pixel (not the prediction's, not the map centre).
+    rng = np.random.default_rng(11)
+    cfg = wlcnn.PAPER
+    b, r = cfg.loss_border_pix, wlcnn.MASS_RADIUS_PIX
+    truth = rng.normal(0.0, 0.02, (2, 128, 128))
+    pred = rng.normal(0.0, 0.02, (2, 128, 128))
+    truth[0, 40, 90] = truth[1, 100, 30] = 1.0  # peaks off-centre, near the border in 1
+    pred[0, 64, 64] = 5.0  # the prediction's own peak, outside the truth's disk
+    focal = wlcnn.make_loss(cfg, "FocalLoss")
+    mass = wlcnn.make_loss(cfg, "FocalMass")
+    lam = wlcnn.VARIANTS["FocalMass"]["mass_weight"]
+    expected = []
+    for t, p in zip(truth, pred):
+        t, p = t[b:-b, b:-b], p[b:-b, b:-b]
+        c = wlcnn.peak_pixel(t)
+        n_in = wlcnn.aperture_mass(np.ones_like(t), c, r)
+        expected.append(lam * ((wlcnn.aperture_mass(p, c, r)
+                                - wlcnn.aperture_mass(t, c, r)) / n_in) ** 2)
+    extra = float(mass(truth, pred)) - float(focal(truth, pred))
+    # float32 sums over ~300 pixels and the difference of two ~1e-3 losses: 1e-4 relative
+    assert extra == pytest.approx(np.mean(expected), rel=1e-4)
+    assert float(mass(truth, truth)) == 0.0  # a perfect map costs nothing
+
+
+def test_mass_term_hand_value():
+    # 1 sample, 7x7 maps, border 1, radius 1: truth 1 at (3, 3) (5-pixel disk, mean 0.2),
+    # prediction 0.1 everywhere: focal part = (2 * 0.81 + 24 * 0.01) / 25 = 0.0744,
+    # mass part = (0.1 - 0.2)² = 0.01
+    truth = np.zeros((1, 7, 7))
+    truth[0, 3, 3] = 1.0
+    loss = wlcnn.KappaLoss(border_pix=1, focal=True, mass_weight=1.0, mass_radius_pix=1)
+    # float32 arithmetic on numbers of ~0.1: 1e-6 relative
+    assert float(loss(truth, np.full_like(truth, 0.1))) == pytest.approx(0.0844, rel=1e-6)
+    with pytest.raises(ValueError, match="mass_radius_pix"):
+        wlcnn.KappaLoss(mass_weight=1.0)
 
 
 @pytest.mark.parametrize("focal", [True, False])
