@@ -2516,10 +2516,23 @@ def _settings(config, preset, variant, run_index, seed, conv, mixed):
 
 
 def _check_settings(run_dir, settings):
-    """The run's ``run.json``, if any, after checking it has ``settings``."""
+    """The run's ``run.json``, if any, after checking it has ``settings``.
+
+    An unfinished run at a constant learning rate may be resumed for more (or fewer)
+    epochs: its first epochs do not depend on the number planned. A cosine schedule's do.
+    """
     info = _read_json(Path(run_dir) / "run.json")
-    if info is not None and {k: info.get(k) for k in settings} != settings:
-        diff = sorted(k for k in settings if info.get(k) != settings[k])
+
+    def compared(s):
+        s = {k: s.get(k) for k in settings}
+        if (settings["preset"]["lr_schedule"] == "constant" and isinstance(s["preset"], dict)
+                and info.get("status") != "complete"):
+            s = json.loads(json.dumps(s))
+            for part in ("preset", "config"):
+                s[part].pop("epochs", None)
+        return s
+    if info is not None and compared(info) != compared(settings):
+        diff = sorted(k for k in settings if compared(info)[k] != compared(settings)[k])
         raise ValueError(f"{run_dir} was started with other settings ({', '.join(diff)}); "
                          "rerun with those or use another output directory")
     return info

@@ -21,7 +21,8 @@ OVERRIDES = {"epochs": int, "steps_per_epoch": int, "batch_size": int, "n_val": 
 #: wlcnn.PRESETS, wlcnn.VARIANTS and wlcnn.INITS by name, so that the command line answers
 #: before TensorFlow loads (tests/test_cli.py checks that they agree).
 PRESET_NAMES = ("paper", "quick")
-VARIANT_NAMES = ("FocalLoss", "Fiducial", "4Channel", "19Filter", "29Filter", "NoSkip")
+VARIANT_NAMES = ("FocalLoss", "Fiducial", "4Channel", "19Filter", "29Filter", "NoSkip",
+                 "FocalMass")
 INIT_NAMES = ("glorot", "ks93")
 
 
