@@ -28,12 +28,19 @@ Run (510 fields, about 0.6 s of CPU each: some 5 min on one free core):
 
     python examples/simulate_skies.py --out data/quick --n-train 400 --n-val 50 --n-test 60 --seed 1
 
+Lower-mass skies (issue 21's candidate c; the paper's range starts at 3e14 M☉):
+
+    python examples/simulate_skies.py --out data/lowmass --main-m200-min 1e14 \
+        --n-train 2000 --n-val 200 --n-test 0 --seed 7
+
 The paper's split is the default (5,000 / 1,800 / 200); ``--workers`` runs
 shards in parallel, ``--shard i/N`` one job of a batch array, and a rerun
 resumes an interrupted dataset.
 """
 # ## Setup
 import argparse
+import dataclasses
+import functools
 import sys
 
 import cli  # the command-line conventions; no TensorFlow
@@ -62,6 +69,9 @@ def build_parser():
     p.add_argument("--n-train", type=int, default=5000, help="paper: 5,000")
     p.add_argument("--n-val", type=int, default=1800, help="paper: 1,800")
     p.add_argument("--n-test", type=int, default=200, help="paper: 200")
+    p.add_argument("--main-m200-min", type=float, default=None, metavar="MSUN",
+                   help="lightest main cluster, M200c in M☉ (default 3e14, the paper-like "
+                        "range); the manifest records it")
     p.add_argument("--shard", type=_shard_arg, default=None,
                    help="i/N: make only every N-th shard starting at i (a job of a batch array)")
     p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
@@ -80,11 +90,21 @@ def main(argv=None):
     """Simulate cluster fields into a dataset; returns the exit status."""
     args = build_parser().parse_args(argv)
     counts = {"train": args.n_train, "val": args.n_val, "test": args.n_test}
+    field_fn, generator = skies.simulated_field, "simulate"
+    if args.main_m200_min is not None:
+        sim = dataclasses.replace(skies.SIMULATOR, main_m200_min_msun=args.main_m200_min)
+        field_fn = functools.partial(skies.simulated_field, sim=sim)
+        # in the manifest's header: a rerun with another mass range is refused
+        generator = f"simulate main_m200_min_msun={args.main_m200_min:g}"
     try:
+        if args.main_m200_min is not None and not (
+                0 < args.main_m200_min < skies.SIMULATOR.main_m200_max_msun):
+            raise ValueError(f"--main-m200-min must lie in (0, "
+                             f"{skies.SIMULATOR.main_m200_max_msun:g}) M☉")
         manifest = skies.write_dataset(args.out, counts, wlcnn.PAPER, args.seed,
-                                       field_fn=skies.simulated_field, masks=args.masks,
+                                       field_fn=field_fn, masks=args.masks,
                                        shard_size=args.shard_size, workers=args.workers,
-                                       shard=args.shard)
+                                       shard=args.shard, generator=generator)
     except (ValueError, TypeError, OSError) as exc:
         print(f"simulate_skies: error: {exc}", file=sys.stderr)
         return 2

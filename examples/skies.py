@@ -911,9 +911,10 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
     return manifest
 
 
-def simulated_field(config, rng, split, index):
-    """``field_fn`` of :func:`write_dataset`: a cluster field, its halos kept as metadata."""
-    field = simulate_cluster_field(config, rng)
+def simulated_field(config, rng, split, index, sim: SimulatorConfig = SIMULATOR):
+    """``field_fn`` of :func:`write_dataset`: a cluster field, its halos kept as metadata
+    (another ``sim`` through ``functools.partial``, as ``simulate_skies.py`` does)."""
+    field = simulate_cluster_field(config, rng, sim)
     field["meta"] = {"main": {k: float(v) for k, v in field["main"].items()},
                      "companions": [{k: float(v) for k, v in h.items()}
                                     for h in field["companions"]],

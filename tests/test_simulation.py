@@ -380,3 +380,23 @@ def test_simulate_cluster_field_reproducible_and_finite():
     c = skies.simulate_cluster_field(wl.PAPER, np.random.default_rng(43), cluster=False)
     assert c["main"] is None and c["companions"] == [] and np.all(np.isfinite(c["kappa"]))
     assert not np.array_equal(a["kappa"], c["kappa"])
+
+
+def test_lower_mass_skies_reach_below_the_paper_range_and_are_recorded(tmp_path):
+    import json
+
+    import simulate_skies
+    out = tmp_path / "lowmass"
+    argv = ["--out", str(out), "--n-train", "4", "--n-val", "0", "--n-test", "0",
+            "--shard-size", "4", "--seed", "5", "--main-m200-min", "1e14"]
+    assert simulate_skies.main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["generator"] == "simulate main_m200_min_msun=1e+14"
+    masses = [c["meta"]["main"]["m200_msun"] for c in wl.ClusterDataset(out).clusters("train")]
+    assert min(masses) >= 1e14
+    # the mass function falls as ~M⁻²: P(all 4 ≥ 3e14) ≈ 0.2⁴; with this seed 3 of 4
+    # (1.2, 3.0 and 1.6e14) fall below the paper range's 3e14, which no default sky holds
+    assert min(masses) < skies.SIMULATOR.main_m200_min_msun
+    # another mass range in the same directory is refused (the manifest's header)
+    assert simulate_skies.main(argv[:-1] + ["2e14"]) == 2
+    assert simulate_skies.main(argv[:-1] + ["3e15"]) == 2  # above the heaviest cluster
