@@ -245,14 +245,16 @@ def cosmology(config: Config = PAPER) -> FlatLambdaCDM:
 def sigma_crit(z_l, z_s, cosmo=None):
     """Critical surface density Σ_c = c² D_s / (4π G D_l D_ls) in M☉/Mpc² (eq. 4).
 
-    D are angular-diameter distances; ``cosmo`` defaults to the paper's flat ΛCDM.
+    D are angular-diameter distances; ``cosmo`` defaults to the paper's flat ΛCDM. ``z_l``
+    and ``z_s`` may be arrays (broadcast together): Σ_c of many lens planes at once.
     """
-    z_l = float(z_l)
-    z_s = float(z_s)
-    if not (np.isfinite(z_l) and np.isfinite(z_s)) or z_l <= 0:
+    z_l = np.asarray(z_l, dtype=np.float64)
+    z_s = np.asarray(z_s, dtype=np.float64)
+    if not (np.all(np.isfinite(z_l)) and np.all(np.isfinite(z_s))) or np.any(z_l <= 0):
         raise ValueError(f"redshifts must be finite with z_l > 0, got z_l={z_l}, z_s={z_s}")
-    if z_s <= z_l:
+    if np.any(z_s <= z_l):
         raise ValueError(f"source redshift z_s={z_s} must exceed lens redshift z_l={z_l}")
+    z_l, z_s = (float(z) if z.ndim == 0 else z for z in (z_l, z_s))
     cosmo = cosmology() if cosmo is None else cosmo
     d_l = cosmo.angular_diameter_distance(z_l)
     d_s = cosmo.angular_diameter_distance(z_s)
@@ -413,8 +415,12 @@ def nfw_scale(m200_msun, c200, z, cosmo=None):
 
     ``m200_msun`` is M200c (the mass within 200 times the critical density at z), ``c200``
     the concentration r200 / r_s; r_s δ_c ρ_c is the unit of Wright & Brainerd (2000).
+    Arguments may be arrays (broadcast together); r200 is ``c200 * r_s`` and the density
+    scale ρ_s = δ_c ρ_c is the second value over the first.
     """
-    if not (m200_msun > 0 and c200 > 0):
+    m200_msun = np.asarray(m200_msun, dtype=np.float64)
+    c200 = np.asarray(c200, dtype=np.float64)
+    if not (np.all(m200_msun > 0) and np.all(c200 > 0)):
         raise ValueError(f"m200_msun and c200 must be positive, got {m200_msun}, {c200}")
     cosmo = cosmology() if cosmo is None else cosmo
     rho_c = cosmo.critical_density(z).to_value(u.Msun / u.Mpc**3)

@@ -231,17 +231,6 @@ def _nfw_m(x):
     return np.log1p(x) - x / (1.0 + x)
 
 
-def halo_scales(m200_msun, c200, z, cosmo):
-    """r200, r_s [physical Mpc] and ρ_s [M☉/Mpc³]: M(< r) = 4π ρ_s r_s³ m(r / r_s)."""
-    m = np.asarray(m200_msun, dtype=np.float64)
-    c = np.asarray(c200, dtype=np.float64)
-    rho_c = cosmo.critical_density(np.asarray(z, dtype=np.float64)).to_value(u.Msun / u.Mpc**3)
-    r200 = (3.0 * m / (800.0 * np.pi * rho_c)) ** (1.0 / 3.0)
-    rs = r200 / c
-    rho_s = m / (4.0 * np.pi * rs**3 * _nfw_m(c))
-    return r200, rs, rho_s
-
-
 def _tnfw_g(x, t):
     """Σ(x r_s) / (2 ρ_s r_s) of an NFW truncated at t r_s (zero for x ≥ t).
 
@@ -288,10 +277,10 @@ def tnfw_sigma(r_mpc, m200_msun, c200, z, cosmo=None, truncation_r200=SIMULATOR.
     Wright & Brainerd (2000), ``wlcnn.nfw_sigma``.
     """
     cosmo = wlcnn.cosmology() if cosmo is None else cosmo
-    _, rs, rho_s = halo_scales(m200_msun, c200, z, cosmo)
+    rs, sigma_s = wlcnn.nfw_scale(m200_msun, c200, z, cosmo)  # sigma_s = ρ_s r_s
     x = np.asarray(r_mpc, dtype=np.float64) / rs
     with np.errstate(divide="ignore"):
-        return 2.0 * rho_s * rs * _tnfw_g(x, truncation_r200 * c200)
+        return 2.0 * sigma_s * _tnfw_g(x, truncation_r200 * c200)
 
 
 def tnfw_fourier(k_mpc, rs_mpc, rho_s, t):
@@ -305,17 +294,6 @@ def tnfw_fourier(k_mpc, rs_mpc, rho_s, t):
     bracket = (np.sin(kr) * (si1 - si0) - np.sin(t * kr) / ((1.0 + t) * kr)
                + np.cos(kr) * (ci1 - ci0))
     return 4.0 * np.pi * rho_s * rs_mpc**3 * bracket
-
-
-def sigma_crit_array(z, z_s, cosmo):
-    """Σ_c [M☉/Mpc²] of ``wlcnn.sigma_crit`` for an array of lens redshifts; inf for z ≥ z_s."""
-    z = np.asarray(z, dtype=np.float64)
-    d_l = cosmo.angular_diameter_distance(z).to_value(u.Mpc)
-    d_s = cosmo.angular_diameter_distance(z_s).to_value(u.Mpc)
-    d_ls = cosmo.angular_diameter_distance(np.minimum(z, z_s), z_s).to_value(u.Mpc)
-    k = (const.c**2 / (4 * np.pi * const.G)).to_value(u.Msun / u.Mpc)
-    with np.errstate(divide="ignore"):
-        return np.where(z < z_s, k * d_s / (d_l * np.maximum(d_ls, 0.0)), np.inf)
 
 
 def paint_tnfw(kappa, x0_pix, y0_pix, m200_msun, c200, z, z_s, cosmo, pixel_arcsec,
@@ -345,10 +323,11 @@ def paint_tnfw(kappa, x0_pix, y0_pix, m200_msun, c200, z, z_s, cosmo, pixel_arcs
 def _halo_pixel_scales(m200_msun, c200, z, z_s, cosmo, pixel_arcsec, sim):
     """κ amplitude 2 ρ_s r_s / Σ_c, r_s in pixels and truncation t = τ c (arrays)."""
     c200 = np.asarray(c200, dtype=np.float64)
-    _, rs, rho_s = halo_scales(m200_msun, c200, z, cosmo)
+    rs, sigma_s = wlcnn.nfw_scale(m200_msun, c200, z, cosmo)  # sigma_s = ρ_s r_s
     d_a = cosmo.angular_diameter_distance(z).to_value(u.Mpc)
     rs_pix = rs / (d_a * np.radians(pixel_arcsec / 3600.0))
-    return 2.0 * rho_s * rs / sigma_crit_array(z, z_s, cosmo), rs_pix, sim.truncation_r200 * c200
+    sigma_c = wlcnn.sigma_crit(z, z_s, cosmo).to_value(u.Msun / u.Mpc**2)
+    return 2.0 * sigma_s / sigma_c, rs_pix, sim.truncation_r200 * c200
 
 
 def _paint_stamp(kappa, x0_pix, y0_pix, amp, rs_pix, t, q, angle_deg, sim, wrap):
@@ -450,7 +429,8 @@ def halo_grid(config: Config = PAPER, sim: SimulatorConfig = SIMULATOR,
     n = _mass_function_at(t, z_mid[:, None], lm_mid[None, :])
     dvdz = cosmo.differential_comoving_volume(z_mid).to_value(u.Mpc**3 / u.sr)
     counts = n * dvdz[:, None] * np.diff(z_edges)[:, None] * np.diff(lnm_edges)[None, :]
-    return HaloGrid(z_edges, lnm_edges, counts, sigma_crit_array(z_mid, config.z_source, cosmo),
+    sigma_c = wlcnn.sigma_crit(z_mid, config.z_source, cosmo).to_value(u.Msun / u.Mpc**2)
+    return HaloGrid(z_edges, lnm_edges, counts, sigma_c,
                     cosmo.angular_diameter_distance(z_mid).to_value(u.Mpc))
 
 
@@ -498,12 +478,13 @@ def _halo_power(config: Config, sim: SimulatorConfig, n_ell=160):
     weights = weights / weights.sum()
     cl = np.zeros_like(ell)
     mean_kappa = 0.0
-    for iz in np.nonzero(np.isfinite(g.sigma_crit))[0]:
+    for iz in range(g.sigma_crit.size):
         c_med = concentration_duffy08(m, z[iz], sim, config.H0 / 100)
         to_kappa = 1.0 / (g.sigma_crit[iz] * g.d_a_mpc[iz] ** 2)  # M☉ → κ̃ [sr]
         for xn, wn in zip(nodes, weights):
             c = c_med * np.exp(sim.concentration_scatter_ln * xn)
-            _, rs, rho_s = halo_scales(m, c, z[iz], cosmo)
+            rs, sigma_s = wlcnn.nfw_scale(m, c, z[iz], cosmo)
+            rho_s = sigma_s / rs
             t = sim.truncation_r200 * c
             kt = tnfw_fourier(ell[None, :] / g.d_a_mpc[iz], rs[:, None], rho_s[:, None],
                               t[:, None]) * to_kappa

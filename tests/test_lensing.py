@@ -33,10 +33,26 @@ def test_sigma_crit_matches_hand_calculation():
     assert got.value == pytest.approx(2.3285e15, rel=1e-3)
 
 
-@pytest.mark.parametrize("z_l, z_s", [(0.5, 0.5), (0.5, 0.3), (0.0, 1.0), (np.nan, 1.0)])
+@pytest.mark.parametrize("z_l, z_s", [(0.5, 0.5), (0.5, 0.3), (0.0, 1.0), (np.nan, 1.0),
+                                      ([0.3, 1.6], 1.5)])
 def test_sigma_crit_rejects_unphysical_redshifts(z_l, z_s):
     with pytest.raises(ValueError):
         wlcnn.sigma_crit(z_l, z_s)
+
+
+def test_sigma_crit_and_nfw_scale_of_arrays_are_those_of_each_element():
+    z = np.array([0.1, 0.5, 1.2])
+    many = wlcnn.sigma_crit(z, 1.5)
+    assert many.shape == (3,) and many.unit == u.Msun / u.Mpc**2
+    m, c = np.array([1e14, 5e14, 2e15]), np.array([5.0, 4.0, 3.0])
+    r_s, sigma_s = wlcnn.nfw_scale(m, c, z)
+    for i in range(3):
+        # the same arithmetic element by element: equal to round-off
+        assert many[i].value == pytest.approx(wlcnn.sigma_crit(z[i], 1.5).value, rel=1e-12)
+        one = wlcnn.nfw_scale(m[i], c[i], z[i])
+        assert (r_s[i], sigma_s[i]) == pytest.approx(one, rel=1e-12)
+    with pytest.raises(ValueError, match="positive"):
+        wlcnn.nfw_scale(m, np.array([5.0, -1.0, 3.0]), z)
 
 
 # -- eq. 7 ------------------------------------------------------------------------

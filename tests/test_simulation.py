@@ -44,11 +44,21 @@ def test_one_halo_term_matches_pyccl_table():
 # ---------------------------------------------------------------------------
 # Halos: profile, pixel averaging, mass conservation
 # ---------------------------------------------------------------------------
+def nfw_parameters(m200, c, z):
+    """r200, r_s [Mpc] and ρ_s [M☉/Mpc³] from their definitions, M200 = 200 ρ_c 4π r200³/3
+    and M(< r200) = 4π ρ_s r_s³ [ln(1 + c) − c/(1 + c)]: independent of wlcnn.nfw_scale's
+    δ_c form."""
+    rho_c = COSMO.critical_density(z).to_value(u.Msun / u.Mpc**3)
+    r200 = (m200 / (200 * rho_c * 4 * np.pi / 3)) ** (1 / 3)
+    rs = r200 / c
+    return r200, rs, m200 / (4 * np.pi * rs**3 * (np.log(1 + c) - c / (1 + c)))
+
+
 def test_truncated_profile_is_the_projected_density():
     # Closed form (Takada & Jain 2003) against a direct line-of-sight
     # integral of the truncated 3-D NFW; quad is good to ~1e-8 here.
     m, c, z = 3e14, 4.0, 0.5
-    r200, rs, rho_s = (float(v) for v in skies.halo_scales(m, c, z, COSMO))
+    r200, rs, rho_s = nfw_parameters(m, c, z)
     for r in (0.01, 0.2, rs * 0.9995, rs, rs * 1.0004, 0.7, 0.98 * r200):
         def rho(s):
             x = np.hypot(r, s) / rs
@@ -102,7 +112,7 @@ def test_centre_pixel_is_the_pixel_mean():
     kmap = skies.tnfw_kappa_map(m, c, x0, y0, 21, pix, z, sim=RAW)
     sc = wl.sigma_crit(z, wl.PAPER.z_source, COSMO).to_value(u.Msun / u.Mpc**2)
     mpp = COSMO.angular_diameter_distance(z).to_value(u.Mpc) * np.radians(pix / 3600)
-    _, rs, rho_s = (float(v) for v in skies.halo_scales(m, c, z, COSMO))
+    _, rs, rho_s = nfw_parameters(m, c, z)
 
     def f(y, x):  # κ at (x, y) pixels from the pixel's corner; the cusp is at (0.3, 0.6)
         r = max(np.hypot(x - 0.3, y - 0.6), 1e-12) * mpp / rs
@@ -162,7 +172,7 @@ def test_painted_halo_transform_is_the_one_halo_kernel():
         # Centred on a pixel corner: the transform is real after the phase
         # shift to the centre (n/2, n/2).
         ft = np.abs(np.fft.fft2(kappa)) * pix_rad**2
-        _, rs, rho_s = (float(v) for v in skies.halo_scales(m, c, z, COSMO))
+        _, rs, rho_s = nfw_parameters(m, c, z)
         d_a = COSMO.angular_diameter_distance(z).to_value(u.Mpc)
         sc = wl.sigma_crit(z, wl.PAPER.z_source, COSMO).to_value(u.Msun / u.Mpc**2)
         expect = np.abs(skies.tnfw_fourier(ell / d_a, rs, rho_s, c)) / (sc * d_a**2)
