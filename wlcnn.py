@@ -101,7 +101,8 @@ __all__ = [
     "cosmology", "sigma_crit", "reduced_shear", "lens_ellipticity", "padded_shape", "ks_kernel",
     "check_map", "shear_from_kappa", "ks93", "nfw_scale", "nfw_sigma", "nfw_mean_sigma",
     "nfw_kappa_map", "check_rng", "draw_intrinsic_ellipticity", "magnitude_pdf", "draw_magnitudes",
-    "measurement_error", "draw_star_masks", "simulate_catalog", "mosaic_truth", "make_cluster",
+    "measurement_error", "draw_star_masks", "simulate_catalog", "block_mean", "mosaic_truth",
+    "make_cluster",
     "check_positive", "SIGMA_RANGE", "grid_catalog_numpy", "grid_catalog", "grid_table",
     "ORIENTATIONS", "orient_map", "spin2_sign", "orient_shear", "subfield", "cluster_grid",
     "fixed_subfields", "training_data", "FFTConv2D", "FFTConv2DTranspose", "FORMAT_VERSION",
@@ -649,12 +650,20 @@ def simulate_catalog(kappa, gamma1, gamma2, config=PAPER, rng=None, masks=None):
 # ---------------------------------------------------------------------------
 # §2.3.1 Training data: a cluster record and its target κ at output resolution
 # ---------------------------------------------------------------------------
+def block_mean(a, pool):
+    """Mean over ``pool`` × ``pool`` blocks of the last two axes (sides divisible by ``pool``)."""
+    a = np.asarray(a)
+    ny, nx = a.shape[-2:]
+    if ny % pool or nx % pool:
+        raise ValueError(f"map sides {a.shape[-2:]} are not multiples of {pool}")
+    return a.reshape(a.shape[:-2] + (ny // pool, pool, nx // pool, pool)).mean(axis=(-3, -1))
+
+
 def _block_mean(a, n, config):
     """Mean of the last two axes over 3 × 3 blocks [3J + 1, 3J + 4), J < n: the footprint of
     an output pixel through Conv2D-1 (3 × 3, valid) and the 3 × 3 AvgPool of Table 1."""
     p, lo = config.pool, (config.first_kernel - 1) // 2
-    block = a[..., lo:lo + p * n, lo:lo + p * n]
-    return block.reshape(block.shape[:-2] + (n, p, n, p)).mean(axis=(-3, -1))
+    return block_mean(a[..., lo:lo + p * n, lo:lo + p * n], p)
 
 
 def _mosaic_centres(config):

@@ -374,7 +374,7 @@ def main(argv=None):
               f"weights × {scale:.2f}", file=sys.stderr)
         maps = mass_maps(src, geometry, models, n_cnn, n_ks93, args.seed)
         wcs = skies.map_wcs(center, geometry)
-        density = skies.block_mean(skies.grid_field(*src, geometry)[3], config.pool)
+        density = wlcnn.block_mean(skies.grid_field(*src, geometry)[3], config.pool)
         footprint = footprint_map(density, geometry)
         write_maps(os.fspath(out / "cosmos_maps.fits"), maps, density, footprint, wcs,
                    {"NSOURCE": len(src[0]), "WSCALE": (scale, "weights multiplied by this"),

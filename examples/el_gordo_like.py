@@ -202,7 +202,7 @@ def main(argv=None):
                                          corner + cluster.xy[k][1], cfg.pool * geo.npix,
                                          cfg.pixel_arcsec, z_l=Z_LENS, z_s=Z_SOURCE,
                                          cosmo=cluster.cosmo) for k in CLUMPS)
-    truth = skies.block_mean(truth_fine, cfg.pool)
+    truth = wlcnn.block_mean(truth_fine, cfg.pool)
     maps = {"truth": truth, "CNN": res.kappa_cnn, "KS93": res.kappa_ks93,
             "CNN-empty": empty.kappa_cnn}
 

@@ -1417,7 +1417,7 @@ def grid_field(x, y, e1, e2, sigma, geometry):
     x, y in arcsec from the centre (x West), e1, e2 in the plane's frame, σ per
     component.  Returns (ε̄1, ε̄2, Δε, n) of :func:`wlcnn.grid_catalog`, shape
     (4, pool·npix, pool·npix): output pixel k covers input pixels
-    [pool·k, pool·(k + 1)), so :func:`block_mean` puts a channel on the output grid.
+    [pool·k, pool·(k + 1)), so :func:`wlcnn.block_mean` puts a channel on the output grid.
     """
     cfg = geometry.config
     origin = -geometry.npix / 2 * geometry.pixel_arcsec
@@ -1429,15 +1429,6 @@ def grid_tile(x, y, e1, e2, sigma, geometry, start_y, start_x):
     cfg = geometry.config
     return _grid_at(x, y, e1, e2, sigma, geometry.tile_origin_arcsec(start_x),
                     geometry.tile_origin_arcsec(start_y), cfg.npix, cfg)
-
-
-def block_mean(a, pool):
-    """Mean over ``pool`` × ``pool`` blocks of the last two axes (sides divisible by ``pool``)."""
-    a = np.asarray(a, dtype=np.float64)
-    ny, nx = a.shape[-2:]
-    if ny % pool or nx % pool:
-        raise ValueError(f"map sides {a.shape[-2:]} are not multiples of {pool}")
-    return a.reshape(a.shape[:-2] + (ny // pool, pool, nx // pool, pool)).mean(axis=(-3, -1))
 
 
 def _fill_cells(x, y, geometry):
@@ -1618,7 +1609,7 @@ def ks93_field_map(field_grid, geometry, fwhm_arcmin):
     """
     g = np.asarray(field_grid)
     cfg = geometry.config
-    return block_mean(smooth_map(ks93(g[0], g[1]), fwhm_arcmin, cfg), cfg.pool)
+    return wlcnn.block_mean(smooth_map(ks93(g[0], g[1]), fwhm_arcmin, cfg), cfg.pool)
 
 
 class TiledCNN(NamedTuple):
@@ -2088,7 +2079,7 @@ def reconstruct(catalog, models, out_path, options=ReconstructOptions()):
     cnn_cards = [("NRUNS", (len(models), "CNN runs")),
                  ("STRIDE", (geometry.stride, "[input pix] mosaic offset step")),
                  ("NORIENT", (n_orient, "orientations averaged"))]
-    density = block_mean(field[3], config.pool)
+    density = wlcnn.block_mean(field[3], config.pool)
     hdus = _map_hdus((cnn.mean, cnn.std, kappa_ks93, density), wcs,
                      {"KAPPA_CNN": cnn_cards, "KAPPA_CNN_STD": cnn_cards,
                       "KAPPA_KS93": [("KS93FWHM", (fwhm, "[arcmin] Gaussian smoothing FWHM"))]})

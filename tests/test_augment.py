@@ -91,3 +91,13 @@ def test_subfield_rejects_bad_arguments(kwargs, match):
     grid = np.zeros((4, CFG.npix, CFG.npix))
     with pytest.raises(ValueError, match=match):
         wlcnn.subfield(grid, None, **kwargs)
+
+
+def test_block_mean_is_each_blocks_mean_and_refuses_ragged_sides():
+    a = np.random.default_rng(8).normal(size=(2, 6, 9))
+    want = np.array([[[a[k, 3 * i:3 * i + 3, 3 * j:3 * j + 3].mean() for j in range(3)]
+                      for i in range(2)] for k in range(2)])
+    # the same sums in another order: equal to round-off
+    np.testing.assert_allclose(wlcnn.block_mean(a, 3), want, rtol=1e-13)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        wlcnn.block_mean(a, 4)

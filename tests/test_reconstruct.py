@@ -213,10 +213,10 @@ def test_tiled_mosaic_lands_on_the_right_sky_pixels(catalog, size):
     def footprint_delta_eps(batch):
         lo = (cfg.first_kernel - 1) // 2
         block = batch[:, lo:lo + cfg.pool * cfg.output_npix, lo:lo + cfg.pool * cfg.output_npix, 2]
-        return skies.block_mean(block, cfg.pool)[..., None]
+        return wlcnn.block_mean(block, cfg.pool)[..., None]
 
     res = skies.cnn_field_map(*src, [footprint_delta_eps], g)
-    want = skies.block_mean(skies.grid_field(*src, g)[2], cfg.pool)
+    want = wlcnn.block_mean(skies.grid_field(*src, g)[2], cfg.pool)
     assert res.count.min() > 0
     # Subfields are float32: agreement to float32 round-off.
     np.testing.assert_allclose(res.mean, want, rtol=1e-6)
@@ -773,7 +773,7 @@ def ramped_network(batch):
     cfg = wlcnn.PAPER
     lo = (cfg.first_kernel - 1) // 2
     side = cfg.pool * cfg.output_npix
-    g1 = skies.block_mean(batch[:, lo:lo + side, lo:lo + side, 0], cfg.pool)
+    g1 = wlcnn.block_mean(batch[:, lo:lo + side, lo:lo + side, 0], cfg.pool)
     ramp = 1.0 + np.linspace(0.0, 1.0, cfg.output_npix)
     return (g1 * ramp[None, None, :] * ramp[None, :, None])[..., None]
 
