@@ -113,9 +113,10 @@ __all__ = [
     "CLIP_SIGMA", "CLIP_MAX_ITER", "MASS_RADIUS_PIX", "CENTROID_WINDOW_PIX", "PERCENTILES",
     "WeightedStat", "PercentileStat", "metric_R", "normalized_kappa", "metric_D", "peak_pixel",
     "aperture_mass", "cluster_masses", "mass_ratio", "peak_centroid", "centroid_offsets",
-    "centroid_offset", "paper_metrics", "TMP_PREFIX", "atomic_write", "Progress", "SPLITS",
-    "DATA_FIELDS", "DATASET_FORMAT", "DATASET_VERSION", "CATALOG_COLUMNS", "MASK_COLUMNS",
-    "cluster_rng", "ClusterDataset", "save_model", "load_model", "KS93Start", "ks93_kernels",
+    "centroid_offset", "paper_metrics", "TMP_PREFIX", "atomic_write", "atomic_write_text",
+    "file_sha256", "Progress", "SPLITS", "DATA_FIELDS", "DATASET_FORMAT", "DATASET_VERSION",
+    "CATALOG_COLUMNS", "MASK_COLUMNS", "data_config", "check_split", "cluster_rng",
+    "ClusterDataset", "save_model", "load_model", "KS93Start", "ks93_kernels",
     "pooled_input", "truncated_ks93", "initialize_as_ks93", "LR_SCHEDULES", "INITS", "TrainPreset",
     "PRESETS", "get_preset", "check_data", "validation_sha256", "run_path", "read_history",
     "train", "carry_run", "train_runs", "train_from_directory", "load_runs", "SMOOTHING_LOSSES",
@@ -992,7 +993,7 @@ def training_data(data_dir, batch_size, seed=0, channels=3, fresh_catalogs=False
         (not ``seed``): every run and resumption validates on the same subfields.
     """
     ds = _dataset(data_dir, config)
-    _check_split(split)
+    check_split(split)
     n_shards = len(ds.shards(split))
     if ds.count(split) == 0 or n_shards == 0:
         raise ValueError(f"no {split} clusters in {ds.path}")
@@ -1968,7 +1969,8 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def _atomic_write_text(path, text):
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` whole or not at all (:func:`atomic_write`)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
@@ -1976,7 +1978,8 @@ def _read_json(path):
     return json.loads(Path(path).read_text()) if Path(path).exists() else None
 
 
-def _sha256(path):
+def file_sha256(path):
+    """The SHA-256 hex digest of a file (a dataset manifest's record of each shard)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -2031,12 +2034,14 @@ CATALOG_COLUMNS = ("x", "y", "mag", "sigma", "e1", "e2")
 MASK_COLUMNS = ("x", "y", "radius")
 
 
-def _data_config(config):
-    """The data-defining part of a Config, as JSON would write it."""
+def data_config(config):
+    """The data-defining part of a Config, as JSON would write it: the ``config`` of a
+    dataset's manifest, which :class:`ClusterDataset` compares with the model's."""
     return json.loads(json.dumps({k: getattr(config, k) for k in DATA_FIELDS}))
 
 
-def _check_split(split):
+def check_split(split):
+    """``split`` if it is one of :data:`SPLITS`, else ValueError."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     return split
@@ -2048,7 +2053,7 @@ def cluster_rng(seed, split, index):
     It depends on (seed, split, index) alone, so a cluster is the same whichever shard, job
     or worker makes it.
     """
-    key = (SPLITS.index(_check_split(split)), int(index))
+    key = (SPLITS.index(check_split(split)), int(index))
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
 
 
@@ -2074,19 +2079,19 @@ class ClusterDataset:
                              f"{DATASET_VERSION}")
         stored = self.manifest["config"]
         self.config = config_from_dict(stored)  # the other fields: the paper's
-        if config is not None and _data_config(config) != stored:
-            diff = [k for k in DATA_FIELDS if _data_config(config)[k] != stored[k]]
+        if config is not None and data_config(config) != stored:
+            diff = [k for k in DATA_FIELDS if data_config(config)[k] != stored[k]]
             raise ValueError(f"{self.path} was made with another config "
                              f"(differs in {', '.join(diff)})")
         self.verify = verify
 
     def count(self, split):
         """Number of clusters in ``split``."""
-        return int(self.manifest["counts"][_check_split(split)])
+        return int(self.manifest["counts"][check_split(split)])
 
     def shards(self, split):
         """The shard entries (file, first, n, sha256) of ``split``."""
-        return self.manifest["shards"][_check_split(split)]
+        return self.manifest["shards"][check_split(split)]
 
     def load_shard(self, split, k):
         """All arrays of shard ``k`` of ``split`` (dict of numpy arrays)."""
@@ -2094,7 +2099,7 @@ class ClusterDataset:
         path = self.path / entry["file"]
         if not path.exists():
             raise ValueError(f"missing shard {path}")
-        if self.verify and _sha256(path) != entry["sha256"]:
+        if self.verify and file_sha256(path) != entry["sha256"]:
             raise ValueError(f"corrupt shard {path}: checksum differs from the manifest")
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -2514,7 +2519,7 @@ def _drop_unfinished(run_dir, done):
         if not keep:  # even the header may be cut short
             history.unlink()
         elif len(keep) + 1 != len(lines):
-            _atomic_write_text(history, "".join(lines[:1] + keep))
+            atomic_write_text(history, "".join(lines[:1] + keep))
     for n, p in _best_files(run_dir):
         if n > done:
             p.unlink()
@@ -2703,7 +2708,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
         raise ValueError(f"{run_dir} was validated on another validation set; "
                          "use another output directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / "run.json", json.dumps(
+    atomic_write_text(run_dir / "run.json", json.dumps(
         dict(settings, status="running", val_sha256=val_sha), indent=1))
     done = _epochs_backed_up(run_dir)
     _drop_unfinished(run_dir, done)
@@ -2786,7 +2791,7 @@ def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLo
                 devices=[d.name for d in gpus] or ["CPU"],
                 versions=dict(python=platform.python_version(), **{
                     m: __import__(m).__version__ for m in ("numpy", "tensorflow", "keras")}))
-    _atomic_write_text(run_dir / "run.json", json.dumps(info, indent=1))
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=1))
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     for _, p in _best_files(run_dir):
         p.unlink()

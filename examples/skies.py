@@ -841,7 +841,7 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
         raise TypeError("write_dataset needs field_fn(config, rng, split, index), e.g. "
                         "skies.simulated_field or a ray-traced reader (ingest_raytraced.py)")
     for split, n in counts.items():
-        wlcnn._check_split(split)
+        wlcnn.check_split(split)
         if int(n) < 0:
             raise ValueError(f"negative count for split {split!r}")
     if shard_size < 1 or workers < 1:
@@ -857,7 +857,7 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
               "generator": generator,
               "seed": int(seed), "masks": bool(masks), "shard_size": int(shard_size),
               "counts": {s: int(counts.get(s, 0)) for s in wlcnn.SPLITS},
-              "config": wlcnn._data_config(config)}
+              "config": wlcnn.data_config(config)}
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if {k: old.get(k) for k in header} != header:
@@ -884,11 +884,11 @@ def write_dataset(out_dir, counts, config=PAPER, seed=0, field_fn=None, masks=Fa
     shards = {s: [] for s in wlcnn.SPLITS}
     for s, k, first, n in plan:
         shards[s].append({"file": _shard_name(s, k), "split": s, "first": first, "n": n,
-                          "sha256": wlcnn._sha256(out / _shard_name(s, k))})
+                          "sha256": wlcnn.file_sha256(out / _shard_name(s, k))})
     packages = {"wlcnn": wlcnn.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
                 "astropy": astropy.__version__}
     manifest = dict(header, shards=shards, packages=packages)
-    wlcnn._atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    wlcnn.atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -315,3 +315,19 @@ def test_ks93_kernels_reject_even_or_empty_sizes(size):
 def test_ks93_kernels_reject_negative_smoothing_or_pixels(fwhm, pixel):
     with pytest.raises(ValueError, match="fwhm_arcmin"):
         wlcnn.ks93_kernels(9, fwhm, pixel)
+
+
+def test_public_names_exist_and_are_listed_in_file_order():
+    import re
+    source = open(wlcnn.__file__).read()
+
+    def position(name):
+        # a def, a class or a module-level assignment (annotated or not) at column 0
+        m = re.search(rf"^(?:def |class )?{name}\b(?:\s*[:=(]|\()", source, re.M)
+        assert m, f"{name} of __all__ is not defined at module level"
+        return m.start()
+    assert all(hasattr(wlcnn, n) for n in wlcnn.__all__)
+    assert len(set(wlcnn.__all__)) == len(wlcnn.__all__)
+    places = [position(n) for n in wlcnn.__all__]
+    assert places == sorted(places), [n for n, a, b in zip(wlcnn.__all__[1:], places, places[1:])
+                                      if b < a]
