@@ -110,7 +110,8 @@ __all__ = [
     "model_info", "KappaLoss", "make_loss", "compile_model", "INVERSE_ORIENTATION", "MOSAIC_BATCH",
     "mosaic_offsets", "mosaic_orientations", "mosaic_coverage", "predict_mosaic", "MosaicRuns",
     "predict_mosaic_runs", "KS93_FWHM_GRID", "smooth_map", "ks93_mosaic", "METRIC_BINS",
-    "CLIP_SIGMA", "CLIP_MAX_ITER", "MASS_RADIUS_PIX", "CENTROID_WINDOW_PIX", "PERCENTILES",
+    "CLIP_SIGMA", "CLIP_MAX_ITER", "MASS_RADIUS_PIX", "CENTROID_WINDOW_PIX", "CATASTROPHIC_PIX",
+    "PERCENTILES",
     "WeightedStat", "PercentileStat", "metric_R", "normalized_kappa", "metric_D", "peak_pixel",
     "aperture_mass", "cluster_masses", "mass_ratio", "peak_centroid", "centroid_offsets",
     "centroid_offset", "paper_metrics", "TMP_PREFIX", "atomic_write", "atomic_write_text",
@@ -1717,6 +1718,11 @@ MASS_RADIUS_PIX = 10        # aperture of M_cl: 10 mosaic pixels = 1.92′ (§3.
 
 
 CENTROID_WINDOW_PIX = 21    # top-hat window of the centroid, 21 × 21 pixels (§3.4)
+
+# A catastrophic centroid (Figs. 7-8): Δ_peak beyond 10 mosaic pixels (1.9′), where the
+# paper's CNN centroids of its lightest clusters end (§3.4); the paper shows KS93's
+# catastrophic errors at ≳ 50 pixels but gives no threshold, so the stricter one is ours.
+CATASTROPHIC_PIX = 10.0
 
 
 PERCENTILES = (16.0, 84.0)  # the "1σ" range of the medians (§3.3, §3.4)

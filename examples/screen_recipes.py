@@ -74,8 +74,6 @@ OFF_SIMULATOR = dataclasses.replace(
     kappa0=0.11,
 )
 METRICS = ("R", "D", "M_ratio", "dpeak", "cat10", "M_low")
-#: Δ_peak beyond this is a catastrophic centroid (the issue's 10 mosaic pixels, ~1.9′)
-CATASTROPHIC_PIX = 10.0
 #: The lightest clusters: this fraction of them by truth M_cl
 LIGHT_FRACTION = 0.2
 
@@ -142,7 +140,7 @@ def metrics(truth, pred, dpeak, ratio, light):
     and the mass ratio of the lightest fifth (medians over clusters)."""
     return {"R": wlcnn.metric_R(truth, pred).value, "D": wlcnn.metric_D(truth, pred).value,
             "M_ratio": float(np.median(ratio)), "dpeak": float(np.median(dpeak)),
-            "cat10": float(np.mean(dpeak > CATASTROPHIC_PIX)),
+            "cat10": float(np.mean(dpeak > wlcnn.CATASTROPHIC_PIX)),
             "M_low": float(np.median(ratio[light])) if light.any() else float("nan")}
 
 

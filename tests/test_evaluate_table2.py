@@ -231,6 +231,25 @@ def test_mass_bias_bins_hold_each_methods_exact_ratio(evaluation):
         # M_cl is a sum of κ: a map of half the truth has half its mass, to round-off
         assert r["half"] == r["half_p16"] == r["half_p84"] == pytest.approx(0.5, rel=1e-12)
         assert r["same"] == pytest.approx(1.0, rel=1e-12)
+        assert r["same_catastrophic"] == r["half_catastrophic"] == 0.0  # same peaks
+
+
+def test_mass_bias_bins_count_catastrophic_centroids(evaluation):
+    truth = evaluation.truth
+    spiked = truth.copy()
+    for k, t in enumerate(truth):  # a spike 30 pixels from the truth's peak in cluster 0 only
+        if k == 0:
+            i, j = wlcnn.peak_pixel(t)
+            ii, jj = np.argwhere(np.isfinite(t) & (np.hypot(*np.indices(t.shape)
+                                                   - np.array([i, j])[:, None, None]) > 30))[0]
+            spiked[k, ii, jj] = 10 * np.nanmax(t)
+    ev = dataclasses.replace(evaluation, maps={"spiked": spiked})
+    offsets = wlcnn.centroid_offsets(truth, spiked)
+    assert offsets[0] > 30 - 2 and offsets[1] == 0.0  # the spike holds the centroid's window
+    rows = evaluate_table2.mass_bias_rows(ev, n_bins=2)
+    m_t, _ = wlcnn.cluster_masses(truth, truth)
+    want = [1.0 if np.argsort(m_t)[b] == 0 else 0.0 for b in range(2)]
+    assert [r["spiked_catastrophic"] for r in rows] == want
 
 
 def test_cached_method_computes_each_grid_once(tmp_path):
@@ -260,17 +279,21 @@ def test_named_model_rows_are_evaluated_apart_and_read_back_from_the_cache(
     kwargs = dict(stride=48, limit=1, n_val_smoothing=2, wiener=False, ss95=False,
                   figures=False, progress=False, cache=cache)
     rows = evaluate_table2.evaluate_directory(
-        tiny_dataset, [f"first={saved_model}", f"second={other}"], tmp_path / "a", **kwargs)
-    assert [r["method"] for r in rows] == ["KS93", "first", "second"]
+        tiny_dataset, [f"first={saved_model}", f"second={other}"], tmp_path / "a",
+        ks93_paper_like=(3.0,), **kwargs)
+    assert [r["method"] for r in rows] == ["KS93", "KS93 (3′, paper-like)", "first", "second"]
+    # a wider kernel flattens the peak: the paper-like row's mass is the smaller
+    assert rows[1]["M_ratio"] < rows[0]["M_ratio"]
     # two weight sets, one mosaic each (one cluster): two cache directories of one file
     assert sorted(len(os.listdir(cache / d)) for d in os.listdir(cache)) == [1, 1]
-    assert rows[1]["R"] != rows[2]["R"]  # other weights, other maps
+    assert rows[2]["R"] != rows[3]["R"]  # other weights, other maps
 
     def no_prediction(*args, **kwargs):
         raise AssertionError("a cached mosaic was predicted again")
     monkeypatch.setattr(wlcnn, "predict_mosaic_runs", no_prediction)
     again = evaluate_table2.evaluate_directory(
-        tiny_dataset, [f"second={other}", f"first={saved_model}"], tmp_path / "b", **kwargs)
+        tiny_dataset, [f"second={other}", f"first={saved_model}"], tmp_path / "b",
+        ks93_paper_like=(3.0,), **kwargs)
     by_name = {r["method"]: r for r in again}
     for r in rows:
         assert by_name[r["method"]] == r  # the same numbers, from the cache

@@ -34,7 +34,7 @@ def test_scores_on_the_clusters_themselves_are_table2s(evaluation):
         for k in ("R", "D", "M_ratio", "dpeak"):
             assert row[k] == pytest.approx(ref[k], rel=1e-12)
         offsets = wlcnn.centroid_offsets(evaluation.truth, evaluation.maps[row["method"]])
-        assert row["cat10"] == np.mean(offsets > screen_recipes.CATASTROPHIC_PIX)
+        assert row["cat10"] == np.mean(offsets > wlcnn.CATASTROPHIC_PIX)
 
 
 def test_differences_are_paired_and_tighter_than_the_scores_errors():
