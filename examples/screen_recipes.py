@@ -6,7 +6,9 @@ in distribution and on skies our simulator did not make.
         --candidate quick=examples/quick_model/quick_focalloss.keras
 
 A candidate is ``NAME=RUN_DIR@EPOCH`` (the run's ``snapshot-EPOCH.weights.h5``, its
-history and settings from run.json) or ``NAME=MODEL.keras``.  Each one reconstructs
+history and settings from run.json), ``NAME=MODEL.keras`` or ``NAME=ks93-start`` (the
+KS93 start of ``train.py --init ks93`` before any training: KS93 smoothed by 1′ and cut
+to the Output layer's 49 × 49 filter, what the network can hold).  Each one reconstructs
 
 * the first ``--n-clusters`` validation clusters of ``--data`` (in distribution), and
 * ``--n-clusters`` fields of the **off-simulator sky** (:data:`OFF_SIMULATOR`): the
@@ -74,15 +76,20 @@ OFF_SIMULATOR = dataclasses.replace(
     kappa0=0.11,
 )
 METRICS = ("R", "D", "M_ratio", "dpeak", "cat10", "M_low")
+KS93_START = "ks93-start"
 #: The lightest clusters: this fraction of them by truth M_cl
 LIGHT_FRACTION = 0.2
 
 
 def parse_candidate(text):
-    """``NAME=RUN_DIR@EPOCH`` or ``NAME=MODEL.keras`` → (name, path, epoch or None)."""
+    """``NAME=RUN_DIR@EPOCH``, ``NAME=MODEL.keras`` or ``NAME=ks93-start`` → (name, path or
+    "ks93-start", epoch or None)."""
     name, sep, spec = text.partition("=")
     if not sep or not name or not spec:
-        raise ValueError(f"--candidate {text!r}: expected NAME=RUN_DIR@EPOCH or NAME=MODEL.keras")
+        raise ValueError(f"--candidate {text!r}: expected NAME=RUN_DIR@EPOCH, NAME=MODEL.keras "
+                         "or NAME=ks93-start")
+    if spec == KS93_START:
+        return name, KS93_START, None
     path, _, epoch = spec.partition("@")
     if path.endswith(".keras"):
         if epoch:
@@ -93,9 +100,16 @@ def parse_candidate(text):
     return name, Path(path), int(epoch)
 
 
-def load_candidate(path, epoch):
+def load_candidate(path, epoch, data_dir):
     """The model of a candidate and what its run says of it: samples seen, training time
     (s, the sum of history.csv's epoch_s) and the eq. 11-12 validation loss at ``epoch``."""
+    if path == KS93_START:  # as train.py --init ks93 sets it, from training inputs
+        model = wlcnn.build_model(wlcnn.PAPER, "FocalLoss")
+        start = wlcnn.KS93Start()
+        x, _ = wlcnn.fixed_subfields(data_dir, "train", wlcnn.PRESETS["paper"].n_init)
+        wlcnn.initialize_as_ks93(model, x, start)
+        return model, {"recipe": f"KS93 start ({start.fwhm_arcmin:g}′, 49 × 49), untrained",
+                       "samples": 0, "train_s": 0, "val_loss": None}
     if epoch is None:
         model = wlcnn.load_model(path, compile=False)
         return model, {"recipe": str(path), "samples": None, "train_s": None, "val_loss": None}
@@ -187,8 +201,10 @@ def markdown(rows, info, fwhm, n, references):
         i = info.get(r["method"], {})
         cells = [f"{r[k]:.3f} ± {r[k + '_err']:.3f}" for k in METRICS]
         vl = i.get("val_loss")
+        samples, train_s = (i.get(k) for k in ("samples", "train_s"))
         lines.append(f"| {r['sky']} | {r['method']} | {i.get('recipe', '')} | "
-                     f"{i.get('samples') or ''} | {i.get('train_s') or ''} | "
+                     f"{'' if samples is None else f'{samples:,}'} | "
+                     f"{'' if train_s is None else train_s} | "
                      f"{'' if vl is None else f'{vl:.5f}'} | " + " | ".join(cells) + " |")
     for ref in references:
         lines += ["", f"Paired differences, method − {ref} (same resampled clusters):", "",
@@ -213,7 +229,7 @@ def main(argv=None):
     config = wlcnn.PAPER
     models, info = {}, {}
     for name, path, epoch in cands:
-        models[name], info[name] = load_candidate(path, epoch)
+        models[name], info[name] = load_candidate(path, epoch, args.data)
     shas = {i["val_sha256"] for i in info.values() if "val_sha256" in i}
     if len(shas) > 1:  # val losses on other subfields are not comparable
         print("screen_recipes: warning: the runs' validation subfields differ", file=sys.stderr)
