@@ -122,7 +122,7 @@ __all__ = [
     "PRESETS", "get_preset", "check_data", "validation_sha256", "run_path", "read_history",
     "train", "carry_run", "train_runs", "train_from_directory", "load_runs", "SMOOTHING_LOSSES",
     "choose_ks93_smoothing", "TABLE2_COLUMNS", "PAPER_TABLE2", "Evaluation", "star_mask_mosaic",
-    "evaluate_methods", "cnn_method", "table2"
+    "evaluate_methods", "cnn_method", "cached_method", "table2"
 ]
 
 
@@ -3144,6 +3144,26 @@ def cnn_method(models, config=PAPER, **kwargs):
     :func:`predict_mosaic_runs` (``kwargs`` as there)."""
     models = list(models)
     return lambda grid: predict_mosaic_runs(models, grid, config, **kwargs).runs
+
+
+def cached_method(fn, cache_dir):
+    """``fn(grid)`` with each result kept in ``cache_dir`` under the SHA-256 of its grid.
+
+    A long evaluation then resumes where it stopped, and a model evaluated once
+    is not predicted again when rows are added.  Each file is written then
+    renamed; ``cache_dir`` must be specific to ``fn`` (its name holds the key).
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+
+    def run(grid):
+        key = hashlib.sha256(np.ascontiguousarray(grid, np.float32).tobytes()).hexdigest()
+        path = os.path.join(cache_dir, f"{key[:32]}.npy")
+        if os.path.exists(path):
+            return np.load(path)
+        out = np.asarray(fn(grid), dtype=np.float64)
+        atomic_write(path, lambda tmp: np.save(tmp, out))
+        return out
+    return run
 
 
 def table2(results, methods=None):

@@ -740,26 +740,6 @@ def models_sha256(models):
     return h.hexdigest()
 
 
-def cached_method(fn, cache_dir):
-    """``fn(grid)`` with each result kept in ``cache_dir`` under the SHA-256 of its grid.
-
-    A long evaluation then resumes where it stopped, and a model evaluated once
-    is not predicted again when rows are added.  Each file is written then
-    renamed; ``cache_dir`` must be specific to ``fn`` (its name holds the key).
-    """
-    os.makedirs(cache_dir, exist_ok=True)
-
-    def run(grid):
-        key = hashlib.sha256(np.ascontiguousarray(grid, np.float32).tobytes()).hexdigest()
-        path = os.path.join(cache_dir, f"{key[:32]}.npy")
-        if os.path.exists(path):
-            return np.load(path)
-        out = np.asarray(fn(grid), dtype=np.float64)
-        wlcnn.atomic_write(path, lambda tmp: np.save(tmp, out))
-        return out
-    return run
-
-
 def evaluate_directory(data_dir, model_paths, out_dir, stride=12, orientations=1, limit=None,
                        n_val_smoothing=50, wiener=True, ss95=True, figures=True, overwrite=False,
                        progress=True, command=None, cache=None, ks93_paper_like=()):
@@ -769,7 +749,7 @@ def evaluate_directory(data_dir, model_paths, out_dir, stride=12, orientations=1
     several variants giving a row each.  ``stride`` and ``orientations`` 12 and 1
     make the quick mosaic (100 subfields a cluster), 3 and 6 the paper's (8,664).
     ``limit``: the first test clusters only.  ``cache``: a directory keeping each
-    CNN mosaic (:func:`cached_method`), keyed by the weights, stride and
+    CNN mosaic (``wlcnn.cached_method``), keyed by the weights, stride and
     orientations; a rerun reads them back.  The KS93 smoothing is chosen on
     ``n_val_smoothing`` validation clusters (``ks93_paper_like``: rows at other FWHMs,
     :func:`baseline_methods`), the Wiener spectra fitted on the
@@ -805,7 +785,7 @@ def evaluate_directory(data_dir, model_paths, out_dir, stride=12, orientations=1
         methods[name] = wlcnn.cnn_method(models, config, stride=stride, orientations=orientations)
         if cache is not None:
             key = f"{models_sha256(models)[:16]}-stride{stride}-orient{orientations}"
-            methods[name] = cached_method(methods[name], os.path.join(cache, key))
+            methods[name] = wlcnn.cached_method(methods[name], os.path.join(cache, key))
     total = n_test if limit is None else min(limit, n_test)
     clusters = itertools.islice(ds.clusters("test"), total)
     results = wlcnn.evaluate_methods(clusters, methods, config, total=total, progress=progress)

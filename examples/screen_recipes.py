@@ -27,6 +27,7 @@ screening.json (one row a method and sky); the last line printed is that JSON.  
 # ## Setup
 import argparse
 import dataclasses
+import hashlib
 import itertools
 import json
 import sys
@@ -47,6 +48,9 @@ def build_parser():
     p.add_argument("--stride", type=int, default=18, help="mosaic offset step (paper: 3)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamplings")
     p.add_argument("--seed", type=int, default=0, help="off-simulator skies and bootstrap")
+    p.add_argument("--cache", default=None,
+                   help="directory keeping each candidate's mosaics (keyed by its NAME=PATH and "
+                        "the stride): a rerun with more candidates predicts only the new ones")
     p.add_argument("--verbose", action="store_true", help="TensorFlow's C++ log")
     return p
 
@@ -241,8 +245,11 @@ def main(argv=None):
     fwhm, _ = wlcnn.choose_ks93_smoothing(val, config=config, mask=region)
     methods = {f"KS93 ({fwhm:g}′)": lambda g: np.where(
         region, wlcnn.ks93_mosaic(g, config, fwhm), np.nan)}
-    for name, model in models.items():
+    for text, (name, model) in zip(args.candidate, models.items()):
         methods[name] = wlcnn.cnn_method([model], config, stride=args.stride, orientations=1)
+        if args.cache:
+            key = hashlib.sha256(f"{text}|stride {args.stride}".encode()).hexdigest()[:16]
+            methods[name] = wlcnn.cached_method(methods[name], Path(args.cache) / key)
     # paired differences from KS93 and from the first candidate
     references = list(methods)[:2]
     rows = []

@@ -261,7 +261,7 @@ def test_cached_method_computes_each_grid_once(tmp_path):
 
     rng = np.random.default_rng(5)
     a, b = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
-    cached = evaluate_table2.cached_method(fn, tmp_path / "m")
+    cached = wlcnn.cached_method(fn, tmp_path / "m")
     first = cached(a)
     np.testing.assert_array_equal(cached(a), first)  # read back bit for bit
     np.testing.assert_array_equal(first, a[..., 0] * 2.0)
