@@ -8,7 +8,9 @@ in distribution and on skies our simulator did not make.
 A candidate is ``NAME=RUN_DIR@EPOCH`` (the run's ``snapshot-EPOCH.weights.h5``, its
 history and settings from run.json), ``NAME=MODEL.keras`` or ``NAME=ks93-start`` (the
 KS93 start of ``train.py --init ks93`` before any training: KS93 smoothed by 1′ and cut
-to the Output layer's 49 × 49 filter, what the network can hold).  Each one reconstructs
+to the Output layer's 49 × 49 filter, what the network can hold) or ``NAME=mean:A+B``
+(the mean of earlier candidates A and B's mosaics: an ensemble, §2.3.2's mean of runs,
+predicted once per model).  Each one reconstructs
 
 * the first ``--n-clusters`` validation clusters of ``--data`` (in distribution), and
 * ``--n-clusters`` fields of the **off-simulator sky** (:data:`OFF_SIMULATOR`): the
@@ -81,19 +83,26 @@ OFF_SIMULATOR = dataclasses.replace(
 )
 METRICS = ("R", "D", "M_ratio", "dpeak", "cat10", "M_low")
 KS93_START = "ks93-start"
+MEAN = "mean:"
 #: The lightest clusters: this fraction of them by truth M_cl
 LIGHT_FRACTION = 0.2
 
 
 def parse_candidate(text):
-    """``NAME=RUN_DIR@EPOCH``, ``NAME=MODEL.keras`` or ``NAME=ks93-start`` → (name, path or
-    "ks93-start", epoch or None)."""
+    """``NAME=RUN_DIR@EPOCH``, ``NAME=MODEL.keras``, ``NAME=ks93-start`` or
+    ``NAME=mean:A+B`` → (name, path, "ks93-start" or the tuple of names A, B, epoch or
+    None)."""
     name, sep, spec = text.partition("=")
     if not sep or not name or not spec:
-        raise ValueError(f"--candidate {text!r}: expected NAME=RUN_DIR@EPOCH, NAME=MODEL.keras "
-                         "or NAME=ks93-start")
+        raise ValueError(f"--candidate {text!r}: expected NAME=RUN_DIR@EPOCH, NAME=MODEL.keras, "
+                         "NAME=ks93-start or NAME=mean:A+B")
     if spec == KS93_START:
         return name, KS93_START, None
+    if spec.startswith(MEAN):
+        parts = tuple(spec[len(MEAN):].split("+"))
+        if len(parts) < 2 or not all(parts):
+            raise ValueError(f"--candidate {text!r}: mean: needs two or more names, A+B")
+        return name, parts, None
     path, _, epoch = spec.partition("@")
     if path.endswith(".keras"):
         if epoch:
@@ -147,6 +156,15 @@ def off_simulator_clusters(n, seed, config=wlcnn.PAPER):
 
 
 # ## Evaluate
+def mean_method(fns):
+    """The ensemble of methods that each return K runs' mosaics (K, n, n): all their runs
+    stacked, which :func:`wlcnn.evaluate_methods` averages."""
+    def run(grid):
+        outs = [np.asarray(f(grid), dtype=np.float64) for f in fns]
+        return np.concatenate([o.reshape((-1,) + o.shape[-2:]) for o in outs])
+    return run
+
+
 def cluster_values(truth, pred):
     """Per-cluster Δ_peak and M_pred / M_truth, and M_truth (for the light fifth)."""
     m_t, m_p = wlcnn.cluster_masses(truth, pred)
@@ -231,9 +249,21 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = wlcnn.PAPER
-    models, info = {}, {}
+    models, info, means = {}, {}, {}
     for name, path, epoch in cands:
-        models[name], info[name] = load_candidate(path, epoch, args.data)
+        if isinstance(path, tuple):
+            missing = [p for p in path if p not in models]
+            if missing:
+                print(f"screen_recipes: error: --candidate {name}: {missing} are not earlier "
+                      "candidates", file=sys.stderr)
+                return 2
+            means[name] = path
+            info[name] = {"recipe": "mean of " + ", ".join(path)} | {
+                k: sum(info[p][k] for p in path) if all(info[p].get(k) is not None
+                                                        for p in path) else None
+                for k in ("samples", "train_s")} | {"val_loss": None}
+        else:
+            models[name], info[name] = load_candidate(path, epoch, args.data)
     shas = {i["val_sha256"] for i in info.values() if "val_sha256" in i}
     if len(shas) > 1:  # val losses on other subfields are not comparable
         print("screen_recipes: warning: the runs' validation subfields differ", file=sys.stderr)
@@ -245,8 +275,12 @@ def main(argv=None):
     fwhm, _ = wlcnn.choose_ks93_smoothing(val, config=config, mask=region)
     methods = {f"KS93 ({fwhm:g}′)": lambda g: np.where(
         region, wlcnn.ks93_mosaic(g, config, fwhm), np.nan)}
-    for text, (name, model) in zip(args.candidate, models.items()):
-        methods[name] = wlcnn.cnn_method([model], config, stride=args.stride, orientations=1)
+    for text, (name, _, _) in zip(args.candidate, cands):
+        if name in means:
+            methods[name] = mean_method([methods[p] for p in means[name]])
+            continue
+        methods[name] = wlcnn.cnn_method([models[name]], config, stride=args.stride,
+                                         orientations=1)
         if args.cache:
             key = hashlib.sha256(f"{text}|stride {args.stride}".encode()).hexdigest()[:16]
             methods[name] = wlcnn.cached_method(methods[name], Path(args.cache) / key)

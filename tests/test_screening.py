@@ -70,6 +70,17 @@ def test_a_candidate_names_a_snapshot_or_a_model():
     assert screen_recipes.parse_candidate("b=runs/b/run_00@25")[1:] == (
         screen_recipes.Path("runs/b/run_00"), 25)
     assert screen_recipes.parse_candidate("q=m.keras")[2] is None
-    for bad in ("runs/b@25", "b=runs/b/run_00", "q=m.keras@3", "b=runs/b@x"):
+    assert screen_recipes.parse_candidate("e=mean:a+b")[1] == ("a", "b")
+    for bad in ("runs/b@25", "b=runs/b/run_00", "q=m.keras@3", "b=runs/b@x", "e=mean:a",
+                "e=mean:a+"):
         with pytest.raises(ValueError, match="--candidate"):
             screen_recipes.parse_candidate(bad)
+
+
+def test_an_ensemble_averages_every_run_of_its_members():
+    one = lambda g: np.full((1, 4, 4), 1.0)  # noqa: E731  (a method of one run)
+    two = lambda g: np.stack([np.full((4, 4), 2.0), np.full((4, 4), 6.0)])  # noqa: E731
+    runs = screen_recipes.mean_method([one, two])(np.zeros((3, 8, 8)))
+    assert runs.shape == (3, 4, 4)
+    # evaluate_methods averages the stacked runs: (1 + 2 + 6) / 3, exact in binary
+    np.testing.assert_array_equal(runs.mean(axis=0), 3.0)
