@@ -8,7 +8,9 @@ in distribution and on skies our simulator did not make.
 A candidate is ``NAME=RUN_DIR@EPOCH`` (the run's ``snapshot-EPOCH.weights.h5``, its
 history and settings from run.json), ``NAME=MODEL.keras`` or ``NAME=ks93-start`` (the
 KS93 start of ``train.py --init ks93`` before any training: KS93 smoothed by 1′ and cut
-to the Output layer's 49 × 49 filter, what the network can hold) or ``NAME=mean:A+B``
+to the Output layer's 49 × 49 filter, what the network can hold), ``NAME=ks93:FWHM``
+(full KS93 smoothed by FWHM arcmin: beside ``ks93-start`` it measures what the cut
+costs) or ``NAME=mean:A+B``
 (the mean of earlier candidates A and B's mosaics: an ensemble, §2.3.2's mean of runs,
 predicted once per model).  Each one reconstructs
 
@@ -29,6 +31,7 @@ screening.json (one row a method and sky); the last line printed is that JSON.  
 # ## Setup
 import argparse
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -84,20 +87,29 @@ OFF_SIMULATOR = dataclasses.replace(
 METRICS = ("R", "D", "M_ratio", "dpeak", "cat10", "M_low")
 KS93_START = "ks93-start"
 MEAN = "mean:"
+KS93_AT = "ks93:"
 #: The lightest clusters: this fraction of them by truth M_cl
 LIGHT_FRACTION = 0.2
 
 
 def parse_candidate(text):
     """``NAME=RUN_DIR@EPOCH``, ``NAME=MODEL.keras``, ``NAME=ks93-start`` or
-    ``NAME=mean:A+B`` → (name, path, "ks93-start" or the tuple of names A, B, epoch or
-    None)."""
+    ``NAME=ks93:FWHM`` or ``NAME=mean:A+B`` → (name, path, "ks93-start", "ks93:" or the
+    tuple of names A, B; epoch, FWHM or None)."""
     name, sep, spec = text.partition("=")
     if not sep or not name or not spec:
         raise ValueError(f"--candidate {text!r}: expected NAME=RUN_DIR@EPOCH, NAME=MODEL.keras, "
                          "NAME=ks93-start or NAME=mean:A+B")
     if spec == KS93_START:
         return name, KS93_START, None
+    if spec.startswith(KS93_AT):
+        try:
+            fwhm = float(spec[len(KS93_AT):])
+        except ValueError:
+            fwhm = -1.0
+        if not fwhm >= 0:
+            raise ValueError(f"--candidate {text!r}: ks93: needs a FWHM in arcmin >= 0")
+        return name, KS93_AT, fwhm
     if spec.startswith(MEAN):
         parts = tuple(spec[len(MEAN):].split("+"))
         if len(parts) < 2 or not all(parts):
@@ -156,6 +168,11 @@ def off_simulator_clusters(n, seed, config=wlcnn.PAPER):
 
 
 # ## Evaluate
+def ks93_in(grid, region, config, fwhm):
+    """KS93 smoothed by ``fwhm`` arcmin, NaN outside the CNN mosaic's ``region``."""
+    return np.where(region, wlcnn.ks93_mosaic(grid, config, fwhm), np.nan)
+
+
 def mean_method(fns):
     """The ensemble of methods that each return K runs' mosaics (K, n, n): all their runs
     stacked, which :func:`wlcnn.evaluate_methods` averages."""
@@ -251,7 +268,10 @@ def main(argv=None):
     config = wlcnn.PAPER
     models, info, means = {}, {}, {}
     for name, path, epoch in cands:
-        if isinstance(path, tuple):
+        if path == KS93_AT:
+            info[name] = {"recipe": f"KS93 ({epoch:g}′), full field", "samples": None,
+                          "train_s": None, "val_loss": None}
+        elif isinstance(path, tuple):
             missing = [p for p in path if p not in models]
             if missing:
                 print(f"screen_recipes: error: --candidate {name}: {missing} are not earlier "
@@ -273,9 +293,13 @@ def main(argv=None):
         args.n_clusters, args.seed, config)}
     region = wlcnn.mosaic_coverage(config, args.stride) > 0
     fwhm, _ = wlcnn.choose_ks93_smoothing(val, config=config, mask=region)
-    methods = {f"KS93 ({fwhm:g}′)": lambda g: np.where(
-        region, wlcnn.ks93_mosaic(g, config, fwhm), np.nan)}
-    for text, (name, _, _) in zip(args.candidate, cands):
+    methods = {f"KS93 ({fwhm:g}′)": functools.partial(ks93_in, region=region, config=config,
+                                                      fwhm=fwhm)}
+    for text, (name, path, fwhm_c) in zip(args.candidate, cands):
+        if path == KS93_AT:
+            methods[name] = functools.partial(ks93_in, region=region, config=config,
+                                              fwhm=fwhm_c)
+            continue
         if name in means:
             methods[name] = mean_method([methods[p] for p in means[name]])
             continue
