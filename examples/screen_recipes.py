@@ -6,13 +6,12 @@ in distribution and on skies our simulator did not make.
         --candidate quick=examples/quick_model/quick_focalloss.keras
 
 A candidate is ``NAME=RUN_DIR@EPOCH`` (the run's ``snapshot-EPOCH.weights.h5``, its
-history and settings from run.json), ``NAME=MODEL.keras`` or ``NAME=ks93-start`` (the
+history and settings from run.json), ``NAME=MODEL.keras``, ``NAME=ks93-start`` (the
 KS93 start of ``train.py --init ks93`` before any training: KS93 smoothed by 1′ and cut
 to the Output layer's 49 × 49 filter, what the network can hold), ``NAME=ks93:FWHM``
-(full KS93 smoothed by FWHM arcmin: beside ``ks93-start`` it measures what the cut
-costs) or ``NAME=mean:A+B``
-(the mean of earlier candidates A and B's mosaics: an ensemble, §2.3.2's mean of runs,
-predicted once per model).  Each one reconstructs
+(full-field KS93 smoothed by FWHM arcmin: beside ``ks93-start`` it measures what the
+cut costs) or ``NAME=mean:A+B`` (the mean of earlier candidates A and B's mosaics: an
+ensemble, §2.3.2's mean of runs, each model predicted once).  Each one reconstructs
 
 * the first ``--n-clusters`` validation clusters of ``--data`` (in distribution), and
 * ``--n-clusters`` fields of the **off-simulator sky** (:data:`OFF_SIMULATOR`): the
@@ -46,7 +45,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="dataset of the runs (its val split is scored)")
     p.add_argument("--candidate", action="append", required=True, metavar="NAME=PATH",
-                   help="NAME=RUN_DIR@EPOCH or NAME=MODEL.keras; repeat for each")
+                   help="NAME=RUN_DIR@EPOCH, NAME=MODEL.keras, NAME=ks93-start, NAME=ks93:FWHM "
+                        "or NAME=mean:A+B (earlier candidates); repeat for each")
     p.add_argument("--out", type=cli.output_dir, required=True,
                    help="directory of the tables, created with its parents if missing")
     p.add_argument("--n-clusters", type=int, default=100, help="clusters of each sky")
@@ -93,13 +93,13 @@ LIGHT_FRACTION = 0.2
 
 
 def parse_candidate(text):
-    """``NAME=RUN_DIR@EPOCH``, ``NAME=MODEL.keras``, ``NAME=ks93-start`` or
-    ``NAME=ks93:FWHM`` or ``NAME=mean:A+B`` → (name, path, "ks93-start", "ks93:" or the
-    tuple of names A, B; epoch, FWHM or None)."""
+    """``NAME=RUN_DIR@EPOCH``, ``NAME=MODEL.keras``, ``NAME=ks93-start``, ``NAME=ks93:FWHM``
+    or ``NAME=mean:A+B`` → (name, path, "ks93-start", "ks93:" or the tuple of names A, B;
+    epoch, FWHM or None)."""
     name, sep, spec = text.partition("=")
     if not sep or not name or not spec:
         raise ValueError(f"--candidate {text!r}: expected NAME=RUN_DIR@EPOCH, NAME=MODEL.keras, "
-                         "NAME=ks93-start or NAME=mean:A+B")
+                         "NAME=ks93-start, NAME=ks93:FWHM or NAME=mean:A+B")
     if spec == KS93_START:
         return name, KS93_START, None
     if spec.startswith(KS93_AT):
@@ -272,7 +272,7 @@ def main(argv=None):
             info[name] = {"recipe": f"KS93 ({epoch:g}′), full field", "samples": None,
                           "train_s": None, "val_loss": None}
         elif isinstance(path, tuple):
-            missing = [p for p in path if p not in models]
+            missing = [p for p in path if p not in info]
             if missing:
                 print(f"screen_recipes: error: --candidate {name}: {missing} are not earlier "
                       "candidates", file=sys.stderr)

@@ -73,8 +73,7 @@ def test_a_candidate_names_a_snapshot_or_a_model():
     assert screen_recipes.parse_candidate("e=mean:a+b")[1] == ("a", "b")
     assert screen_recipes.parse_candidate("k=ks93:1.5") == ("k", "ks93:", 1.5)
     for bad in ("runs/b@25", "b=runs/b/run_00", "q=m.keras@3", "b=runs/b@x", "e=mean:a",
-                "e=mean:a+", "k=ks93:x",
-                "k=ks93:-1", "k=ks93:nan"):
+                "e=mean:a+", "k=ks93:x", "k=ks93:-1", "k=ks93:nan"):
         with pytest.raises(ValueError, match="--candidate"):
             screen_recipes.parse_candidate(bad)
 
