@@ -21,15 +21,17 @@ Reading list: the method, in the paper's order (the file's order)
   (eq. 11, eq. 12, eq. A1), ``compile_model``.
 * §3 evaluation: ``predict_mosaic``, ``ks93_mosaic``, ``normalized_kappa`` (eq. 13),
   ``metric_R`` (eq. 14), ``metric_D`` (eq. 15, its weights eq. 16), ``mass_ratio`` (§3.3),
-  ``peak_centroid`` (§3.4).
+  ``peak_centroid`` (§3.4), ``paper_metrics``; the KS93 smoothing chosen on validation
+  clusters (``choose_ks93_smoothing``) and methods scored on a test set
+  (``evaluate_methods``, ``table2``).
 
 The final section, "Machinery: running the method at scale", holds what runs it: files
 written whole or not at all (``atomic_write``, ``Progress``), dataset files
 (``ClusterDataset``), saving and loading (``save_model``, ``load_model``), a start of the
-weights from KS93 (``initialize_as_ks93``, beyond the paper), training runs that resume
-(``TrainPreset``, ``train``, ``carry_run``, ``train_runs``, ``train_from_directory``,
-``load_runs``), the choice of the KS93 smoothing (``choose_ks93_smoothing``) and the
-evaluation of methods on a test set (``evaluate_methods``, ``table2``).
+weights from KS93 (``initialize_as_ks93``, beyond the paper), and run files read back
+(``read_history``, ``load_runs``). The training loop and its checkpoints (presets, run
+directories that resume, ``train``) are ``examples/train.py``'s, as in nanoGPT's split of
+model.py and train.py.
 
 Conventions (everywhere below)
 ------------------------------
@@ -65,8 +67,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
-import shutil
 import sys
 import time
 import warnings
@@ -100,29 +100,27 @@ __all__ = [
     "Config", "DERIVED_SIZES", "PAPER", "FWHM_PER_SIGMA", "config_from_dict", "config_dict",
     "cosmology", "sigma_crit", "reduced_shear", "lens_ellipticity", "padded_shape", "ks_kernel",
     "check_map", "shear_from_kappa", "ks93", "nfw_scale", "nfw_sigma", "nfw_mean_sigma",
-    "nfw_kappa_map", "check_rng", "draw_intrinsic_ellipticity", "magnitude_pdf", "draw_magnitudes",
-    "measurement_error", "draw_star_masks", "simulate_catalog", "block_mean", "mosaic_truth",
-    "make_cluster",
-    "check_positive", "SIGMA_RANGE", "grid_catalog_numpy", "grid_catalog", "grid_table",
-    "ORIENTATIONS", "orient_map", "spin2_sign", "orient_shear", "subfield", "cluster_grid",
-    "fixed_subfields", "training_data", "FFTConv2D", "FFTConv2DTranspose", "FORMAT_VERSION",
-    "VARIANTS", "MULTIPLIED_TO", "INFO_LAYER", "resolve_conv", "ModelInfo", "build_model",
-    "model_info", "KappaLoss", "make_loss", "compile_model", "INVERSE_ORIENTATION", "MOSAIC_BATCH",
-    "mosaic_offsets", "mosaic_orientations", "mosaic_coverage", "predict_mosaic", "MosaicRuns",
+    "nfw_kappa_map", "check_rng", "draw_intrinsic_ellipticity", "magnitude_pdf",
+    "draw_magnitudes", "measurement_error", "draw_star_masks", "simulate_catalog", "block_mean",
+    "mosaic_truth", "make_cluster", "check_positive", "SIGMA_RANGE", "grid_catalog_numpy",
+    "grid_catalog", "grid_table", "ORIENTATIONS", "orient_map", "spin2_sign", "orient_shear",
+    "subfield", "cluster_grid", "fixed_subfields", "training_data", "FFTConv2D",
+    "FFTConv2DTranspose", "FORMAT_VERSION", "VARIANTS", "MULTIPLIED_TO", "INFO_LAYER",
+    "resolve_conv", "ModelInfo", "build_model", "model_info", "KappaLoss", "make_loss",
+    "compile_model", "INVERSE_ORIENTATION", "MOSAIC_BATCH", "mosaic_offsets",
+    "mosaic_orientations", "mosaic_coverage", "predict_mosaic", "MosaicRuns",
     "predict_mosaic_runs", "KS93_FWHM_GRID", "smooth_map", "ks93_mosaic", "METRIC_BINS",
     "CLIP_SIGMA", "CLIP_MAX_ITER", "MASS_RADIUS_PIX", "CENTROID_WINDOW_PIX", "CATASTROPHIC_PIX",
-    "PERCENTILES",
-    "WeightedStat", "PercentileStat", "metric_R", "normalized_kappa", "metric_D", "peak_pixel",
-    "aperture_mass", "cluster_masses", "mass_ratio", "peak_centroid", "centroid_offsets",
-    "centroid_offset", "paper_metrics", "TMP_PREFIX", "atomic_write", "atomic_write_text",
-    "file_sha256", "Progress", "SPLITS", "DATA_FIELDS", "DATASET_FORMAT", "DATASET_VERSION",
-    "CATALOG_COLUMNS", "MASK_COLUMNS", "data_config", "check_split", "cluster_rng",
-    "ClusterDataset", "save_model", "load_model", "KS93Start", "ks93_kernels",
-    "pooled_input", "truncated_ks93", "initialize_as_ks93", "LR_SCHEDULES", "INITS", "TrainPreset",
-    "PRESETS", "get_preset", "check_data", "validation_sha256", "run_path", "read_history",
-    "train", "carry_run", "train_runs", "train_from_directory", "load_runs", "SMOOTHING_LOSSES",
+    "PERCENTILES", "WeightedStat", "PercentileStat", "metric_R", "normalized_kappa", "metric_D",
+    "peak_pixel", "aperture_mass", "cluster_masses", "mass_ratio", "peak_centroid",
+    "centroid_offsets", "centroid_offset", "paper_metrics", "SMOOTHING_LOSSES",
     "choose_ks93_smoothing", "TABLE2_COLUMNS", "PAPER_TABLE2", "Evaluation", "star_mask_mosaic",
-    "evaluate_methods", "cnn_method", "cached_method", "table2"
+    "evaluate_methods", "cnn_method", "cached_method", "table2", "TMP_PREFIX", "atomic_write",
+    "atomic_write_text", "read_json", "file_sha256", "Progress", "SPLITS", "DATA_FIELDS",
+    "DATASET_FORMAT", "DATASET_VERSION", "CATALOG_COLUMNS", "MASK_COLUMNS", "data_config",
+    "check_split", "cluster_rng", "ClusterDataset", "save_model", "load_model", "KS93Start",
+    "ks93_kernels", "pooled_input", "truncated_ks93", "initialize_as_ks93", "validation_sha256",
+    "read_history", "load_runs"
 ]
 
 
@@ -1944,1008 +1942,6 @@ def paper_metrics(truth_maps, pred_maps):
             "n_clusters": len(t)}
 
 
-# ===========================================================================
-# Machinery: running the method at scale
-#
-# Nothing below is the paper's method: files written whole or not at all, dataset
-# files, saved models, training runs that resume, and the evaluation of methods
-# over a test set.
-# ===========================================================================
-
-# ---------------------------------------------------------------------------
-# Files written whole or not at all, and a progress bar
-# ---------------------------------------------------------------------------
-#: Name prefix of the hidden temporaries written before a rename: a resumed run
-#: removes the ones a writer killed mid-write left behind.
-TMP_PREFIX = ".tmp-"
-
-
-def atomic_write(path, write):
-    """Call ``write(tmp_path)`` then rename: a file is complete or absent.
-
-    The temporary file is hidden and ends as ``path`` does, for writers that
-    read the format from the name (Keras, matplotlib)."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` whole or not at all (:func:`atomic_write`)."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _read_json(path):
-    return json.loads(Path(path).read_text()) if Path(path).exists() else None
-
-
-def file_sha256(path):
-    """The SHA-256 hex digest of a file (a dataset manifest's record of each shard)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class Progress:
-    """A one-line progress bar on stderr (items done, rate, time left)."""
-
-    def __init__(self, total, label, stream=None):
-        self.total, self.label, self.done, self.t0 = total, label, 0, time.time()
-        self.stream = sys.stderr if stream is None else stream
-
-    def update(self, k=1):
-        self.done += k
-        elapsed = time.time() - self.t0
-        left = elapsed / max(self.done, 1) * (self.total - self.done)
-        bar = "#" * int(30 * self.done / max(self.total, 1))
-        self.stream.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} "
-                          f"{elapsed:6.0f}s elapsed, ~{left:5.0f}s left")
-        if self.done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
-# ---------------------------------------------------------------------------
-# Dataset files: shards of clusters and their manifest (read side; they are written
-# by examples/simulate_skies.py)
-# ---------------------------------------------------------------------------
-#: Splits of a dataset, in the order their seeds and shards are numbered.
-SPLITS = ("train", "val", "test")
-
-
-#: Config fields that define a dataset's content (the network's fields do not).
-DATA_FIELDS = ("H0", "Om0", "z_lens", "z_source", "field_arcmin", "npix", "fwhm_arcsec",
-               "kernel_cut_sigma", "empty_pixel_error", "source_density_arcmin2", "sigma_e",
-               "mag_min", "mag_peak", "mag_max", "count_slope", "completeness_width_mag",
-               "sigma_meas_floor", "sigma_meas_at_cut", "stars_per_400arcmin2",
-               "star_radius_arcmin", "star_near_peak_arcmin")
-
-
-DATASET_FORMAT = "wlcnn-dataset"
-
-
-DATASET_VERSION = 1
-
-
-CATALOG_COLUMNS = ("x", "y", "mag", "sigma", "e1", "e2")
-
-
-MASK_COLUMNS = ("x", "y", "radius")
-
-
-def data_config(config):
-    """The data-defining part of a Config, as JSON would write it: the ``config`` of a
-    dataset's manifest, which :class:`ClusterDataset` compares with the model's."""
-    return json.loads(json.dumps({k: getattr(config, k) for k in DATA_FIELDS}))
-
-
-def check_split(split):
-    """``split`` if it is one of :data:`SPLITS`, else ValueError."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return split
-
-
-def cluster_rng(seed, split, index):
-    """The random generator of cluster ``index`` of ``split``.
-
-    It depends on (seed, split, index) alone, so a cluster is the same whichever shard, job
-    or worker makes it.
-    """
-    key = (SPLITS.index(check_split(split)), int(index))
-    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
-
-
-class ClusterDataset:
-    """Read access to a dataset of ``simulate_skies.write_dataset`` (examples/).
-
-    With ``config``, the dataset must have been made with the same data fields (ValueError
-    otherwise); ``verify`` checks each shard's SHA-256 as it is loaded.
-    """
-
-    def __init__(self, path, config=None, verify=True):
-        self.path = Path(path)
-        mpath = self.path / "manifest.json"
-        if not mpath.exists():
-            raise ValueError(f"{self.path} is not a complete wlcnn dataset (no manifest.json)")
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{mpath} is corrupt: {exc}") from None
-        if (self.manifest.get("format") != DATASET_FORMAT
-                or self.manifest.get("version") != DATASET_VERSION):
-            raise ValueError(f"{self.path}: not a wlcnn dataset of format version "
-                             f"{DATASET_VERSION}")
-        stored = self.manifest["config"]
-        self.config = config_from_dict(stored)  # the other fields: the paper's
-        if config is not None and data_config(config) != stored:
-            diff = [k for k in DATA_FIELDS if data_config(config)[k] != stored[k]]
-            raise ValueError(f"{self.path} was made with another config "
-                             f"(differs in {', '.join(diff)})")
-        self.verify = verify
-
-    def count(self, split):
-        """Number of clusters in ``split``."""
-        return int(self.manifest["counts"][check_split(split)])
-
-    def shards(self, split):
-        """The shard entries (file, first, n, sha256) of ``split``."""
-        return self.manifest["shards"][check_split(split)]
-
-    def load_shard(self, split, k):
-        """All arrays of shard ``k`` of ``split`` (dict of numpy arrays)."""
-        entry = self.shards(split)[k]
-        path = self.path / entry["file"]
-        if not path.exists():
-            raise ValueError(f"missing shard {path}")
-        if self.verify and file_sha256(path) != entry["sha256"]:
-            raise ValueError(f"corrupt shard {path}: checksum differs from the manifest")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise ValueError(f"corrupt shard {path}: {exc}") from None
-
-    def clusters(self, split, shard_ids=None):
-        """The records of ``split`` (as :func:`make_cluster`, plus ``index``), one shard in
-        memory at a time."""
-        for k in range(len(self.shards(split))) if shard_ids is None else shard_ids:
-            a = self.load_shard(split, k)
-            co, mo = a["cat_offsets"], a["mask_offsets"]
-            for i in range(len(a["kappa"])):
-                cat = {c: a[f"cat_{c}"][co[i]:co[i + 1]].astype(np.float64)
-                       for c in CATALOG_COLUMNS}
-                masks = {c: a[f"mask_{c}"][mo[i]:mo[i + 1]] for c in MASK_COLUMNS}
-                yield {"index": int(a["index"][i]), "kappa": a["kappa"][i],
-                       "gamma1": a["gamma1"][i], "gamma2": a["gamma2"][i],
-                       "catalog": Table(cat), "masks": Table(masks),
-                       "meta": json.loads(str(a["meta"][i]))}
-
-
-# ---------------------------------------------------------------------------
-# Saving and loading models
-# ---------------------------------------------------------------------------
-def save_model(model, path):
-    """Write a model of ``build_model`` to a ``.keras`` file atomically (a hidden
-    temporary file renamed over ``path``: a crash never leaves a truncated model)."""
-    path = Path(path)
-    if path.suffix != ".keras":
-        raise ValueError(f"{path}: model files end in .keras")
-    model_info(model)  # refuses a model without its description
-    atomic_write(path, lambda tmp: model.save(tmp, overwrite=True))
-
-
-def load_model(path, compile=True):
-    """Read a model written by ``save_model``; ``model_info`` describes it.
-
-    Raises ValueError, before Keras rebuilds any layer, if the file holds no
-    wlcnn description or one of another format version.
-    """
-    path = os.fspath(path)
-    with zipfile.ZipFile(path) as zf:
-        config = json.loads(zf.read("config.json"))
-    layers = config.get("config", {}).get("layers", [])
-    info = next((layer["config"].get("info") for layer in layers
-                 if layer.get("config", {}).get("name") == INFO_LAYER), None)
-    if not isinstance(info, dict):
-        raise ValueError(f"{path}: not a wlcnn model (no {INFO_LAYER!r} description)")
-    _check_version(info.get("format_version"), path)
-    return keras.saving.load_model(path, compile=compile)
-
-
-# ---------------------------------------------------------------------------
-# Training: starting from KS93 instead of random weights (beyond the paper)
-# ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KS93Start:
-    """How :func:`initialize_as_ks93` sets a Table 1 network."""
-
-    # Gaussian smoothing (FWHM) folded into the KS93 kernels of the Output layer
-    fwhm_arcmin: float = 1.0
-    # Conv2D-1 passes input_gain × ε̄1, ε̄2 to its channels 0, 1, small enough for tanh to
-    # stay linear (|ε| ~ 0.3 in a pixel: tanh(0.15) = 0.149, 1 % short)
-    input_gain: float = 0.5
-    # TransConv2D-5 passes final_gain × the standardised channels 0, 1 (2 % short at 1 σ)
-    final_gain: float = 0.2
-    # tanh of the Conv2D-2..5 gates (bias arctanh(gate)): each block scales its skip tensor
-    # by ~gate and batch normalisation undoes it, so the blocks start as the identity
-    gate: float = 0.5
-    # every other weight is Glorot-uniform × random_scale: small enough to leave the KS93 map
-    # alone (0.1 and 0.02 give the same correlation with truncated_ks93, 0.99994), non-zero
-    # so that gradients reach every layer from the first step
-    random_scale: float = 0.1
-
-
-def ks93_kernels(filter_size, fwhm_arcmin=0.0, pixel_arcmin=PAPER.pixel_arcsec * PAPER.pool / 60.0):
-    """The :func:`ks93` inversion as two real-space kernels k1, k2 (filter_size², odd).
-
-    Cross-correlation kernels, as Keras's Conv2D: κ[j] = Σ_u k1[u] g1[j + u − h] + k2[u]
-    g2[j + u − h], h = filter_size // 2, optionally smoothed by a Gaussian of FWHM
-    ``fwhm_arcmin`` (pixels of ``pixel_arcmin``, default the output pixel, 0.192′).
-
-    Notes
-    -----
-    Each kernel is the response of :func:`ks93` to a unit shear at one pixel of a field four
-    times its side, so it carries ks93's conventions exactly; far from its centre it is D1 =
-    (y² − x²) / (π r⁴), D2 = −2xy / (π r⁴). The cut at its edge makes a truncated
-    inversion, blind to structures wider than the kernel (its k = 0 mode is not zero).
-    """
-    filter_size = int(filter_size)
-    if filter_size < 1 or filter_size % 2 == 0:
-        raise ValueError(f"filter_size must be a positive odd integer, got {filter_size}")
-    if not fwhm_arcmin >= 0 or not pixel_arcmin > 0:
-        raise ValueError(f"need fwhm_arcmin >= 0 and pixel_arcmin > 0, got {fwhm_arcmin}, "
-                         f"{pixel_arcmin}")
-    n = 4 * filter_size + 1
-    c, h = n // 2, filter_size // 2
-    kernels = []
-    for comp in (0, 1):
-        g = np.zeros((2, n, n))
-        g[comp, c, c] = 1.0
-        response = ks93(g[0], g[1])
-        if fwhm_arcmin > 0:
-            response = scipy.ndimage.gaussian_filter(
-                response, fwhm_arcmin / pixel_arcmin / FWHM_PER_SIGMA, mode="constant")
-        # response[c + v] = D(v); a cross-correlation reads D(h - u) at u
-        kernels.append(response[c - h:c + h + 1, c - h:c + h + 1][::-1, ::-1].copy())
-    return tuple(kernels)
-
-
-def pooled_input(x, config=PAPER):
-    """Network inputs (B, 386, 386, C) averaged on the output grid (B, 128, 128, C), over the
-    blocks of :func:`mosaic_truth`: what Conv2D-1's centre tap and the pool see."""
-    x = np.moveaxis(np.asarray(x), -1, 1)
-    return np.moveaxis(_block_mean(x, config.output_npix, config), 1, -1)
-
-
-def truncated_ks93(x, filter_size, fwhm_arcmin=0.0, config=PAPER):
-    """The map a KS93-started network computes: :func:`ks93_kernels` applied to the pooled
-    ε̄1, ε̄2 of inputs x (B, 386, 386, ≥2), zero outside them; (B, 128, 128, 1)."""
-    g = pooled_input(x, config)
-    k1, k2 = ks93_kernels(filter_size, fwhm_arcmin, config.pixel_arcsec * config.pool / 60.0)
-    h = filter_size // 2
-    out = np.empty(g.shape[:3] + (1,))
-    for b in range(len(g)):
-        out[b, ..., 0] = sum(
-            scipy.signal.correlate(np.pad(g[b, :, :, c], h), k, mode="valid", method="fft")
-            for c, k in ((0, k1), (1, k2)))
-    return out
-
-
-def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
-    """Set a Table 1 network's weights so that it computes a smoothed, truncated KS93.
-
-    ``model`` (with skips) is changed in place; ``x``, a few tens of training inputs,
-    calibrates the batch normalisation and the output gains; ``seed`` draws the small random
-    weights. Returns the gains of the ε̄1 and ε̄2 paths, fitted by least squares to
-    :func:`truncated_ks93` of ``x`` over the scored pixels.
-
-    Notes
-    -----
-    The architecture is untouched. Conv2D-1 copies ε̄1, ε̄2 into channels 0, 1 (with the
-    pool: :func:`pooled_input`); each block's gate is ~constant, so Multiply-# scales its skip
-    tensor and batch normalisation (moving statistics from ``x``) standardises it again;
-    TransConv2D-5 passes channels 0, 1 on through its centre tap; the Output layer holds the
-    kernels of :func:`ks93_kernels`. Other weights are small and random, so that the gates,
-    the Δε channel and the other features learn from the first step.
-    """
-    info = model_info(model)
-    if not info["skip"]:
-        raise ValueError("initialize_as_ks93 needs the Multiply skips (not NoSkip)")
-    config = config_from_dict(info["config"])
-    x = np.asarray(x, dtype=np.float32)
-    want = (config.subfield_npix, config.subfield_npix, info["channels"])
-    if x.ndim != 4 or x.shape[1:] != want or len(x) < 2:
-        raise ValueError(f"x must be (B >= 2,) + {want} network inputs, got {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("x holds NaN or infinite values")
-    rng = np.random.default_rng(seed)
-    layer = model.get_layer
-
-    def small_random(name):  # Glorot-uniform × random_scale
-        shape = layer(name).kernel.shape
-        limit = np.sqrt(6.0 / (shape[0] * shape[1] * (shape[2] + shape[3])))
-        return start.random_scale * rng.uniform(-limit, limit, shape)
-
-    def set_conv(name, kernel, bias):
-        ly = layer(name)
-        ly.kernel.assign(kernel.astype(np.float32))
-        ly.bias.assign(np.broadcast_to(bias, ly.bias.shape).astype(np.float32))
-
-    k = small_random("conv2d_1")  # (h, w, in, out)
-    k[:, :, :, :2] = 0.0
-    # the centre tap alone: with the 3 × 3 pool it averages exactly the input pixels
-    # [3k + 1, 3k + 4) of output pixel k
-    c = k.shape[0] // 2
-    k[c, c, 0, 0] = k[c, c, 1, 1] = start.input_gain
-    set_conv("conv2d_1", k, 0.0)
-    for i in range(1, len(MULTIPLIED_TO) + 1):
-        set_conv(f"transconv2d_{i}", small_random(f"transconv2d_{i}"), 0.0)
-        set_conv(f"conv2d_{i + 1}", small_random(f"conv2d_{i + 1}"), np.arctanh(start.gate))
-    last = f"transconv2d_{len(MULTIPLIED_TO) + 1}"
-    k = small_random(last)  # (h, w, out, in)
-    k[:, :, :2, :] = 0.0
-    k[:, :, :, :2] = 0.0
-    c = k.shape[0] // 2
-    k[c, c, 0, 0] = k[c, c, 1, 1] = start.final_gain
-    set_conv(last, k, 0.0)
-    # batch-normalisation statistics in order: each depends on those before
-    for i in range(1, len(MULTIPLIED_TO) + 1):
-        bn = layer(f"batchnorm_{i}")
-        # float64: a mixed-precision model predicts float16
-        t = keras.Model(model.inputs, bn.input).predict(
-            x, batch_size=batch_size, verbose=0).astype(np.float64)
-        bn.moving_mean.assign(t.mean(axis=(0, 1, 2)).astype(np.float32))
-        bn.moving_variance.assign(t.var(axis=(0, 1, 2)).astype(np.float32))
-    shape = layer("output").kernel.shape
-    kernels = ks93_kernels(shape[0], start.fwhm_arcmin, config.pixel_arcsec * config.pool / 60.0)
-    b, o = config.loss_border_pix, config.output_npix
-    inner = (slice(None), slice(b, o - b), slice(b, o - b), 0)  # the scored pixels
-    parts = []
-    for c in (0, 1):
-        k = np.zeros(shape)
-        k[:, :, c, 0] = kernels[c]
-        set_conv("output", k, 0.0)
-        parts.append(model.predict(x, batch_size=batch_size, verbose=0)[inner]
-                     .ravel().astype(np.float64))
-    ref = truncated_ks93(x, shape[0], start.fwhm_arcmin, config)[inner].ravel()
-    gains = np.linalg.lstsq(np.stack(parts, axis=1), ref, rcond=None)[0]
-    k = np.zeros(shape)
-    for c in (0, 1):
-        k[:, :, c, 0] = gains[c] * kernels[c]
-    set_conv("output", k, 0.0)
-    return gains
-
-
-# ---------------------------------------------------------------------------
-# Training: presets and checks of the data
-# ---------------------------------------------------------------------------
-LR_SCHEDULES = ("constant", "cosine")
-
-
-INITS = ("glorot", "ks93")
-
-
-@dataclass(frozen=True)
-class TrainPreset:
-    """A training schedule.
-
-    ``batch_size`` is the global batch (over all GPUs); an epoch is
-    ``steps_per_epoch`` steps, then a validation on ``n_val`` fixed subfields
-    and a backup; ``clipnorm`` is Keras's per-tensor gradient clipping.
-    ``time_limit_s`` (summed over resumptions) stops a run after the epoch
-    that leaves less than one more epoch's time. ``lr_schedule`` "cosine":
-    a linear warm-up over ``warmup_steps``, then a half cosine down to
-    ``final_lr_fraction * learning_rate``. ``init`` "glorot" is Keras's default
-    (the paper's); "ks93" sets the network to compute KS93 smoothed by
-    ``init_fwhm_arcmin``, calibrated on ``n_init`` subfields
-    (:func:`initialize_as_ks93`, beyond the paper).
-    """
-
-    name: str
-    learning_rate: float
-    batch_size: int
-    steps_per_epoch: int
-    epochs: int
-    n_runs: int
-    clipnorm: float | None
-    n_val: int
-    time_limit_s: float | None = None
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    final_lr_fraction: float = 0.0
-    init: str = "glorot"
-    init_fwhm_arcmin: float = KS93Start.fwhm_arcmin
-    n_init: int = 32
-
-    def __post_init__(self):
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, "
-                             f"got {self.lr_schedule!r}")
-        if not 0 <= self.warmup_steps < self.epochs * self.steps_per_epoch:
-            raise ValueError("warmup_steps must be >= 0 and fewer than the run's steps")
-
-    def learning_rate_schedule(self):
-        """Adam's step size: a float, or a Keras ``CosineDecay`` of the
-        optimizer's step count (which the backup saves, so a resumed run
-        continues on the same curve)."""
-        if self.lr_schedule == "constant":
-            return self.learning_rate
-        return keras.optimizers.schedules.CosineDecay(
-            0.0 if self.warmup_steps else self.learning_rate,
-            decay_steps=self.epochs * self.steps_per_epoch - self.warmup_steps,
-            alpha=self.final_lr_fraction,
-            warmup_target=self.learning_rate if self.warmup_steps else None,
-            warmup_steps=self.warmup_steps)
-
-    def apply(self, config):
-        """``config`` with this schedule's training fields (a saved model's
-        description then records them)."""
-        return dataclasses.replace(
-            config, learning_rate=self.learning_rate, batch_size=self.batch_size,
-            steps_per_epoch=self.steps_per_epoch, epochs=self.epochs, clipnorm=self.clipnorm)
-
-
-PRESETS = {
-    # §2.3.2 as published: Adam at 1e-5, batches of 50, 20 steps an epoch,
-    # 200 epochs (200,000 samples), 10 runs, the weights of minimum
-    # validation loss kept. Not in the paper: Config's gradient clipping,
-    # which guards eq. 12's division by max κ (at 1e-5 it rarely engages),
-    # and the validation size: 400 subfields of the validation clusters
-    # (0.7 GB as float32), so the mean validation loss has a standard error
-    # of 5 % of its spread (1/√400).
-    "paper": TrainPreset(
-        "paper", PAPER.learning_rate, PAPER.batch_size, PAPER.steps_per_epoch,
-        PAPER.epochs, PAPER.n_runs, PAPER.clipnorm, n_val=400),
-    # A 30-minute CPU budget: ~13,000 samples at 7-10 samples/s on two cores,
-    # a fifteenth of the paper's. From Glorot weights that is too few to beat
-    # KS93, so the network starts as KS93 smoothed by 1′ (validation loss
-    # 0.0019) and trains at 5e-5, slow enough to keep that start in the
-    # first epochs: 0.00095 at the time limit (examples/quick_model).
-    "quick": TrainPreset(
-        "quick", learning_rate=5e-5, batch_size=8, steps_per_epoch=100,
-        epochs=25, n_runs=1, clipnorm=1.0, n_val=64, time_limit_s=30 * 60,
-        init="ks93", init_fwhm_arcmin=1.0),
-}
-
-
-def get_preset(preset):
-    """A ``TrainPreset`` from itself or its name in ``PRESETS``."""
-    if isinstance(preset, TrainPreset):
-        return preset
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; one of {list(PRESETS)}")
-    return PRESETS[preset]
-
-
-def check_data(train_ds, val, config, channels, batch_size, steps_needed):
-    """Raise ValueError unless the data fit the model and are finite.
-
-    Only the first training batch is looked at (the stream is endless);
-    ``TerminateOnNaN`` guards the rest during training.
-    """
-    S, O = config.subfield_npix, config.output_npix
-
-    def check(x, y, what):
-        for arr, name, shape in [(np.asarray(x), "inputs", (S, S, channels)),
-                                 (np.asarray(y), "targets", (O, O, 1))]:
-            if arr.ndim != 4 or arr.shape[1:] != shape:
-                # name the mismatch a user can act on: channels or grid
-                kind = "channels" if arr.ndim == 4 and arr.shape[1:3] == shape[:2] else "grid"
-                raise ValueError(
-                    f"{what} {name} have shape {arr.shape}; the model takes "
-                    f"(N, {', '.join(map(str, shape))}) ({kind} differ: "
-                    f"was the dataset made for another variant or Config?)")
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(f"{what} {name} contain NaN or infinite values")
-        if len(x) != len(y):
-            raise ValueError(f"{what}: {len(x)} inputs but {len(y)} targets")
-        return len(x)
-
-    if len(val) != 2 or check(*val, "validation") == 0:
-        raise ValueError("the validation set is empty (or not a pair (x_val, y_val))")
-    n = int(train_ds.cardinality())
-    if 0 <= n < steps_needed:  # negative: infinite or unknown
-        raise ValueError(f"the training dataset holds {n} batches, a run needs "
-                         f"{steps_needed}: repeat it")
-    first = next(iter(train_ds.take(1)), None)
-    if first is None:
-        raise ValueError("the training dataset yields no batches")
-    if not isinstance(first, tuple) or len(first) != 2:
-        raise ValueError("training batches must be pairs (x, y)")
-    if check(*first, "training") != batch_size:
-        raise ValueError(f"training batches hold {len(first[0])} subfields, "
-                         f"the preset asks for {batch_size}")
-
-
-def validation_sha256(val):
-    """SHA-256 of a validation set (x, y), run.json's ``val_sha256``: a resumed run must
-    validate on the same subfields, or its choice of the best epoch would mix two yardsticks."""
-    h = hashlib.sha256()
-    for a in val:
-        h.update(repr(np.shape(a)).encode() + np.ascontiguousarray(a, np.float32).tobytes())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------
-# Training: one run, run_XX/{run.json, history.csv, best.keras} and, while it
-# runs, backup/ (Keras's BackupAndRestore) and best-NNNN.weights.h5
-# ---------------------------------------------------------------------------
-def run_path(out_dir, run_index):
-    """``out_dir/run_XX``."""
-    return Path(out_dir) / f"run_{run_index:02d}"
-
-
-def read_history(path):
-    """Rows of a ``history.csv`` as dicts of floats (``epoch`` an int); [] if none."""
-    if not Path(path).exists():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-
-    def num(v):
-        try:
-            return float(v)
-        except (TypeError, ValueError):  # Keras writes "NA" for a gap
-            return float("nan")
-    return [{k: int(v) if k == "epoch" else num(v) for k, v in r.items()} for r in rows]
-
-
-def _epochs_backed_up(run_dir):
-    """Epochs that ``BackupAndRestore`` holds, where ``fit`` resumes."""
-    meta = _read_json(Path(run_dir) / "backup" / "training_metadata.json")
-    return 0 if meta is None else int(meta["epoch"])
-
-
-def _best_files(run_dir):
-    """(epochs done, path) of the best-weights files, oldest first."""
-    return sorted((int(p.name[5:9]), p) for p in Path(run_dir).glob("best-*.weights.h5"))
-
-
-def _drop_unfinished(run_dir, done):
-    """Forget what epochs >= ``done`` wrote before an interruption (their log
-    rows and best weights, possibly half written): they are redone. The hidden
-    temporaries of ``atomic_write`` left by a writer killed mid-write go too."""
-    for tmp in Path(run_dir).glob(TMP_PREFIX + "*"):
-        tmp.unlink()
-    history = Path(run_dir) / "history.csv"
-    if history.exists():
-        lines = history.read_text().splitlines(keepends=True)
-        keep = [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit()
-                and int(ln.split(",", 1)[0]) < done]
-        if not keep:  # even the header may be cut short
-            history.unlink()
-        elif len(keep) + 1 != len(lines):
-            atomic_write_text(history, "".join(lines[:1] + keep))
-    for n, p in _best_files(run_dir):
-        if n > done:
-            p.unlink()
-
-
-def _settings(config, preset, variant, run_index, seed, conv, mixed):
-    """What a run's results depend on; a resumption must match it. ``n_runs``
-    is left out so that runs can be added later."""
-    p = dataclasses.asdict(preset)
-    p.pop("n_runs")
-    return json.loads(json.dumps(dict(
-        preset=p, variant=variant, run_index=run_index, seed=seed, conv=resolve_conv(conv),
-        mixed_precision=bool(mixed), config=config_dict(config))))
-
-
-def _check_settings(run_dir, settings):
-    """The run's ``run.json``, if any, after checking it has ``settings``.
-
-    An unfinished run at a constant learning rate may be resumed for more (or fewer)
-    epochs: its first epochs do not depend on the number planned. A cosine schedule's do.
-    """
-    info = _read_json(Path(run_dir) / "run.json")
-
-    def compared(s):
-        s = {k: s.get(k) for k in settings}
-        if (settings["preset"]["lr_schedule"] == "constant" and isinstance(s["preset"], dict)
-                and info.get("status") != "complete"):
-            s = json.loads(json.dumps(s))
-            for part in ("preset", "config"):
-                s[part].pop("epochs", None)
-        return s
-    if info is not None and compared(info) != compared(settings):
-        diff = sorted(k for k in settings if compared(info)[k] != compared(settings)[k])
-        raise ValueError(f"{run_dir} was started with other settings ({', '.join(diff)}); "
-                         "rerun with those or use another output directory")
-    return info
-
-
-class _EpochLog(keras.callbacks.Callback):
-    """Adds ``epoch_s`` and ``samples_per_s`` to the epoch logs (for the CSV
-    log), prints a line an epoch with the samples seen, and stops training
-    when another epoch would overrun the time budget."""
-
-    def __init__(self, name, preset, spent_s, verbose):
-        super().__init__()
-        self.name, self.preset, self.spent, self.verbose = name, preset, spent_s, verbose
-        self.time_limited = False
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.t0, self.t_first, self.steps = time.perf_counter(), None, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        # timed from the end of the first step: the first step of a fit traces
-        # the training function (seconds), which is no throughput
-        t = time.perf_counter()
-        if self.t_first is None:
-            self.t_first = t
-        else:
-            self.t_last, self.steps = t, self.steps + 1
-
-    def on_epoch_end(self, epoch, logs=None):
-        p = self.preset
-        logs["epoch_s"] = time.perf_counter() - self.t0
-        logs["samples_per_s"] = (self.steps * p.batch_size / (self.t_last - self.t_first)
-                                 if self.steps else float("nan"))
-        self.spent += logs["epoch_s"]
-        if self.verbose:
-            seen = (epoch + 1) * p.steps_per_epoch * p.batch_size
-            print(f"{self.name} epoch {epoch + 1}/{p.epochs}: {seen:,} samples seen, "
-                  f"loss {logs.get('loss', np.nan):.4g}, val_loss "
-                  f"{logs.get('val_loss', np.nan):.4g}, {logs['samples_per_s']:.1f} "
-                  f"samples/s, {logs['epoch_s']:.0f} s", flush=True)
-        if p.time_limit_s is not None and self.spent + logs["epoch_s"] > p.time_limit_s:
-            self.model.stop_training = self.time_limited = True
-
-
-def _model_to_train(config, variant, conv, mixed):
-    """The model to train; with ``mixed``, in mixed_float16 except the FFT
-    layers (``rfft2d`` has no float16 kernel) and the output (κ and the loss
-    stay float32)."""
-    model = build_model(config, variant, conv)
-    if not mixed:
-        return model
-    fft = (FFTConv2D, FFTConv2DTranspose)
-
-    def clone(layer):
-        cfg = layer.get_config()
-        if isinstance(layer, fft) or layer.name == "output":
-            cfg["dtype"] = "float32"
-        return layer.__class__.from_config(cfg)
-    return keras.models.clone_model(model, clone_function=clone)
-
-
-def _save_best(float32_copy, run_dir):
-    """The newest best weights, as a float32 model without optimizer, to best.keras."""
-    files = _best_files(run_dir)
-    if files:
-        float32_copy.load_weights(files[-1][1])
-        save_model(float32_copy, run_dir / "best.keras")
-
-
-def _save_weights(model, float32_copy, path):
-    """``model``'s weights without Adam's state (a third of the bytes), atomically."""
-    float32_copy.set_weights(model.get_weights())
-    atomic_write(path, float32_copy.save_weights)
-
-
-class _BestWeights(keras.callbacks.Callback):
-    """Keeps the weights of a new lowest validation loss (best-NNNN.weights.h5,
-    NNNN epochs done), as ``ModelCheckpoint(save_best_only=True)`` would, but
-    through ``float32_copy`` so that the file holds no optimizer state."""
-
-    def __init__(self, run_dir, float32_copy, best_so_far):
-        super().__init__()
-        self.run_dir, self.float32_copy = Path(run_dir), float32_copy
-        self.best = np.inf if best_so_far is None else best_so_far
-
-    def on_epoch_end(self, epoch, logs=None):
-        loss = logs.get("val_loss", np.nan)
-        if np.isfinite(loss) and loss < self.best:
-            self.best = loss
-            _save_weights(self.model, self.float32_copy,
-                          self.run_dir / f"best-{epoch + 1:04d}.weights.h5")
-
-
-class _Snapshots(keras.callbacks.Callback):
-    """Keeps the weights after every ``every``-th epoch (snapshot-NNNN.weights.h5)."""
-
-    def __init__(self, run_dir, every, float32_copy=None):
-        super().__init__()
-        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-            raise ValueError(f"snapshot_every must be a whole number of epochs >= 1, "
-                             f"got {every!r}")
-        self.run_dir, self.every, self.float32_copy = Path(run_dir), int(every), float32_copy
-
-    def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every == 0:
-            _save_weights(self.model, self.float32_copy,
-                          self.run_dir / f"snapshot-{epoch + 1:04d}.weights.h5")
-
-
-def train(train_ds, val, out_dir, config=PAPER, preset="paper", variant="FocalLoss",
-          run_index=0, seed=0, conv="auto", mixed_precision=False, strategy=None,
-          verbose=1, callbacks=(), snapshot_every=None):
-    """Train one run (§2.3.2) into ``out_dir/run_XX``, resuming it if it was interrupted.
-
-    ``train_ds`` is an endless stream of float32 batches (x (B, S, S, C), y (B,
-    O, O, 1)) with S, O of ``config`` and B of the preset; ``val`` = (x, y) the
-    fixed validation set. Weights are drawn with seed + run_index.
-    ``mixed_precision`` trains in mixed_float16 but for the FFT and output
-    layers. ``strategy`` defaults to ``MirroredStrategy`` over several GPUs.
-    ``verbose``: 0 silent, 1 a line an epoch, 2 Keras's progress bar too.
-    ``callbacks`` run before each epoch's backup. ``snapshot_every`` = N keeps
-    the weights after every N-th epoch, snapshot-NNNN.weights.h5, for a learning
-    curve; it is no setting of the run (it may change on resumption).
-
-    Returns ``run.json``: the settings, ``epochs_done``, ``best_epoch`` (counted from 1,
-    as in the weight files' names),
-    ``best_val_loss`` (of best.keras, re-read), ``samples_per_s`` (median),
-    ``wall_s``, ``stopped`` ("epochs" or "time_limit"), versions.
-
-    Notes
-    -----
-    Keras's ``BackupAndRestore`` saves weights, Adam's state and the epoch
-    count after each epoch: an epoch is finished once backed up. Before that,
-    ``CSVLogger`` appends it to history.csv and the weights of a new lowest
-    validation loss go to best-NNNN.weights.h5 (NNNN epochs done). A resumption drops the
-    rows and files of unfinished epochs, so the log holds each epoch once and the best
-    weights belong to it.
-    """
-    preset = get_preset(preset)
-    config = preset.apply(config)
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; one of {list(VARIANTS)}")
-    run_dir = run_path(out_dir, run_index)
-    if snapshot_every is not None:  # refused before any work
-        _Snapshots(run_dir, snapshot_every)
-    settings = _settings(config, preset, variant, run_index, seed, conv, mixed_precision)
-    info = _check_settings(run_dir, settings)
-    if info is not None and info.get("status") == "complete":
-        return info
-    check_data(train_ds, val, config, VARIANTS[variant]["channels"], preset.batch_size,
-               preset.steps_per_epoch * preset.epochs)
-    val_sha = validation_sha256(val)
-    if info is not None and info.get("val_sha256") != val_sha:
-        raise ValueError(f"{run_dir} was validated on another validation set; "
-                         "use another output directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "run.json", json.dumps(
-        dict(settings, status="running", val_sha256=val_sha), indent=1))
-    done = _epochs_backed_up(run_dir)
-    _drop_unfinished(run_dir, done)
-    history = run_dir / "history.csv"
-    rows = read_history(history)
-    best_so_far = min((r["val_loss"] for r in rows if np.isfinite(r["val_loss"])), default=None)
-
-    keras.utils.set_random_seed(seed + run_index)
-    gpus = tf.config.list_logical_devices("GPU")
-    if strategy is None:  # all GPUs share each batch
-        strategy = (tf.distribute.MirroredStrategy() if len(gpus) > 1
-                    else tf.distribute.get_strategy())
-    policy = keras.mixed_precision.global_policy()
-    try:
-        if mixed_precision:
-            keras.mixed_precision.set_global_policy("mixed_float16")
-        with strategy.scope():
-            model = compile_model(_model_to_train(config, variant, conv, mixed_precision), config,
-                                  variant, preset.learning_rate_schedule())
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
-    float32_copy = build_model(config, variant, conv)  # float32, no optimizer: what is saved
-    if preset.init == "ks93" and done == 0:  # on resumption the backup has the weights
-        # take() iterates the dataset anew: fit still sees these batches
-        n_batches = -(-preset.n_init // preset.batch_size)
-        x_init = np.concatenate([x.numpy() for x, _ in train_ds.take(n_batches)])
-        gains = initialize_as_ks93(model, x_init, KS93Start(fwhm_arcmin=preset.init_fwhm_arcmin),
-                                   seed=seed + run_index, batch_size=preset.batch_size)
-        if verbose:
-            print(f"{run_dir.name}: KS93 start, output gains {gains[0]:.3f}, {gains[1]:.3f}")
-    elif verbose and done:
-        print(f"{run_dir.name}: resuming after epoch {done}")
-
-    log = _EpochLog(run_dir.name, preset, sum(r["epoch_s"] for r in rows), verbose)
-    drop_older_best = keras.callbacks.LambdaCallback(  # the finished best and the new one
-        on_epoch_end=lambda epoch, logs: [p.unlink() for _, p in _best_files(run_dir)[:-2]])
-    cbs = [log,
-           keras.callbacks.TerminateOnNaN(raise_error=True),  # no NaN epoch is backed up
-           keras.callbacks.CSVLogger(history, append=True),
-           _BestWeights(run_dir, float32_copy, best_so_far), drop_older_best,
-           *([] if snapshot_every is None else [_Snapshots(run_dir, snapshot_every, float32_copy)]),
-           *callbacks,
-           # two generations: a backup broken mid-write falls back to the previous one
-           keras.callbacks.BackupAndRestore(run_dir / "backup", double_checkpoint=True,
-                                            delete_checkpoint=False)]
-    t0 = time.perf_counter()
-    try:
-        model.fit(train_ds, epochs=preset.epochs, steps_per_epoch=preset.steps_per_epoch,
-                  validation_data=tuple(val), validation_batch_size=preset.batch_size,
-                  shuffle=False, callbacks=cbs, verbose=int(verbose >= 2))
-    except RuntimeError as err:
-        if "NaN or Inf loss" not in str(err):
-            raise
-        _save_best(float32_copy, run_dir)
-        raise FloatingPointError(
-            f"{run_dir.name}: the training loss became NaN or infinite ({err}); the run "
-            "resumes from its last finished epoch: lower the learning rate or check the "
-            "data") from err
-
-    rows = read_history(history)
-    if len(rows) < preset.epochs and not log.time_limited:
-        raise ValueError(f"{run_dir.name}: the training dataset ran out after {len(rows)} "
-                         "epochs; it must be endless")
-    _save_best(float32_copy, run_dir)
-    if not (run_dir / "best.keras").exists():
-        raise ValueError(f"{run_dir.name}: no finite validation loss, no model saved")
-    # the number reported is that of the file, re-read: it also proves it loads
-    pred = load_model(run_dir / "best.keras", compile=False).predict(
-        val[0], batch_size=preset.batch_size, verbose=0)
-    val_losses = [r["val_loss"] for r in rows]
-    info = dict(settings, status="complete", val_sha256=val_sha,
-                epochs_done=len(rows), epochs_planned=preset.epochs,
-                stopped="time_limit" if log.time_limited else "epochs",
-                best_epoch=int(np.nanargmin(val_losses)) + 1,  # 1-based, as the files
-                best_val_loss=float(make_loss(config, variant)(val[1], pred)),
-                samples_per_s=float(np.nanmedian([r["samples_per_s"] for r in rows])),
-                wall_s=float(sum(r["epoch_s"] for r in rows)),
-                wall_s_this_call=time.perf_counter() - t0,
-                replicas=strategy.num_replicas_in_sync,
-                devices=[d.name for d in gpus] or ["CPU"],
-                versions=dict(python=platform.python_version(), **{
-                    m: __import__(m).__version__ for m in ("numpy", "tensorflow", "keras")}))
-    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=1))
-    shutil.rmtree(run_dir / "backup", ignore_errors=True)
-    for _, p in _best_files(run_dir):
-        p.unlink()
-    return info
-
-
-# ---------------------------------------------------------------------------
-# Training: several runs, from a dataset directory, and loading them back
-# ---------------------------------------------------------------------------
-def carry_run(run_dir, dest_dir):
-    """Copy what resuming an unfinished run needs to ``dest_dir`` (a new run_XX).
-
-    Parameters
-    ----------
-    run_dir : path
-        A run directory of ``train``, its training stopped.
-    dest_dir : path
-        Replaced by: run.json, history.csv, the newest best-NNNN.weights.h5 and
-        backup/{latest.weights.h5, training_metadata.json}. The same ``train``
-        call with ``dest_dir`` as its run directory goes on from the last
-        finished epoch, Adam's state included.
-
-    Returns
-    -------
-    list of Path
-        The files copied, relative to ``dest_dir``.
-
-    Notes
-    -----
-    For a run that must outlive its machine: the copy leaves out the snapshots
-    and the previous backup generation, so it is the backup (weights and Adam's
-    moments, three times the weights) plus the best weights. A copy taken
-    while ``train`` writes may hold a half-written backup: stop it first.
-    """
-    run_dir, dest_dir = Path(run_dir), Path(dest_dir)
-    info = _read_json(run_dir / "run.json")
-    if info is not None and info.get("status") == "complete":
-        raise ValueError(f"{run_dir} is complete: its best.keras is the model to keep")
-    if info is None or _epochs_backed_up(run_dir) == 0:
-        raise ValueError(f"{run_dir} holds no backed-up epoch of a run to carry")
-    files = [Path("run.json"), Path("history.csv"), Path("backup/latest.weights.h5"),
-             Path("backup/training_metadata.json")]
-    best = _best_files(run_dir)
-    files += [best[-1][1].relative_to(run_dir)] if best else []
-    tmp = dest_dir.with_name(f"{TMP_PREFIX}{os.getpid()}-{dest_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for f in files:
-        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run_dir / f, tmp / f)
-    shutil.rmtree(dest_dir, ignore_errors=True)
-    os.replace(tmp, dest_dir)
-    return files
-
-
-def train_runs(data_fn, out_dir, config=PAPER, preset="paper", variant="FocalLoss", seed=0,
-               runs=None, **kwargs):
-    """Train runs 0..K-1 (§2.3.2: "10 independent runs"), skipping complete
-    ones and resuming unfinished ones.
-
-    ``data_fn(seed) -> (train_ds, (x_val, y_val))`` gives the data as ``train``
-    takes them, the validation set independent of ``seed``; ``runs`` (K)
-    defaults to the preset's ``n_runs``; ``kwargs`` go to ``train``. Returns
-    each run's ``run.json``.
-    """
-    preset = get_preset(preset)
-    runs = preset.n_runs if runs is None else int(runs)
-    if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs}")
-    results = []
-    for i in range(runs):
-        settings = _settings(preset.apply(config), preset, variant, i, seed,
-                             kwargs.get("conv", "auto"), kwargs.get("mixed_precision", False))
-        info = _check_settings(run_path(out_dir, i), settings)
-        if info is not None and info.get("status") == "complete":
-            if kwargs.get("verbose", 1):
-                print(f"run_{i:02d}: complete, skipped")
-            results.append(info)
-            continue
-        # tf.data's random ops draw on the global seed when they are built
-        keras.utils.set_random_seed(seed + i)
-        # the stream's seed differs between runs and resumptions: a resumed run
-        # draws new subfields rather than replaying its first epochs'
-        done = _epochs_backed_up(run_path(out_dir, i))
-        train_ds, val = data_fn(int(np.random.SeedSequence([seed, i, done]).generate_state(1)[0]))
-        results.append(train(train_ds, val, out_dir, config, preset, variant, i, seed,
-                             **kwargs))
-    return results
-
-
-def train_from_directory(data_dir, out_dir, preset="quick", variant="FocalLoss", runs=None,
-                         seed=0, *, config=PAPER, data_fn=None, fresh_catalogs=False,
-                         **kwargs):
-    """Train K runs on a dataset directory (``train_runs`` on :func:`training_data`).
-
-    The Config fields of the dataset's ``manifest.json`` replace ``config``'s.
-    ``data_fn(data_dir, config, batch_size, seed, channels=, n_val=)`` replaces
-    :func:`training_data`, whose ``fresh_catalogs`` draws a new source catalog
-    at every cluster visit.
-    """
-    preset = get_preset(preset)
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; one of {list(VARIANTS)}")
-    manifest = _read_json(Path(data_dir) / "manifest.json")
-    if manifest is None:
-        raise ValueError(f"{data_dir}: no manifest.json, not a dataset")
-    try:
-        config = config_from_dict({**dataclasses.asdict(config), **manifest.get("config", {})})
-    except TypeError as err:
-        raise ValueError(f"{data_dir}: manifest config does not fit this Config ({err})") from None
-    channels = VARIANTS[variant]["channels"]
-    if manifest.get("channels", channels) < channels:
-        raise ValueError(f"{data_dir} holds {manifest['channels']} input channels; "
-                         f"variant {variant} needs {channels}")
-    if data_fn is None:
-        def data_fn(data_dir, config, batch_size, seed, channels, n_val):
-            return training_data(data_dir, batch_size, seed, channels=channels, n_val=n_val,
-                                 fresh_catalogs=fresh_catalogs, config=config)
-
-    def make(s):
-        return data_fn(data_dir, config, preset.batch_size, s, channels=channels,
-                       n_val=preset.n_val)
-    return train_runs(make, out_dir, config, preset, variant, seed, runs, **kwargs)
-
-
-def load_runs(path):
-    """The trained models at ``path``, for prediction.
-
-    ``path`` is a ``.keras`` file, a directory of them (a run_XX directory or
-    a shipped model), or a training output directory, whose complete runs'
-    ``run_XX/best.keras`` are read. Models come in file-name order; raises
-    ValueError if there is none or one is not a wlcnn model of this format.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: model not found (no such file or directory)")
-    files = [path] if path.is_file() else sorted(
-        p for p in path.glob("*.keras") if not p.name.startswith("."))  # hidden: temporary
-    if not files:
-        runs = sorted(path.glob("run_*"))
-        files = [d / "best.keras" for d in runs
-                 if (_read_json(d / "run.json") or {}).get("status") == "complete"]
-        if len(files) < len(runs):
-            warnings.warn(f"{path}: {len(runs) - len(files)} unfinished run(s) left out")
-    if not files:
-        raise ValueError(f"{path}: no .keras model and no complete run")
-    return [load_model(f, compile=False) for f in files]
-
-
 # ---------------------------------------------------------------------------
 # §3 The KS93 smoothing, chosen on the validation set
 # ---------------------------------------------------------------------------
@@ -3172,3 +2168,437 @@ def table2(results, methods=None):
     methods = results.methods if methods is None else list(methods)
     return [{"method": name, **paper_metrics(results.truth, results.maps[name])}
             for name in methods]
+
+
+# ===========================================================================
+# Machinery: running the method at scale
+#
+# Nothing below is the paper's method: files written whole or not at all, dataset
+# files, saved models, the KS93 start of the weights, and the run files read back. The
+# training loop and its checkpoints (run directories, resumption) are examples/train.py's.
+# ===========================================================================
+
+# ---------------------------------------------------------------------------
+# Files written whole or not at all, and a progress bar
+# ---------------------------------------------------------------------------
+#: Name prefix of the hidden temporaries written before a rename: a resumed run
+#: removes the ones a writer killed mid-write left behind.
+TMP_PREFIX = ".tmp-"
+
+
+def atomic_write(path, write):
+    """Call ``write(tmp_path)`` then rename: a file is complete or absent.
+
+    The temporary file is hidden and ends as ``path`` does, for writers that
+    read the format from the name (Keras, matplotlib)."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` whole or not at all (:func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path):
+    """The JSON file at ``path`` (a run.json, a manifest), or None if there is none."""
+    return json.loads(Path(path).read_text()) if Path(path).exists() else None
+
+
+def file_sha256(path):
+    """The SHA-256 hex digest of a file (a dataset manifest's record of each shard)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Progress:
+    """A one-line progress bar on stderr (items done, rate, time left)."""
+
+    def __init__(self, total, label, stream=None):
+        self.total, self.label, self.done, self.t0 = total, label, 0, time.time()
+        self.stream = sys.stderr if stream is None else stream
+
+    def update(self, k=1):
+        self.done += k
+        elapsed = time.time() - self.t0
+        left = elapsed / max(self.done, 1) * (self.total - self.done)
+        bar = "#" * int(30 * self.done / max(self.total, 1))
+        self.stream.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} "
+                          f"{elapsed:6.0f}s elapsed, ~{left:5.0f}s left")
+        if self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------
+# Dataset files: shards of clusters and their manifest (read side; they are written
+# by examples/simulate_skies.py)
+# ---------------------------------------------------------------------------
+#: Splits of a dataset, in the order their seeds and shards are numbered.
+SPLITS = ("train", "val", "test")
+
+
+#: Config fields that define a dataset's content (the network's fields do not).
+DATA_FIELDS = ("H0", "Om0", "z_lens", "z_source", "field_arcmin", "npix", "fwhm_arcsec",
+               "kernel_cut_sigma", "empty_pixel_error", "source_density_arcmin2", "sigma_e",
+               "mag_min", "mag_peak", "mag_max", "count_slope", "completeness_width_mag",
+               "sigma_meas_floor", "sigma_meas_at_cut", "stars_per_400arcmin2",
+               "star_radius_arcmin", "star_near_peak_arcmin")
+
+
+DATASET_FORMAT = "wlcnn-dataset"
+
+
+DATASET_VERSION = 1
+
+
+CATALOG_COLUMNS = ("x", "y", "mag", "sigma", "e1", "e2")
+
+
+MASK_COLUMNS = ("x", "y", "radius")
+
+
+def data_config(config):
+    """The data-defining part of a Config, as JSON would write it: the ``config`` of a
+    dataset's manifest, which :class:`ClusterDataset` compares with the model's."""
+    return json.loads(json.dumps({k: getattr(config, k) for k in DATA_FIELDS}))
+
+
+def check_split(split):
+    """``split`` if it is one of :data:`SPLITS`, else ValueError."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def cluster_rng(seed, split, index):
+    """The random generator of cluster ``index`` of ``split``.
+
+    It depends on (seed, split, index) alone, so a cluster is the same whichever shard, job
+    or worker makes it.
+    """
+    key = (SPLITS.index(check_split(split)), int(index))
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
+
+
+class ClusterDataset:
+    """Read access to a dataset of ``simulate_skies.write_dataset`` (examples/).
+
+    With ``config``, the dataset must have been made with the same data fields (ValueError
+    otherwise); ``verify`` checks each shard's SHA-256 as it is loaded.
+    """
+
+    def __init__(self, path, config=None, verify=True):
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.exists():
+            raise ValueError(f"{self.path} is not a complete wlcnn dataset (no manifest.json)")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{mpath} is corrupt: {exc}") from None
+        if (self.manifest.get("format") != DATASET_FORMAT
+                or self.manifest.get("version") != DATASET_VERSION):
+            raise ValueError(f"{self.path}: not a wlcnn dataset of format version "
+                             f"{DATASET_VERSION}")
+        stored = self.manifest["config"]
+        self.config = config_from_dict(stored)  # the other fields: the paper's
+        if config is not None and data_config(config) != stored:
+            diff = [k for k in DATA_FIELDS if data_config(config)[k] != stored[k]]
+            raise ValueError(f"{self.path} was made with another config "
+                             f"(differs in {', '.join(diff)})")
+        self.verify = verify
+
+    def count(self, split):
+        """Number of clusters in ``split``."""
+        return int(self.manifest["counts"][check_split(split)])
+
+    def shards(self, split):
+        """The shard entries (file, first, n, sha256) of ``split``."""
+        return self.manifest["shards"][check_split(split)]
+
+    def load_shard(self, split, k):
+        """All arrays of shard ``k`` of ``split`` (dict of numpy arrays)."""
+        entry = self.shards(split)[k]
+        path = self.path / entry["file"]
+        if not path.exists():
+            raise ValueError(f"missing shard {path}")
+        if self.verify and file_sha256(path) != entry["sha256"]:
+            raise ValueError(f"corrupt shard {path}: checksum differs from the manifest")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise ValueError(f"corrupt shard {path}: {exc}") from None
+
+    def clusters(self, split, shard_ids=None):
+        """The records of ``split`` (as :func:`make_cluster`, plus ``index``), one shard in
+        memory at a time."""
+        for k in range(len(self.shards(split))) if shard_ids is None else shard_ids:
+            a = self.load_shard(split, k)
+            co, mo = a["cat_offsets"], a["mask_offsets"]
+            for i in range(len(a["kappa"])):
+                cat = {c: a[f"cat_{c}"][co[i]:co[i + 1]].astype(np.float64)
+                       for c in CATALOG_COLUMNS}
+                masks = {c: a[f"mask_{c}"][mo[i]:mo[i + 1]] for c in MASK_COLUMNS}
+                yield {"index": int(a["index"][i]), "kappa": a["kappa"][i],
+                       "gamma1": a["gamma1"][i], "gamma2": a["gamma2"][i],
+                       "catalog": Table(cat), "masks": Table(masks),
+                       "meta": json.loads(str(a["meta"][i]))}
+
+
+# ---------------------------------------------------------------------------
+# Saving and loading models
+# ---------------------------------------------------------------------------
+def save_model(model, path):
+    """Write a model of ``build_model`` to a ``.keras`` file atomically (a hidden
+    temporary file renamed over ``path``: a crash never leaves a truncated model)."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"{path}: model files end in .keras")
+    model_info(model)  # refuses a model without its description
+    atomic_write(path, lambda tmp: model.save(tmp, overwrite=True))
+
+
+def load_model(path, compile=True):
+    """Read a model written by ``save_model``; ``model_info`` describes it.
+
+    Raises ValueError, before Keras rebuilds any layer, if the file holds no
+    wlcnn description or one of another format version.
+    """
+    path = os.fspath(path)
+    with zipfile.ZipFile(path) as zf:
+        config = json.loads(zf.read("config.json"))
+    layers = config.get("config", {}).get("layers", [])
+    info = next((layer["config"].get("info") for layer in layers
+                 if layer.get("config", {}).get("name") == INFO_LAYER), None)
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: not a wlcnn model (no {INFO_LAYER!r} description)")
+    _check_version(info.get("format_version"), path)
+    return keras.saving.load_model(path, compile=compile)
+
+
+# ---------------------------------------------------------------------------
+# Training: starting from KS93 instead of random weights (beyond the paper)
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KS93Start:
+    """How :func:`initialize_as_ks93` sets a Table 1 network."""
+
+    # Gaussian smoothing (FWHM) folded into the KS93 kernels of the Output layer
+    fwhm_arcmin: float = 1.0
+    # Conv2D-1 passes input_gain × ε̄1, ε̄2 to its channels 0, 1, small enough for tanh to
+    # stay linear (|ε| ~ 0.3 in a pixel: tanh(0.15) = 0.149, 1 % short)
+    input_gain: float = 0.5
+    # TransConv2D-5 passes final_gain × the standardised channels 0, 1 (2 % short at 1 σ)
+    final_gain: float = 0.2
+    # tanh of the Conv2D-2..5 gates (bias arctanh(gate)): each block scales its skip tensor
+    # by ~gate and batch normalisation undoes it, so the blocks start as the identity
+    gate: float = 0.5
+    # every other weight is Glorot-uniform × random_scale: small enough to leave the KS93 map
+    # alone (0.1 and 0.02 give the same correlation with truncated_ks93, 0.99994), non-zero
+    # so that gradients reach every layer from the first step
+    random_scale: float = 0.1
+    # training subfields on which the output gains are calibrated
+    n_init: int = 32
+
+
+def ks93_kernels(filter_size, fwhm_arcmin=0.0, pixel_arcmin=PAPER.pixel_arcsec * PAPER.pool / 60.0):
+    """The :func:`ks93` inversion as two real-space kernels k1, k2 (filter_size², odd).
+
+    Cross-correlation kernels, as Keras's Conv2D: κ[j] = Σ_u k1[u] g1[j + u − h] + k2[u]
+    g2[j + u − h], h = filter_size // 2, optionally smoothed by a Gaussian of FWHM
+    ``fwhm_arcmin`` (pixels of ``pixel_arcmin``, default the output pixel, 0.192′).
+
+    Notes
+    -----
+    Each kernel is the response of :func:`ks93` to a unit shear at one pixel of a field four
+    times its side, so it carries ks93's conventions exactly; far from its centre it is D1 =
+    (y² − x²) / (π r⁴), D2 = −2xy / (π r⁴). The cut at its edge makes a truncated
+    inversion, blind to structures wider than the kernel (its k = 0 mode is not zero).
+    """
+    filter_size = int(filter_size)
+    if filter_size < 1 or filter_size % 2 == 0:
+        raise ValueError(f"filter_size must be a positive odd integer, got {filter_size}")
+    if not fwhm_arcmin >= 0 or not pixel_arcmin > 0:
+        raise ValueError(f"need fwhm_arcmin >= 0 and pixel_arcmin > 0, got {fwhm_arcmin}, "
+                         f"{pixel_arcmin}")
+    n = 4 * filter_size + 1
+    c, h = n // 2, filter_size // 2
+    kernels = []
+    for comp in (0, 1):
+        g = np.zeros((2, n, n))
+        g[comp, c, c] = 1.0
+        response = ks93(g[0], g[1])
+        if fwhm_arcmin > 0:
+            response = scipy.ndimage.gaussian_filter(
+                response, fwhm_arcmin / pixel_arcmin / FWHM_PER_SIGMA, mode="constant")
+        # response[c + v] = D(v); a cross-correlation reads D(h - u) at u
+        kernels.append(response[c - h:c + h + 1, c - h:c + h + 1][::-1, ::-1].copy())
+    return tuple(kernels)
+
+
+def pooled_input(x, config=PAPER):
+    """Network inputs (B, 386, 386, C) averaged on the output grid (B, 128, 128, C), over the
+    blocks of :func:`mosaic_truth`: what Conv2D-1's centre tap and the pool see."""
+    x = np.moveaxis(np.asarray(x), -1, 1)
+    return np.moveaxis(_block_mean(x, config.output_npix, config), 1, -1)
+
+
+def truncated_ks93(x, filter_size, fwhm_arcmin=0.0, config=PAPER):
+    """The map a KS93-started network computes: :func:`ks93_kernels` applied to the pooled
+    ε̄1, ε̄2 of inputs x (B, 386, 386, ≥2), zero outside them; (B, 128, 128, 1)."""
+    g = pooled_input(x, config)
+    k1, k2 = ks93_kernels(filter_size, fwhm_arcmin, config.pixel_arcsec * config.pool / 60.0)
+    h = filter_size // 2
+    out = np.empty(g.shape[:3] + (1,))
+    for b in range(len(g)):
+        out[b, ..., 0] = sum(
+            scipy.signal.correlate(np.pad(g[b, :, :, c], h), k, mode="valid", method="fft")
+            for c, k in ((0, k1), (1, k2)))
+    return out
+
+
+def initialize_as_ks93(model, x, start=KS93Start(), seed=0, batch_size=8):
+    """Set a Table 1 network's weights so that it computes a smoothed, truncated KS93.
+
+    ``model`` (with skips) is changed in place; ``x``, a few tens of training inputs,
+    calibrates the batch normalisation and the output gains; ``seed`` draws the small random
+    weights. Returns the gains of the ε̄1 and ε̄2 paths, fitted by least squares to
+    :func:`truncated_ks93` of ``x`` over the scored pixels.
+
+    Notes
+    -----
+    The architecture is untouched. Conv2D-1 copies ε̄1, ε̄2 into channels 0, 1 (with the
+    pool: :func:`pooled_input`); each block's gate is ~constant, so Multiply-# scales its skip
+    tensor and batch normalisation (moving statistics from ``x``) standardises it again;
+    TransConv2D-5 passes channels 0, 1 on through its centre tap; the Output layer holds the
+    kernels of :func:`ks93_kernels`. Other weights are small and random, so that the gates,
+    the Δε channel and the other features learn from the first step.
+    """
+    info = model_info(model)
+    if not info["skip"]:
+        raise ValueError("initialize_as_ks93 needs the Multiply skips (not NoSkip)")
+    config = config_from_dict(info["config"])
+    x = np.asarray(x, dtype=np.float32)
+    want = (config.subfield_npix, config.subfield_npix, info["channels"])
+    if x.ndim != 4 or x.shape[1:] != want or len(x) < 2:
+        raise ValueError(f"x must be (B >= 2,) + {want} network inputs, got {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("x holds NaN or infinite values")
+    rng = np.random.default_rng(seed)
+    layer = model.get_layer
+
+    def small_random(name):  # Glorot-uniform × random_scale
+        shape = layer(name).kernel.shape
+        limit = np.sqrt(6.0 / (shape[0] * shape[1] * (shape[2] + shape[3])))
+        return start.random_scale * rng.uniform(-limit, limit, shape)
+
+    def set_conv(name, kernel, bias):
+        ly = layer(name)
+        ly.kernel.assign(kernel.astype(np.float32))
+        ly.bias.assign(np.broadcast_to(bias, ly.bias.shape).astype(np.float32))
+
+    k = small_random("conv2d_1")  # (h, w, in, out)
+    k[:, :, :, :2] = 0.0
+    # the centre tap alone: with the 3 × 3 pool it averages exactly the input pixels
+    # [3k + 1, 3k + 4) of output pixel k
+    c = k.shape[0] // 2
+    k[c, c, 0, 0] = k[c, c, 1, 1] = start.input_gain
+    set_conv("conv2d_1", k, 0.0)
+    for i in range(1, len(MULTIPLIED_TO) + 1):
+        set_conv(f"transconv2d_{i}", small_random(f"transconv2d_{i}"), 0.0)
+        set_conv(f"conv2d_{i + 1}", small_random(f"conv2d_{i + 1}"), np.arctanh(start.gate))
+    last = f"transconv2d_{len(MULTIPLIED_TO) + 1}"
+    k = small_random(last)  # (h, w, out, in)
+    k[:, :, :2, :] = 0.0
+    k[:, :, :, :2] = 0.0
+    c = k.shape[0] // 2
+    k[c, c, 0, 0] = k[c, c, 1, 1] = start.final_gain
+    set_conv(last, k, 0.0)
+    # batch-normalisation statistics in order: each depends on those before
+    for i in range(1, len(MULTIPLIED_TO) + 1):
+        bn = layer(f"batchnorm_{i}")
+        # float64: a mixed-precision model predicts float16
+        t = keras.Model(model.inputs, bn.input).predict(
+            x, batch_size=batch_size, verbose=0).astype(np.float64)
+        bn.moving_mean.assign(t.mean(axis=(0, 1, 2)).astype(np.float32))
+        bn.moving_variance.assign(t.var(axis=(0, 1, 2)).astype(np.float32))
+    shape = layer("output").kernel.shape
+    kernels = ks93_kernels(shape[0], start.fwhm_arcmin, config.pixel_arcsec * config.pool / 60.0)
+    b, o = config.loss_border_pix, config.output_npix
+    inner = (slice(None), slice(b, o - b), slice(b, o - b), 0)  # the scored pixels
+    parts = []
+    for c in (0, 1):
+        k = np.zeros(shape)
+        k[:, :, c, 0] = kernels[c]
+        set_conv("output", k, 0.0)
+        parts.append(model.predict(x, batch_size=batch_size, verbose=0)[inner]
+                     .ravel().astype(np.float64))
+    ref = truncated_ks93(x, shape[0], start.fwhm_arcmin, config)[inner].ravel()
+    gains = np.linalg.lstsq(np.stack(parts, axis=1), ref, rcond=None)[0]
+    k = np.zeros(shape)
+    for c in (0, 1):
+        k[:, :, c, 0] = gains[c] * kernels[c]
+    set_conv("output", k, 0.0)
+    return gains
+
+
+# ---------------------------------------------------------------------------
+# Run files read back: validation sets, training logs and trained models
+# ---------------------------------------------------------------------------
+def validation_sha256(val):
+    """SHA-256 of a validation set (x, y), run.json's ``val_sha256``: a resumed run must
+    validate on the same subfields, or its choice of the best epoch would mix two yardsticks."""
+    h = hashlib.sha256()
+    for a in val:
+        h.update(repr(np.shape(a)).encode() + np.ascontiguousarray(a, np.float32).tobytes())
+    return h.hexdigest()
+
+
+def read_history(path):
+    """Rows of a ``history.csv`` as dicts of floats (``epoch`` an int); [] if none."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):  # Keras writes "NA" for a gap
+            return float("nan")
+    return [{k: int(v) if k == "epoch" else num(v) for k, v in r.items()} for r in rows]
+
+
+def load_runs(path):
+    """The trained models at ``path``, for prediction.
+
+    ``path`` is a ``.keras`` file, a directory of them (a run_XX directory or
+    a shipped model), or a training output directory, whose complete runs'
+    ``run_XX/best.keras`` are read. Models come in file-name order; raises
+    ValueError if there is none or one is not a wlcnn model of this format.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: model not found (no such file or directory)")
+    files = [path] if path.is_file() else sorted(
+        p for p in path.glob("*.keras") if not p.name.startswith("."))  # hidden: temporary
+    if not files:
+        runs = sorted(path.glob("run_*"))
+        files = [d / "best.keras" for d in runs
+                 if (read_json(d / "run.json") or {}).get("status") == "complete"]
+        if len(files) < len(runs):
+            warnings.warn(f"{path}: {len(runs) - len(files)} unfinished run(s) left out")
+    if not files:
+        raise ValueError(f"{path}: no .keras model and no complete run")
+    return [load_model(f, compile=False) for f in files]

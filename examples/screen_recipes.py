@@ -131,7 +131,7 @@ def load_candidate(path, epoch, data_dir):
     if path == KS93_START:  # as train.py --init ks93 sets it, from training inputs
         model = wlcnn.build_model(wlcnn.PAPER, "FocalLoss")
         start = wlcnn.KS93Start()
-        x, _ = wlcnn.fixed_subfields(data_dir, "train", wlcnn.PRESETS["paper"].n_init)
+        x, _ = wlcnn.fixed_subfields(data_dir, "train", start.n_init)
         wlcnn.initialize_as_ks93(model, x, start)
         return model, {"recipe": f"KS93 start ({start.fwhm_arcmin:g}′, 49 × 49), untrained",
                        "samples": 0, "train_s": 0, "val_loss": None}

@@ -52,7 +52,6 @@ import scipy
 import scipy.fft
 import scipy.ndimage
 import scipy.special
-from astropy import constants as const
 from astropy import units as u
 from astropy.io import fits
 from astropy.table import Table

@@ -59,6 +59,7 @@ if __name__ == "__main__":  # --help and usage errors answer before TensorFlow l
     ARGS = build_parser().parse_args()
     cli.quiet_tensorflow(ARGS.verbose)
 import skies  # noqa: E402  (after the command line: see above)
+import train  # noqa: E402  (the training loop and its checkpoints)
 import wlcnn  # noqa: E402
 
 
@@ -79,12 +80,12 @@ def main(argv=None):
     # ## Model
     # Table 1 (FocalLoss) with the quick preset: the KS93 start smoothed by 1′,
     # Adam 5e-5, batches of 8; here fewer steps and no time limit.
-    preset = dataclasses.replace(wlcnn.PRESETS["quick"], epochs=args.epochs,
+    preset = dataclasses.replace(train.PRESETS["quick"], epochs=args.epochs,
                                  steps_per_epoch=args.steps, n_val=args.n_val,
                                  time_limit_s=None)
 
     # ## Train
-    (info,) = wlcnn.train_from_directory(out / "data", out / "runs", preset, runs=1,
+    (info,) = train.train_from_directory(out / "data", out / "runs", preset, runs=1,
                                          seed=args.seed, fresh_catalogs=True)
     models = wlcnn.load_runs(out / "runs")
     t_train = time.perf_counter()

@@ -94,8 +94,8 @@ def test_output_directory_is_made_with_its_parents(tmp_path, capsys):
     assert "invalid choice: 'nope'" in capsys.readouterr().err
 
 
-def test_train_choices_are_wlcnns():
+def test_train_command_line_choices_match_its_presets_and_wlcnns_variants():
     import train
-    assert train.PRESET_NAMES == tuple(sorted(wlcnn.PRESETS))
+    assert train.PRESET_NAMES == tuple(sorted(train.PRESETS))
     assert train.VARIANT_NAMES == tuple(wlcnn.VARIANTS)
-    assert train.INIT_NAMES == tuple(wlcnn.INITS)
+    assert train.INIT_NAMES == tuple(train.INITS)

@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 import keras
 
+import train  # examples/train.py: the training loop and its checkpoints
 import wlcnn
 from conftest import rewrite_zip_entry
 
@@ -28,7 +29,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # Table 1 shrunk: (50 - 3 + 1) / 3 = 16 output pixels.
 CFG = dataclasses.replace(wlcnn.PAPER, subfield_npix=50, filter_size=5,
                           loss_border_pix=2)
-TINY = wlcnn.TrainPreset("tiny", learning_rate=1e-3, batch_size=4,
+TINY = train.TrainPreset("tiny", learning_rate=1e-3, batch_size=4,
                          steps_per_epoch=5, epochs=4, n_runs=2, clipnorm=1.0,
                          n_val=8)
 
@@ -112,7 +113,7 @@ class Interrupter(keras.callbacks.Callback):
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     rec = Recorder(synthetic_data(0)[1][0])
-    infos = wlcnn.train_runs(synthetic_data, out, CFG, TINY, "FocalLoss",
+    infos = train.train_runs(synthetic_data, out, CFG, TINY, "FocalLoss",
                              seed=7, verbose=0, callbacks=[rec])
     return out, infos, rec
 
@@ -150,7 +151,7 @@ def test_runs_are_independent_but_reproducible(trained):
     # the same seed again reproduces run 0's first epoch (CPU: deterministic
     # kernels; 1e-6 allows oneDNN's reordered sums)
     rec2 = Recorder()
-    wlcnn.train_runs(synthetic_data, trained[0] / "again", CFG,
+    train.train_runs(synthetic_data, trained[0] / "again", CFG,
                      dataclasses.replace(TINY, epochs=1), seed=7, runs=1,
                      verbose=0, callbacks=[rec2])
     assert rec2.fits[0]["epochs"][0][1] == pytest.approx(
@@ -162,11 +163,11 @@ def test_finished_runs_are_skipped(trained):
 
     def no_data(seed):
         raise AssertionError("a complete run asked for data")
-    assert wlcnn.train_runs(no_data, out, CFG, TINY, "FocalLoss", seed=7,
+    assert train.train_runs(no_data, out, CFG, TINY, "FocalLoss", seed=7,
                             verbose=0) == infos
     # but a run of other settings in the same place is refused
     with pytest.raises(ValueError, match="other settings.*seed"):
-        wlcnn.train_runs(no_data, out, CFG, TINY, "FocalLoss", seed=8,
+        train.train_runs(no_data, out, CFG, TINY, "FocalLoss", seed=8,
                          verbose=0)
 
 
@@ -191,7 +192,7 @@ def test_snapshots_hold_the_weights_of_their_epoch(tmp_path):
     preset = dataclasses.replace(TINY, epochs=4, n_runs=1)
     data = synthetic_data(2)
     rec = Recorder(data[1][0])
-    wlcnn.train(*data, tmp_path, CFG, preset, seed=3, verbose=0, callbacks=[rec],
+    train.train(*data, tmp_path, CFG, preset, seed=3, verbose=0, callbacks=[rec],
                 snapshot_every=2)
     d = tmp_path / "run_00"
     assert sorted(p.name for p in d.glob("snapshot-*")) == [
@@ -205,7 +206,7 @@ def test_snapshots_hold_the_weights_of_their_epoch(tmp_path):
     assert not list(d.glob(".tmp-*"))  # written then renamed
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="snapshot_every"):
-            wlcnn.train(*data, tmp_path / "bad", CFG, preset, verbose=0, snapshot_every=bad)
+            train.train(*data, tmp_path / "bad", CFG, preset, verbose=0, snapshot_every=bad)
 
 
 # --------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def test_resume_after_interruption(tmp_path, where, epoch):
     data = synthetic_data(3)
     rec = Recorder()
     with pytest.raises(Interrupt):
-        wlcnn.train(*data, tmp_path, CFG, preset, seed=1, verbose=0,
+        train.train(*data, tmp_path, CFG, preset, seed=1, verbose=0,
                     callbacks=[rec, Interrupter(epoch, where)])
     d = tmp_path / "run_00"
     assert json.loads((d / "run.json").read_text())["status"] == "running"
@@ -230,10 +231,10 @@ def test_resume_after_interruption(tmp_path, where, epoch):
     assert logged == list(range(epoch + (where == "epoch_end")))
     xv, yv = data[1]
     with pytest.raises(ValueError, match="another validation set"):
-        wlcnn.train(data[0], (xv[::-1], yv[::-1]), tmp_path, CFG, preset,
+        train.train(data[0], (xv[::-1], yv[::-1]), tmp_path, CFG, preset,
                     seed=1, verbose=0)
 
-    info = wlcnn.train(*data, tmp_path, CFG, preset, seed=1, verbose=0,
+    info = train.train(*data, tmp_path, CFG, preset, seed=1, verbose=0,
                        callbacks=[rec])
     resumed = rec.fits[1]
     # it continues with the interrupted epoch, weights and Adam restored
@@ -257,21 +258,21 @@ def test_resume_after_interruption(tmp_path, where, epoch):
 def test_carry_run_refuses_a_complete_run(trained, tmp_path):
     out, _, _ = trained
     with pytest.raises(ValueError, match="is complete"):
-        wlcnn.carry_run(out / "run_00", tmp_path / "run_00")
+        train.carry_run(out / "run_00", tmp_path / "run_00")
     assert not (tmp_path / "run_00").exists()
 
 
 def test_a_carried_run_resumes_elsewhere_as_it_would_in_place(tmp_path):
     preset = dataclasses.replace(TINY, epochs=4, steps_per_epoch=3)
     with pytest.raises(Interrupt):
-        wlcnn.train(*synthetic_data(3), tmp_path / "here", CFG, preset, seed=1, verbose=0,
+        train.train(*synthetic_data(3), tmp_path / "here", CFG, preset, seed=1, verbose=0,
                     callbacks=[Interrupter(2, "batch")])
     here, there = tmp_path / "here" / "run_00", tmp_path / "there" / "run_00"
     with pytest.raises(ValueError, match="no backed-up epoch"):
-        wlcnn.carry_run(tmp_path / "nothing", there)
+        train.carry_run(tmp_path / "nothing", there)
     (there / "backup").mkdir(parents=True)
     (there / "backup" / "stale.weights.h5").write_text("")  # replaced, not merged
-    files = wlcnn.carry_run(here, there)
+    files = train.carry_run(here, there)
     best = [f.name for f in files if f.name.startswith("best-")]
     assert sorted(str(f) for f in files) == sorted(
         ["run.json", "history.csv", "backup/latest.weights.h5",
@@ -286,7 +287,7 @@ def test_a_carried_run_resumes_elsewhere_as_it_would_in_place(tmp_path):
     recs = {}
     for name in ("here", "there"):  # the same stream, built anew for each
         recs[name] = Recorder(synthetic_data(3)[1][0])
-        info = wlcnn.train(*synthetic_data(3), tmp_path / name, CFG, preset, seed=1,
+        info = train.train(*synthetic_data(3), tmp_path / name, CFG, preset, seed=1,
                            verbose=0, callbacks=[recs[name]])
         assert info["status"] == "complete" and info["epochs_done"] == 4
     first = recs["there"].fits[0]
@@ -302,7 +303,7 @@ def test_a_carried_run_resumes_elsewhere_as_it_would_in_place(tmp_path):
 # Bad input
 # --------------------------------------------------------------------------
 def run_tiny(tmp_path, data, variant="FocalLoss", preset=TINY):
-    return wlcnn.train(*data, tmp_path, CFG, preset, variant, verbose=0)
+    return train.train(*data, tmp_path, CFG, preset, variant, verbose=0)
 
 
 @pytest.mark.parametrize("variant,channels,cfg,match", [
@@ -387,10 +388,10 @@ def test_model_of_another_format_version(trained, tmp_path):
 # Presets, the directory wrapper, strategy and mixed precision
 # --------------------------------------------------------------------------
 def test_presets():
-    paper = wlcnn.PRESETS["paper"]
+    paper = train.PRESETS["paper"]
     assert paper.apply(wlcnn.PAPER) == wlcnn.PAPER  # the paper preset is §2.3.2
     assert paper.n_runs == wlcnn.PAPER.n_runs and paper.time_limit_s is None
-    quick = wlcnn.PRESETS["quick"]
+    quick = train.PRESETS["quick"]
     samples = quick.epochs * quick.steps_per_epoch * quick.batch_size
     # planned 20,000 samples fit the 30-minute budget at 0.07 s a sample, the
     # fastest two CPU cores train; at 0.10-0.13 s the time limit ends the run
@@ -401,7 +402,7 @@ def test_presets():
     # the quick preset starts from KS93; the paper's from Keras's Glorot weights
     assert quick.init == "ks93" and paper.init == "glorot"
     with pytest.raises(ValueError, match="unknown preset"):
-        wlcnn.get_preset("slow")
+        train.get_preset("slow")
 
 
 def test_cosine_schedule_warms_up_peaks_and_ends_at_its_floor():
@@ -434,7 +435,7 @@ def test_training_follows_the_presets_schedule(tmp_path):
         def on_epoch_end(self, epoch, logs=None):
             opt = self.model.optimizer
             seen.append((int(opt.iterations), float(opt.learning_rate)))
-    wlcnn.train(*synthetic_data(5), tmp_path, CFG, p, seed=0, verbose=0, callbacks=[LR()])
+    train.train(*synthetic_data(5), tmp_path, CFG, p, seed=0, verbose=0, callbacks=[LR()])
     sched = p.learning_rate_schedule()
     # the optimizer's step size is the schedule's at its step count
     assert [i for i, _ in seen] == [3, 6]
@@ -455,7 +456,7 @@ def test_train_from_directory_with_time_limit(tmp_path):
     base = dataclasses.replace(CFG, subfield_npix=386)
     # a budget that one epoch exceeds: stopped after it, the run complete
     preset = dataclasses.replace(TINY, epochs=50, time_limit_s=1e-3)
-    infos = wlcnn.train_from_directory(data_dir, tmp_path / "out", preset,
+    infos = train.train_from_directory(data_dir, tmp_path / "out", preset,
                                        runs=1, config=base, data_fn=data_fn,
                                        verbose=0)
     assert calls == [(data_dir, CFG, 4, 3, 8)]  # grid from the manifest
@@ -463,10 +464,10 @@ def test_train_from_directory_with_time_limit(tmp_path):
     assert infos[0]["stopped"] == "time_limit"
     assert infos[0]["epochs_done"] == 1
     with pytest.raises(ValueError, match="holds 3 input channels"):
-        wlcnn.train_from_directory(data_dir, tmp_path / "o2", preset,
+        train.train_from_directory(data_dir, tmp_path / "o2", preset,
                                    "4Channel", config=base, data_fn=data_fn)
     with pytest.raises(ValueError, match="no manifest"):
-        wlcnn.train_from_directory(tmp_path, tmp_path / "o3", preset,
+        train.train_from_directory(tmp_path, tmp_path / "o3", preset,
                                    data_fn=data_fn)
 
 
@@ -474,7 +475,7 @@ def test_train_from_directory_with_time_limit(tmp_path):
 def test_mirrored_strategy_and_mixed_precision(tmp_path, init):
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
     preset = dataclasses.replace(TINY, epochs=2, init=init, n_init=8)
-    info = wlcnn.train(*synthetic_data(5), tmp_path, CFG, preset, seed=2,
+    info = train.train(*synthetic_data(5), tmp_path, CFG, preset, seed=2,
                        mixed_precision=True, strategy=strategy, verbose=0)
     assert keras.mixed_precision.global_policy().name == "float32"  # reset
     assert info["replicas"] == 1 and info["mixed_precision"]
@@ -485,7 +486,7 @@ def test_mirrored_strategy_and_mixed_precision(tmp_path, init):
     # what is trained: float16 but for the FFT layers and the output
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        mixed = wlcnn._model_to_train(CFG, "FocalLoss", "fft", mixed=True)
+        mixed = train._model_to_train(CFG, "FocalLoss", "fft", mixed=True)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     policy = {layer.name: layer.dtype_policy.name for layer in mixed.layers}
@@ -504,7 +505,7 @@ def test_ks93_start_is_applied_to_a_fresh_run(tmp_path):
     # correlation measured 0.99985; 0.999 holds that, while a run that kept
     # Glorot weights correlates at ~0.
     preset = dataclasses.replace(TINY, learning_rate=0.0, epochs=1, n_runs=1, init="ks93", n_init=8)
-    wlcnn.train_runs(synthetic_data, tmp_path, CFG, preset, "FocalLoss", seed=3, verbose=0)
+    train.train_runs(synthetic_data, tmp_path, CFG, preset, "FocalLoss", seed=3, verbose=0)
     model = wlcnn.load_model(tmp_path / "run_00" / "best.keras", compile=False)
     x_val = synthetic_data(0)[1][0]
     got = model.predict(x_val, verbose=0)[..., 0].ravel()
