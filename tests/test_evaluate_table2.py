@@ -1,4 +1,5 @@
-"""examples/evaluate_table2.py: the Wiener and Seitz & Schneider baselines, report, command."""
+"""examples/evaluate_table2.py (the Wiener and Seitz & Schneider baselines, report, command)
+and examples/figures.py."""
 import csv
 import dataclasses
 import json
@@ -11,6 +12,7 @@ import pytest
 import wlcnn
 from skies import write_dataset
 import evaluate_table2
+import figures
 from conftest import blob_field
 
 
@@ -19,7 +21,7 @@ FIGURES = {"fig2_maps.png", "fig3_distributions.png", "fig4_joint_kappa.png",
            "fig5_joint_kappa_tilde.png", "fig6_mass.png", "fig6_mass_bias.png",
            "fig7_centroid_mass.png",
            "fig8_centroid_pair.png", "fig10_masked.png"}  # the tiny dataset has star masks
-TABLES = {"table2.csv", "table2.md", "clusters.csv", "report.json"}
+TABLES = {"table2.csv", "table2.md", "clusters.csv", "report.json", "evaluation.npz"}
 
 
 # ---------------------------------------------------------------------------
@@ -109,12 +111,12 @@ def test_table2_csv_has_one_row_a_method_with_exactly_the_table2_columns(evaluat
 
 def test_report_is_written_whole(evaluation, tmp_path):
     out = evaluate_table2.write_report(evaluation, tmp_path / "report", meta={"stride": 12})
-    assert TABLES | FIGURES <= set(os.listdir(out))
-    assert _report_json(out)["figures"] == dict.fromkeys(FIGURES, "written")
+    assert set(os.listdir(out)) == TABLES
+    assert _report_json(out)["meta"] == {"stride": 12}
     with pytest.raises(ValueError, match="exists"):
-        evaluate_table2.write_report(evaluation, out, figures=False)
-    evaluate_table2.write_report(evaluation, out, figures=False, overwrite=True)
-    assert "fig2_maps.png" not in os.listdir(out) and os.listdir(tmp_path) == ["report"]
+        evaluate_table2.write_report(evaluation, out)
+    evaluate_table2.write_report(evaluation, out, meta={"stride": 6}, overwrite=True)
+    assert _report_json(out)["meta"] == {"stride": 6} and os.listdir(tmp_path) == ["report"]
 
 
 def test_a_failed_table_leaves_nothing_behind(evaluation, tmp_path, monkeypatch):
@@ -126,39 +128,61 @@ def test_a_failed_table_leaves_nothing_behind(evaluation, tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == []
 
 
-def test_a_failing_figure_costs_only_itself(evaluation, tmp_path, monkeypatch):
-    """Fig. 6 raises: the tables and the other figures are published, the error is in
-    report.json and a warning."""
+def test_a_saved_evaluation_loads_back_as_its_float32_maps(evaluation, tmp_path):
+    wlcnn.save_evaluation(evaluation, tmp_path / "e.npz")
+    back = wlcnn.load_evaluation(tmp_path / "e.npz")
+    assert back.methods == evaluation.methods and back.config == evaluation.config
+    assert set(back.run_std) == set(evaluation.run_std) == {"CNN"}
+    for name in evaluation.methods:  # exactly the float32 rounding, NaNs where they were
+        np.testing.assert_array_equal(back.maps[name],
+                                      evaluation.maps[name].astype(np.float32).astype(float))
+    np.testing.assert_array_equal(back.truth, evaluation.truth.astype(np.float32).astype(float))
+    np.testing.assert_array_equal(back.star_mask, evaluation.star_mask)
+    np.testing.assert_array_equal(back.index, evaluation.index)
+
+
+@pytest.fixture
+def report(evaluation, tmp_path):
+    """A report of the evaluation fixture, as evaluate_table2.py writes it."""
+    return evaluate_table2.write_report(evaluation, tmp_path / "report", extra_tables={
+        "mass_bias": evaluate_table2.mass_bias_rows(evaluation, n_bins=2)})
+
+
+def test_figures_draws_every_figure_from_a_report(report, capsys):
+    assert figures.main([report]) == 0
+    assert FIGURES <= set(os.listdir(report))
+    with open(os.path.join(report, "figures.json")) as fh:
+        assert json.load(fh) == dict.fromkeys(FIGURES, "written")
+    assert not [f for f in os.listdir(report) if f.startswith(".")]  # no temporaries left
+
+
+def test_a_failing_figure_costs_only_itself(report, monkeypatch):
+    """Fig. 6 raises: the other figures are drawn, the error is in figures.json and a
+    warning, and the command's status says a figure is missing."""
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(evaluate_table2, "figure_mass", broken)
+    monkeypatch.setattr(figures, "figure_mass", broken)
     with pytest.warns(UserWarning, match="fig6_mass.png not drawn: RuntimeError: disk full"):
-        out = evaluate_table2.write_report(evaluation, tmp_path / "report")
-    assert set(os.listdir(out)) == TABLES | FIGURES - {"fig6_mass.png"}
-    drawn = _report_json(out)["figures"]
+        assert figures.main([report]) == 1
+    expected = TABLES | FIGURES | {"mass_bias.csv", "figures.json"}
+    assert set(os.listdir(report)) == expected - {"fig6_mass.png"}
+    with open(os.path.join(report, "figures.json")) as fh:
+        drawn = json.load(fh)
     assert drawn.pop("fig6_mass.png") == "RuntimeError: disk full"
     assert drawn == dict.fromkeys(FIGURES - {"fig6_mass.png"}, "written")
-    assert os.listdir(tmp_path) == ["report"]  # no temporary directory left
 
 
-def test_without_matplotlib_the_report_keeps_the_tables_and_says_why(evaluation, tmp_path,
-                                                                     no_matplotlib):
-    with pytest.raises(ImportError):
-        evaluate_table2.figure_mass(evaluation, tmp_path / "f.png")  # the patch works
-    with pytest.warns(UserWarning, match=r'pip install -e "\.\[plot\]"'):
-        out = evaluate_table2.write_report(evaluation, tmp_path / "report")
-    assert set(os.listdir(out)) == TABLES
-    report = _report_json(out)
-    assert report["figures"] == {} and "Figures not drawn" in report["notes"][0]
-    assert "Figures not drawn" in open(os.path.join(out, "table2.md")).read()
+def test_figures_without_matplotlib_says_how_to_get_it(report, no_matplotlib, capsys):
+    assert figures.main([report]) == 2
+    assert 'pip install -e ".[plot]"' in capsys.readouterr().err
+    assert set(os.listdir(report)) == TABLES | {"mass_bias.csv"}  # the report as it was
 
 
-def test_evaluate_warns_about_matplotlib_before_opening_the_dataset(tmp_path, no_matplotlib):
-    """The warning comes first, so a user without the plot extra learns it before the long
-    work; the run would go on without figures (here it stops: there is no dataset)."""
-    with pytest.warns(UserWarning, match="Figures not drawn"):
-        with pytest.raises(ValueError, match="not a complete wlcnn dataset"):
-            evaluate_table2.evaluate_directory(tmp_path / "none", [], tmp_path / "report")
+@pytest.mark.parametrize("args, message", [(["--example", "99"], "--example"),
+                                           (["--pair", "KS93", "Wiener"], "methods are")])
+def test_figures_refuses_a_cluster_or_method_the_report_lacks(report, args, message, capsys):
+    assert figures.main([report, *args]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_evaluate_refuses_an_existing_report_before_the_long_work(tmp_path):
@@ -207,7 +231,7 @@ def test_evaluate_without_a_training_split_fits_wiener_on_validation_and_says_so
     out = tmp_path / "report"
     with pytest.warns(UserWarning, match="no training split"):
         rows = evaluate_table2.evaluate_directory(data, [saved_model], out, stride=48,
-                                                  n_val_smoothing=2, ss95=False, figures=False,
+                                                  n_val_smoothing=2, ss95=False,
                                                   progress=False)
     assert [r["method"] for r in rows] == ["KS93", "Wiener", "CNN"]
     report = _report_json(out)
@@ -276,8 +300,8 @@ def test_named_model_rows_are_evaluated_apart_and_read_back_from_the_cache(
     other = tmp_path / "other.keras"
     wlcnn.save_model(wlcnn.build_model(dataclasses.replace(CFG, filter_size=5), "Fiducial"), other)
     cache = tmp_path / "cache"
-    kwargs = dict(stride=48, limit=1, n_val_smoothing=2, wiener=False, ss95=False,
-                  figures=False, progress=False, cache=cache)
+    kwargs = dict(stride=48, limit=1, n_val_smoothing=2, wiener=False, ss95=False, progress=False,
+                  cache=cache)
     rows = evaluate_table2.evaluate_directory(
         tiny_dataset, [f"first={saved_model}", f"second={other}"], tmp_path / "a",
         ks93_paper_like=(3.0,), **kwargs)
