@@ -758,6 +758,11 @@ def _check_grid_args(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_s
     if not 0.05 <= s_pix <= npix:
         raise ValueError(f"the kernel's σ is {s_pix:g} pixels; it must lie between 0.05 pixel "
                          f"and the grid's side ({npix}): check fwhm_arcsec and pixel_arcsec")
+    with np.errstate(over="ignore", divide="ignore"):
+        finite_density = np.isfinite(_density_norm(fwhm_arcsec))
+    if not finite_density:  # a kernel of ~1e-150 arcsec: 1/(2πσ²) overflows to inf
+        raise ValueError(f"fwhm_arcsec={fwhm_arcsec:g} is too small for a source density "
+                         "in arcmin⁻² (1/(2πσ²) overflows)")
     if cut_sigma > 10:
         raise ValueError(f"cut_sigma={cut_sigma} is beyond 10 σ, where the Gaussian is "
                          "below e^-50")

@@ -283,7 +283,7 @@ def test_resampled_kappa_keeps_the_mean_within_the_window(fields, kappa_map):
         assert field["kappa"].mean() == pytest.approx(want, rel=0.01)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)  # the same examples every run
 @given(cy=st.floats(20.0, 60.0), cx=st.floats(20.0, 60.0))
 def test_cut_geometry_is_exact_for_a_linear_field(cy, cx):
     """A cubic spline reproduces a plane exactly, so this tests the ½-pixel bookkeeping."""

@@ -276,7 +276,7 @@ def test_centroid_of_a_window_with_negative_values_by_hand():
     assert cy == pytest.approx(20.0, abs=1e-12) and cx == pytest.approx(4425 / 221.5, abs=1e-12)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)  # the same examples every run
 @given(st.integers(0, 2**31 - 1))
 def test_centroid_never_leaves_its_window(seed):
     """With negative κ in the window a plain first moment can land anywhere (its

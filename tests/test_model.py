@@ -332,7 +332,7 @@ def test_focal_loss_finite_without_cluster(truth_value):
     assert np.all(np.isfinite(tape.gradient(value, p)))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)  # the same examples every run
 @given(hnp.arrays(np.float32, (2, 8, 8), elements=st.floats(-2, 2, width=32)),
        hnp.arrays(np.float32, (2, 8, 8), elements=st.floats(-2, 2, width=32)))
 def test_focal_loss_bounded_by_mse(truth, pred):
