@@ -28,8 +28,9 @@ Reading list: the method, in the paper's order (the file's order)
 The final section, "Machinery: running the method at scale", holds what runs it: files
 written whole or not at all (``atomic_write``, ``Progress``), dataset files
 (``ClusterDataset``), saving and loading (``save_model``, ``load_model``), a start of the
-weights from KS93 (``initialize_as_ks93``, beyond the paper), and run files read back
-(``read_history``, ``load_runs``). The training loop and its checkpoints (presets, run
+weights from KS93 (``initialize_as_ks93``, beyond the paper), run files read back
+(``read_history``, ``load_runs``) and evaluations kept on disk (``cached_method``,
+``save_evaluation``). The training loop and its checkpoints (presets, run
 directories that resume, ``train``) are ``examples/train.py``'s, as in nanoGPT's split of
 model.py and train.py.
 
@@ -115,13 +116,12 @@ __all__ = [
     "peak_pixel", "aperture_mass", "cluster_masses", "mass_ratio", "peak_centroid",
     "centroid_offsets", "centroid_offset", "paper_metrics", "SMOOTHING_LOSSES",
     "choose_ks93_smoothing", "TABLE2_COLUMNS", "PAPER_TABLE2", "Evaluation", "star_mask_mosaic",
-    "evaluate_methods", "cnn_method", "cached_method", "table2", "save_evaluation",
-    "load_evaluation", "TMP_PREFIX", "atomic_write",
+    "evaluate_methods", "cnn_method", "table2", "TMP_PREFIX", "atomic_write",
     "atomic_write_text", "read_json", "file_sha256", "Progress", "SPLITS", "DATA_FIELDS",
     "DATASET_FORMAT", "DATASET_VERSION", "CATALOG_COLUMNS", "MASK_COLUMNS", "data_config",
     "check_split", "cluster_rng", "ClusterDataset", "save_model", "load_model", "KS93Start",
     "ks93_kernels", "pooled_input", "truncated_ks93", "initialize_as_ks93", "validation_sha256",
-    "read_history", "load_runs"
+    "read_history", "load_runs", "cached_method", "save_evaluation", "load_evaluation"
 ]
 
 
@@ -2148,26 +2148,6 @@ def cnn_method(models, config=PAPER, **kwargs):
     return lambda grid: predict_mosaic_runs(models, grid, config, **kwargs).runs
 
 
-def cached_method(fn, cache_dir):
-    """``fn(grid)`` with each result kept in ``cache_dir`` under the SHA-256 of its grid.
-
-    A long evaluation then resumes where it stopped, and a model evaluated once
-    is not predicted again when rows are added.  Each file is written then
-    renamed; ``cache_dir`` must be specific to ``fn`` (its name holds the key).
-    """
-    os.makedirs(cache_dir, exist_ok=True)
-
-    def run(grid):
-        key = hashlib.sha256(np.ascontiguousarray(grid, np.float32).tobytes()).hexdigest()
-        path = os.path.join(cache_dir, f"{key[:32]}.npy")
-        if os.path.exists(path):
-            return np.load(path)
-        out = np.asarray(fn(grid), dtype=np.float64)
-        atomic_write(path, lambda tmp: np.save(tmp, out))
-        return out
-    return run
-
-
 def table2(results, methods=None):
     """Table 2: one row (:data:`TABLE2_COLUMNS`) of the four metrics for each of ``methods``
     (default all) of an :class:`Evaluation`."""
@@ -2176,51 +2156,13 @@ def table2(results, methods=None):
             for name in methods]
 
 
-def save_evaluation(results, path):
-    """Keep an :class:`Evaluation` in a compressed ``.npz`` file, its maps as float32.
-
-    The figures of a report are drawn from this file (``examples/figures.py``), so that
-    a figure is redrawn without predicting again; float32 halves the file and changes a
-    map by less than 1e-7 of its value, below anything a figure shows. Written whole or
-    not at all.
-    """
-    arrays = {"truth": results.truth, "star_mask": results.star_mask, "index": results.index}
-    for i, name in enumerate(results.methods):
-        arrays[f"map_{i}"] = results.maps[name]
-        if name in results.run_std:
-            arrays[f"run_std_{i}"] = results.run_std[name]
-            arrays[f"run_mass_std_{i}"] = results.run_mass_std[name]
-    arrays = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in arrays.items()}
-    header = json.dumps({"methods": results.methods, "config": config_dict(results.config)})
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, header=np.array(header), **arrays)
-    atomic_write(path, write)
-
-
-def load_evaluation(path):
-    """The :class:`Evaluation` of :func:`save_evaluation` (its maps float64 again)."""
-    with np.load(path) as f:
-        header = json.loads(str(f["header"]))
-        methods = header["methods"]
-
-        def per_method(key):
-            return {name: f[f"{key}_{i}"].astype(np.float64)
-                    for i, name in enumerate(methods) if f"{key}_{i}" in f}
-        return Evaluation(
-            truth=f["truth"].astype(np.float64), maps=per_method("map"),
-            run_std=per_method("run_std"), run_mass_std=per_method("run_mass_std"),
-            star_mask=f["star_mask"], index=f["index"],
-            config=config_from_dict(header["config"]))
-
-
 # ===========================================================================
 # Machinery: running the method at scale
 #
 # Nothing below is the paper's method: files written whole or not at all, dataset
-# files, saved models, the KS93 start of the weights, and the run files read back. The
-# training loop and its checkpoints (run directories, resumption) are examples/train.py's.
+# files, saved models, the KS93 start of the weights, run files read back, and
+# evaluations kept on disk. The training loop and its checkpoints (run directories,
+# resumption) are examples/train.py's.
 # ===========================================================================
 
 # ---------------------------------------------------------------------------
@@ -2647,3 +2589,65 @@ def load_runs(path):
     if not files:
         raise ValueError(f"{path}: no .keras model and no complete run")
     return [load_model(f, compile=False) for f in files]
+
+
+# ---------------------------------------------------------------------------
+# Evaluations kept on disk: the mosaic cache and saved evaluations
+# ---------------------------------------------------------------------------
+def cached_method(fn, cache_dir):
+    """``fn(grid)`` with each result kept in ``cache_dir`` under the SHA-256 of its grid.
+
+    A long evaluation then resumes where it stopped, and a model evaluated once
+    is not predicted again when rows are added.  Each file is written then
+    renamed; ``cache_dir`` must be specific to ``fn`` (its name holds the key).
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+
+    def run(grid):
+        key = hashlib.sha256(np.ascontiguousarray(grid, np.float32).tobytes()).hexdigest()
+        path = os.path.join(cache_dir, f"{key[:32]}.npy")
+        if os.path.exists(path):
+            return np.load(path)
+        out = np.asarray(fn(grid), dtype=np.float64)
+        atomic_write(path, lambda tmp: np.save(tmp, out))
+        return out
+    return run
+
+
+def save_evaluation(results, path):
+    """Keep an :class:`Evaluation` in a compressed ``.npz`` file, its maps as float32.
+
+    The figures of a report are drawn from this file (``examples/figures.py``), so that
+    a figure is redrawn without predicting again; float32 halves the file and changes a
+    map by less than 1e-7 of its value, below anything a figure shows. Written whole or
+    not at all.
+    """
+    arrays = {"truth": results.truth, "star_mask": results.star_mask, "index": results.index}
+    for i, name in enumerate(results.methods):
+        arrays[f"map_{i}"] = results.maps[name]
+        if name in results.run_std:
+            arrays[f"run_std_{i}"] = results.run_std[name]
+            arrays[f"run_mass_std_{i}"] = results.run_mass_std[name]
+    arrays = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+    header = json.dumps({"methods": results.methods, "config": config_dict(results.config)})
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, header=np.array(header), **arrays)
+    atomic_write(path, write)
+
+
+def load_evaluation(path):
+    """The :class:`Evaluation` of :func:`save_evaluation` (its maps float64 again)."""
+    with np.load(path) as f:
+        header = json.loads(str(f["header"]))
+        methods = header["methods"]
+
+        def per_method(key):
+            return {name: f[f"{key}_{i}"].astype(np.float64)
+                    for i, name in enumerate(methods) if f"{key}_{i}" in f}
+        return Evaluation(
+            truth=f["truth"].astype(np.float64), maps=per_method("map"),
+            run_std=per_method("run_std"), run_mass_std=per_method("run_mass_std"),
+            star_mask=f["star_mask"], index=f["index"],
+            config=config_from_dict(header["config"]))
