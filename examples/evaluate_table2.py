@@ -6,14 +6,14 @@ Title: the CNN against KS93, a Wiener filter and Seitz & Schneider (1995)
         --out reports/quick
 
 Each test cluster's catalog is gridded once and given to every method: KS93 at the
-smoothing the validation clusters prefer, a Wiener filter, the Seitz & Schneider
-(1995) reduced-shear iteration and the CNN (the mean mosaic of its runs), all scored
-by the paper's four metrics on the pixels the CNN mosaic covers.  The report holds
-table2.md/.csv, clusters.csv, ks93_smoothing.csv, mass_bias.csv (M_pred/M_truth binned by
-the truth's mass), report.json and evaluation.npz (every method's mosaics, float32),
-from which ``figures.py`` draws Figs. 2-8 and 10.  ``--cache DIR`` keeps the CNN
-mosaics, so that a long evaluation resumes and a model is predicted once however many
-reports use it.
+smoothing the validation clusters prefer, a Wiener filter, the Seitz & Schneider (1995)
+reduced-shear iteration and the CNN (the mean mosaic of its runs), all scored by the
+paper's four metrics on the pixels the CNN mosaic covers. The report holds
+table2.md/.csv, clusters.csv, ks93_smoothing.csv, mass_bias.csv (M_pred/M_truth binned
+by the truth's mass), report.json and evaluation.npz (every method's mosaics, float32:
+0.34 MB a cluster with KS93 and two CNNs), from which ``figures.py`` draws Figs. 2-8 and
+10. ``--cache DIR`` keeps the CNN mosaics, so that a long evaluation resumes and a model
+is predicted once however many reports use it.
 
 2-core CPU, quick mosaic: 5.6 s a test cluster a run; 11 min for the shipped two-run
 model on the 60 test clusters of data/quick, giving the CNN R 0.573, D 1.96, M ratio
