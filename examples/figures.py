@@ -45,6 +45,17 @@ import scipy.ndimage  # noqa: E402
 import wlcnn  # noqa: E402
 
 
+# ## Data: what the report keeps
+def read_report(report_dir):
+    """(Evaluation, mass_bias rows) of an evaluate_table2.py report."""
+    path = os.path.join(report_dir, "evaluation.npz")
+    if not os.path.exists(path):
+        raise ValueError(f"{report_dir}: no evaluation.npz (is it an evaluate_table2.py report?)")
+    with open(os.path.join(report_dir, "mass_bias.csv"), newline="") as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return wlcnn.load_evaluation(path), rows
+
+
 # ## Figures 2-8 and 10 (matplotlib, object-oriented: no pyplot state, no display)
 MAP_CMAP = "magma"
 CONTOUR_LEVELS = (0.683, 0.954, 0.997)  # "1σ, 2σ and 3σ" of the joint distributions (Fig. 4)
@@ -339,17 +350,7 @@ def write_figures(results, out_dir, example=None, pair=("KS93", "CNN"), mass_bia
     return status
 
 
-# ## Data: what the report keeps
-def read_report(report_dir):
-    """(Evaluation, mass_bias rows) of an evaluate_table2.py report."""
-    path = os.path.join(report_dir, "evaluation.npz")
-    if not os.path.exists(path):
-        raise ValueError(f"{report_dir}: no evaluation.npz (is it an evaluate_table2.py report?)")
-    with open(os.path.join(report_dir, "mass_bias.csv"), newline="") as f:
-        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    return wlcnn.load_evaluation(path), rows
-
-
+# ## Draw
 def main(argv=None):
     """Draw the figures of a report; returns the exit status."""
     args = build_parser().parse_args(argv)
