@@ -759,14 +759,14 @@ def _check_grid_args(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_s
         raise ValueError(f"the kernel's σ is {s_pix:g} pixels; it must lie between 0.05 pixel "
                          f"and the grid's side ({npix}): check fwhm_arcsec and pixel_arcsec")
     with np.errstate(over="ignore", divide="ignore"):
-        finite_density = np.isfinite(_density_norm(fwhm_arcsec))
-    if not finite_density:  # a kernel of ~1e-150 arcsec: 1/(2πσ²) overflows to inf
+        density_norm = _density_norm(fwhm_arcsec)
+    if not np.isfinite(density_norm):  # a kernel of ~1e-150 arcsec: 1/(2πσ²) overflows
         raise ValueError(f"fwhm_arcsec={fwhm_arcsec:g} is too small for a source density "
                          "in arcmin⁻² (1/(2πσ²) overflows)")
     if cut_sigma > 10:
         raise ValueError(f"cut_sigma={cut_sigma} is beyond 10 σ, where the Gaussian is "
                          "below e^-50")
-    return cols, int(npix), pixel_arcsec, s_pix, cut_sigma * s_pix, empty_error
+    return cols, int(npix), pixel_arcsec, s_pix, cut_sigma * s_pix, empty_error, density_norm
 
 
 def _density_norm(fwhm_arcsec):
@@ -783,8 +783,9 @@ def grid_catalog_numpy(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.
     For each tap (di, dj) of the truncated kernel, every source adds to the pixel at that
     offset from its nearest pixel with ``np.bincount``.
     """
-    (x, y, e1, e2, sigma), npix, pixel_arcsec, s_pix, rcut, empty_error = _check_grid_args(
-        x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error)
+    (x, y, e1, e2, sigma), npix, pixel_arcsec, s_pix, rcut, empty_error, density_norm = \
+        _check_grid_args(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma,
+                         empty_error)
     xp, yp = x / pixel_arcsec - 0.5, y / pixel_arcsec - 0.5  # in pixels, centres at integers
     near = (xp >= -rcut - 1) & (xp <= npix + rcut) & (yp >= -rcut - 1) & (yp <= npix + rcut)
     xp, yp, e1, e2 = xp[near], yp[near], e1[near], e2[near]
@@ -811,7 +812,7 @@ def grid_catalog_numpy(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.
     out[1][has] = acc[2][has] / acc[0][has]
     out[2] = empty_error
     out[2][has] = np.sqrt(acc[3][has]) / acc[0][has]
-    out[3] = acc[4] * _density_norm(fwhm_arcsec)
+    out[3] = acc[4] * density_norm
     return out
 
 
@@ -833,8 +834,9 @@ def grid_catalog(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.pixel_
         standard error of ε̄_k; n = Σ W / (2π σ_W²) in sources per arcmin². A pixel with no
         source in reach has ε̄ = 0 and Δε = ``empty_error``. Written into ``out`` if given.
     """
-    (x, y, e1, e2, sigma), npix, pixel_arcsec, s_pix, rcut, empty_error = _check_grid_args(
-        x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma, empty_error)
+    (x, y, e1, e2, sigma), npix, pixel_arcsec, s_pix, rcut, empty_error, density_norm = \
+        _check_grid_args(x, y, e1, e2, sigma, npix, pixel_arcsec, fwhm_arcsec, cut_sigma,
+                         empty_error)
     if out is not None and not (isinstance(out, np.ndarray) and out.shape == (4, npix, npix)
                                 and out.dtype == np.float64 and out.flags.c_contiguous):
         raise ValueError(f"out must be a C-contiguous float64 array of shape (4, {npix}, {npix})")
@@ -845,7 +847,7 @@ def grid_catalog(x, y, e1, e2, sigma, npix=PAPER.npix, pixel_arcsec=PAPER.pixel_
                                       cut_sigma, empty_error)
         return out
     _grid.grid(x, y, e1, e2, sigma, pixel_arcsec, rcut, 0.5 / s_pix**2, empty_error,
-               _density_norm(fwhm_arcsec), out)
+               density_norm, out)
     return out
 
 

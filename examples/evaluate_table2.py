@@ -315,7 +315,8 @@ def cluster_rows(results):
     return rows
 
 
-#: Equal-count bins of the truth's M_cl in mass_bias.csv (and Fig. 6's binned medians).
+#: Equal-count bins of the truth's M_cl in mass_bias.csv (figures.py draws them as Fig. 6's
+#: mass bias).
 MASS_BINS = 5
 
 

@@ -476,10 +476,9 @@ def test_mixed_precision_trains_float16_and_saves_float32(tmp_path, init):
     # the default strategy: an explicit one (MirroredStrategy or OneDeviceStrategy on
     # "/cpu:0") segfaults inside TensorFlow now and then on a CPU (Keras evaluate's
     # iterator, about one run in three under load); train's several-GPU path needs GPUs
-    strategy = None
     preset = dataclasses.replace(TINY, epochs=2, init=init, n_init=8)
     info = train.train(*synthetic_data(5), tmp_path, CFG, preset, seed=2,
-                       mixed_precision=True, strategy=strategy, verbose=0)
+                       mixed_precision=True, verbose=0)
     assert keras.mixed_precision.global_policy().name == "float32"  # reset
     assert info["replicas"] == 1 and info["mixed_precision"]
     assert np.isfinite(info["best_val_loss"])
