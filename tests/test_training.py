@@ -609,6 +609,17 @@ def test_shipped_paper_model_loads_and_predicts_as_recorded():
                                              427.98063656993327))
 
 
+def test_shipped_ks93_start_model_loads_and_predicts_as_recorded():
+    models = wlcnn.load_runs(EXAMPLES / "ks93_start_run")
+    assert len(models) == 1  # paper_focalloss.keras: the best epoch of the KS93-start run
+    info = json.loads((EXAMPLES / "ks93_start_run" / "run.json").read_text())
+    assert info["status"] == "complete" and info["preset"]["init"] == "ks93"
+    assert info["epochs_done"] == info["preset"]["epochs"] == 200
+    _assert_predicts_as_recorded(models[0], (-0.03345910713588296, 0.006072956216930417,
+                                             -0.03764933720231056, -0.03424207493662834,
+                                             548.1940113143064))
+
+
 # --------------------------------------------------------------------------
 # The learning curve of a run's snapshots (examples/learning_curve.py)
 # --------------------------------------------------------------------------
