@@ -11,7 +11,7 @@ sources/arcmin².  That catalog is not public, so this example makes one like
 it, with a known truth, and runs it through what an observer would run,
 `python examples/reconstruct_catalog.py catalog.fits --models … --out kappa.fits`:
 
-    python examples/el_gordo_like.py    # --models examples/quick_model
+    python examples/el_gordo_like.py    # --models examples/ks93_start_run
     # the paper's mosaic:
     python examples/el_gordo_like.py --models runs/quick --stride 3 --orientations 6
 
@@ -19,11 +19,11 @@ Without a trained model it falls back to an untrained one, so that the chain
 runs; its CNN numbers then mean nothing.  The last line printed is a JSON
 object of the figures.
 
-With the shipped quick model (2 runs; about 65 s of CPU, seed 2014): KS93
+With the shipped KS93-start model (one run; 50 s on 2 cores, seed 2014): KS93
 (smoothed 0.63′ by the density rule) finds both clumps, the CNN the NW one
-(the SE one at 0.62′, a shoulder of the NW peak); peak κ CNN 0.273 / 0.227,
+(its SE peak lies 0.50′ off, a shoulder of the NW peak); peak κ CNN 0.259 / 0.199,
 KS93 0.337 / 0.279, truth 0.516 / 0.439; spurious 3σ peaks CNN 0, KS93 1,
-the CNN with the outside of the field left empty 3.
+the CNN with the outside of the field left empty 0.
 """
 # ## Setup
 import argparse
@@ -40,7 +40,7 @@ def build_parser():
     """The command line of this example."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=None,
-                   help="run directories or .keras files (default: examples/quick_model)")
+                   help="run directories or .keras files (default: examples/ks93_start_run)")
     p.add_argument("--field-arcmin", type=float, default=10.0,
                    help="side of the HST-like field (§4.2: ~9′)")
     p.add_argument("--density", type=float, default=95.0, help="sources per arcmin² (§4.2: ~95)")
@@ -77,7 +77,7 @@ RECOVERED_ARCMIN = 0.5          # a clump is recovered if its map peak lies this
 OUTSKIRTS_ARCMIN = 2.0          # "outside the clumps": beyond 2′ (0.9 Mpc at z = 0.87) of both
 # spurious peaks: local maxima this many σ above the outskirts' median
 PEAK_SIGMA = 3.0
-DEFAULT_MODELS = pathlib.Path(__file__).resolve().parent / "quick_model"
+DEFAULT_MODELS = pathlib.Path(__file__).resolve().parent / "ks93_start_run"
 
 
 # ## Data: two NFW clumps on the sky, and the catalog they lens
@@ -137,7 +137,7 @@ def write_catalog(cluster, args, rng, path, cfg=wlcnn.PAPER):
     return n
 
 
-# ## Model: the trained quick model, or an untrained stand-in
+# ## Model: the shipped model, or an untrained stand-in
 def load_models(paths, seed):
     paths = [pathlib.Path(p) for p in paths]
     if all(p.exists() for p in paths):

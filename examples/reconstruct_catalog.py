@@ -7,13 +7,13 @@ is examples/skies.py (:func:`skies.reconstruct`).
 §4.2 applies the CNN, trained on 32′ fields, to the ~9′ HST catalog of El Gordo.
 This script does the same for any catalog of (RA, Dec, e1, e2, weight):
 
-    python examples/reconstruct_catalog.py catalog.fits --models examples/quick_model \\
+    python examples/reconstruct_catalog.py catalog.fits --models examples/ks93_start_run \\
         --out kappa.fits
 
 It writes KAPPA_CNN (mean of the runs), KAPPA_CNN_STD (their spread),
 KAPPA_KS93 and DENSITY on one grid of 11.52″ pixels with a celestial WCS
 (North up, East left), and a Fig. 11-like PNG beside it.  On a 10′ catalog
-of 95 sources/arcmin² with the shipped quick model it takes about a minute
+of 95 sources/arcmin² with the shipped KS93-start model it takes under a minute
 (examples/el_gordo_like.py).  A catalog that fits one 32′ network input is
 reconstructed from that one input: the default field is then the 26.1′ one
 input predicts (at the default stride), the sources beyond it the input's

@@ -13,6 +13,7 @@ import wlcnn
 from skies import write_dataset
 import evaluate_table2
 import figures
+import paired_table2
 from conftest import blob_field
 
 
@@ -324,3 +325,91 @@ def test_named_model_rows_are_evaluated_apart_and_read_back_from_the_cache(
     with pytest.raises(ValueError, match="name of its own"):
         evaluate_table2.evaluate_directory(
             tiny_dataset, [f"x={saved_model}", f"x={other}"], tmp_path / "c", **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Paired differences between methods (examples/paired_table2.py)
+# ---------------------------------------------------------------------------
+def _with_maps(results, **maps):
+    return dataclasses.replace(results, maps={**results.maps, **maps})
+
+
+def test_paired_losses_on_all_clusters_are_table2s_metrics(evaluation):
+    row = wlcnn.paper_metrics(evaluation.truth, evaluation.maps["CNN"])
+    got = paired_table2.MethodLosses(evaluation, "CNN")()
+    want = [abs(row["R"] - 1), row["D"], abs(row["M_ratio"] - 1), row["dpeak"]]
+    np.testing.assert_allclose(got, want, rtol=1e-12)  # the same arithmetic, reordered sums
+
+
+def test_a_method_against_its_copy_differs_by_zero_with_zero_error(evaluation):
+    results = _with_maps(evaluation, copy=evaluation.maps["CNN"].copy())
+    rows = paired_table2.paired_differences(results, ["CNN"], ["copy"], n_boot=4, seed=3)
+    assert [r["metric"] for r in rows] == list(paired_table2.METRICS)
+    assert all(r["diff"] == 0 and r["err"] == 0 and r["z"] == 0 for r in rows)
+    assert not paired_table2.verdict(rows, "copy", "CNN")["replace"]
+
+
+def test_swapping_method_and_reference_negates_the_difference_and_keeps_its_error(evaluation):
+    ab = paired_table2.paired_differences(evaluation, ["KS93"], ["CNN"], n_boot=6, seed=5)
+    ba = paired_table2.paired_differences(evaluation, ["CNN"], ["KS93"], n_boot=6, seed=5)
+    for x, y in zip(ab, ba):
+        assert x["diff"] == -y["diff"] and x["err"] == pytest.approx(y["err"], rel=1e-12)
+
+
+def test_paired_error_of_R_and_M_is_the_standard_error_over_clusters():
+    """40 identical clusters; the method is the truth times 1.3 + 0.1 ε_i per cluster, the
+    reference the truth times 1.3. R (equal weights per cluster) is then the mean and M the
+    median of 1.3 + 0.1 ε_i, D and Δ_peak are 0 for both, and the bootstrap spread of the
+    R difference is the standard error of the mean of 0.1 ε_i."""
+    n, size = 40, 32
+    yy, xx = np.mgrid[0:size, 0:size]
+    blob = 0.5 * np.exp(-((xx - 16) ** 2 + (yy - 15) ** 2) / (2 * 4.0**2))
+    truth = np.repeat(blob[None], n, axis=0)
+    eps = np.random.default_rng(21).standard_normal(n)
+    factor = 1.3 + 0.1 * eps
+    results = wlcnn.Evaluation(
+        truth=truth, maps={"ref": 1.3 * truth, "cnn": factor[:, None, None] * truth},
+        run_std={}, run_mass_std={}, star_mask=np.zeros((size, size), bool),
+        index=np.arange(n))
+    n_boot = 300
+    rows = {r["metric"]: r for r in paired_table2.paired_differences(
+        results, ["ref"], ["cnn"], n_boot=n_boot, seed=0)}
+    # exact up to round-off in the weighted sums (all ratios lie within 3σ: none is clipped)
+    assert rows["R"]["diff"] == pytest.approx(0.1 * eps.mean(), abs=1e-12)
+    assert rows["M"]["diff"] == pytest.approx(0.1 * np.median(eps), abs=1e-12)
+    assert rows["D"]["diff"] == pytest.approx(0, abs=1e-12)
+    assert rows["dpeak"]["diff"] == pytest.approx(0, abs=1e-12)
+    # the bootstrap's standard error is s √((n−1)/n) / √n; its spread over 300 draws is
+    # 1/√(2·299) = 4 % of it, so 15 % is more than 3σ and still fails a wrong √n or √2
+    sem = 0.1 * eps.std(ddof=0) / np.sqrt(n)
+    assert rows["R"]["err"] == pytest.approx(sem, rel=0.15)
+
+
+def test_the_verdict_needs_three_better_metrics_and_none_much_worse():
+    def rows(*z):
+        return [{"method": "a", "reference": "b", "metric": k, "z": v}
+                for k, v in zip(paired_table2.METRICS, z)]
+    assert paired_table2.verdict(rows(-1.1, -1.1, -1.1, 0.0), "a", "b")["replace"]
+    assert not paired_table2.verdict(rows(-1.1, -1.1, -0.9, 0.0), "a", "b")["replace"]
+    assert not paired_table2.verdict(rows(-5, -5, -5, 2.1), "a", "b")["replace"]
+    assert paired_table2.verdict(rows(-5, -5, -5, 1.9), "a", "b")["worse"] == []
+
+
+def test_paired_command_writes_its_table_and_ends_with_its_json(report, capsys):
+    args = [report, "--reference", "KS93", "--methods", "CNN", "--n-boot", "3"]
+    assert paired_table2.main(args) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with open(os.path.join(report, "paired.json")) as fh:
+        assert json.load(fh) == last
+    with open(os.path.join(report, "paired.csv"), newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == len(paired_table2.METRICS)
+    assert last["verdicts"][0]["method"] == "CNN" and last["n_boot"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reference", "KS93", "--methods", "nope"], "nope"),
+    (["--reference", "KS93", "--methods", "CNN", "--n-boot", "1"], "n_boot")])
+def test_paired_command_refuses_an_unknown_method_or_too_few_draws(report, args, message,
+                                                                   capsys):
+    assert paired_table2.main([report, *args]) == 2
+    assert message in capsys.readouterr().err
