@@ -31,8 +31,8 @@ import cli  # the command-line conventions; no TensorFlow
 #: Options that replace a field of the preset.
 OVERRIDES = {"epochs": int, "steps_per_epoch": int, "batch_size": int, "n_val": int,
              "learning_rate": float, "init": str}
-#: wlcnn.PRESETS, wlcnn.VARIANTS and wlcnn.INITS by name, so that the command line answers
-#: before TensorFlow loads (tests/test_cli.py checks that they agree).
+#: PRESETS and wlcnn.VARIANTS by name, so that the command line answers before TensorFlow
+#: loads (tests/test_cli.py checks that they agree); the starts of the weights.
 PRESET_NAMES = ("paper", "quick")
 VARIANT_NAMES = ("FocalLoss", "Fiducial", "4Channel", "19Filter", "29Filter", "NoSkip",
                  "FocalMass")
@@ -87,9 +87,6 @@ from wlcnn import (PAPER, TMP_PREFIX, VARIANTS, FFTConv2D, FFTConv2DTranspose,  
 LR_SCHEDULES = ("constant", "cosine")
 
 
-INITS = ("glorot", "ks93")
-
-
 @dataclass(frozen=True)
 class TrainPreset:
     """A training schedule.
@@ -123,8 +120,8 @@ class TrainPreset:
     n_init: int = KS93Start.n_init
 
     def __post_init__(self):
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.init not in INIT_NAMES:
+            raise ValueError(f"init must be one of {INIT_NAMES}, got {self.init!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, "
                              f"got {self.lr_schedule!r}")

@@ -98,4 +98,3 @@ def test_train_command_line_choices_match_its_presets_and_wlcnns_variants():
     import train
     assert train.PRESET_NAMES == tuple(sorted(train.PRESETS))
     assert train.VARIANT_NAMES == tuple(wlcnn.VARIANTS)
-    assert train.INIT_NAMES == tuple(train.INITS)
