@@ -60,40 +60,23 @@ METRICS = ("R", "D", "M", "dpeak")
 BETTER_COUNT, BETTER_SIGMA, WORSE_SIGMA = 3, 1.0, 2.0
 
 
-# ## Data: the metrics of one method on any draw of the clusters
-class MethodLosses:
-    """Table 2's metrics of one method of an :class:`wlcnn.Evaluation` as losses, on all
-    its clusters or a draw of them (indices, with repeats).
-
-    M and Δ_peak are medians of per-cluster values (``wlcnn.cluster_masses``,
-    ``wlcnn.centroid_offsets``), computed once; R and D pool pixels across clusters and
-    are recomputed for each draw (``wlcnn.metric_R``, ``wlcnn.metric_D``). On all clusters
-    the values are ``wlcnn.paper_metrics``'s.
-    """
-
-    def __init__(self, results, name):
-        self.truth, self.pred = results.truth, results.maps[name]
-        m_t, m_p = wlcnn.cluster_masses(self.truth, self.pred)
-        self.mass_ratio = m_p / m_t
-        self.offsets = wlcnn.centroid_offsets(self.truth, self.pred)
-
-    def __call__(self, clusters=None):
-        idx = np.arange(len(self.truth)) if clusters is None else np.asarray(clusters)
-        t, p = self.truth[idx], self.pred[idx]
-        return np.array([abs(wlcnn.metric_R(t, p).value - 1.0), wlcnn.metric_D(t, p).value,
-                         abs(np.median(self.mass_ratio[idx]) - 1.0),
-                         np.median(self.offsets[idx])])
+# ## Data and evaluation: the paired bootstrap
+def losses(scores):
+    """The :data:`METRICS` as losses, one row a draw: (n_draws, 4), from one method's
+    ``wlcnn.bootstrap_scores``."""
+    return np.stack([np.abs(scores["R"] - 1.0), scores["D"],
+                     np.abs(scores["M_ratio"] - 1.0), scores["dpeak"]], axis=1)
 
 
-# ## Evaluate: the paired bootstrap
 def paired_differences(results, references, methods, n_boot=50, seed=0, progress=False):
     """Each method's loss minus each reference's, on all clusters and over ``n_boot``
-    bootstrap draws of the clusters (the same draws for every method).
+    bootstrap draws of the clusters (``wlcnn.bootstrap_scores``: the same draws for every
+    method).
 
-    Returns one row a (method, reference ≠ method, metric): ``diff`` (on all clusters), ``err`` (the
-    standard deviation of the difference over the draws, ddof = 1), ``z = diff / err``, and
-    the two losses on all clusters. ``err`` is 0 where every draw gives the same difference
-    (a method compared to itself).
+    Returns one row a (method, reference ≠ method, metric): ``diff`` (on all clusters),
+    ``err`` (the standard deviation of the difference over the draws, ddof = 1),
+    ``z = diff / err``, and the two losses on all clusters. ``err`` is 0 where every draw
+    gives the same difference (a method compared to itself).
     """
     references, methods = list(references), list(methods)
     names = list(dict.fromkeys(references + methods))
@@ -102,31 +85,22 @@ def paired_differences(results, references, methods, n_boot=50, seed=0, progress
         raise ValueError(f"methods {missing} are not in the report; it has {results.methods}")
     if n_boot < 2:
         raise ValueError(f"n_boot must be at least 2 (a spread needs two draws), got {n_boot}")
-    n = len(results.truth)
-    scorers = {m: MethodLosses(results, m) for m in names}
-    full = {m: scorers[m]() for m in names}
-    rng = np.random.default_rng(seed)
-    draws = {m: [] for m in names}
-    bar = wlcnn.Progress(n_boot, "bootstrap") if progress else None
-    for _ in range(n_boot):
-        clusters = rng.integers(0, n, n)
-        for m in names:
-            draws[m].append(scorers[m](clusters))
-        if bar:
-            bar.update()
-    draws = {m: np.array(v) for m, v in draws.items()}
+    scores = wlcnn.bootstrap_scores(results, n_boot, np.random.default_rng(seed), names,
+                                    progress=progress)
+    loss = {m: losses(scores[m]) for m in names}  # row 0: the clusters themselves
     rows = []
     for ref in references:
         for m in (m for m in methods if m != ref):
-            spread = np.std(draws[m] - draws[ref], axis=0, ddof=1)
+            spread = np.std(loss[m][1:] - loss[ref][1:], axis=0, ddof=1)
             for i, (k, err) in enumerate(zip(METRICS, spread)):
-                diff = full[m][i] - full[ref][i]
+                diff = loss[m][0, i] - loss[ref][0, i]
                 # a spread at round-off level is no spread: the methods agree on every draw
                 err = 0.0 if err <= 1e-12 * max(1.0, abs(diff)) else float(err)
                 z = diff / err if err > 0 else (0.0 if diff == 0 else np.sign(diff) * np.inf)
-                rows.append({"method": m, "reference": ref, "metric": k, "loss": float(full[m][i]),
-                             "reference_loss": float(full[ref][i]), "diff": float(diff),
-                             "err": err, "z": float(z)})
+                rows.append({"method": m, "reference": ref, "metric": k,
+                             "loss": float(loss[m][0, i]),
+                             "reference_loss": float(loss[ref][0, i]),
+                             "diff": float(diff), "err": err, "z": float(z)})
     return rows
 
 

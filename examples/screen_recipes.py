@@ -84,12 +84,10 @@ OFF_SIMULATOR = dataclasses.replace(
     # Gaussian large-scale field of the same power
     kappa0=0.11,
 )
-METRICS = ("R", "D", "M_ratio", "dpeak", "cat10", "M_low")
+METRICS = wlcnn.BOOTSTRAP_SCORES
 KS93_START = "ks93-start"
 MEAN = "mean:"
 KS93_AT = "ks93:"
-#: The lightest clusters: this fraction of them by truth M_cl
-LIGHT_FRACTION = 0.2
 
 
 def parse_candidate(text):
@@ -182,45 +180,18 @@ def mean_method(fns):
     return run
 
 
-def cluster_values(truth, pred):
-    """Per-cluster Δ_peak and M_pred / M_truth, and M_truth (for the light fifth)."""
-    m_t, m_p = wlcnn.cluster_masses(truth, pred)
-    return wlcnn.centroid_offsets(truth, pred), m_p / m_t, m_t
-
-
-def metrics(truth, pred, dpeak, ratio, light):
-    """The scores of one resampling: Table 2's four, the catastrophic-centroid fraction
-    and the mass ratio of the lightest fifth (medians over clusters)."""
-    return {"R": wlcnn.metric_R(truth, pred).value, "D": wlcnn.metric_D(truth, pred).value,
-            "M_ratio": float(np.median(ratio)), "dpeak": float(np.median(dpeak)),
-            "cat10": float(np.mean(dpeak > wlcnn.CATASTROPHIC_PIX)),
-            "M_low": float(np.median(ratio[light])) if light.any() else float("nan")}
-
-
 def bootstrap(results, n_boot, rng, references):
-    """Each method's scores with bootstrap errors, and its paired differences from each of
-    ``references`` (method names) with errors: ``row["diff"][ref][metric] = (value, err)``."""
-    truth = results.truth
-    per = {name: cluster_values(truth, results.maps[name]) for name in results.methods}
-    m_t = next(iter(per.values()))[2]
-    light = m_t <= np.quantile(m_t, LIGHT_FRACTION)
-    n = len(truth)
-    draws = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(n_boot)]
-    scores = {name: {k: [] for k in METRICS} for name in results.methods}
-    for idx in draws:
-        for name in results.methods:
-            dp, ratio, _ = per[name]
-            for k, v in metrics(truth[idx], results.maps[name][idx], dp[idx], ratio[idx],
-                                light[idx]).items():
-                scores[name][k].append(v)
+    """Each method's scores with bootstrap errors (``wlcnn.bootstrap_scores``), and its paired
+    differences from each of ``references`` (method names) with errors:
+    ``row["diff"][ref][metric] = (value, err)``."""
+    scores = wlcnn.bootstrap_scores(results, n_boot, rng)
     rows = []
-    for name in results.methods:
-        v = {k: np.array(scores[name][k]) for k in METRICS}
+    for name, v in scores.items():
         row = {"method": name, "diff": {}}
         for k in METRICS:  # draw 0 is the clusters themselves, the rest resamplings
             row[k], row[k + "_err"] = float(v[k][0]), float(np.nanstd(v[k][1:], ddof=1))
         for ref in references:
-            d = {k: v[k] - np.array(scores[ref][k]) for k in METRICS}
+            d = {k: v[k] - scores[ref][k] for k in METRICS}
             row["diff"][ref] = {k: (float(d[k][0]), float(np.nanstd(d[k][1:], ddof=1)))
                                 for k in METRICS}
         rows.append(row)
